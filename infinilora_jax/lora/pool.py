@@ -1,0 +1,108 @@
+"""The device-side adapter pool: fixed pages for `max_adapters` adapters of rank up to `max_rank`.
+
+Slot 0 is reserved for "no adapter" and stays zero. An adapter's pages are written into a free slot in one
+jitted, donated update; until that update returns, nothing refers to the slot (see lora/registry.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from infinilora_jax.errors import AdapterError, ConfigError
+from infinilora_jax.loading.peft_adapter import AdapterWeights
+from infinilora_jax.lora.targets import ALL_TARGETS, ATTENTION_TARGETS, DENSE_MLP_TARGETS, EXPERT_TARGETS, page_decls
+from infinilora_jax.models.config import ModelConfig
+from infinilora_jax.models.params import ParamFactory, declare, partition_specs
+from infinilora_jax.models.stages import StagePlan
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraPoolConfig:
+    max_adapters: int = 8  # adapters resident at once (slots 1..max_adapters)
+    max_rank: int = 16  # largest rank a resident adapter may have
+    targets: tuple[str, ...] = ALL_TARGETS  # projections that may carry LoRA
+
+    def __post_init__(self):
+        if self.max_adapters < 1 or self.max_rank < 1:
+            raise ConfigError(f"LoraPoolConfig: max_adapters={self.max_adapters} and max_rank={self.max_rank} "
+                              "must be positive")
+        unknown = set(self.targets) - set(ALL_TARGETS)
+        if unknown:
+            raise ConfigError(f"LoraPoolConfig: unknown targets {sorted(unknown)}; known: {ALL_TARGETS}")
+
+    @property
+    def num_slots(self) -> int:
+        return self.max_adapters + 1
+
+
+def slot_targets(cfg: ModelConfig, plan: StagePlan, slot: int, enabled: tuple[str, ...]) -> tuple[str, ...]:
+    """Targets that exist in one layer slot: attention always, dense or expert MLP by the slot's layer kinds."""
+    present = ATTENTION_TARGETS
+    present += DENSE_MLP_TARGETS if plan.slot_has_dense(slot) else ()
+    present += EXPERT_TARGETS if plan.slot_has_moe(slot) else ()
+    return tuple(t for t in present if t in enabled)
+
+
+class LoraPool(nnx.Module):
+    """layers[j][target] = {"a": [pp, S, ...], "b": [pp, S, ...]} for each layer slot j."""
+
+    def __init__(self, cfg: ModelConfig, plan: StagePlan, pool_cfg: LoraPoolConfig, dtype, factory: ParamFactory):
+        self.pool_cfg = pool_cfg
+        layers = []
+        for j in range(plan.layers_per_stage):
+            pages = {}
+            for target in slot_targets(cfg, plan, j, pool_cfg.targets):
+                (a_shape, a_dims), (b_shape, b_dims) = page_decls(target, cfg, plan.pp, pool_cfg.num_slots,
+                                                                   pool_cfg.max_rank)
+                pages[target] = nnx.Dict(
+                    a=declare(factory, f"lora.{j}.{target}.a", a_shape, a_dims, dtype),
+                    b=declare(factory, f"lora.{j}.{target}.b", b_shape, b_dims, dtype))
+            layers.append(nnx.Dict(pages))
+        self.layers = nnx.List(layers)
+
+
+def make_slot_writer(pool: LoraPool, mesh: Mesh):
+    """A jitted (pool_state, slot, pages) -> pool_state that overwrites one adapter slot in place (donated).
+
+    pages: pure nested dict like the pool's state with the slot dimension removed ([pp, ...] host arrays).
+    """
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), partition_specs(nnx.state(pool)))
+
+    def write(pool_state, slot, pages):
+        updated = jax.tree.map(lambda buf, page: buf.at[:, slot].set(page.astype(buf.dtype)),
+                               nnx.to_pure_dict(pool_state), pages)
+        nnx.replace_by_pure_dict(pool_state, updated)
+        return pool_state
+
+    return jax.jit(write, donate_argnums=0, out_shardings=shardings)
+
+
+def adapter_pages(pool: LoraPool, plan: StagePlan, weights: AdapterWeights) -> dict:
+    """Host pages of one adapter for one pool slot, zero-padded to the pool's rank (pure dict, slot dim removed).
+
+    Raises AdapterError if the adapter needs a target the pool does not carry or a rank above its maximum.
+    """
+    max_rank = pool.pool_cfg.max_rank
+    pages = jax.tree.map(lambda a: np.zeros(a.shape[:1] + a.shape[2:], jnp.dtype(a.dtype)),
+                         nnx.to_pure_dict(nnx.state(pool)))
+    for (layer, target), (a, b) in weights.pages.items():
+        stage, slot = divmod(layer, plan.layers_per_stage)
+        page = pages["layers"][slot].get(target)
+        if page is None:
+            raise AdapterError(f"adapter targets {target!r} on layer {layer}, which this server's adapter pool does "
+                               f"not carry (enabled targets: {pool.pool_cfg.targets})", path=weights.path)
+        rank = a.shape[-1]
+        if rank > max_rank:
+            raise AdapterError(f"{target} of layer {layer} needs rank {rank} (per-expert gate and up LoRAs take 2r), "
+                               f"above the configured maximum rank {max_rank}", path=weights.path, field="r")
+        page["a"][stage, ..., :rank] = a
+        rank_axis = 1 if target.startswith("expert_") else 0
+        index = (stage,) + (slice(None),) * rank_axis + (slice(0, rank),)
+        page["b"][index] = b
+    return pages

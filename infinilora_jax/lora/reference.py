@@ -1,0 +1,58 @@
+"""Reference multi-LoRA math in pure JAX: the definition every kernel is checked against.
+
+Every token carries an adapter slot; slot 0 means "no adapter" and its pool rows are zero. Adapter scaling
+(alpha / r, or alpha / sqrt(r) with rsLoRA) is folded into B when an adapter is loaded, so the delta is plainly
+`(x @ A[slot]) @ B[slot]`. Ranks below the pool's rank R are zero-padded, which leaves the result exact.
+
+This gathers one A and one B per token (memory O(tokens * in * R)): it is the reference, not the fast path.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def lora_delta(x: jax.Array, slots: jax.Array, lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
+    """Dense-projection LoRA delta, one adapter slot per token.
+
+    Args:
+      x: [N, D_in] activations.
+      slots: [N] int32 adapter slot of each token (0 = none).
+      lora_a: [S, D_in, R] A pages of every slot.
+      lora_b: [S, R, *out] B pages of every slot (scaling folded in); `out` may be several dims.
+
+    Returns:
+      [N, *out] delta in x.dtype, accumulated in float32.
+    """
+    out_shape = lora_b.shape[2:]
+    b = lora_b.reshape(*lora_b.shape[:2], -1)
+    shrink = jnp.einsum("ni,nir->nr", x, lora_a[slots], preferred_element_type=jnp.float32)
+    delta = jnp.einsum("nr,nro->no", shrink, b[slots].astype(jnp.float32))
+    return delta.astype(x.dtype).reshape(x.shape[0], *out_shape)
+
+
+def expert_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a: jax.Array,
+                      lora_b: jax.Array) -> jax.Array:
+    """Per-expert LoRA delta: a row routed to expert e with adapter slot a uses A[a, e] and B[a, e].
+
+    Args:
+      x: [M, D_in] one row per (token, expert) assignment.
+      slots: [M] int32 adapter slot of each row (0 = none).
+      experts: [M] int32 expert of each row, local to this device's expert shard; rows with an
+        out-of-range expert (padding) get a zero delta.
+      lora_a: [S, E, D_in, R].
+      lora_b: [S, E, R, *out] (scaling folded in).
+
+    Returns:
+      [M, *out] delta in x.dtype, accumulated in float32.
+    """
+    num_experts = lora_a.shape[1]
+    valid = (experts >= 0) & (experts < num_experts)
+    slots = jnp.where(valid, slots, 0)
+    experts = jnp.where(valid, experts, 0)
+    out_shape = lora_b.shape[3:]
+    b = lora_b.reshape(*lora_b.shape[:3], -1)
+    shrink = jnp.einsum("mi,mir->mr", x, lora_a[slots, experts], preferred_element_type=jnp.float32)
+    delta = jnp.einsum("mr,mro->mo", shrink, b[slots, experts].astype(jnp.float32))
+    return delta.astype(x.dtype).reshape(x.shape[0], *out_shape)

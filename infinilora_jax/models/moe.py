@@ -1,0 +1,116 @@
+"""Top-k mixture of SwiGLU experts with expert parallelism (runs on local shards inside shard_map).
+
+Token dispatch (per pipeline stage; expert weights sharded over EP, their intermediate width over TP):
+  1. every device routes all N tokens (the router is tiny and replicated);
+  2. each EP rank takes its contiguous 1/ep of the tokens and packs one row per (token, expert) assignment
+     into a per-destination buffer [ep, C, H], C = tokens_per_rank * min(k, experts_per_rank), which is large
+     enough that no assignment is ever dropped (the result equals the dense reference exactly);
+  3. `all_to_all` over EP delivers each row to the device holding its expert (with the adapter slot of its
+     token, so per-expert LoRA is computed beside the expert);
+  4. rows are sorted by local expert and run through grouped GEMMs (`lax.ragged_dot`);
+  5. a second `all_to_all` returns the rows; each rank weights and sums its tokens' k rows, the TP partial
+     sums are reduced, and an `all_gather` over EP gives every device the full [N, H] output again.
+XLA:CPU has no ragged all-to-all, hence fixed-capacity buffers; the capacity bound is exact, not a drop policy.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from infinilora_jax.lora.reference import expert_lora_delta
+from infinilora_jax.models.layers import matmul
+from meshes.axes import EP, TP
+
+
+def route(x: jax.Array, router: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
+    """HF routing: logits in the activation dtype, softmax in float32, top-k, optional renormalisation.
+
+    x: [N, H]; router: [H, E] -> (weights [N, k] in x.dtype, expert ids [N, k] int32).
+    """
+    logits = matmul(x, router, "nh,he->ne")
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if normalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights.astype(x.dtype), experts.astype(jnp.int32)
+
+
+def _expert_ffn(rows: jax.Array, row_experts: jax.Array, row_slots: jax.Array, w_gate_up: jax.Array,
+                w_down: jax.Array, lora: dict | None) -> jax.Array:
+    """SwiGLU of each row through its local expert, plus per-expert LoRA deltas.
+
+    rows: [R, H]; row_experts: [R] local expert id (== num_local_experts for padding rows);
+    row_slots: [R] adapter slot; w_gate_up: [E_l, H, 2, I_l]; w_down: [E_l, I_l, H].
+    Returns [R, H], a partial sum over the TP shards of I (padding rows are zero).
+    """
+    num_local, hidden, _, inter = w_gate_up.shape
+    order = jnp.argsort(row_experts, stable=True)
+    sorted_rows = rows[order]
+    sorted_experts = row_experts[order]
+    group_sizes = jnp.bincount(row_experts, length=num_local + 1)[:num_local].astype(jnp.int32)
+    precision = jax.lax.Precision.HIGHEST if rows.dtype == jnp.float32 else None
+    gate_up = jax.lax.ragged_dot(sorted_rows, w_gate_up.reshape(num_local, hidden, 2 * inter), group_sizes,
+                                 precision=precision, preferred_element_type=jnp.float32).astype(rows.dtype)
+    gate_up = gate_up.reshape(-1, 2, inter)
+    if lora is not None:
+        sorted_slots = row_slots[order]
+        gate_up = gate_up + expert_lora_delta(sorted_rows, sorted_slots, sorted_experts, *lora["gate_up"])
+    act = jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]
+    out = jax.lax.ragged_dot(act, w_down, group_sizes, precision=precision,
+                             preferred_element_type=jnp.float32).astype(rows.dtype)
+    if lora is not None:
+        out = out + expert_lora_delta(act, sorted_slots, sorted_experts, *lora["down"])
+    return jnp.zeros_like(out).at[order].set(out)
+
+
+def moe_block(x: jax.Array, slots: jax.Array, router: jax.Array, w_gate_up: jax.Array, w_down: jax.Array,
+              lora: dict | None, *, top_k: int, normalize: bool, ep: int) -> jax.Array:
+    """Sparse MoE block on local shards.
+
+    x: [N, H] (identical on every device of this stage); slots: [N] adapter slot per token;
+    router: [H, E]; w_gate_up: [E/ep, H, 2, I/tp]; w_down: [E/ep, I/tp, H];
+    lora: {"gate_up": (A [S, E/ep, H, R], B [S, E/ep, R, 2, I/tp]), "down": (A [S, E/ep, I/tp, R], B [S, E/ep, R, H])}
+    or None. Returns [N, H], identical on every device of the stage.
+    """
+    n, hidden = x.shape
+    num_local = w_gate_up.shape[0]
+    weights, experts = route(x, router, top_k, normalize)
+
+    per_rank = -(-n // ep)
+    pad = per_rank * ep - n
+    rank = jax.lax.axis_index(EP) if ep > 1 else 0
+    take = lambda a: jax.lax.dynamic_slice_in_dim(jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)),
+                                                  rank * per_rank, per_rank)
+    my_x, my_experts, my_weights, my_slots = take(x), take(experts), take(weights), take(slots)
+    my_valid = (rank * per_rank + jnp.arange(per_rank)) < n  # [per_rank]
+
+    # One row per (token, k) assignment, packed by destination rank.
+    dest = (my_experts // num_local).reshape(-1)  # [A]
+    local_expert = (my_experts % num_local).reshape(-1)
+    token_of = jnp.repeat(jnp.arange(per_rank), top_k)
+    valid = my_valid[token_of]
+    capacity = per_rank * min(top_k, num_local)
+    onehot = jax.nn.one_hot(dest, ep, dtype=jnp.int32)
+    pos = jnp.take_along_axis(jnp.cumsum(onehot, axis=0) - 1, dest[:, None], axis=1)[:, 0]
+    dest_w = jnp.where(valid, dest, ep)  # invalid rows are dropped by the scatter
+    send_x = jnp.zeros((ep, capacity, hidden), x.dtype).at[dest_w, pos].set(my_x[token_of], mode="drop")
+    send_e = jnp.full((ep, capacity), num_local, jnp.int32).at[dest_w, pos].set(local_expert, mode="drop")
+    send_s = jnp.zeros((ep, capacity), jnp.int32).at[dest_w, pos].set(my_slots[token_of], mode="drop")
+
+    if ep > 1:
+        recv_x, recv_e, recv_s = (jax.lax.all_to_all(a, EP, 0, 0) for a in (send_x, send_e, send_s))
+    else:
+        recv_x, recv_e, recv_s = send_x, send_e, send_s
+    out = _expert_ffn(recv_x.reshape(-1, hidden), recv_e.reshape(-1), recv_s.reshape(-1), w_gate_up, w_down,
+                      lora).reshape(ep, capacity, hidden)
+    back = jax.lax.all_to_all(out, EP, 0, 0) if ep > 1 else out
+
+    rows = back[jnp.minimum(dest, ep - 1), pos]  # [A, H]
+    rows = rows * my_weights.reshape(-1)[:, None]
+    rows = jnp.where(valid[:, None], rows, 0)
+    y = jnp.sum(rows.reshape(per_rank, top_k, hidden).astype(jnp.float32), axis=1).astype(x.dtype)
+    y = jax.lax.psum(y, TP)
+    if ep > 1:
+        y = jax.lax.all_gather(y, EP, tiled=True)
+    return y[:n]

@@ -1,0 +1,212 @@
+"""The MoE decoder (Mixtral and Qwen3-MoE) as Flax NNX modules.
+
+Modules hold global, sharded parameters (see models/params.py and models/stages.py); their `__call__` methods
+run on a device's local shards inside one `shard_map` over the (pp, ep, tp) mesh (models/step.py), with every
+collective written out:
+  attention: heads split over TP; q/k/v column-parallel, o row-parallel + psum over TP;
+  experts:   split over EP (all-to-all token dispatch, models/moe.py), their width over TP;
+  dense MLP: width split over TP;
+  pipeline:  `pp` rounds; in round r every stage runs its layers on the current activation, stage r's result
+             is broadcast (psum over PP) and only stage r writes its KV cache. With one micro-batch that is the
+             same latency as running the stages one after another.
+  vocab:     embedding and LM-head rows split over every device.
+LoRA deltas are added right after the base projection they adapt, on the same shards, so row-parallel deltas
+ride in the base projection's psum and no extra collective is needed.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from infinilora_jax.lora.reference import lora_delta
+from infinilora_jax.models.batch import ForwardBatch
+from infinilora_jax.models.config import ModelConfig
+from infinilora_jax.models.layers import (apply_rope, cached_attention, matmul, rms_norm, rope_tables,
+                                          write_kv)
+from infinilora_jax.models.moe import moe_block
+from infinilora_jax.models.params import ParamFactory, declare
+from infinilora_jax.models.stages import StagePlan
+from meshes.axes import MODEL_AXES, PP, TP
+from meshes.layouts import MeshLayout
+
+
+def _local(p: nnx.Param) -> jax.Array:
+    """A per-layer array's local shard is [1, ...] (this device's stage); drop the stage dim (a free view)."""
+    return p[...][0]
+
+
+def _lora_pair(pool_slot, target: str):
+    if pool_slot is None or target not in pool_slot:
+        return None
+    return pool_slot[target]["a"][...][0], pool_slot[target]["b"][...][0]
+
+
+def _with_lora(y: jax.Array, x: jax.Array, slots: jax.Array, pair) -> jax.Array:
+    return y if pair is None else y + lora_delta(x, slots, *pair).reshape(y.shape)
+
+
+class LayerParams:
+    """Declares the per-layer arrays of one layer slot: global name "layers.{slot}.{key}", stacked over stages."""
+
+    def __init__(self, factory: ParamFactory, slot: int, layers: tuple[int, ...], dtype):
+        self.factory, self.slot, self.layers, self.dtype = factory, slot, layers, dtype
+
+    def __call__(self, key: str, shape, dims) -> nnx.Param:
+        return declare(self.factory, f"layers.{self.slot}.{key}", (len(self.layers), *shape), ("stage", *dims),
+                       self.dtype, layers=self.layers, key=key)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, params: LayerParams):
+        h, q_out, kv_out = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.cfg = cfg
+        self.wq = params("attn.wq", (h, q_out), (None, "heads"))
+        self.wk = params("attn.wk", (h, kv_out), (None, "kv_heads"))
+        self.wv = params("attn.wv", (h, kv_out), (None, "kv_heads"))
+        self.wo = params("attn.wo", (q_out, h), ("heads", None))
+        if cfg.qk_norm:
+            self.q_norm = params("attn.q_norm", (cfg.head_dim,), (None,))
+            self.k_norm = params("attn.k_norm", (cfg.head_dim,), (None,))
+
+    def __call__(self, x, rope, batch: ForwardBatch, write_positions, kv, lora_slot):
+        """x: [N, H]; rope: (cos, sin) [N, hd]; kv: (k, v) local [B, S, kv_heads/tp, hd]. Returns (out, kv)."""
+        cfg = self.cfg
+        n, hd = x.shape[0], cfg.head_dim
+        slots = batch.adapter_slots.reshape(n)
+        q = _with_lora(matmul(x, _local(self.wq), "nh,ho->no"), x, slots, _lora_pair(lora_slot, "q"))
+        k = _with_lora(matmul(x, _local(self.wk), "nh,ho->no"), x, slots, _lora_pair(lora_slot, "k"))
+        v = _with_lora(matmul(x, _local(self.wv), "nh,ho->no"), x, slots, _lora_pair(lora_slot, "v"))
+        q, k, v = (a.reshape(n, -1, hd) for a in (q, k, v))
+        if cfg.qk_norm:
+            q = rms_norm(q, _local(self.q_norm), cfg.rms_norm_eps)
+            k = rms_norm(k, _local(self.k_norm), cfg.rms_norm_eps)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        b, t = batch.tokens.shape
+        k_cache = write_kv(kv[0], k.reshape(b, t, *k.shape[1:]), write_positions)
+        v_cache = write_kv(kv[1], v.reshape(b, t, *v.shape[1:]), write_positions)
+        attn = cached_attention(q.reshape(b, t, *q.shape[1:]), k_cache, v_cache, batch.positions,
+                                cfg.sliding_window).reshape(n, -1)
+        out = _with_lora(matmul(attn, _local(self.wo), "no,oh->nh"), attn, slots, _lora_pair(lora_slot, "o"))
+        return jax.lax.psum(out, TP), (k_cache, v_cache)
+
+
+class DenseMLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, params: LayerParams):
+        h, i = cfg.hidden_size, cfg.dense_intermediate_size
+        self.w_gate_up = params("mlp.w_gate_up", (h, 2, i), (None, None, "mlp"))
+        self.w_down = params("mlp.w_down", (i, h), ("mlp", None))
+
+    def __call__(self, x, slots, lora_slot):
+        gate_up = matmul(x, _local(self.w_gate_up), "nh,hgi->ngi")
+        gate = _with_lora(gate_up[:, 0], x, slots, _lora_pair(lora_slot, "gate"))
+        up = _with_lora(gate_up[:, 1], x, slots, _lora_pair(lora_slot, "up"))
+        act = jax.nn.silu(gate) * up
+        out = _with_lora(matmul(act, _local(self.w_down), "ni,ih->nh"), act, slots, _lora_pair(lora_slot, "down"))
+        return jax.lax.psum(out, TP)
+
+
+class SparseMoE(nnx.Module):
+    def __init__(self, cfg: ModelConfig, ep: int, params: LayerParams):
+        h, e, i = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+        self.cfg, self.ep = cfg, ep
+        self.router = params("moe.router", (h, e), (None, None))
+        self.w_gate_up = params("moe.w_gate_up", (e, h, 2, i), ("experts", None, None, "expert_mlp"))
+        self.w_down = params("moe.w_down", (e, i, h), ("experts", "expert_mlp", None))
+
+    def __call__(self, x, slots, lora_slot):
+        lora = None
+        if lora_slot is not None and "expert_gate_up" in lora_slot:
+            lora = {"gate_up": _lora_pair(lora_slot, "expert_gate_up"), "down": _lora_pair(lora_slot, "expert_down")}
+        return moe_block(x, slots, _local(self.router), _local(self.w_gate_up), _local(self.w_down), lora,
+                         top_k=self.cfg.num_experts_per_tok, normalize=self.cfg.norm_topk_prob, ep=self.ep)
+
+
+class DecoderLayer(nnx.Module):
+    """One layer slot: layer `stage * layers_per_stage + slot` on each pipeline stage."""
+
+    def __init__(self, cfg: ModelConfig, layout: MeshLayout, plan: StagePlan, slot: int, dtype,
+                 factory: ParamFactory):
+        params = LayerParams(factory, slot, tuple(plan.layer_index(s, slot) for s in range(layout.pp)), dtype)
+        self.cfg = cfg
+        self.kinds = plan.slot_kinds[slot]
+        self.attn_norm = params("attn_norm", (cfg.hidden_size,), (None,))
+        self.mlp_norm = params("mlp_norm", (cfg.hidden_size,), (None,))
+        self.attn = Attention(cfg, params)
+        self.moe = SparseMoE(cfg, layout.ep, params) if any(self.kinds) else None
+        self.mlp = DenseMLP(cfg, params) if not all(self.kinds) else None
+
+    def __call__(self, x, rope, batch, write_positions, kv, lora_slot):
+        eps = self.cfg.rms_norm_eps
+        attn_out, kv = self.attn(rms_norm(x, _local(self.attn_norm), eps), rope, batch, write_positions, kv, lora_slot)
+        x = x + attn_out
+        h = rms_norm(x, _local(self.mlp_norm), eps)
+        slots = batch.adapter_slots.reshape(-1)
+        if self.mlp is None:
+            mlp_out = self.moe(h, slots, lora_slot)
+        elif self.moe is None:
+            mlp_out = self.mlp(h, slots, lora_slot)
+        else:  # this slot's kind differs between stages: each stage takes its own branch
+            is_moe = jnp.asarray(self.kinds)[jax.lax.axis_index(PP)]
+            mlp_out = jax.lax.cond(is_moe, lambda a: self.moe(a, slots, lora_slot),
+                                   lambda a: self.mlp(a, slots, lora_slot), h)
+        return x + mlp_out, kv
+
+
+class CausalLM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layout: MeshLayout, dtype, factory: ParamFactory):
+        layout.check_fits(cfg)
+        self.cfg, self.layout = cfg, layout
+        self.plan = StagePlan.build(cfg.moe_layers, layout.pp)
+        self.vocab_padded = -(-cfg.vocab_size // layout.num_devices) * layout.num_devices
+        h = cfg.hidden_size
+        self.embed = declare(factory, "embed", (self.vocab_padded, h), ("vocab", None), dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, layout, self.plan, j, dtype, factory)
+                                for j in range(self.plan.layers_per_stage)])
+        self.final_norm = declare(factory, "final_norm", (h,), (None,), dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = declare(factory, "lm_head", (self.vocab_padded, h), ("vocab", None), dtype)
+
+    def kv_cache_shape(self, batch: int, max_len: int) -> tuple[tuple[int, ...], tuple[str | None, ...]]:
+        """Global shape and logical dims of one layer slot's K (or V) cache."""
+        cfg = self.cfg
+        return ((self.layout.pp, batch, max_len, cfg.num_kv_heads, cfg.head_dim),
+                ("stage", None, None, "kv_heads", None))
+
+    def __call__(self, batch: ForwardBatch, kv: list, lora_pool) -> tuple[jax.Array, list]:
+        """Local forward. kv: per layer slot (k, v) local [1, B, S, kv/tp, hd]; lora_pool: LoraPool or None.
+
+        Returns (logits [M, vocab_padded / devices] float32 for batch.logits_indices, updated kv).
+        """
+        cfg, pp = self.cfg, self.layout.pp
+        b, t = batch.tokens.shape
+        n = b * t
+        x = self._embed(batch.tokens.reshape(n))
+        rope = rope_tables(batch.positions.reshape(n), cfg.head_dim, cfg.rope_theta, x.dtype)
+        max_len = kv[0][0].shape[2]
+        write_positions = jnp.where(batch.token_valid, batch.positions, max_len)  # max_len: dropped
+        stage = jax.lax.axis_index(PP) if pp > 1 else 0
+        kv = [(k[0], v[0]) for k, v in kv]
+        for r in range(pp):
+            active = stage == r
+            wp = write_positions if pp == 1 else jnp.where(active, write_positions, max_len)
+            h = x
+            for j, layer in enumerate(self.layers):
+                lora_slot = None if lora_pool is None else lora_pool.layers[j]
+                h, kv[j] = layer(h, rope, batch, wp, kv[j], lora_slot)
+            x = h if pp == 1 else jax.lax.psum(jnp.where(active, h, jnp.zeros_like(h)), PP)
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        head = self.embed if cfg.tie_word_embeddings else self.lm_head
+        logits = matmul(x[batch.logits_indices], head[...], "mh,vh->mv").astype(jnp.float32)
+        return logits, [(k[None], v[None]) for k, v in kv]
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        """Row lookup in a vocab-sharded table: each device looks up the rows it holds, psum assembles them."""
+        table = self.embed[...]
+        rows = table.shape[0]
+        offset = jax.lax.axis_index(MODEL_AXES) * rows
+        local = tokens - offset
+        mine = (local >= 0) & (local < rows)
+        x = jnp.where(mine[:, None], table[jnp.clip(local, 0, rows - 1)], jnp.zeros((), table.dtype))
+        return jax.lax.psum(x, MODEL_AXES)

@@ -1,0 +1,72 @@
+"""Sampling parameters (vLLM's names and defaults) and a host-side sampler for the simple generation loop."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from infinilora_jax.errors import RequestError
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: off
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings (need a tokenizer); not included in the output text
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        def bad(msg):
+            raise RequestError(f"invalid sampling parameters: {msg}")
+
+        if isinstance(self.stop_token_ids, list):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if isinstance(self.stop, (str, list)):
+            object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad(f"max_tokens={self.max_tokens!r} must be a positive integer")
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            bad(f"temperature={self.temperature!r} must be >= 0")
+        if not (0 < self.top_p <= 1):
+            bad(f"top_p={self.top_p!r} must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            bad(f"top_k={self.top_k!r} must be -1 (off) or a positive integer")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            bad(f"stop_token_ids={self.stop_token_ids!r} must be non-negative integers")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad(f"stop={self.stop!r} must be non-empty strings")
+
+
+class Sampler:
+    """Samples one token per row from float32 logits, each row with its own params and random stream."""
+
+    def __init__(self, params: list[SamplingParams]):
+        self.params = params
+        self.rngs = [np.random.default_rng(p.seed) for p in params]
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        return np.array([self._one(row, p, rng) for row, p, rng in zip(logits, self.params, self.rngs)], np.int32)
+
+    @staticmethod
+    def _one(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
+        if p.temperature == 0:
+            return int(np.argmax(logits))
+        scaled = logits.astype(np.float64) / p.temperature
+        if 0 < p.top_k < scaled.size:
+            kth = np.partition(scaled, -p.top_k)[-p.top_k]
+            scaled = np.where(scaled >= kth, scaled, -np.inf)
+        probs = np.exp(scaled - scaled.max())
+        probs /= probs.sum()
+        if p.top_p < 1:
+            order = np.argsort(-probs)
+            keep = np.cumsum(probs[order]) - probs[order] < p.top_p  # smallest set reaching top_p
+            mask = np.zeros_like(probs, bool)
+            mask[order[keep]] = True
+            probs = np.where(mask, probs, 0)
+            probs /= probs.sum()
+        return int(rng.choice(probs.size, p=probs))
