@@ -9,15 +9,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 from infinilora_jax.engine.runner import ModelRunner
 from infinilora_jax.errors import ConfigError, RequestError
-from infinilora_jax.loading.hf_checkpoint import HFCheckpoint, WeightMap, checkpoint_factory
 from infinilora_jax.loading import orbax_store
+from infinilora_jax.loading.hf_checkpoint import HFCheckpoint, WeightMap, checkpoint_factory
 from infinilora_jax.lora.pool import LoraPoolConfig
 from infinilora_jax.lora.targets import ALL_TARGETS
 from infinilora_jax.models.batch import ForwardBatch
@@ -115,8 +115,8 @@ class LLM:
         """Teacher-forced logits: float32 [len(token_ids), vocab], row t predicting token t + 1."""
         tokens = self._check_prompt(token_ids, room_to_generate=False)
         slot = self.runner.registry.slot(adapter)
-        t = _bucket(len(tokens), 8)
-        kv = self.runner.new_kv_cache(1, _bucket(len(tokens), 16))
+        t = _bucket(len(tokens), 32)
+        kv = self.runner.new_kv_cache(1, t)
         batch = ForwardBatch.from_rows([tokens], [0], [slot], t, 1, all_logits=True)
         logits, _ = self.runner.forward(batch, kv)
         return logits[: len(tokens)]

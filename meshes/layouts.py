@@ -86,4 +86,4 @@ def make_mesh(layout: MeshLayout, devices: list | None = None) -> Mesh:
     if len(devices) < layout.num_devices:
         raise LayoutError(f"layout {layout.name!r} needs {layout.num_devices} devices, {len(devices)} available")
     grid = np.array(devices[: layout.num_devices]).reshape(layout.shape)
-    return Mesh(grid, MODEL_AXES, axis_types=(AxisType.Explicit,) * len(MODEL_AXES))
+    return Mesh(grid, MODEL_AXES, axis_types=(AxisType.Auto,) * len(MODEL_AXES))

@@ -13,6 +13,11 @@ import jax
 import jax.numpy as jnp
 
 
+def add_delta(y: jax.Array, delta: jax.Array) -> jax.Array:
+    """y + delta computed in float32 and rounded once to y.dtype."""
+    return (y.astype(jnp.float32) + delta.reshape(y.shape)).astype(y.dtype)
+
+
 def lora_delta(x: jax.Array, slots: jax.Array, lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
     """Dense-projection LoRA delta, one adapter slot per token.
 
@@ -23,13 +28,13 @@ def lora_delta(x: jax.Array, slots: jax.Array, lora_a: jax.Array, lora_b: jax.Ar
       lora_b: [S, R, *out] B pages of every slot (scaling folded in); `out` may be several dims.
 
     Returns:
-      [N, *out] delta in x.dtype, accumulated in float32.
+      [N, *out] float32 delta (callers add it to the base output in float32 and round once, as PEFT does).
     """
     out_shape = lora_b.shape[2:]
     b = lora_b.reshape(*lora_b.shape[:2], -1)
     shrink = jnp.einsum("ni,nir->nr", x, lora_a[slots], preferred_element_type=jnp.float32)
     delta = jnp.einsum("nr,nro->no", shrink, b[slots].astype(jnp.float32))
-    return delta.astype(x.dtype).reshape(x.shape[0], *out_shape)
+    return delta.reshape(x.shape[0], *out_shape)
 
 
 def expert_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a: jax.Array,
@@ -45,7 +50,7 @@ def expert_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a
       lora_b: [S, E, R, *out] (scaling folded in).
 
     Returns:
-      [M, *out] delta in x.dtype, accumulated in float32.
+      [M, *out] float32 delta.
     """
     num_experts = lora_a.shape[1]
     valid = (experts >= 0) & (experts < num_experts)
@@ -55,4 +60,4 @@ def expert_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a
     b = lora_b.reshape(*lora_b.shape[:3], -1)
     shrink = jnp.einsum("mi,mir->mr", x, lora_a[slots, experts], preferred_element_type=jnp.float32)
     delta = jnp.einsum("mr,mro->mo", shrink, b[slots, experts].astype(jnp.float32))
-    return delta.astype(x.dtype).reshape(x.shape[0], *out_shape)
+    return delta.reshape(x.shape[0], *out_shape)

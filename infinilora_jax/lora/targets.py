@@ -10,7 +10,7 @@ from infinilora_jax.models.config import ModelConfig
 
 ATTENTION_TARGETS = ("q", "k", "v", "o")
 DENSE_MLP_TARGETS = ("gate", "up", "down")  # dense-MLP layers (Qwen3 mlp_only_layers)
-EXPERT_TARGETS = ("expert_gate_up", "expert_down")  # per-expert LoRA; gate_up shares one A (PEFT fused form)
+EXPERT_TARGETS = ("router", "expert_gate_up", "expert_down")  # router logits; per-expert LoRA (gate_up: one A)
 ALL_TARGETS = ATTENTION_TARGETS + DENSE_MLP_TARGETS + EXPERT_TARGETS
 
 
@@ -27,6 +27,7 @@ def page_decls(target: str, cfg: ModelConfig, pp: int, slots: int, rank: int):
         "gate": ((h, rank), (None, None), (rank, idense), (None, "mlp")),
         "up": ((h, rank), (None, None), (rank, idense), (None, "mlp")),
         "down": ((idense, rank), ("mlp", None), (rank, h), (None, None)),
+        "router": ((h, rank), (None, None), (rank, e), (None, None)),
         "expert_gate_up": ((e, h, rank), ("experts", None, None), (e, rank, 2, ie),
                            ("experts", None, None, "expert_mlp")),
         "expert_down": ((e, ie, rank), ("experts", "expert_mlp", None), (e, rank, h), ("experts", None, None)),

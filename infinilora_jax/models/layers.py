@@ -62,8 +62,8 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, posit
     qg = q.reshape(b, t, kv_heads, group, hd)
     precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_cache.astype(q.dtype), precision=precision,
-                        preferred_element_type=jnp.float32).astype(q.dtype).astype(jnp.float32)
-    scores = scores * (hd ** -0.5)
+                        preferred_element_type=jnp.float32).astype(q.dtype)
+    scores = (scores * jnp.asarray(hd ** -0.5, q.dtype)).astype(jnp.float32)  # scaled in q.dtype, as HF eager
     slot = jnp.arange(k_cache.shape[1])
     visible = slot[None, None, :] <= positions[:, :, None]  # [B, T, S]
     if sliding_window is not None:

@@ -18,17 +18,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from infinilora_jax.lora.reference import expert_lora_delta
+from infinilora_jax.lora.reference import add_delta, expert_lora_delta, lora_delta
 from infinilora_jax.models.layers import matmul
 from meshes.axes import EP, TP
 
 
-def route(x: jax.Array, router: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
+def route(x: jax.Array, router: jax.Array, top_k: int, normalize: bool,
+          router_delta: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """HF routing: logits in the activation dtype, softmax in float32, top-k, optional renormalisation.
 
-    x: [N, H]; router: [H, E] -> (weights [N, k] in x.dtype, expert ids [N, k] int32).
+    x: [N, H]; router: [H, E]; router_delta: [N, E] float32 LoRA delta of the router logits, or None.
+    Returns (weights [N, k] in x.dtype, expert ids [N, k] int32).
     """
     logits = matmul(x, router, "nh,he->ne")
+    if router_delta is not None:
+        logits = add_delta(logits, router_delta)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, top_k)
     if normalize:
@@ -53,14 +57,14 @@ def _expert_ffn(rows: jax.Array, row_experts: jax.Array, row_slots: jax.Array, w
     gate_up = jax.lax.ragged_dot(sorted_rows, w_gate_up.reshape(num_local, hidden, 2 * inter), group_sizes,
                                  precision=precision, preferred_element_type=jnp.float32).astype(rows.dtype)
     gate_up = gate_up.reshape(-1, 2, inter)
-    if lora is not None:
-        sorted_slots = row_slots[order]
-        gate_up = gate_up + expert_lora_delta(sorted_rows, sorted_slots, sorted_experts, *lora["gate_up"])
+    sorted_slots = row_slots[order]
+    if lora is not None and lora.get("gate_up") is not None:
+        gate_up = add_delta(gate_up, expert_lora_delta(sorted_rows, sorted_slots, sorted_experts, *lora["gate_up"]))
     act = jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]
     out = jax.lax.ragged_dot(act, w_down, group_sizes, precision=precision,
                              preferred_element_type=jnp.float32).astype(rows.dtype)
-    if lora is not None:
-        out = out + expert_lora_delta(act, sorted_slots, sorted_experts, *lora["down"])
+    if lora is not None and lora.get("down") is not None:
+        out = add_delta(out, expert_lora_delta(act, sorted_slots, sorted_experts, *lora["down"]))
     return jnp.zeros_like(out).at[order].set(out)
 
 
@@ -70,12 +74,15 @@ def moe_block(x: jax.Array, slots: jax.Array, router: jax.Array, w_gate_up: jax.
 
     x: [N, H] (identical on every device of this stage); slots: [N] adapter slot per token;
     router: [H, E]; w_gate_up: [E/ep, H, 2, I/tp]; w_down: [E/ep, I/tp, H];
-    lora: {"gate_up": (A [S, E/ep, H, R], B [S, E/ep, R, 2, I/tp]), "down": (A [S, E/ep, I/tp, R], B [S, E/ep, R, H])}
-    or None. Returns [N, H], identical on every device of the stage.
+    lora: {"gate_up": (A [S, E/ep, H, R], B [S, E/ep, R, 2, I/tp]), "down": (A [S, E/ep, I/tp, R], B [S, E/ep, R, H]),
+           "router": (A [S, H, R], B [S, R, E]) or None} or None.
+    Returns [N, H], identical on every device of the stage.
     """
     n, hidden = x.shape
     num_local = w_gate_up.shape[0]
-    weights, experts = route(x, router, top_k, normalize)
+    router_pair = lora.get("router") if lora is not None else None
+    router_delta = lora_delta(x, slots, *router_pair) if router_pair is not None else None
+    weights, experts = route(x, router, top_k, normalize, router_delta)
 
     per_rank = -(-n // ep)
     pad = per_rank * ep - n
@@ -108,8 +115,14 @@ def moe_block(x: jax.Array, slots: jax.Array, router: jax.Array, w_gate_up: jax.
 
     rows = back[jnp.minimum(dest, ep - 1), pos]  # [A, H]
     rows = rows * my_weights.reshape(-1)[:, None]
-    rows = jnp.where(valid[:, None], rows, 0)
-    y = jnp.sum(rows.reshape(per_rank, top_k, hidden).astype(jnp.float32), axis=1).astype(x.dtype)
+    rows = jnp.where(valid[:, None], rows, 0).reshape(per_rank, top_k, hidden)
+    # Sum each token's k expert outputs in ascending expert order in the activation dtype, as HF's loop over
+    # experts does, so low-precision results round the same way (in float32 the order is immaterial).
+    order = jnp.argsort(my_experts, axis=1)
+    rows = jnp.take_along_axis(rows, order[:, :, None], axis=1)
+    y = rows[:, 0]
+    for j in range(1, top_k):
+        y = y + rows[:, j]
     y = jax.lax.psum(y, TP)
     if ep > 1:
         y = jax.lax.all_gather(y, EP, tiled=True)

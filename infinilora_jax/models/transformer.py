@@ -20,11 +20,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from infinilora_jax.lora.reference import lora_delta
+from infinilora_jax.lora.reference import add_delta, lora_delta
 from infinilora_jax.models.batch import ForwardBatch
 from infinilora_jax.models.config import ModelConfig
-from infinilora_jax.models.layers import (apply_rope, cached_attention, matmul, rms_norm, rope_tables,
-                                          write_kv)
+from infinilora_jax.models.layers import apply_rope, cached_attention, matmul, rms_norm, rope_tables, write_kv
 from infinilora_jax.models.moe import moe_block
 from infinilora_jax.models.params import ParamFactory, declare
 from infinilora_jax.models.stages import StagePlan
@@ -44,7 +43,7 @@ def _lora_pair(pool_slot, target: str):
 
 
 def _with_lora(y: jax.Array, x: jax.Array, slots: jax.Array, pair) -> jax.Array:
-    return y if pair is None else y + lora_delta(x, slots, *pair).reshape(y.shape)
+    return y if pair is None else add_delta(y, lora_delta(x, slots, *pair))
 
 
 class LayerParams:
@@ -117,8 +116,9 @@ class SparseMoE(nnx.Module):
 
     def __call__(self, x, slots, lora_slot):
         lora = None
-        if lora_slot is not None and "expert_gate_up" in lora_slot:
-            lora = {"gate_up": _lora_pair(lora_slot, "expert_gate_up"), "down": _lora_pair(lora_slot, "expert_down")}
+        if lora_slot is not None:
+            lora = {"gate_up": _lora_pair(lora_slot, "expert_gate_up"), "down": _lora_pair(lora_slot, "expert_down"),
+                    "router": _lora_pair(lora_slot, "router")}
         return moe_block(x, slots, _local(self.router), _local(self.w_gate_up), _local(self.w_down), lora,
                          top_k=self.cfg.num_experts_per_tok, normalize=self.cfg.norm_topk_prob, ep=self.ep)
 

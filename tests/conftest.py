@@ -1,0 +1,55 @@
+"""Every test runs on CPU with 8 fake devices, so each sharding, role and collective path is exercised."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import functools  # noqa: E402
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def model_dir(name: str) -> str:
+    return os.path.join(FIXTURES, "models", name)
+
+
+def adapter_dirs(model: str) -> dict[str, str]:
+    root = os.path.join(FIXTURES, "adapters", model)
+    return {n: os.path.join(root, n) for n in sorted(os.listdir(root))} if os.path.isdir(root) else {}
+
+
+@functools.cache
+def reference(model: str) -> dict[str, np.ndarray]:
+    with np.load(os.path.join(FIXTURES, "reference", f"{model}.npz")) as data:
+        return dict(data)
+
+
+@functools.cache
+def manifest() -> dict:
+    with open(os.path.join(FIXTURES, "manifest.json")) as f:
+        return json.load(f)
+
+
+@functools.cache
+def shared_llm(model: str, dtype: str, mesh: str | None):
+    """One LLM per (model, dtype, layout) for the whole session: loading and compiling dominate test time."""
+    from infinilora_jax import LLM
+
+    return LLM(model_dir(model), adapters=adapter_dirs(model), dtype=dtype, mesh=mesh, progress=False)
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
