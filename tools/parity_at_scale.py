@@ -24,20 +24,9 @@ import time
 
 import numpy as np
 
-# Real widths of each model (from their published config.json); only the depth is cut.
-MODELS = {
-    "qwen3-30b-a3b": dict(
-        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
-        intermediate_size=6144, moe_intermediate_size=768, num_attention_heads=32, num_key_value_heads=4,
-        head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
-        mlp_only_layers=[], rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960,
-        tie_word_embeddings=False, hidden_act="silu"),
-    "mixtral-8x7b": dict(
-        architectures=["MixtralForCausalLM"], model_type="mixtral", vocab_size=32000, hidden_size=4096,
-        intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128, num_local_experts=8,
-        num_experts_per_tok=2, rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=32768,
-        tie_word_embeddings=False, hidden_act="silu", sliding_window=None),
-}
+# Real widths of each model (configs/models/*.json, from their published config.json); only the depth is cut.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "models")
+MODELS = {name: os.path.join(CONFIG_DIR, f"{name}.json") for name in ("qwen3-30b-a3b", "mixtral-8x7b")}
 PROMPT_LEN, NEW_TOKENS, RANK = 48, 12, 16
 
 
@@ -50,10 +39,11 @@ def hf_phase(args):
     torch.backends.cudnn.allow_tf32 = False
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for name in args.models.split(","):
-        spec = dict(MODELS[name], num_hidden_layers=args.layers)
+        with open(MODELS[name]) as f:
+            spec = dict(json.load(f), num_hidden_layers=args.layers)
         out = os.path.join(args.work, name)
         os.makedirs(out, exist_ok=True)
-        cfg = AutoConfig.for_model(spec.pop("model_type"), **spec)
+        cfg = AutoConfig.for_model(spec.pop("model_type"), **{k: v for k, v in spec.items() if k != "architectures"})
         gen = torch.Generator(device=device).manual_seed(0)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
