@@ -61,40 +61,32 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attenti
               rope_theta=1e6, max_position_embeddings=2048, rms_norm_eps=1e-6)
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
+# Adapters of both fused (transformers 5) models. Dense-MLP targets (gate_proj/up_proj/down_proj) are not possible
+# there: PEFT 0.21 rewrites those names into expert target_parameters for MoE models (its v4->v5 conversion).
+FUSED_ADAPTERS = {
+    "attn-experts-r8": dict(r=8, lora_alpha=16, target_modules=ATTN,
+                            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+    "attn-r4-rslora": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "o_proj"],
+                           target_parameters=["mlp.experts.down_proj"]),
+    "attn-layers02-r16": dict(r=16, lora_alpha=16, target_modules=["q_proj", "k_proj"], layers_to_transform=[0, 2]),
+    # PEFT 0.21 expands all-linear on transformers 5 into attention + router (`gate.weight`) + experts.
+    "all-linear-r4": dict(r=4, lora_alpha=8, target_modules="all-linear"),
+}
+
 # name -> spec. "adapters": name -> LoraConfig kwargs.
 MODELS = {
     "mixtral-fused": dict(
         family="mixtral", layout="fused", sharded=False, seed=1001,
         config=dict(COMMON, head_dim=16, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2,
                     tie_word_embeddings=False, sliding_window=None),
-        adapters={
-            "attn-experts-r8": dict(r=8, lora_alpha=16, target_modules=ATTN,
-                                    target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
-            "attn-r4-rslora": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "o_proj"],
-                                   target_parameters=["mlp.experts.down_proj"]),
-            "attn-layers02-r16": dict(r=16, lora_alpha=16, target_modules=["q_proj", "k_proj"],
-                                      layers_to_transform=[0, 2]),
-            # PEFT 0.21 expands all-linear on transformers 5 into attention + router (`gate.weight`) + experts.
-            "all-linear-r4": dict(r=4, lora_alpha=8, target_modules="all-linear"),
-        }),
+        adapters=FUSED_ADAPTERS),
     "qwen3-moe-fused": dict(
         family="qwen3_moe", layout="fused", sharded=False, seed=2002,
         config=dict(COMMON, head_dim=32, moe_intermediate_size=48, intermediate_size=128, num_experts=8,
                     num_experts_per_tok=4, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1],
                     tie_word_embeddings=True, bos_token_id=0, eos_token_id=2, pad_token_id=0),
         generation=dict(bos_token_id=0, eos_token_id=[2, 0], pad_token_id=0),
-        adapters={
-            "attn-experts-r8": dict(r=8, lora_alpha=16, target_modules=ATTN,
-                                    target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
-            # Dense-MLP targets (gate_proj/up_proj/down_proj) are NOT possible here: on transformers 5, PEFT 0.21
-            # rewrites those names into expert target_parameters for qwen3_moe (v4->v5 adapter conversion).
-            "attn-r4-rslora": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "o_proj"],
-                                   target_parameters=["mlp.experts.down_proj"]),
-            "attn-layers02-r16": dict(r=16, lora_alpha=16, target_modules=["q_proj", "k_proj"],
-                                      layers_to_transform=[0, 2]),
-            # PEFT 0.21 expands all-linear on transformers 5 into attention + router (`gate.weight`) + experts.
-            "all-linear-r4": dict(r=4, lora_alpha=8, target_modules="all-linear"),
-        }),
+        adapters=FUSED_ADAPTERS),
     "mixtral-legacy": dict(
         family="mixtral", layout="legacy", sharded=True, seed=3003,
         config=dict(COMMON, head_dim=16, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2,
