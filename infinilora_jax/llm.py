@@ -1,7 +1,5 @@
-"""The library entry point: `LLM(model=..., adapters=...)`, teacher-forced `logits`, batched `generate`.
-
-Generation here is a simple loop (one prefill, then one decode step per token for the whole batch); the
-serving engine replaces it with continuous batching. Each prompt may use its own adapter in the same batch.
+"""The library entry point: `LLM(model=..., adapters=...)`, teacher-forced `logits`, batched and streamed
+generation on the continuous-batching engine (engine/engine.py). Each prompt may use its own adapter.
 """
 
 from __future__ import annotations
@@ -9,20 +7,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
+from infinilora_jax.engine.engine import LLMEngine
+from infinilora_jax.engine.kv_cache import CacheConfig
+from infinilora_jax.engine.request import RequestOutput
 from infinilora_jax.engine.runner import ModelRunner
+from infinilora_jax.engine.scheduler import SchedulerConfig
 from infinilora_jax.errors import ConfigError, RequestError
 from infinilora_jax.loading import orbax_store
 from infinilora_jax.loading.hf_checkpoint import HFCheckpoint, WeightMap, checkpoint_factory
 from infinilora_jax.lora.pool import LoraPoolConfig
 from infinilora_jax.lora.targets import ALL_TARGETS
-from infinilora_jax.models.batch import ForwardBatch
 from infinilora_jax.models.config import ModelConfig
-from infinilora_jax.sampling import Sampler, SamplingParams
+from infinilora_jax.sampling import SamplingParams
 from meshes.layouts import MeshLayout, resolve_layout
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,6 @@ def bundled_adapters() -> dict[str, str]:
             if os.path.isfile(os.path.join(BUNDLED_ADAPTERS, n, "adapter_config.json"))}
 
 
-def _bucket(n: int, minimum: int) -> int:
-    """Next power of two >= n (at least `minimum`), so shapes repeat and compilations are reused."""
-    return max(minimum, 1 << max(0, n - 1).bit_length())
-
-
 @dataclasses.dataclass
 class GenerationResult:
     prompt_token_ids: list[int]
@@ -58,17 +54,22 @@ class GenerationResult:
 class LLM:
     def __init__(self, model: str | None = None, adapters: dict[str, str] | None = None, dtype: str = "bfloat16",
                  mesh: str | MeshLayout | None = None, *, max_lora_rank: int = 16, max_adapters: int | None = None,
-                 max_model_len: int | None = None, lora_targets: Sequence[str] = ALL_TARGETS,
-                 max_adapter_bytes: int | None = None, progress: bool = True):
+                 max_host_adapters: int = 64, max_model_len: int | None = None,
+                 lora_targets: Sequence[str] = ALL_TARGETS, max_adapter_bytes: int | None = None,
+                 page_size: int = 16, num_pages: int | None = None, max_num_seqs: int = 32,
+                 max_num_batched_tokens: int = 256, progress: bool = True):
         """
         Args:
           model: a Hugging Face model directory (config.json + safetensors), a directory written by
             `save_converted`, or None for the bundled tiny model.
-          adapters: adapter name -> PEFT adapter directory, loaded at start.
+          adapters: adapter name -> PEFT adapter directory, registered at start.
           dtype: "bfloat16" | "float32" | "float16" for weights and activations.
           mesh: a layout name from meshes.LAYOUTS (e.g. "pp2_ep2_tp2"), a MeshLayout, or None for one device.
-          max_lora_rank, max_adapters, lora_targets: the adapter pool's shape.
+          max_lora_rank, max_adapters, lora_targets: the device adapter pool (slots resident at once);
+            max_host_adapters: converted adapters kept in host memory; more may be registered than either.
           max_model_len: context limit (prompt + generated); defaults to the model's max_position_embeddings.
+          page_size, num_pages: the paged KV cache (num_pages defaults to enough for max_num_seqs full-length
+            sequences, at most 65536); max_num_seqs, max_num_batched_tokens: the scheduler's per-step limits.
         """
         if dtype not in DTYPES:
             raise ConfigError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
@@ -86,24 +87,30 @@ class LLM:
             weights = WeightMap(self.config, HFCheckpoint(self.model_dir))
             make_factory = lambda mesh, on_param: checkpoint_factory(weights, mesh, on_param)
         self.runner = ModelRunner(self.config, self.layout, DTYPES[dtype], make_factory, pool_cfg,
-                                  max_adapter_bytes=max_adapter_bytes, progress=progress)
+                                  max_host_adapters=max_host_adapters, max_adapter_bytes=max_adapter_bytes,
+                                  progress=progress)
         self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
                                  self.config.max_position_embeddings)
+        if num_pages is None:
+            num_pages = min(65536, max_num_seqs * -(-self.max_model_len // page_size) + 1)
         self.tokenizer = _load_tokenizer(self.model_dir)
+        self.engine = LLMEngine(self.runner, CacheConfig(page_size, num_pages),
+                                SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len),
+                                self.tokenizer, self.config.eos_token_ids)
         for name, path in adapters.items():
             self.load_adapter(name, path)
 
     # ---- adapters ----
 
     def load_adapter(self, name: str, path: str) -> None:
-        self.runner.registry.load(name, path)
+        self.runner.adapters.register(name, path)
 
     def unload_adapter(self, name: str) -> None:
-        self.runner.registry.unload(name)
+        self.runner.adapters.unregister(name)
 
     @property
     def adapters(self) -> list[str]:
-        return self.runner.registry.names()
+        return self.runner.adapters.names()
 
     def save_converted(self, path: str) -> None:
         """Write the converted, sharded parameters with Orbax, for fast reload with LLM(model=path)."""
@@ -113,72 +120,54 @@ class LLM:
 
     def logits(self, token_ids: list[int], adapter: str | None = None) -> np.ndarray:
         """Teacher-forced logits: float32 [len(token_ids), vocab], row t predicting token t + 1."""
-        tokens = self._check_prompt(token_ids, room_to_generate=False)
-        slot = self.runner.registry.slot(adapter)
-        t = _bucket(len(tokens), 32)
-        kv = self.runner.new_kv_cache(1, t)
-        batch = ForwardBatch.from_rows([tokens], [0], [slot], t, 1, all_logits=True)
-        logits, _ = self.runner.forward(batch, kv)
-        return logits[: len(tokens)]
+        return self.engine.score(token_ids, adapter)
 
     def generate(self, prompts: Sequence[Sequence[int]] | Sequence[str] | str,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  adapter: str | None | Sequence[str | None] = None) -> list[GenerationResult]:
-        """Generate for every prompt in one batch; `adapter` may be one name for all or one per prompt."""
+        """Generate for every prompt with continuous batching; `adapter` is one name for all or one per prompt."""
+        final: dict[str, RequestOutput] = {}
+        ids = self._submit(prompts, sampling_params, adapter)
+        for out in self._run(ids):
+            if out.finished:
+                final[out.request_id] = out
+        return [GenerationResult(final[i].prompt_token_ids, final[i].token_ids, final[i].text,
+                                 final[i].finish_reason, final[i].adapter) for i in ids]
+
+    def generate_stream(self, prompts, sampling_params=None, adapter=None) -> Iterator[RequestOutput]:
+        """Like generate, but yields each request's RequestOutput as tokens arrive (new_token_ids per step)."""
+        yield from self._run(self._submit(prompts, sampling_params, adapter))
+
+    def _submit(self, prompts, sampling_params, adapter) -> list[str]:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        if not prompts:
-            return []
         n = len(prompts)
         params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params or
                                                                                    SamplingParams()] * n
         adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * n
         if len(params) != n or len(adapters) != n:
             raise RequestError(f"{n} prompts but {len(params)} sampling params and {len(adapters)} adapters")
-        token_rows = [self._check_prompt(self._encode(p)) for p in prompts]
-        slots = [self.runner.registry.slot(a) for a in adapters]  # raises for an unknown adapter
-        budgets = [min(p.max_tokens, self.max_model_len - len(row)) for p, row in zip(params, token_rows)]
-        b = _bucket(n, 1)
-        max_len = _bucket(max(len(r) + m for r, m in zip(token_rows, budgets)), 16)
-        kv = self.runner.new_kv_cache(b, max_len)
-        sampler = Sampler(params)
-        eos = set(self.config.eos_token_ids)
-        outputs: list[list[int]] = [[] for _ in range(n)]
-        finish: list[str | None] = [None] * n
+        token_rows = [self.engine.check_prompt(self._encode(p)) for p in prompts]  # validate all before queueing
+        for a in adapters:
+            if a is not None and a not in self.runner.adapters:
+                self.runner.adapters.info(a)  # raises AdapterNotFoundError
+        if any(p.stop for p in params) and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        return [self.engine.add_request(t, p, a) for t, p, a in zip(token_rows, params, adapters)]
 
-        batch = ForwardBatch.from_rows(token_rows, [0] * n, slots, _bucket(max(map(len, token_rows)), 8), b, False)
-        logits, kv = self.runner.forward(batch, kv)
-        while True:
-            next_tokens = sampler(logits[:n])
-            for i, tok in enumerate(next_tokens):
-                if finish[i] is None:
-                    outputs[i].append(int(tok))
-                    finish[i] = self._finished(outputs[i], params[i], budgets[i], eos)
-            live = [i for i in range(n) if finish[i] is None]
-            if not live:
-                break
-            rows = [[outputs[i][-1]] if finish[i] is None else [] for i in range(n)]
-            starts = [len(token_rows[i]) + len(outputs[i]) - 1 for i in range(n)]
-            batch = ForwardBatch.from_rows(rows, starts, slots, 1, b, False)
-            logits, kv = self.runner.forward(batch, kv)
-        results = []
-        for i in range(n):
-            ids, reason = outputs[i], finish[i]
-            text = self._decode(ids) if self.tokenizer else None
-            if text is not None and params[i].stop:
-                cut = min((text.find(s) for s in params[i].stop if s in text), default=-1)
-                if cut >= 0:
-                    text = text[:cut]
-            results.append(GenerationResult(token_rows[i], ids, text, reason, adapters[i]))
-        return results
-
-    def _finished(self, ids: list[int], p: SamplingParams, budget: int, eos: set[int]) -> str | None:
-        last = ids[-1]
-        if last in p.stop_token_ids or (not p.ignore_eos and last in eos):
-            return "stop"
-        if p.stop and self.tokenizer is not None and any(s in self._decode(ids) for s in p.stop):
-            return "stop"
-        return "length" if len(ids) >= budget else None
+    def _run(self, ids: list[str]) -> Iterator[RequestOutput]:
+        pending = set(ids)
+        try:
+            while pending:
+                for out in self.engine.step():
+                    if out.request_id in pending:
+                        yield out
+                        if out.finished:
+                            pending.discard(out.request_id)
+        finally:  # a consumer that stops early (or an error) must not leave requests holding pages
+            for request_id in pending:
+                self.engine.abort(request_id)
+            self.engine.pop_finished()
 
     # ---- tokens ----
 
@@ -188,20 +177,6 @@ class LLM:
                 raise RequestError(f"{self.model_dir} has no tokenizer.json: pass token ids, not text")
             return self.tokenizer.encode(prompt).ids
         return [int(t) for t in prompt]
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _check_prompt(self, tokens: list[int], room_to_generate: bool = True) -> list[int]:
-        if not tokens:
-            raise RequestError("empty prompt")
-        bad = [t for t in tokens if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise RequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
-        if len(tokens) + room_to_generate > self.max_model_len:
-            raise RequestError(f"prompt of {len(tokens)} tokens leaves no room to generate within the context "
-                               f"limit of {self.max_model_len} tokens")
-        return list(tokens)
 
 
 def _load_tokenizer(model_dir: str):

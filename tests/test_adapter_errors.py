@@ -9,9 +9,10 @@ import pytest
 from conftest import adapter_dirs, model_dir
 
 from infinilora_jax import LLM
-from infinilora_jax.errors import AdapterCapacityError, AdapterError, AdapterNotFoundError, UnsupportedAdapterError
+from infinilora_jax.errors import AdapterError, AdapterNotFoundError, UnsupportedAdapterError
 from infinilora_jax.loading.peft_adapter import load_peft_adapter
 from infinilora_jax.loading.safetensors_io import SafetensorsFile, save_file
+from infinilora_jax.lora.adapter_cache import AdapterBusyError
 from infinilora_jax.models.config import ModelConfig
 
 MODEL = "qwen3-moe-fused"
@@ -188,26 +189,39 @@ def test_oversized_adapter_file():
         load_peft_adapter(adapter_dirs(MODEL)[GOOD], cfg, max_rank=16, max_bytes=1000)
 
 
-def test_names_capacity_and_unload(llm, baseline):
+def test_names_cycling_busy_and_unload(llm, baseline):
     with pytest.raises(AdapterError, match="already loaded"):
         llm.load_adapter("resident", adapter_dirs(MODEL)["attn-r4-rslora"])
     for bad_name in ("", "../x", "a b", "x" * 200):
         with pytest.raises(AdapterError, match="invalid adapter name"):
             llm.load_adapter(bad_name, adapter_dirs(MODEL)["attn-r4-rslora"])
+    # three adapters registered for two device slots: they take turns in the slots
     llm.load_adapter("second", adapter_dirs(MODEL)["attn-r4-rslora"])
-    with pytest.raises(AdapterCapacityError):
-        llm.load_adapter("third", adapter_dirs(MODEL)["attn-layers02-r16"])
-    second = llm.logits(PROMPT, "second")
+    llm.load_adapter("third", adapter_dirs(MODEL)["attn-layers02-r16"])
+    second, third = llm.logits(PROMPT, "second"), llm.logits(PROMPT, "third")
+    _assert_unchanged_after_cycling(llm, baseline, second, third)
+    # unloading an adapter that a running request holds is refused; the request is unaffected
+    cache = llm.runner.adapters
+    cache.acquire("second")
+    with pytest.raises(AdapterBusyError):
+        llm.unload_adapter("second")
+    cache.release("second")
     llm.unload_adapter("second")
     with pytest.raises(AdapterNotFoundError):
         llm.logits(PROMPT, "second")
     with pytest.raises(AdapterNotFoundError):
         llm.unload_adapter("second")
-    _assert_unchanged(llm, baseline)
-    # the freed slot takes a new adapter, and the old one loads again with the same function
-    llm.load_adapter("third", adapter_dirs(MODEL)["attn-layers02-r16"])
     llm.unload_adapter("third")
+    _assert_unchanged(llm, baseline)
+    # a name can be registered again and computes the same function
     llm.load_adapter("second", adapter_dirs(MODEL)["attn-r4-rslora"])
     np.testing.assert_array_equal(llm.logits(PROMPT, "second"), second)
     llm.unload_adapter("second")
-    _assert_unchanged(llm, baseline)
+    assert llm.adapters == ["resident"]
+
+
+def _assert_unchanged_after_cycling(llm, baseline, second, third):
+    for _ in range(2):
+        for name, want in (("third", third), ("resident", baseline), ("second", second)):
+            np.testing.assert_array_equal(llm.logits(PROMPT, name), want)
+    assert llm.runner.adapters.stats.evictions >= 4

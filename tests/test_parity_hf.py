@@ -10,7 +10,7 @@ import pytest
 from conftest import adapter_dirs, manifest, reference, rel_err, shared_llm
 
 from infinilora_jax import SamplingParams
-from infinilora_jax.models.batch import ForwardBatch
+from infinilora_jax.models.batch import RowSpec, build_step_batch
 
 MODELS = sorted(manifest()["models"])
 LAYOUTS = [None, "pp2_ep2_tp2"]
@@ -47,13 +47,21 @@ def test_mixed_adapter_forward_float32(model, layout):
     llm, ref = shared_llm(model, "float32", layout), reference(model)
     prompts, variants = _prompts(model), _variants(model)
     rows = [(i, v) for v in variants for i in range(len(prompts))]
-    slots = [llm.runner.registry.slot(_adapter(v)) for _, v in rows]
-    t = max(map(len, prompts))
-    batch = ForwardBatch.from_rows([prompts[i] for i, _ in rows], [0] * len(rows), slots, t, len(rows), True)
-    logits, _ = llm.runner.forward(batch, llm.runner.new_kv_cache(len(rows), t))
-    logits = logits.reshape(len(rows), t, -1)
-    for r, (i, v) in enumerate(rows):
-        err = rel_err(logits[r, : len(prompts[i])], ref[f"logits_f32__{v}__{i}"])
+    engine, cache = llm.engine, llm.engine.cache_config
+    specs = []
+    for i, v in rows:
+        slot = llm.runner.adapters.acquire(_adapter(v))
+        pages = engine.scheduler.allocator.allocate(cache.pages_for(len(prompts[i])))
+        specs.append(RowSpec(prompts[i], 0, slot, pages, "all"))
+    try:
+        batch, row_logits = build_step_batch(specs, cache.page_size, cache.num_pages)
+        logits, engine.kv = llm.runner.score(batch, engine.kv)
+    finally:
+        for (_, v), spec in zip(rows, specs):
+            engine.scheduler.allocator.free(spec.pages)
+            llm.runner.adapters.release(_adapter(v))
+    for (i, v), idx in zip(rows, row_logits):
+        err = rel_err(logits[idx], ref[f"logits_f32__{v}__{i}"])
         assert err < 1e-4, (v, i, err)
 
 

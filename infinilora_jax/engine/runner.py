@@ -1,6 +1,6 @@
-"""ModelRunner: the model, its adapter pool and registry, and the jitted forward, on one mesh.
+"""ModelRunner: the model, its adapter pool and cache, and the jitted steps, on one mesh.
 
-This is the layer the simple generation loop (llm.py) drives today and the scheduler drives later.
+The engine (engine/engine.py) decides what runs; the runner turns a StepBatch into sampled tokens or logits.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from infinilora_jax.engine.kv_cache import CacheConfig
+from infinilora_jax.engine.sampler import SamplingArrays
+from infinilora_jax.lora.adapter_cache import AdapterCache
 from infinilora_jax.lora.pool import LoraPool, LoraPoolConfig
-from infinilora_jax.lora.registry import AdapterRegistry
-from infinilora_jax.models.batch import ForwardBatch
+from infinilora_jax.models.batch import StepBatch
 from infinilora_jax.models.config import ModelConfig
 from infinilora_jax.models.params import ParamFactory, abstract_factory, zeros_factory
-from infinilora_jax.models.step import allocate_kv_cache, build_forward
+from infinilora_jax.models.step import StepFunctions, allocate_kv_cache
 from infinilora_jax.models.transformer import CausalLM
 from meshes.layouts import MeshLayout, make_mesh
 
@@ -31,8 +33,9 @@ def count_params(cfg: ModelConfig, layout: MeshLayout, mesh) -> int:
 
 
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, layout: MeshLayout, dtype, make_factory, pool_cfg: LoraPoolConfig,
-                 max_adapter_bytes: int | None = None, devices=None, progress: bool = True):
+    def __init__(self, cfg: ModelConfig, layout: MeshLayout, dtype, make_factory, pool_cfg: LoraPoolConfig, *,
+                 max_host_adapters: int = 64, max_adapter_bytes: int | None = None, devices=None,
+                 progress: bool = True):
         """make_factory(mesh, on_param) -> ParamFactory supplies the weights (checkpoint, random, Orbax)."""
         self.cfg, self.layout, self.dtype = cfg, layout, jnp.dtype(dtype)
         layout.check_fits(cfg)
@@ -42,22 +45,33 @@ class ModelRunner:
         factory: ParamFactory = make_factory(self.mesh, lambda decl: bar.update(1))
         self.model = CausalLM(cfg, layout, self.dtype, factory)
         bar.close()
-        self.model_state = nnx.state(self.model)
+        self.model_state = nnx.to_pure_dict(nnx.state(self.model))
         self.pool = LoraPool(cfg, self.model.plan, pool_cfg, self.dtype, zeros_factory(self.mesh))
-        self.registry = AdapterRegistry(cfg, self.model.plan, self.pool, self.mesh, self.dtype, max_adapter_bytes)
-        self._forward = build_forward(self.model, self.pool, self.mesh)
+        self.adapters = AdapterCache(cfg, self.model.plan, self.pool, self.mesh, self.dtype,
+                                     max_host_adapters=max_host_adapters, max_adapter_bytes=max_adapter_bytes)
+        self.steps = StepFunctions(self.model, self.pool, self.mesh)
 
-    def new_kv_cache(self, batch: int, max_len: int) -> list:
-        return allocate_kv_cache(self.model, self.mesh, batch, max_len, self.dtype)
+    def new_kv_cache(self, cache: CacheConfig) -> list:
+        return allocate_kv_cache(self.model, self.mesh, cache.num_pages, cache.page_size, self.dtype)
 
-    def forward(self, batch: ForwardBatch, kv: list) -> tuple[np.ndarray, list]:
-        """Returns (float32 logits [M, vocab] for batch.logits_indices, updated KV cache)."""
-        logits, kv = self._forward(self.model_state, self.registry.pool_state, batch, kv)
-        return np.asarray(logits)[:, : self.cfg.vocab_size], kv
+    def kv_bytes_per_page(self) -> int:
+        cfg = self.cfg
+        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+
+    def sample(self, batch: StepBatch, kv: list, sampling: SamplingArrays, filtered: bool) -> tuple[np.ndarray, list]:
+        """Sampled token ids [M] for batch.logits_indices, and the updated KV cache."""
+        tokens, kv = self.steps.sample(self.model_state, self.adapters.pool_state, batch, kv, sampling,
+                                       filtered=filtered)
+        return np.asarray(tokens), kv
+
+    def score(self, batch: StepBatch, kv: list) -> tuple[np.ndarray, list]:
+        """float32 logits [M, vocab] for batch.logits_indices, and the updated KV cache."""
+        logits, kv = self.steps.score(self.model_state, self.adapters.pool_state, batch, kv)
+        return np.asarray(logits), kv
 
     def live_bytes_per_device(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for leaf in jax.tree.leaves((self.model_state, self.registry.pool_state)):
+        for leaf in jax.tree.leaves((self.model_state, self.adapters.pool_state)):
             for shard in leaf.addressable_shards:
                 key = str(shard.device)
                 out[key] = out.get(key, 0) + shard.data.nbytes

@@ -50,11 +50,12 @@ def read_config(path: str) -> ModelConfig:
     return ModelConfig(**raw)
 
 
-def save(path: str, cfg: ModelConfig, model_state: nnx.State, layout: MeshLayout, source_dir: str | None = None):
+def save(path: str, cfg: ModelConfig, model_state: dict, layout: MeshLayout, source_dir: str | None = None):
+    """model_state: the pure dict of parameters (nnx.to_pure_dict)."""
     path = os.path.abspath(path)
     os.makedirs(path, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, "params"), nnx.to_pure_dict(model_state), force=True)
+        ckptr.save(os.path.join(path, "params"), model_state, force=True)
     meta = {"format_version": FORMAT_VERSION, "config": dataclasses.asdict(cfg), "pp": layout.pp}
     with open(os.path.join(path, MARKER), "w") as f:
         json.dump(meta, f, indent=1)

@@ -12,13 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from infinilora_jax.errors import AdapterError, ConfigError
 from infinilora_jax.loading.peft_adapter import AdapterWeights
 from infinilora_jax.lora.targets import ALL_TARGETS, ATTENTION_TARGETS, DENSE_MLP_TARGETS, EXPERT_TARGETS, page_decls
 from infinilora_jax.models.config import ModelConfig
-from infinilora_jax.models.params import ParamFactory, declare, partition_specs
+from infinilora_jax.models.params import ParamFactory, declare
 from infinilora_jax.models.stages import StagePlan
 
 
@@ -67,31 +67,28 @@ class LoraPool(nnx.Module):
         self.layers = nnx.List(layers)
 
 
-def make_slot_writer(pool: LoraPool, mesh: Mesh):
-    """A jitted (pool_state, slot, pages) -> pool_state that overwrites one adapter slot in place (donated).
+def make_layer_writer(pool: LoraPool, mesh: Mesh):
+    """A jitted (layer_pages, slot, new_pages) -> layer_pages that overwrites one adapter slot of one layer slot,
+    in place (donated). layer_pages: pure dict target -> {"a", "b"} device arrays [pp, S, ...]; new_pages: the
+    same with the slot dimension removed ([pp, ...] host arrays)."""
+    del pool, mesh  # the update keeps each buffer's sharding
 
-    pages: pure nested dict like the pool's state with the slot dimension removed ([pp, ...] host arrays).
-    """
-    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), partition_specs(nnx.state(pool)))
+    def write(layer_pages, slot, new_pages):
+        return jax.tree.map(lambda buf, page: buf.at[:, slot].set(page.astype(buf.dtype)), layer_pages, new_pages)
 
-    def write(pool_state, slot, pages):
-        updated = jax.tree.map(lambda buf, page: buf.at[:, slot].set(page.astype(buf.dtype)),
-                               nnx.to_pure_dict(pool_state), pages)
-        nnx.replace_by_pure_dict(pool_state, updated)
-        return pool_state
-
-    return jax.jit(write, donate_argnums=0, out_shardings=shardings)
+    return jax.jit(write, donate_argnums=0)
 
 
-def adapter_pages(pool: LoraPool, plan: StagePlan, weights: AdapterWeights) -> dict:
-    """Host pages of one adapter for one pool slot, zero-padded to the pool's rank (pure dict, slot dim removed).
+def adapter_pages(pool: LoraPool, plan: StagePlan, weights: AdapterWeights | None) -> dict:
+    """Host pages of one adapter for one pool slot, zero-padded to the pool's rank (pure dict, slot dim removed);
+    all zeros for None.
 
     Raises AdapterError if the adapter needs a target the pool does not carry or a rank above its maximum.
     """
     max_rank = pool.pool_cfg.max_rank
     pages = jax.tree.map(lambda a: np.zeros(a.shape[:1] + a.shape[2:], jnp.dtype(a.dtype)),
                          nnx.to_pure_dict(nnx.state(pool)))
-    for (layer, target), (a, b) in weights.pages.items():
+    for (layer, target), (a, b) in (weights.pages.items() if weights is not None else ()):
         stage, slot = divmod(layer, plan.layers_per_stage)
         page = pages["layers"][slot].get(target)
         if page is None:

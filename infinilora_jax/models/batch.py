@@ -1,4 +1,10 @@
-"""Per-step inputs of one forward pass, as a pytree that crosses jit and shard_map boundaries."""
+"""Per-step inputs of one forward pass: a flat, ragged token batch over a paged KV cache.
+
+Projections, experts and LoRA run on the flat token list (no padding between sequences). Attention gathers each
+row's new tokens into a [B, Q] query block and its KV pages into a [B, P * page_size] context; `RowSpec` and
+`StepBatch.build` turn per-sequence work (a prefill chunk or one decode token) into these arrays, padded to
+bucketed shapes so that a steady stream of steps reuses a handful of compiled programs.
+"""
 
 from __future__ import annotations
 
@@ -10,40 +16,79 @@ import numpy as np
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class ForwardBatch:
-    """B rows of T new tokens each; row b reads and writes KV-cache row b.
+class StepBatch:
+    tokens: jax.Array  # [N] int32 new tokens of every row, concatenated (padding: 0)
+    positions: jax.Array  # [N] int32 position of each token in its sequence (padding: 0)
+    adapter_slots: jax.Array  # [N] int32 adapter pool slot per token (0 = no adapter)
+    cache_slots: jax.Array  # [N] int32 flat KV slot (page * page_size + offset) to write; padding: out of range
+    query_index: jax.Array  # [B, Q] int32 flat index of row b's q-th new token; padding: N (a zero row)
+    block_tables: jax.Array  # [B, P] int32 KV pages of row b in sequence order; unused entries: page 0
+    logits_indices: jax.Array  # [M] int32 flat indices of the tokens whose logits (or samples) are returned
 
-    Padding tokens (token_valid False) write nothing to the cache and their outputs are ignored.
-    """
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[0]
 
-    tokens: jax.Array  # [B, T] int32
-    positions: jax.Array  # [B, T] int32 position of each token in its sequence (padding: any valid position)
-    token_valid: jax.Array  # [B, T] bool
-    adapter_slots: jax.Array  # [B, T] int32 adapter slot per token (0 = no adapter)
-    logits_indices: jax.Array  # [M] int32 flat indices b * T + t of the tokens whose logits are returned
 
-    @staticmethod
-    def from_rows(rows: list[list[int]], starts: list[int], slots: list[int], t_bucket: int, b_bucket: int,
-                  all_logits: bool) -> ForwardBatch:
-        """Right-padded batch of token rows; row b continues its sequence at position starts[b].
+@dataclasses.dataclass
+class RowSpec:
+    """One sequence's work in a step: `tokens` at positions start, start+1, ... ."""
 
-        Returns logits for every token of every row (all_logits) or for the last token of each row.
-        Rows beyond len(rows) (batch padding) are all padding.
-        """
-        tokens = np.zeros((b_bucket, t_bucket), np.int32)
-        positions = np.zeros((b_bucket, t_bucket), np.int32)
-        valid = np.zeros((b_bucket, t_bucket), bool)
-        adapter = np.zeros((b_bucket, t_bucket), np.int32)
-        last = np.zeros((b_bucket,), np.int32)
-        for b, (row, start, slot) in enumerate(zip(rows, starts, slots)):
-            n = len(row)
-            tokens[b, :n] = row
-            positions[b, :n] = np.arange(start, start + n)
-            valid[b, :n] = True
-            adapter[b, :] = slot
-            last[b] = b * t_bucket + n - 1
-        if all_logits:
-            indices = np.arange(b_bucket * t_bucket, dtype=np.int32)
-        else:
-            indices = last
-        return ForwardBatch(tokens, positions, valid, adapter, indices)
+    tokens: list[int]
+    start: int
+    adapter_slot: int
+    pages: list[int]  # KV pages of the sequence covering at least start + len(tokens) positions
+    logits: str = "last"  # "last": the last new token's logits, "all": every new token's, "none"
+
+
+def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
+    """Smallest power of two >= n (and >= minimum), capped at maximum (which must then be >= n)."""
+    b = max(minimum, 1 << max(0, n - 1).bit_length())
+    if maximum is not None:
+        b = min(b, maximum)
+        assert n <= b, (n, maximum)
+    return b
+
+
+def build_step_batch(rows: list[RowSpec], page_size: int, num_pages: int, *, min_tokens: int = 16,
+                     min_rows: int = 4, min_pages: int = 4, max_pages: int | None = None,
+                     max_tokens: int | None = None) -> tuple[StepBatch, list[list[int]]]:
+    """Pack rows into bucketed arrays. Returns the batch and, per row, the positions in `logits_indices`
+    holding its requested logits (in token order)."""
+    n = sum(len(r.tokens) for r in rows)
+    n_pad = bucket(n, min_tokens, max_tokens)
+    b_pad = bucket(len(rows), min_rows)
+    q_pad = bucket(max((len(r.tokens) for r in rows), default=1), 1)
+    p_pad = bucket(max((-(-(r.start + len(r.tokens)) // page_size) for r in rows), default=1), min_pages,
+                   max_pages)
+    tokens = np.zeros(n_pad, np.int32)
+    positions = np.zeros(n_pad, np.int32)
+    slots = np.zeros(n_pad, np.int32)
+    cache_slots = np.full(n_pad, num_pages * page_size, np.int32)  # out of range: the scatter drops it
+    query_index = np.full((b_pad, q_pad), n_pad, np.int32)
+    block_tables = np.zeros((b_pad, p_pad), np.int32)
+    logits: list[int] = []
+    row_logits: list[list[int]] = []
+    at = 0
+    for b, r in enumerate(rows):
+        k = len(r.tokens)
+        pos = np.arange(r.start, r.start + k, dtype=np.int32)
+        need = -(-(r.start + k) // page_size)
+        if len(r.pages) < need:
+            raise ValueError(f"row {b} covers {r.start + k} positions but has {len(r.pages)} pages of {page_size}")
+        pages = np.asarray(r.pages[:need], np.int32)
+        tokens[at:at + k] = r.tokens
+        positions[at:at + k] = pos
+        slots[at:at + k] = r.adapter_slot
+        cache_slots[at:at + k] = pages[pos // page_size] * page_size + pos % page_size
+        query_index[b, :k] = np.arange(at, at + k)
+        block_tables[b, :need] = pages
+        wanted = {"last": [at + k - 1], "all": list(range(at, at + k)), "none": []}[r.logits]
+        row_logits.append(list(range(len(logits), len(logits) + len(wanted))))
+        logits += wanted
+        at += k
+    m_pad = bucket(len(logits), min_tokens if any(r.logits == "all" for r in rows) else min_rows)
+    logits_indices = np.zeros(m_pad, np.int32)
+    logits_indices[: len(logits)] = logits
+    batch = StepBatch(tokens, positions, slots, cache_slots, query_index, block_tables, logits_indices)
+    return batch, row_logits

@@ -37,14 +37,35 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
-def write_kv(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Scatter new keys or values into a contiguous per-row cache.
+def write_kv(pages: jax.Array, new: jax.Array, cache_slots: jax.Array) -> jax.Array:
+    """Scatter new keys or values into the paged cache.
 
-    cache: [B, S, kv_heads, head_dim]; new: [B, T, kv_heads, head_dim]; positions: [B, T] int32. A position
-    outside [0, S) is dropped, which is how padding tokens (and inactive pipeline stages) write nothing.
+    pages: [num_pages, page_size, kv_heads, head_dim]; new: [N, kv_heads, head_dim]; cache_slots: [N] flat slot
+    (page * page_size + offset). Out-of-range slots are dropped: padding tokens (and inactive pipeline stages)
+    write nothing.
     """
-    rows = jnp.broadcast_to(jnp.arange(cache.shape[0])[:, None], positions.shape)
-    return cache.at[rows, positions].set(new.astype(cache.dtype), mode="drop")
+    flat = pages.reshape(-1, *pages.shape[2:])
+    return flat.at[cache_slots].set(new.astype(pages.dtype), mode="drop").reshape(pages.shape)
+
+
+def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, positions: jax.Array,
+                    query_index: jax.Array, block_tables: jax.Array, sliding_window: int | None) -> jax.Array:
+    """Reference attention of a flat token batch over a paged KV cache (already holding the new keys).
+
+    q: [N, heads, hd]; k_pages, v_pages: [num_pages, page_size, kv_heads, hd]; positions: [N];
+    query_index: [B, Q] flat token of each (row, query), N for padding; block_tables: [B, P].
+    Returns [N, heads, hd]. Gathers each row's pages into a contiguous [P * page_size] context, so memory grows
+    with B * P * page_size: the portable path (CPU, tests); the fast paths replace it per platform.
+    """
+    n = q.shape[0]
+    b, p = block_tables.shape
+    q_rows = jnp.concatenate([q, jnp.zeros_like(q[:1])])[query_index]  # [B, Q, heads, hd]
+    q_pos = jnp.concatenate([positions, jnp.zeros_like(positions[:1])])[query_index]  # [B, Q]
+    k_ctx = k_pages[block_tables].reshape(b, p * k_pages.shape[1], *k_pages.shape[2:])
+    v_ctx = v_pages[block_tables].reshape(b, p * v_pages.shape[1], *v_pages.shape[2:])
+    out = cached_attention(q_rows, k_ctx, v_ctx, q_pos, sliding_window)  # [B, Q, heads, hd]
+    flat = jnp.zeros((n + 1, *q.shape[1:]), q.dtype).at[query_index].set(out)
+    return flat[:n]
 
 
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array,

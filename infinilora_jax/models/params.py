@@ -77,8 +77,10 @@ def random_factory(mesh: Mesh, seed: int = 0, std: float = 0.02) -> ParamFactory
     return make
 
 
-def partition_specs(state: nnx.State):
-    """PartitionSpec tree (a prefix of `state`) from each Param's logical `dims` metadata."""
-    return jax.tree.map(lambda v: logical_spec(*v.get_metadata()["dims"]), state,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+def partition_specs(state: nnx.State) -> dict:
+    """PartitionSpecs from each Param's logical `dims` metadata, as a pure dict shaped like
+    `nnx.to_pure_dict(state)` (the form parameters travel in through jit and shard_map)."""
+    specs = jax.tree.map(lambda v: logical_spec(*v.get_metadata()["dims"]), state,
+                         is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(specs)
 

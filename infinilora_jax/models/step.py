@@ -1,21 +1,22 @@
-"""One jitted SPMD forward over the (pp, ep, tp) mesh: the model's local code inside a single shard_map."""
+"""The jitted SPMD steps over the (pp, ep, tp) mesh: the model's local code inside one shard_map.
+
+`score` returns float32 logits (teacher forcing, prompt logprobs); `sample` returns sampled token ids, with the
+sampler fused into the same program so only [M] integers leave the device each step.
+"""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from infinilora_jax.engine.sampler import SamplingArrays, sample
 from infinilora_jax.lora.pool import LoraPool
-from infinilora_jax.models.batch import ForwardBatch
+from infinilora_jax.models.batch import StepBatch
 from infinilora_jax.models.params import partition_specs
 from infinilora_jax.models.transformer import CausalLM
 from meshes.axes import MODEL_AXES, logical_spec
-
-ForwardFn = Callable[[nnx.State, nnx.State | None, ForwardBatch, list], tuple[jax.Array, list]]
 
 
 def kv_cache_specs(model: CausalLM) -> list[tuple[PartitionSpec, PartitionSpec]]:
@@ -24,28 +25,45 @@ def kv_cache_specs(model: CausalLM) -> list[tuple[PartitionSpec, PartitionSpec]]
     return [(spec, spec) for _ in range(model.plan.layers_per_stage)]
 
 
-def allocate_kv_cache(model: CausalLM, mesh: Mesh, batch: int, max_len: int, dtype) -> list:
-    """Zeroed per-layer-slot (k, v) caches, created directly in their sharding."""
-    shape, dims = model.kv_cache_shape(batch, max_len)
+def allocate_kv_cache(model: CausalLM, mesh: Mesh, num_pages: int, page_size: int, dtype) -> list:
+    """Zeroed per-layer-slot (k, v) pages, created directly in their sharding."""
+    shape, dims = model.kv_cache_shape(num_pages, page_size)
     sharding = NamedSharding(mesh, logical_spec(*dims))
     make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
     return [(make(), make()) for _ in range(model.plan.layers_per_stage)]
 
 
-def build_forward(model: CausalLM, pool: LoraPool | None, mesh: Mesh) -> ForwardFn:
-    """jit(shard_map(local forward)); the KV cache is donated and updated in place."""
-    model_graph, model_state = nnx.split(model)
-    pool_graph, pool_state = nnx.split(pool) if pool is not None else (None, None)
-    kv_specs = kv_cache_specs(model)
-    batch_specs = jax.tree.map(lambda _: PartitionSpec(), ForwardBatch(*([0] * 5)))
+class StepFunctions:
+    """jit(shard_map(local forward)) for one model + adapter pool on one mesh; the KV cache is donated."""
 
-    def local(model_state, pool_state, batch, kv):
-        local_model = nnx.merge(model_graph, model_state)
-        local_pool = nnx.merge(pool_graph, pool_state) if pool_graph is not None else None
-        return local_model(batch, kv, local_pool)
+    def __init__(self, model: CausalLM, pool: LoraPool | None, mesh: Mesh):
+        self.vocab_size = model.cfg.vocab_size
+        model_graph, model_state = nnx.split(model)
+        pool_graph, pool_state = nnx.split(pool) if pool is not None else (None, None)
+        # Parameters travel as pure dicts (nnx.to_pure_dict); each device rebuilds its local modules.
+        kv_specs = kv_cache_specs(model)
+        batch_specs = jax.tree.map(lambda _: PartitionSpec(), StepBatch(*([0] * 7)))
 
-    in_specs = (partition_specs(model_state), partition_specs(pool_state) if pool is not None else None,
-                batch_specs, kv_specs)
-    out_specs = (PartitionSpec(None, MODEL_AXES), kv_specs)
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    return jax.jit(sharded, donate_argnums=(3,))
+        def local(model_state, pool_state, batch, kv):
+            local_model = nnx.merge(model_graph, nnx.State(model_state))
+            local_pool = nnx.merge(pool_graph, nnx.State(pool_state)) if pool_graph is not None else None
+            hidden, kv = local_model(batch, kv, local_pool)
+            return local_model.logits(hidden), kv
+
+        in_specs = (partition_specs(model_state), partition_specs(pool_state) if pool is not None else None,
+                    batch_specs, kv_specs)
+        self._forward = jax.shard_map(local, mesh=mesh, in_specs=in_specs,
+                                      out_specs=(PartitionSpec(None, MODEL_AXES), kv_specs), check_vma=False)
+        self.score = jax.jit(self._score, donate_argnums=(3,))
+        self.sample = jax.jit(self._sample, donate_argnums=(3,), static_argnames=("filtered",))
+
+    def _score(self, model_state, pool_state, batch: StepBatch, kv):
+        """-> (float32 logits [M, vocab_size], kv)."""
+        logits, kv = self._forward(model_state, pool_state, batch, kv)
+        return logits[:, : self.vocab_size], kv
+
+    def _sample(self, model_state, pool_state, batch: StepBatch, kv, sampling: SamplingArrays, *,
+                filtered: bool):
+        """-> (sampled token ids [M] int32, kv)."""
+        logits, kv = self._forward(model_state, pool_state, batch, kv)
+        return sample(logits, sampling, self.vocab_size, filtered), kv

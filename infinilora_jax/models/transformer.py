@@ -21,9 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from infinilora_jax.lora.reference import add_delta, lora_delta
-from infinilora_jax.models.batch import ForwardBatch
+from infinilora_jax.models.batch import StepBatch
 from infinilora_jax.models.config import ModelConfig
-from infinilora_jax.models.layers import apply_rope, cached_attention, matmul, rms_norm, rope_tables, write_kv
+from infinilora_jax.models.layers import apply_rope, matmul, paged_attention, rms_norm, rope_tables, write_kv
 from infinilora_jax.models.moe import moe_block
 from infinilora_jax.models.params import ParamFactory, declare
 from infinilora_jax.models.stages import StagePlan
@@ -69,11 +69,14 @@ class Attention(nnx.Module):
             self.q_norm = params("attn.q_norm", (cfg.head_dim,), (None,))
             self.k_norm = params("attn.k_norm", (cfg.head_dim,), (None,))
 
-    def __call__(self, x, rope, batch: ForwardBatch, write_positions, kv, lora_slot):
-        """x: [N, H]; rope: (cos, sin) [N, hd]; kv: (k, v) local [B, S, kv_heads/tp, hd]. Returns (out, kv)."""
+    def __call__(self, x, rope, batch: StepBatch, cache_slots, kv, lora_slot):
+        """x: [N, H]; rope: (cos, sin) [N, hd]; kv: (k, v) local pages [num_pages, page, kv_heads/tp, hd].
+
+        Returns (out [N, H], kv). cache_slots: where each token's K/V go (out of range: nowhere).
+        """
         cfg = self.cfg
         n, hd = x.shape[0], cfg.head_dim
-        slots = batch.adapter_slots.reshape(n)
+        slots = batch.adapter_slots
         q = _with_lora(matmul(x, _local(self.wq), "nh,ho->no"), x, slots, _lora_pair(lora_slot, "q"))
         k = _with_lora(matmul(x, _local(self.wk), "nh,ho->no"), x, slots, _lora_pair(lora_slot, "k"))
         v = _with_lora(matmul(x, _local(self.wv), "nh,ho->no"), x, slots, _lora_pair(lora_slot, "v"))
@@ -82,13 +85,11 @@ class Attention(nnx.Module):
             q = rms_norm(q, _local(self.q_norm), cfg.rms_norm_eps)
             k = rms_norm(k, _local(self.k_norm), cfg.rms_norm_eps)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        b, t = batch.tokens.shape
-        k_cache = write_kv(kv[0], k.reshape(b, t, *k.shape[1:]), write_positions)
-        v_cache = write_kv(kv[1], v.reshape(b, t, *v.shape[1:]), write_positions)
-        attn = cached_attention(q.reshape(b, t, *q.shape[1:]), k_cache, v_cache, batch.positions,
-                                cfg.sliding_window).reshape(n, -1)
+        k_pages, v_pages = write_kv(kv[0], k, cache_slots), write_kv(kv[1], v, cache_slots)
+        attn = paged_attention(q, k_pages, v_pages, batch.positions, batch.query_index, batch.block_tables,
+                               cfg.sliding_window).reshape(n, -1)
         out = _with_lora(matmul(attn, _local(self.wo), "no,oh->nh"), attn, slots, _lora_pair(lora_slot, "o"))
-        return jax.lax.psum(out, TP), (k_cache, v_cache)
+        return jax.lax.psum(out, TP), (k_pages, v_pages)
 
 
 class DenseMLP(nnx.Module):
@@ -137,12 +138,12 @@ class DecoderLayer(nnx.Module):
         self.moe = SparseMoE(cfg, layout.ep, params) if any(self.kinds) else None
         self.mlp = DenseMLP(cfg, params) if not all(self.kinds) else None
 
-    def __call__(self, x, rope, batch, write_positions, kv, lora_slot):
+    def __call__(self, x, rope, batch, cache_slots, kv, lora_slot):
         eps = self.cfg.rms_norm_eps
-        attn_out, kv = self.attn(rms_norm(x, _local(self.attn_norm), eps), rope, batch, write_positions, kv, lora_slot)
+        attn_out, kv = self.attn(rms_norm(x, _local(self.attn_norm), eps), rope, batch, cache_slots, kv, lora_slot)
         x = x + attn_out
         h = rms_norm(x, _local(self.mlp_norm), eps)
-        slots = batch.adapter_slots.reshape(-1)
+        slots = batch.adapter_slots
         if self.mlp is None:
             mlp_out = self.moe(h, slots, lora_slot)
         elif self.moe is None:
@@ -168,38 +169,36 @@ class CausalLM(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = declare(factory, "lm_head", (self.vocab_padded, h), ("vocab", None), dtype)
 
-    def kv_cache_shape(self, batch: int, max_len: int) -> tuple[tuple[int, ...], tuple[str | None, ...]]:
-        """Global shape and logical dims of one layer slot's K (or V) cache."""
+    def kv_cache_shape(self, num_pages: int, page_size: int) -> tuple[tuple[int, ...], tuple[str | None, ...]]:
+        """Global shape and logical dims of one layer slot's K (or V) pages."""
         cfg = self.cfg
-        return ((self.layout.pp, batch, max_len, cfg.num_kv_heads, cfg.head_dim),
+        return ((self.layout.pp, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim),
                 ("stage", None, None, "kv_heads", None))
 
-    def __call__(self, batch: ForwardBatch, kv: list, lora_pool) -> tuple[jax.Array, list]:
-        """Local forward. kv: per layer slot (k, v) local [1, B, S, kv/tp, hd]; lora_pool: LoraPool or None.
-
-        Returns (logits [M, vocab_padded / devices] float32 for batch.logits_indices, updated kv).
-        """
+    def __call__(self, batch: StepBatch, kv: list, lora_pool) -> tuple[jax.Array, list]:
+        """Local forward. kv: per layer slot (k, v) local pages [1, num_pages, page, kv/tp, hd]; lora_pool: LoraPool
+        or None. Returns (final hidden states [M, H] of batch.logits_indices, updated kv)."""
         cfg, pp = self.cfg, self.layout.pp
-        b, t = batch.tokens.shape
-        n = b * t
-        x = self._embed(batch.tokens.reshape(n))
-        rope = rope_tables(batch.positions.reshape(n), cfg.head_dim, cfg.rope_theta, x.dtype)
-        max_len = kv[0][0].shape[2]
-        write_positions = jnp.where(batch.token_valid, batch.positions, max_len)  # max_len: dropped
+        x = self._embed(batch.tokens)
+        rope = rope_tables(batch.positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        no_slot = kv[0][0].shape[1] * kv[0][0].shape[2]  # num_pages * page_size: out of range, dropped
         stage = jax.lax.axis_index(PP) if pp > 1 else 0
         kv = [(k[0], v[0]) for k, v in kv]
         for r in range(pp):
             active = stage == r
-            wp = write_positions if pp == 1 else jnp.where(active, write_positions, max_len)
+            cache_slots = batch.cache_slots if pp == 1 else jnp.where(active, batch.cache_slots, no_slot)
             h = x
             for j, layer in enumerate(self.layers):
                 lora_slot = None if lora_pool is None else lora_pool.layers[j]
-                h, kv[j] = layer(h, rope, batch, wp, kv[j], lora_slot)
+                h, kv[j] = layer(h, rope, batch, cache_slots, kv[j], lora_slot)
             x = h if pp == 1 else jax.lax.psum(jnp.where(active, h, jnp.zeros_like(h)), PP)
-        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-        head = self.embed if cfg.tie_word_embeddings else self.lm_head
-        logits = matmul(x[batch.logits_indices], head[...], "mh,vh->mv").astype(jnp.float32)
-        return logits, [(k[None], v[None]) for k, v in kv]
+        x = rms_norm(x[batch.logits_indices], self.final_norm[...], cfg.rms_norm_eps)
+        return x, [(k[None], v[None]) for k, v in kv]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[M, H] final hidden states -> [M, vocab_padded / devices] float32 logits (this device's vocab rows)."""
+        head = self.embed if self.cfg.tie_word_embeddings else self.lm_head
+        return matmul(hidden, head[...], "mh,vh->mv").astype(jnp.float32)
 
     def _embed(self, tokens: jax.Array) -> jax.Array:
         """Row lookup in a vocab-sharded table: each device looks up the rows it holds, psum assembles them."""

@@ -1,0 +1,178 @@
+"""LLMEngine: requests in, tokens out, one jitted step per iteration (continuous batching over a paged cache).
+
+    engine.add_request(prompt_ids, SamplingParams(...), adapter="name")
+    while engine.has_unfinished():
+        for out in engine.step(): ...
+
+Each step: the scheduler picks work (decode tokens and prefill chunks under a token budget), the batch is packed
+into bucketed arrays (models/batch.py), the runner runs one jitted forward with the sampler fused in, and the
+sampled tokens are appended; requests stop on EOS, a stop token or string, max_tokens or the context limit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import time
+
+import numpy as np
+
+from infinilora_jax.engine.kv_cache import CacheConfig
+from infinilora_jax.engine.request import Request, RequestOutput, Status
+from infinilora_jax.engine.runner import ModelRunner
+from infinilora_jax.engine.sampler import SamplingArrays
+from infinilora_jax.engine.scheduler import Scheduler, SchedulerConfig
+from infinilora_jax.errors import RequestError
+from infinilora_jax.models.batch import RowSpec, build_step_batch
+from infinilora_jax.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, cache: CacheConfig, scheduler: SchedulerConfig, tokenizer=None,
+                 eos_token_ids: tuple[int, ...] = ()):
+        self.runner, self.cache_config, self.config = runner, cache, scheduler
+        self.tokenizer = tokenizer
+        self.eos = set(eos_token_ids)
+        self.scheduler = Scheduler(scheduler, cache, runner.adapters)
+        self.kv = runner.new_kv_cache(cache)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._seeds = random.Random(0)
+        self.num_steps = 0
+
+    # ---- requests ----
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request; raises RequestError / AdapterNotFoundError for what can never run."""
+        prompt = self.check_prompt(prompt_token_ids)
+        if adapter is not None and adapter not in self.runner.adapters:
+            self.runner.adapters.info(adapter)  # raises AdapterNotFoundError with the loaded names
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise RequestError(f"duplicate request id {request_id!r}")
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(32)
+        req = Request(request_id, prompt, params, adapter, seed)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return request_id
+
+    def check_prompt(self, tokens, room_to_generate: bool = True) -> list[int]:
+        tokens = [int(t) for t in tokens]
+        vocab, limit = self.runner.cfg.vocab_size, self.config.max_model_len
+        if not tokens:
+            raise RequestError("empty prompt")
+        bad = [t for t in tokens if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if len(tokens) + room_to_generate > limit:
+            raise RequestError(f"prompt of {len(tokens)} tokens leaves no room to generate within the context "
+                               f"limit of {limit} tokens")
+        if self.cache_config.pages_for(len(tokens) + 1) > self.scheduler.allocator.capacity:
+            raise RequestError(f"prompt of {len(tokens)} tokens does not fit in the KV cache "
+                               f"({self.scheduler.allocator.capacity} pages of {self.cache_config.page_size})")
+        return tokens
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.get(request_id)
+        if req is not None and not req.finished:
+            self.scheduler.finish(req, "abort")
+            req.finish_time = time.monotonic()
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def pop_finished(self) -> list[Request]:
+        done = [r for r in self.requests.values() if r.finished]
+        for r in done:
+            del self.requests[r.request_id]
+        return done
+
+    # ---- the step ----
+
+    def step(self) -> list[RequestOutput]:
+        work = self.scheduler.schedule()
+        if not work.rows:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("queued requests cannot be scheduled (KV cache or adapter slots exhausted)")
+            return []
+        rows, sampling_reqs = [], []
+        for req, n in work.rows:
+            start = req.num_computed_tokens
+            samples = start + n == req.num_tokens
+            rows.append(RowSpec(req.all_token_ids[start:start + n], start, req.adapter_slot, req.pages,
+                                "last" if samples else "none"))
+            if samples:
+                sampling_reqs.append(req)
+        batch, _ = build_step_batch(rows, self.cache_config.page_size, self.cache_config.num_pages,
+                                    max_tokens=None)
+        params = [r.params for r in sampling_reqs]
+        sampling = SamplingArrays.build(params, [r.seed for r in sampling_reqs],
+                                        [len(r.output_token_ids) for r in sampling_reqs], len(batch.logits_indices))
+        tokens, self.kv = self.runner.sample(batch, self.kv, sampling, SamplingArrays.needs_filtering(params))
+        self.num_steps += 1
+        now = time.monotonic()
+        for req, n in work.rows:
+            req.num_computed_tokens += n
+        outputs = []
+        for req, token in zip(sampling_reqs, tokens[: len(sampling_reqs)]):
+            req.output_token_ids.append(int(token))
+            if req.first_token_time is None:
+                req.first_token_time = now
+            reason = self._stop_reason(req)
+            if reason is not None:
+                self.scheduler.finish(req, reason)
+                req.finish_time = now
+            outputs.append(self._output(req, [int(token)]))
+        return outputs
+
+    def _stop_reason(self, req: Request) -> str | None:
+        p, last = req.params, req.output_token_ids[-1]
+        if self.tokenizer is not None:
+            req.text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
+            cut = min((i for i in (req.text.find(s) for s in p.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                req.text = req.text[:cut]
+                return "stop"
+        if last in p.stop_token_ids or (not p.ignore_eos and last in self.eos):
+            return "stop"
+        if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, req: Request, new: list[int]) -> RequestOutput:
+        return RequestOutput(req.request_id, req.prompt_token_ids, list(req.output_token_ids), new,
+                             req.text if self.tokenizer is not None else None, req.finished, req.finish_reason,
+                             req.adapter)
+
+    # ---- teacher forcing ----
+
+    def score(self, token_ids: list[int], adapter: str | None = None) -> np.ndarray:
+        """float32 logits [T, vocab] of a token sequence (row t predicts token t + 1), computed in prefill chunks
+        of the step token budget through the same paged cache, beside any running requests."""
+        tokens = self.check_prompt(token_ids, room_to_generate=False)
+        cache, allocator = self.cache_config, self.scheduler.allocator
+        need = cache.pages_for(len(tokens))
+        if need > allocator.num_free:
+            raise RequestError(f"no room in the KV cache to score {len(tokens)} tokens now")
+        slot = self.runner.adapters.acquire(adapter)
+        if slot is None:
+            raise RequestError(f"no adapter slot free for {adapter!r} now: every slot is in use")
+        pages = allocator.allocate(need)
+        try:
+            out, chunk = [], self.config.max_num_batched_tokens
+            for start in range(0, len(tokens), chunk):
+                row = RowSpec(tokens[start:start + chunk], start, slot, pages, "all")
+                batch, _ = build_step_batch([row], cache.page_size, cache.num_pages, min_tokens=16)
+                logits, self.kv = self.runner.score(batch, self.kv)
+                out.append(logits[: len(row.tokens)])
+            return np.concatenate(out)
+        finally:
+            allocator.free(pages)
+            self.runner.adapters.release(adapter)
+
+
+__all__ = ["LLMEngine", "Status"]

@@ -1,0 +1,61 @@
+"""A generation request as the engine tracks it, and what the engine reports back per step."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+
+from infinilora_jax.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter: str | None
+    seed: int  # the sampler's stream: params.seed, or one the engine drew
+    arrival_time: float = dataclasses.field(default_factory=time.monotonic)
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    pages: list[int] = dataclasses.field(default_factory=list)
+    adapter_slot: int | None = None  # pool slot while running (acquired from the adapter cache)
+    num_preemptions: int = 0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    text: str = ""  # detokenized output so far (when the engine has a tokenizer)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """One request's state after a step: tokens (and text) so far, and what this step added."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    new_token_ids: list[int]
+    text: str | None
+    finished: bool
+    finish_reason: str | None
+    adapter: str | None

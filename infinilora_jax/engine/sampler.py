@@ -1,0 +1,66 @@
+"""Token sampling on the device, inside the jitted step: greedy, temperature, top-k, top-p, per-request seeds.
+
+Each row's random stream depends only on its request's seed and the index of the token being sampled, so a
+request samples the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infinilora_jax.sampling import SamplingParams
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingArrays:
+    temperature: jax.Array  # [M] float32; 0 = greedy
+    top_k: jax.Array  # [M] int32; 0 = off
+    top_p: jax.Array  # [M] float32; 1 = off
+    seeds: jax.Array  # [M] uint32 per-request seed
+    counters: jax.Array  # [M] int32 index of the token being sampled (its output position)
+
+    @staticmethod
+    def build(params: list[SamplingParams], seeds: list[int], counters: list[int], rows: int) -> SamplingArrays:
+        """Per-row arrays padded to `rows` (padding rows sample greedily and are ignored)."""
+        def fill(values, dtype, pad):
+            out = np.full(rows, pad, dtype)
+            out[: len(values)] = values
+            return out
+
+        return SamplingArrays(
+            temperature=fill([p.temperature for p in params], np.float32, 0.0),
+            top_k=fill([max(p.top_k, 0) for p in params], np.int32, 0),
+            top_p=fill([p.top_p for p in params], np.float32, 1.0),
+            seeds=fill([s & 0xFFFFFFFF for s in seeds], np.uint32, 0),
+            counters=fill(counters, np.int32, 0))
+
+    @staticmethod
+    def needs_filtering(params: list[SamplingParams]) -> bool:
+        """Whether any row samples with top-k or top-p (which needs a sort over the vocabulary)."""
+        return any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params)
+
+
+def sample(logits: jax.Array, s: SamplingArrays, vocab_size: int, filtered: bool) -> jax.Array:
+    """logits: [M, V_padded] float32 -> sampled token ids [M] int32. `filtered` (static): apply top-k / top-p."""
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
+    keys = jax.vmap(lambda seed, c: jax.random.fold_in(jax.random.key(seed), c))(s.seeds, s.counters)
+    if filtered:
+        order = jnp.argsort(-scaled, axis=-1)
+        ranked = jnp.take_along_axis(scaled, order, axis=-1)
+        rank = jnp.arange(ranked.shape[-1])[None, :]
+        keep = (s.top_k[:, None] <= 0) | (rank < s.top_k[:, None])
+        probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
+        keep &= (jnp.cumsum(probs, axis=-1) - probs) < s.top_p[:, None]  # smallest prefix reaching top_p
+        keep = keep.at[:, 0].set(True)
+        choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, ranked, -jnp.inf))
+        sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    else:
+        sampled = jax.vmap(jax.random.categorical)(keys, scaled)
+    return jnp.where(s.temperature > 0, sampled.astype(jnp.int32), greedy)

@@ -1,0 +1,139 @@
+"""Continuous batching: each step mixes decode tokens and chunked prefill under one token budget.
+
+Per step, in order:
+  1. running requests, oldest first: one token each when decoding, or the next chunk of a prompt still being
+     prefilled. A request that needs a KV page when none is free preempts the most recently admitted running
+     request (recompute: its pages are freed and it re-enters the queue at the front, to be prefilled again
+     from its prompt plus the tokens it has generated).
+  2. waiting requests, first come first served, while the budget, `max_num_seqs` and free pages allow (keeping a
+     small watermark of pages for running requests to grow). A request whose adapter cannot get a device slot
+     (every slot pinned by running requests) is passed over for one whose adapter can, within a lookahead
+     window, so one busy adapter does not block the queue; a request that does not fit in the free pages blocks
+     the queue (so long prompts are not starved).
+The adapters of the next queued requests are prefetched after each schedule.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from infinilora_jax.engine.kv_cache import CacheConfig, PageAllocator
+from infinilora_jax.engine.request import Request, Status
+from infinilora_jax.errors import ConfigError
+from infinilora_jax.lora.adapter_cache import AdapterCache
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 32  # running requests at most
+    max_num_batched_tokens: int = 256  # tokens per step (decode tokens + prefill chunks)
+    max_model_len: int = 2048  # prompt + generated tokens
+    lookahead: int = 16  # queued requests considered past one whose adapter cannot get a slot
+    watermark: float = 0.01  # fraction of pages kept free when admitting (for running requests to grow)
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_model_len < 2:
+            raise ConfigError(f"invalid scheduler config {self}")
+
+
+@dataclasses.dataclass
+class ScheduledWork:
+    rows: list[tuple[Request, int]]  # (request, new tokens this step), in batch order
+    preempted: list[Request]
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, cache: CacheConfig, adapters: AdapterCache):
+        self.config, self.cache_config = config, cache
+        self.allocator = PageAllocator(cache)
+        self.adapters = adapters
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledWork:
+        budget = self.config.max_num_batched_tokens
+        work = ScheduledWork([], [])
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._grow(req, req.num_computed_tokens + n, work):
+                break  # req itself was preempted: nothing after it fits either
+            work.rows.append((req, n))
+            budget -= n
+            i += 1
+        if not work.preempted:
+            self._admit(budget, work)
+        self.adapters.prefetch([r.adapter for r in list(self.waiting)[: self.config.lookahead]])
+        return work
+
+    def _grow(self, req: Request, num_tokens: int, work: ScheduledWork) -> bool:
+        """Give req pages for num_tokens, preempting the newest running requests if needed."""
+        need = self.cache_config.pages_for(num_tokens) - len(req.pages)
+        while need > self.allocator.num_free:
+            victim = self.running[-1]
+            self.preempt(victim)
+            work.preempted.append(victim)
+            if victim is req:
+                return False
+        if need > 0:
+            req.pages += self.allocator.allocate(need)
+        return True
+
+    def _admit(self, budget: int, work: ScheduledWork) -> None:
+        watermark = int(self.config.watermark * self.allocator.capacity)
+        scanned = 0
+        index = 0
+        while (index < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and scanned < self.config.lookahead):
+            req = self.waiting[index]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            pages = self.cache_config.pages_for(n)
+            if pages > self.allocator.num_free - watermark:
+                return  # out of KV pages: the queue waits (no skipping, so long prompts are not starved)
+            slot = self.adapters.acquire(req.adapter)
+            if slot is None:  # every adapter slot is pinned: try a later request with another adapter
+                index += 1
+                scanned += 1
+                continue
+            del self.waiting[index]
+            req.adapter_slot = slot
+            req.pages = self.allocator.allocate(pages)
+            req.status = Status.RUNNING
+            self.running.append(req)
+            work.rows.append((req, n))
+            budget -= n
+
+    def preempt(self, req: Request) -> None:
+        """Recompute preemption: drop the request's KV pages and put it back at the front of the queue."""
+        self.running.remove(req)
+        self._release(req)
+        req.num_computed_tokens = 0
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request, reason: str) -> None:
+        if req.status is Status.RUNNING:
+            self.running.remove(req)
+            self._release(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+
+    def _release(self, req: Request) -> None:
+        self.allocator.free(req.pages)
+        req.pages = []
+        if req.adapter_slot is not None:
+            self.adapters.release(req.adapter)
+            req.adapter_slot = None

@@ -1,0 +1,214 @@
+"""The adapter cache: registered adapters -> host store (LRU) -> device pool slots (LRU, reference-counted).
+
+Three tiers, as in S-LoRA and sglang's registry -> manager -> memory pool:
+  registered  every adapter a request may name (name -> PEFT directory), validated when registered;
+  host store  converted AdapterWeights in host memory, at most `max_host_adapters`, least recently used
+              dropped first (re-read from disk on the next use);
+  device      `max_adapters` pool slots; an adapter is resident while it sits in a slot. A slot whose adapter
+              is in use by a running request (refcount > 0) is never evicted; otherwise the least recently used
+              resident adapter makes room.
+
+Registration is all-or-nothing: the adapter is read, validated and converted before its name exists, so a bad
+adapter leaves everything as it was. Writing an adapter into a slot is a jitted, donated update of each layer
+slot's page arrays, dispatched asynchronously one layer slot at a time (layer-wise loading: a step queued after
+it waits only for what it reads).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import re
+import threading
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from infinilora_jax.errors import AdapterError, AdapterNotFoundError
+from infinilora_jax.loading.peft_adapter import AdapterWeights, load_peft_adapter
+from infinilora_jax.lora.pool import LoraPool, adapter_pages, make_layer_writer
+from infinilora_jax.models.config import ModelConfig
+from infinilora_jax.models.stages import StagePlan
+
+log = logging.getLogger(__name__)
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+
+class AdapterBusyError(AdapterError):
+    """The adapter is in use by running requests (unload refused)."""
+
+
+@dataclasses.dataclass
+class AdapterStats:
+    hits: int = 0  # acquire found the adapter resident
+    misses: int = 0  # acquire had to load it into a slot
+    evictions: int = 0  # a resident adapter was dropped to make room
+    loads: int = 0  # writes of an adapter into a device slot
+    disk_reads: int = 0  # adapters (re)read from disk into the host store
+    load_seconds: float = 0.0  # host time spent assembling and dispatching slot writes
+
+
+class AdapterCache:
+    def __init__(self, cfg: ModelConfig, plan: StagePlan, pool: LoraPool, mesh: Mesh, dtype, *,
+                 max_host_adapters: int = 64, max_adapter_bytes: int | None = None):
+        self.cfg, self.plan, self.pool = cfg, plan, pool
+        self.pool_state = nnx.to_pure_dict(nnx.state(pool))  # what the step functions read
+        self.dtype = np.dtype(dtype)
+        self.max_host_adapters = max_host_adapters
+        self.max_adapter_bytes = max_adapter_bytes
+        self._write_layer = make_layer_writer(pool, mesh)
+        self.paths: dict[str, str] = {}  # registered name -> directory
+        self.host: collections.OrderedDict[str, AdapterWeights] = collections.OrderedDict()  # LRU order
+        self.slot_of: collections.OrderedDict[str, int] = collections.OrderedDict()  # resident, LRU order
+        self.refcount: collections.Counter[str] = collections.Counter()
+        self.stats = AdapterStats()
+        self._lock = threading.RLock()
+
+    @property
+    def max_adapters(self) -> int:
+        return self.pool.pool_cfg.max_adapters
+
+    def names(self) -> list[str]:
+        return list(self.paths)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.paths
+
+    def info(self, name: str) -> AdapterWeights:
+        return self._host_weights(self._require(name))
+
+    def _require(self, name: str) -> str:
+        if name not in self.paths:
+            raise AdapterNotFoundError(f"adapter {name!r} is not loaded; loaded: {sorted(self.paths)}")
+        return name
+
+    # ---- registration ----
+
+    def register(self, name: str, path: str) -> None:
+        """Validate and convert the adapter at `path` and register it under `name`. All or nothing."""
+        if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+            raise AdapterError(f"invalid adapter name {name!r}: use 1-128 characters from [A-Za-z0-9._:/-], "
+                               "starting with a letter or digit", field="name")
+        weights = self._read(name, path)
+        adapter_pages(self.pool, self.plan, weights)  # raises if the pool cannot hold it
+        with self._lock:
+            if name in self.paths:
+                raise AdapterError(f"an adapter named {name!r} is already loaded", path=path, field="name")
+            self.paths[name] = os.path.abspath(path)
+            self._store(name, weights)
+        log.info("registered adapter %s (r=%d, %.1f MB) from %s", name, weights.rank, weights.nbytes / 2**20, path)
+
+    def unregister(self, name: str) -> None:
+        """Forget an adapter; refused while requests use it. Its slot is zeroed."""
+        with self._lock:
+            self._require(name)
+            if self.refcount[name] > 0:
+                raise AdapterBusyError(f"adapter {name!r} is in use by {self.refcount[name]} running request(s)",
+                                       field="name")
+            if name in self.slot_of:
+                self._write_slot(self.slot_of.pop(name), None)
+            self.host.pop(name, None)
+            del self.paths[name]
+
+    # ---- residency ----
+
+    def is_resident(self, name: str | None) -> bool:
+        return name is None or name in self.slot_of
+
+    def acquire(self, name: str | None) -> int | None:
+        """Pin `name` in a device slot for a request and return the slot (0 for no adapter); None if every slot
+        is pinned by running requests (the caller retries later)."""
+        if name is None:
+            return 0
+        with self._lock:
+            self._require(name)
+            if name in self.slot_of:
+                self.stats.hits += 1
+                self.slot_of.move_to_end(name)
+            else:
+                slot = self._free_slot()
+                if slot is None:
+                    return None
+                self.stats.misses += 1
+                self._write_slot(slot, self._host_weights(name))
+                self.slot_of[name] = slot
+            self.refcount[name] += 1
+            return self.slot_of[name]
+
+    def release(self, name: str | None) -> None:
+        if name is None:
+            return
+        with self._lock:
+            if self.refcount[name] <= 0:
+                raise RuntimeError(f"release of adapter {name!r} without a matching acquire")
+            self.refcount[name] -= 1
+
+    def prefetch(self, names: list[str | None]) -> None:
+        """Bring queued requests' adapters into the host store, and into free (never evicting) device slots."""
+        with self._lock:
+            for name in names:
+                if name is None or name not in self.paths or name in self.slot_of:
+                    continue
+                weights = self._host_weights(name)
+                used = set(self.slot_of.values())
+                free = next((s for s in range(1, self.max_adapters + 1) if s not in used), None)
+                if free is not None:
+                    self._write_slot(free, weights)
+                    self.slot_of[name] = free
+                    self.slot_of.move_to_end(name, last=False)  # prefetched: first to go if unused
+
+    def _free_slot(self) -> int | None:
+        used = set(self.slot_of.values())
+        free = next((s for s in range(1, self.max_adapters + 1) if s not in used), None)
+        if free is not None:
+            return free
+        victim = next((n for n in self.slot_of if self.refcount[n] == 0), None)  # least recently used first
+        if victim is None:
+            return None
+        self.stats.evictions += 1
+        return self.slot_of.pop(victim)
+
+    # ---- host store ----
+
+    def _read(self, name: str, path: str) -> AdapterWeights:
+        self.stats.disk_reads += 1
+        return load_peft_adapter(path, self.cfg, max_rank=self.pool.pool_cfg.max_rank, dtype=self.dtype, name=name,
+                                 max_bytes=self.max_adapter_bytes)
+
+    def _store(self, name: str, weights: AdapterWeights) -> None:
+        self.host[name] = weights
+        self.host.move_to_end(name)
+        while len(self.host) > self.max_host_adapters:
+            self.host.popitem(last=False)
+
+    def _host_weights(self, name: str) -> AdapterWeights:
+        weights = self.host.get(name)
+        if weights is None:
+            weights = self._read(name, self.paths[name])
+            self._store(name, weights)
+        self.host.move_to_end(name)
+        return weights
+
+    # ---- device writes ----
+
+    def _write_slot(self, slot: int, weights: AdapterWeights | None) -> None:
+        start = time.perf_counter()
+        pages = adapter_pages(self.pool, self.plan, weights)  # zeros when weights is None
+        layers = self.pool_state["layers"]
+        for j in range(self.plan.layers_per_stage):  # dispatched asynchronously, one layer slot at a time
+            layers[j] = self._write_layer(layers[j], np.int32(slot), pages["layers"][j])
+        if weights is not None:
+            self.stats.loads += 1
+        self.stats.load_seconds += time.perf_counter() - start
+
+    def block_until_ready(self) -> None:
+        jax.block_until_ready(self.pool_state)
+
+
+__all__ = ["AdapterBusyError", "AdapterCache", "AdapterStats"]
