@@ -112,7 +112,7 @@ class LLMEngine:
         params = [r.params for r in sampling_reqs]
         sampling = SamplingArrays.build(params, [r.seed for r in sampling_reqs],
                                         [len(r.output_token_ids) for r in sampling_reqs], len(batch.logits_indices))
-        tokens, self.kv = self.runner.sample(batch, self.kv, sampling, SamplingArrays.needs_filtering(params))
+        tokens, self.kv = self.runner.sample(batch, self.kv, sampling)
         self.num_steps += 1
         now = time.monotonic()
         for req, n in work.rows:

@@ -58,10 +58,9 @@ class ModelRunner:
         cfg = self.cfg
         return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
 
-    def sample(self, batch: StepBatch, kv: list, sampling: SamplingArrays, filtered: bool) -> tuple[np.ndarray, list]:
+    def sample(self, batch: StepBatch, kv: list, sampling: SamplingArrays) -> tuple[np.ndarray, list]:
         """Sampled token ids [M] for batch.logits_indices, and the updated KV cache."""
-        tokens, kv = self.steps.sample(self.model_state, self.adapters.pool_state, batch, kv, sampling,
-                                       filtered=filtered)
+        tokens, kv = self.steps.sample(self.model_state, self.adapters.pool_state, batch, kv, sampling)
         return np.asarray(tokens), kv
 
     def score(self, batch: StepBatch, kv: list) -> tuple[np.ndarray, list]:

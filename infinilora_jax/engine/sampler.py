@@ -39,19 +39,19 @@ class SamplingArrays:
             seeds=fill([s & 0xFFFFFFFF for s in seeds], np.uint32, 0),
             counters=fill(counters, np.int32, 0))
 
-    @staticmethod
-    def needs_filtering(params: list[SamplingParams]) -> bool:
-        """Whether any row samples with top-k or top-p (which needs a sort over the vocabulary)."""
-        return any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params)
 
+def sample(logits: jax.Array, s: SamplingArrays, vocab_size: int) -> jax.Array:
+    """logits: [M, V_padded] float32 -> sampled token ids [M] int32.
 
-def sample(logits: jax.Array, s: SamplingArrays, vocab_size: int, filtered: bool) -> jax.Array:
-    """logits: [M, V_padded] float32 -> sampled token ids [M] int32. `filtered` (static): apply top-k / top-p."""
+    The top-k / top-p filter (a sort over the vocabulary) runs only when some row asks for it: a branch taken on
+    the device, so one compiled program serves every mix of sampling parameters.
+    """
     logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
     keys = jax.vmap(lambda seed, c: jax.random.fold_in(jax.random.key(seed), c))(s.seeds, s.counters)
-    if filtered:
+
+    def filtered(scaled):
         order = jnp.argsort(-scaled, axis=-1)
         ranked = jnp.take_along_axis(scaled, order, axis=-1)
         rank = jnp.arange(ranked.shape[-1])[None, :]
@@ -60,7 +60,11 @@ def sample(logits: jax.Array, s: SamplingArrays, vocab_size: int, filtered: bool
         keep &= (jnp.cumsum(probs, axis=-1) - probs) < s.top_p[:, None]  # smallest prefix reaching top_p
         keep = keep.at[:, 0].set(True)
         choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, ranked, -jnp.inf))
-        sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
-    else:
-        sampled = jax.vmap(jax.random.categorical)(keys, scaled)
-    return jnp.where(s.temperature > 0, sampled.astype(jnp.int32), greedy)
+        return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    def plain(scaled):
+        return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+
+    needs_filter = jnp.any((s.temperature > 0) & ((s.top_k > 0) | (s.top_p < 1)))
+    sampled = jax.lax.cond(needs_filter, filtered, plain, scaled)
+    return jnp.where(s.temperature > 0, sampled, greedy)

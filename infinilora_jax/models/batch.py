@@ -51,14 +51,20 @@ def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
 
 
 def build_step_batch(rows: list[RowSpec], page_size: int, num_pages: int, *, min_tokens: int = 16,
-                     min_rows: int = 4, min_pages: int = 4, max_pages: int | None = None,
+                     min_rows: int = 4, min_query: int = 16, min_pages: int = 4, max_pages: int | None = None,
                      max_tokens: int | None = None) -> tuple[StepBatch, list[list[int]]]:
     """Pack rows into bucketed arrays. Returns the batch and, per row, the positions in `logits_indices`
-    holding its requested logits (in token order)."""
+    holding its requested logits (in token order).
+
+    Buckets (powers of two with floors): tokens N, rows B, pages per row P, and queries per row Q, which is 1
+    for decode-only steps and at least `min_query` otherwise, so that steps with a prefill chunk of any length
+    share few shapes (decode rows in such steps carry padded queries: attention work traded for compilations).
+    """
     n = sum(len(r.tokens) for r in rows)
     n_pad = bucket(n, min_tokens, max_tokens)
     b_pad = bucket(len(rows), min_rows)
-    q_pad = bucket(max((len(r.tokens) for r in rows), default=1), 1)
+    longest = max((len(r.tokens) for r in rows), default=1)
+    q_pad = 1 if longest == 1 else bucket(longest, min_query)  # decode-only steps vs steps with a prefill chunk
     p_pad = bucket(max((-(-(r.start + len(r.tokens)) // page_size) for r in rows), default=1), min_pages,
                    max_pages)
     tokens = np.zeros(n_pad, np.int32)
@@ -87,7 +93,7 @@ def build_step_batch(rows: list[RowSpec], page_size: int, num_pages: int, *, min
         row_logits.append(list(range(len(logits), len(logits) + len(wanted))))
         logits += wanted
         at += k
-    m_pad = bucket(len(logits), min_tokens if any(r.logits == "all" for r in rows) else min_rows)
+    m_pad = bucket(len(logits), n_pad) if any(r.logits == "all" for r in rows) else b_pad  # <= one per row
     logits_indices = np.zeros(m_pad, np.int32)
     logits_indices[: len(logits)] = logits
     batch = StepBatch(tokens, positions, slots, cache_slots, query_index, block_tables, logits_indices)

@@ -55,15 +55,14 @@ class StepFunctions:
         self._forward = jax.shard_map(local, mesh=mesh, in_specs=in_specs,
                                       out_specs=(PartitionSpec(None, MODEL_AXES), kv_specs), check_vma=False)
         self.score = jax.jit(self._score, donate_argnums=(3,))
-        self.sample = jax.jit(self._sample, donate_argnums=(3,), static_argnames=("filtered",))
+        self.sample = jax.jit(self._sample, donate_argnums=(3,))
 
     def _score(self, model_state, pool_state, batch: StepBatch, kv):
         """-> (float32 logits [M, vocab_size], kv)."""
         logits, kv = self._forward(model_state, pool_state, batch, kv)
         return logits[:, : self.vocab_size], kv
 
-    def _sample(self, model_state, pool_state, batch: StepBatch, kv, sampling: SamplingArrays, *,
-                filtered: bool):
+    def _sample(self, model_state, pool_state, batch: StepBatch, kv, sampling: SamplingArrays):
         """-> (sampled token ids [M] int32, kv)."""
         logits, kv = self._forward(model_state, pool_state, batch, kv)
-        return sample(logits, sampling, self.vocab_size, filtered), kv
+        return sample(logits, sampling, self.vocab_size), kv
