@@ -5,6 +5,7 @@ generation on the continuous-batching engine (engine/engine.py). Each prompt may
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -23,6 +24,7 @@ from infinilora_jax.loading.hf_checkpoint import HFCheckpoint, WeightMap, checkp
 from infinilora_jax.lora.pool import LoraPoolConfig
 from infinilora_jax.lora.targets import ALL_TARGETS
 from infinilora_jax.models.config import ModelConfig
+from infinilora_jax.models.params import random_factory
 from infinilora_jax.sampling import SamplingParams
 from meshes.layouts import MeshLayout, resolve_layout
 
@@ -57,11 +59,12 @@ class LLM:
                  max_host_adapters: int = 64, max_model_len: int | None = None,
                  lora_targets: Sequence[str] = ALL_TARGETS, max_adapter_bytes: int | None = None,
                  page_size: int = 16, num_pages: int | None = None, max_num_seqs: int = 32,
-                 max_num_batched_tokens: int = 256, progress: bool = True):
+                 max_num_batched_tokens: int = 256, num_layers: int | None = None, progress: bool = True):
         """
         Args:
           model: a Hugging Face model directory (config.json + safetensors), a directory written by
-            `save_converted`, or None for the bundled tiny model.
+            `save_converted`, None for the bundled tiny model, or a config.json file (e.g. configs/models/*.json):
+            a model of that shape with random weights, for benchmarks (num_layers may cut its depth).
           adapters: adapter name -> PEFT adapter directory, registered at start.
           dtype: "bfloat16" | "float32" | "float16" for weights and activations.
           mesh: a layout name from meshes.LAYOUTS (e.g. "pp2_ep2_tp2"), a MeshLayout, or None for one device.
@@ -79,7 +82,14 @@ class LLM:
         adapters = dict(adapters or {})
         pool_cfg = LoraPoolConfig(max_adapters=max_adapters or max(4, len(adapters)), max_rank=max_lora_rank,
                                   targets=tuple(lora_targets))
-        if orbax_store.is_converted(self.model_dir):
+        if os.path.isfile(self.model_dir) and self.model_dir.endswith(".json"):
+            with open(self.model_dir) as f:
+                raw = json.load(f)
+            if num_layers is not None:
+                raw = {**raw, "num_hidden_layers": num_layers}
+            self.config = ModelConfig.from_hf_dict(raw, source=self.model_dir)
+            make_factory = lambda mesh, on_param: _counting(random_factory(mesh, seed=0, std=0.02), on_param)
+        elif orbax_store.is_converted(self.model_dir):
             self.config = orbax_store.read_config(self.model_dir)
             make_factory = orbax_store.restore_factory(self.model_dir, self.layout, DTYPES[dtype])
         else:
@@ -179,9 +189,16 @@ class LLM:
         return [int(t) for t in prompt]
 
 
+def _counting(factory, on_param):
+    def make(decl):
+        on_param(decl)
+        return factory(decl)
+    return make
+
+
 def _load_tokenizer(model_dir: str):
     path = os.path.join(model_dir, "tokenizer.json")
-    if not os.path.exists(path):
+    if not os.path.isdir(model_dir) or not os.path.exists(path):
         return None
     from tokenizers import Tokenizer
 

@@ -46,8 +46,9 @@ class LLMEngine:
     # ---- requests ----
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a request; raises RequestError / AdapterNotFoundError for what can never run."""
+                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+        """Queue a request; raises RequestError / AdapterNotFoundError for what can never run.
+        arrival_time (time.monotonic() clock) defaults to now; TTFT is measured from it."""
         prompt = self.check_prompt(prompt_token_ids)
         if adapter is not None and adapter not in self.runner.adapters:
             self.runner.adapters.info(adapter)  # raises AdapterNotFoundError with the loaded names
@@ -56,6 +57,8 @@ class LLMEngine:
             raise RequestError(f"duplicate request id {request_id!r}")
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(32)
         req = Request(request_id, prompt, params, adapter, seed)
+        if arrival_time is not None:
+            req.arrival_time = arrival_time
         self.requests[request_id] = req
         self.scheduler.add(req)
         return request_id

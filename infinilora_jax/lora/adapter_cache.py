@@ -63,7 +63,7 @@ class AdapterCache:
         self.max_host_adapters = max_host_adapters
         self.max_adapter_bytes = max_adapter_bytes
         self._write_layer = make_layer_writer(pool, mesh)
-        self.paths: dict[str, str] = {}  # registered name -> directory
+        self.paths: dict[str, str | None] = {}  # registered name -> directory (None: given in memory)
         self.host: collections.OrderedDict[str, AdapterWeights] = collections.OrderedDict()  # LRU order
         self.slot_of: collections.OrderedDict[str, int] = collections.OrderedDict()  # resident, LRU order
         self.refcount: collections.Counter[str] = collections.Counter()
@@ -103,6 +103,18 @@ class AdapterCache:
             self.paths[name] = os.path.abspath(path)
             self._store(name, weights)
         log.info("registered adapter %s (r=%d, %.1f MB) from %s", name, weights.rank, weights.nbytes / 2**20, path)
+
+    def register_weights(self, weights: AdapterWeights) -> None:
+        """Register an adapter given in memory (generated, or trained in this process). It has no file to be
+        re-read from, so it stays in the host store until unregistered."""
+        if not ADAPTER_NAME.match(weights.name):
+            raise AdapterError(f"invalid adapter name {weights.name!r}", field="name")
+        adapter_pages(self.pool, self.plan, weights)
+        with self._lock:
+            if weights.name in self.paths:
+                raise AdapterError(f"an adapter named {weights.name!r} is already loaded", field="name")
+            self.paths[weights.name] = None
+            self._store(weights.name, weights)
 
     def unregister(self, name: str) -> None:
         """Forget an adapter; refused while requests use it. Its slot is zeroed."""
@@ -184,8 +196,9 @@ class AdapterCache:
     def _store(self, name: str, weights: AdapterWeights) -> None:
         self.host[name] = weights
         self.host.move_to_end(name)
-        while len(self.host) > self.max_host_adapters:
-            self.host.popitem(last=False)
+        droppable = [n for n in self.host if self.paths.get(n) is not None]  # least recently used first
+        while len(self.host) > self.max_host_adapters and droppable:
+            del self.host[droppable.pop(0)]
 
     def _host_weights(self, name: str) -> AdapterWeights:
         weights = self.host.get(name)

@@ -1,8 +1,8 @@
 """Per-step inputs of one forward pass: a flat, ragged token batch over a paged KV cache.
 
 Projections, experts and LoRA run on the flat token list (no padding between sequences). Attention gathers each
-row's new tokens into a [B, Q] query block and its KV pages into a [B, P * page_size] context; `RowSpec` and
-`StepBatch.build` turn per-sequence work (a prefill chunk or one decode token) into these arrays, padded to
+row's new tokens into query blocks ([B, 1] for decode rows, [B, Q] for prefill chunks) and its KV pages into a
+[B, P * page_size] context; `RowSpec` and `build_step_batch` turn per-sequence work into these arrays, padded to
 bucketed shapes so that a steady stream of steps reuses a handful of compiled programs.
 """
 
@@ -16,13 +16,22 @@ import numpy as np
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class QueryBlock:
+    """Rows of queries for attention: row b's q-th query is flat token index[b, q] (N for padding)."""
+
+    index: jax.Array  # [B, Q] int32
+    block_tables: jax.Array  # [B, P] int32 KV pages of each row in sequence order; unused entries: page 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class StepBatch:
     tokens: jax.Array  # [N] int32 new tokens of every row, concatenated (padding: 0)
     positions: jax.Array  # [N] int32 position of each token in its sequence (padding: 0)
     adapter_slots: jax.Array  # [N] int32 adapter pool slot per token (0 = no adapter)
     cache_slots: jax.Array  # [N] int32 flat KV slot (page * page_size + offset) to write; padding: out of range
-    query_index: jax.Array  # [B, Q] int32 flat index of row b's q-th new token; padding: N (a zero row)
-    block_tables: jax.Array  # [B, P] int32 KV pages of row b in sequence order; unused entries: page 0
+    decode: QueryBlock  # rows with one new token: [Bd, 1] queries over [Bd, Pd] pages
+    prefill: QueryBlock  # rows with several new tokens: [Bp, Q] queries over [Bp, Pp] pages (Bp may be 0)
     logits_indices: jax.Array  # [M] int32 flat indices of the tokens whose logits (or samples) are returned
 
     @property
@@ -56,25 +65,20 @@ def build_step_batch(rows: list[RowSpec], page_size: int, num_pages: int, *, min
     """Pack rows into bucketed arrays. Returns the batch and, per row, the positions in `logits_indices`
     holding its requested logits (in token order).
 
-    Buckets (powers of two with floors): tokens N, rows B, pages per row P, and queries per row Q, which is 1
-    for decode-only steps and at least `min_query` otherwise, so that steps with a prefill chunk of any length
-    share few shapes (decode rows in such steps carry padded queries: attention work traded for compilations).
+    Attention runs in two blocks so that decode rows never pay for a prefill chunk's query length: decode rows
+    (one new token) and prefill rows (several). Buckets (powers of two with floors): tokens N; decode rows Bd and
+    prefill rows Bp (each 0 when there are none); queries per prefill row Q (at least `min_query`); pages per
+    row P (shared by both blocks).
     """
     n = sum(len(r.tokens) for r in rows)
     n_pad = bucket(n, min_tokens, max_tokens)
-    b_pad = bucket(len(rows), min_rows)
-    longest = max((len(r.tokens) for r in rows), default=1)
-    q_pad = 1 if longest == 1 else bucket(longest, min_query)  # decode-only steps vs steps with a prefill chunk
-    p_pad = bucket(max((-(-(r.start + len(r.tokens)) // page_size) for r in rows), default=1), min_pages,
-                   max_pages)
     tokens = np.zeros(n_pad, np.int32)
     positions = np.zeros(n_pad, np.int32)
     slots = np.zeros(n_pad, np.int32)
     cache_slots = np.full(n_pad, num_pages * page_size, np.int32)  # out of range: the scatter drops it
-    query_index = np.full((b_pad, q_pad), n_pad, np.int32)
-    block_tables = np.zeros((b_pad, p_pad), np.int32)
     logits: list[int] = []
     row_logits: list[list[int]] = []
+    blocks: dict[bool, list[tuple[list[int], np.ndarray]]] = {True: [], False: []}  # is_decode -> (tokens, pages)
     at = 0
     for b, r in enumerate(rows):
         k = len(r.tokens)
@@ -87,14 +91,29 @@ def build_step_batch(rows: list[RowSpec], page_size: int, num_pages: int, *, min
         positions[at:at + k] = pos
         slots[at:at + k] = r.adapter_slot
         cache_slots[at:at + k] = pages[pos // page_size] * page_size + pos % page_size
-        query_index[b, :k] = np.arange(at, at + k)
-        block_tables[b, :need] = pages
+        blocks[k == 1].append((list(range(at, at + k)), pages))
         wanted = {"last": [at + k - 1], "all": list(range(at, at + k)), "none": []}[r.logits]
         row_logits.append(list(range(len(logits), len(logits) + len(wanted))))
         logits += wanted
         at += k
-    m_pad = bucket(len(logits), n_pad) if any(r.logits == "all" for r in rows) else b_pad  # <= one per row
+
+    p_pad = bucket(max((len(p) for entries in blocks.values() for _, p in entries), default=1), min_pages, max_pages)
+
+    def block(entries, q_pad: int) -> QueryBlock:
+        b_pad = bucket(len(entries), min_rows) if entries else 0
+        index = np.full((b_pad, q_pad), n_pad, np.int32)
+        tables = np.zeros((b_pad, p_pad), np.int32)
+        for i, (idx, pages) in enumerate(entries):
+            index[i, : len(idx)] = idx
+            tables[i, : len(pages)] = pages
+        return QueryBlock(index, tables)
+
+    longest = max((len(t) for t, _ in blocks[False]), default=1)
+    decode = block(blocks[True], 1)
+    prefill = block(blocks[False], bucket(longest, min_query))
+    rows_pad = decode.index.shape[0] + prefill.index.shape[0]  # one sample per row at most: no extra bucket
+    m_pad = bucket(len(logits), n_pad) if any(r.logits == "all" for r in rows) else rows_pad
     logits_indices = np.zeros(m_pad, np.int32)
     logits_indices[: len(logits)] = logits
-    batch = StepBatch(tokens, positions, slots, cache_slots, query_index, block_tables, logits_indices)
+    batch = StepBatch(tokens, positions, slots, cache_slots, decode, prefill, logits_indices)
     return batch, row_logits

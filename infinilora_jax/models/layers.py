@@ -49,23 +49,28 @@ def write_kv(pages: jax.Array, new: jax.Array, cache_slots: jax.Array) -> jax.Ar
 
 
 def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, positions: jax.Array,
-                    query_index: jax.Array, block_tables: jax.Array, sliding_window: int | None) -> jax.Array:
-    """Reference attention of a flat token batch over a paged KV cache (already holding the new keys).
+                    query_index: jax.Array, block_tables: jax.Array, sliding_window: int | None,
+                    out: jax.Array | None = None) -> jax.Array:
+    """Reference attention of a block of query rows over a paged KV cache (already holding the new keys).
 
     q: [N, heads, hd]; k_pages, v_pages: [num_pages, page_size, kv_heads, hd]; positions: [N];
     query_index: [B, Q] flat token of each (row, query), N for padding; block_tables: [B, P].
-    Returns [N, heads, hd]. Gathers each row's pages into a contiguous [P * page_size] context, so memory grows
-    with B * P * page_size: the portable path (CPU, tests); the fast paths replace it per platform.
+    Writes the rows' outputs into `out` ([N, heads, hd], zeros if None) and returns it. Gathers each row's pages
+    into a contiguous [P * page_size] context, so memory grows with B * P * page_size: the portable path (CPU,
+    tests); the fast paths replace it per platform.
     """
     n = q.shape[0]
+    if out is None:
+        out = jnp.zeros_like(q)
     b, p = block_tables.shape
+    if b == 0:
+        return out
     q_rows = jnp.concatenate([q, jnp.zeros_like(q[:1])])[query_index]  # [B, Q, heads, hd]
     q_pos = jnp.concatenate([positions, jnp.zeros_like(positions[:1])])[query_index]  # [B, Q]
     k_ctx = k_pages[block_tables].reshape(b, p * k_pages.shape[1], *k_pages.shape[2:])
     v_ctx = v_pages[block_tables].reshape(b, p * v_pages.shape[1], *v_pages.shape[2:])
-    out = cached_attention(q_rows, k_ctx, v_ctx, q_pos, sliding_window)  # [B, Q, heads, hd]
-    flat = jnp.zeros((n + 1, *q.shape[1:]), q.dtype).at[query_index].set(out)
-    return flat[:n]
+    rows = cached_attention(q_rows, k_ctx, v_ctx, q_pos, sliding_window)  # [B, Q, heads, hd]
+    return jnp.concatenate([out, jnp.zeros_like(out[:1])]).at[query_index].set(rows)[:n]
 
 
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array,

@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from infinilora_jax.engine.sampler import SamplingArrays, sample
 from infinilora_jax.lora.pool import LoraPool
-from infinilora_jax.models.batch import StepBatch
+from infinilora_jax.models.batch import QueryBlock, StepBatch
 from infinilora_jax.models.params import partition_specs
 from infinilora_jax.models.transformer import CausalLM
 from meshes.axes import MODEL_AXES, logical_spec
@@ -42,7 +42,8 @@ class StepFunctions:
         pool_graph, pool_state = nnx.split(pool) if pool is not None else (None, None)
         # Parameters travel as pure dicts (nnx.to_pure_dict); each device rebuilds its local modules.
         kv_specs = kv_cache_specs(model)
-        batch_specs = jax.tree.map(lambda _: PartitionSpec(), StepBatch(*([0] * 7)))
+        block = QueryBlock(0, 0)
+        batch_specs = jax.tree.map(lambda _: PartitionSpec(), StepBatch(0, 0, 0, 0, block, block, 0))
 
         def local(model_state, pool_state, batch, kv):
             local_model = nnx.merge(model_graph, nnx.State(model_state))

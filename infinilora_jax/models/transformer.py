@@ -86,8 +86,11 @@ class Attention(nnx.Module):
             k = rms_norm(k, _local(self.k_norm), cfg.rms_norm_eps)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k_pages, v_pages = write_kv(kv[0], k, cache_slots), write_kv(kv[1], v, cache_slots)
-        attn = paged_attention(q, k_pages, v_pages, batch.positions, batch.query_index, batch.block_tables,
-                               cfg.sliding_window).reshape(n, -1)
+        attn = None
+        for block in (batch.decode, batch.prefill):
+            attn = paged_attention(q, k_pages, v_pages, batch.positions, block.index, block.block_tables,
+                                   cfg.sliding_window, attn)
+        attn = attn.reshape(n, -1)
         out = _with_lora(matmul(attn, _local(self.wo), "no,oh->nh"), attn, slots, _lora_pair(lora_slot, "o"))
         return jax.lax.psum(out, TP), (k_pages, v_pages)
 

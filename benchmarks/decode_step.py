@@ -1,0 +1,101 @@
+"""Decode-step cost of multi-LoRA serving: the same engine with and without adapters.
+
+B running requests spread over A distinct rank-r adapters (on attention, router and experts); once every request
+is decoding, time K engine steps (host scheduling + one jitted forward + sampling; each step returns sampled
+tokens to the host). Then the same with no adapter pool at all. Prints step time, the ratio and tokens/s.
+
+    python benchmarks/decode_step.py --model configs/models/mixtral-8x7b.json --requests 64 --adapters 32 \\
+        --rank 16 --dtype bfloat16 --out $OUT/decode_step
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from infinilora_jax import LLM, SamplingParams  # noqa: E402
+from infinilora_jax.lora.random_adapter import random_adapter  # noqa: E402
+from infinilora_jax.lora.targets import ALL_TARGETS  # noqa: E402
+
+F = flags.FLAGS
+flags.DEFINE_string("model", None, "configs/models/*.json (random weights) or an HF dir; default: bundled tiny")
+flags.DEFINE_integer("num_layers", None, "cut the model to this many layers")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "")
+flags.DEFINE_integer("requests", 64, "running requests")
+flags.DEFINE_integer("adapters", 32, "distinct adapters among them")
+flags.DEFINE_integer("rank", 16, "")
+flags.DEFINE_list("targets", list(ALL_TARGETS), "")
+flags.DEFINE_integer("prompt_len", 128, "")
+flags.DEFINE_integer("steps", 16, "timed decode steps")
+flags.DEFINE_string("out", None, "write <out>.json")
+
+
+def measure(with_adapters: bool) -> dict:
+    targets = tuple(F.targets) if with_adapters else ()
+    llm = LLM(F.model, dtype=F.dtype, num_layers=F.num_layers, max_lora_rank=F.rank, lora_targets=targets,
+              max_adapters=max(F.adapters, 1), max_host_adapters=max(F.adapters, 1), max_num_seqs=F.requests,
+              max_num_batched_tokens=max(256, F.requests), max_model_len=F.prompt_len + F.steps + 64,
+              progress=False)
+    names = [None] * F.requests
+    if with_adapters:
+        for k in range(F.adapters):
+            llm.runner.adapters.register_weights(random_adapter(llm.config, f"a{k}", F.rank, targets, seed=k,
+                                                                dtype=llm.runner.dtype))
+        names = [f"a{i % F.adapters}" for i in range(F.requests)]
+    rng = np.random.default_rng(0)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=F.steps + 32, temperature=0.0, ignore_eos=True)
+    for name in names:
+        engine.add_request(rng.integers(3, llm.config.vocab_size, F.prompt_len).tolist(), params, name)
+    t0 = time.perf_counter()
+    while any(len(r.output_token_ids) == 0 for r in engine.requests.values()):
+        engine.step()  # prefill (and compile)
+    prefill_s = time.perf_counter() - t0
+    engine.step()  # compile the decode shape
+    times = []
+    for _ in range(F.steps):
+        t = time.perf_counter()
+        outs = engine.step()
+        times.append(time.perf_counter() - t)
+        assert len(outs) == F.requests, "every request decodes one token per step"
+    for rid in list(engine.requests):
+        engine.abort(rid)
+    engine.pop_finished()
+    result = {"with_adapters": with_adapters, "step_ms_median": 1e3 * float(np.median(times)),
+              "step_ms_mean": 1e3 * float(np.mean(times)), "tokens_per_s": F.requests / float(np.median(times)),
+              "prefill_and_compile_s": prefill_s, "adapter_pool_bytes": sum(
+                  x.nbytes for x in __import__("jax").tree.leaves(llm.runner.adapters.pool_state))}
+    del llm, engine
+    gc.collect()
+    return result
+
+
+def main(argv):
+    del argv
+    lora = measure(True)
+    base = measure(False)
+    ratio = lora["step_ms_median"] / base["step_ms_median"]
+    print(f"  model {F.model or 'bundled tiny'} layers={F.num_layers or 'all'} dtype={F.dtype} "
+          f"requests={F.requests} adapters={F.adapters} rank={F.rank}")
+    print(f"  {'':18} {'step ms (median)':>17} {'tokens/s':>10}")
+    for name, r in (("with adapters", lora), ("no adapters", base)):
+        print(f"  {name:18} {r['step_ms_median']:17.2f} {r['tokens_per_s']:10.1f}")
+    print(f"  ratio with/without adapters: {ratio:.3f}")
+    if F.out:
+        os.makedirs(os.path.dirname(F.out) or ".", exist_ok=True)
+        with open(F.out + ".json", "w") as f:
+            json.dump({"with": lora, "without": base, "ratio": ratio,
+                       "config": {k: getattr(F, k) for k in ("model", "num_layers", "dtype", "requests", "adapters",
+                                                             "rank", "prompt_len", "steps")}}, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
