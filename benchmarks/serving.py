@@ -24,6 +24,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from infinilora_jax import LLM, SamplingParams  # noqa: E402
 from infinilora_jax.bench import metrics, workload  # noqa: E402
+from infinilora_jax.bench.compilations import CompileCounter  # noqa: E402
 from infinilora_jax.lora.random_adapter import random_adapter  # noqa: E402
 from infinilora_jax.lora.targets import ALL_TARGETS  # noqa: E402
 
@@ -135,20 +136,6 @@ def main(argv):
             ("compilations while measuring", compiles.count)]
     print("\n".join(f"  {k:<32} {v}" for k, v in rows))
     logging.info("wrote %s.json and %s.png", F.out, F.out)
-
-
-class CompileCounter:
-    """Counts XLA compilations from its creation on (a measurement that compiled is not steady state)."""
-
-    def __init__(self):
-        import jax
-
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on)
-
-    def _on(self, event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
 
 
 def _plot(timings, result, path):

@@ -3,11 +3,11 @@ and adapter cycling; adapters in use are never evicted; steady streams do not re
 
 import random
 
-import jax
 import pytest
 from conftest import adapter_dirs, model_dir, reference
 
 from infinilora_jax import LLM, SamplingParams
+from infinilora_jax.bench.compilations import CompileCounter
 from infinilora_jax.engine.request import Status
 
 MODEL = "qwen3-moe-fused"
@@ -112,16 +112,6 @@ def test_abort_and_streaming(tight_llm):
     assert sum(llm.runner.adapters.refcount.values()) == 0
     want = ref["greedy__base__0"].tolist()
     assert list(seen.values())[0] == want[: len(list(seen.values())[0])]
-
-
-class CompileCounter:
-    def __init__(self):
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._on)
-
-    def _on(self, event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
 
 
 def test_steady_stream_does_not_recompile():
