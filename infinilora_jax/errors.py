@@ -37,10 +37,6 @@ class AdapterNotFoundError(InfiniLoraError, KeyError):
         return str(self.args[0]) if self.args else "adapter not found"
 
 
-class AdapterCapacityError(InfiniLoraError, RuntimeError):
-    """Every adapter slot is occupied."""
-
-
 class LayoutError(InfiniLoraError, ValueError):
     """A mesh layout does not fit the model or the available devices."""
 

@@ -1,4 +1,4 @@
-"""Sampling parameters (vLLM's names and defaults) and a host-side sampler for the simple generation loop."""
+"""Sampling parameters, with vLLM's names and defaults (the sampler itself runs on the device: engine/sampler.py)."""
 
 from __future__ import annotations
 
@@ -40,33 +40,3 @@ class SamplingParams:
             bad(f"stop_token_ids={self.stop_token_ids!r} must be non-negative integers")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad(f"stop={self.stop!r} must be non-empty strings")
-
-
-class Sampler:
-    """Samples one token per row from float32 logits, each row with its own params and random stream."""
-
-    def __init__(self, params: list[SamplingParams]):
-        self.params = params
-        self.rngs = [np.random.default_rng(p.seed) for p in params]
-
-    def __call__(self, logits: np.ndarray) -> np.ndarray:
-        return np.array([self._one(row, p, rng) for row, p, rng in zip(logits, self.params, self.rngs)], np.int32)
-
-    @staticmethod
-    def _one(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator) -> int:
-        if p.temperature == 0:
-            return int(np.argmax(logits))
-        scaled = logits.astype(np.float64) / p.temperature
-        if 0 < p.top_k < scaled.size:
-            kth = np.partition(scaled, -p.top_k)[-p.top_k]
-            scaled = np.where(scaled >= kth, scaled, -np.inf)
-        probs = np.exp(scaled - scaled.max())
-        probs /= probs.sum()
-        if p.top_p < 1:
-            order = np.argsort(-probs)
-            keep = np.cumsum(probs[order]) - probs[order] < p.top_p  # smallest set reaching top_p
-            mask = np.zeros_like(probs, bool)
-            mask[order[keep]] = True
-            probs = np.where(mask, probs, 0)
-            probs /= probs.sum()
-        return int(rng.choice(probs.size, p=probs))

@@ -1,13 +1,14 @@
 """The library API as users call it: bundled model, text prompts, sampling controls, and request errors."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import model_dir, reference, shared_llm
 
 from infinilora_jax import LLM, SamplingParams
+from infinilora_jax.engine.sampler import SamplingArrays, sample
 from infinilora_jax.errors import AdapterNotFoundError, RequestError
 from infinilora_jax.llm import bundled_adapters
-from infinilora_jax.sampling import Sampler
 
 GREEDY8 = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
@@ -67,13 +68,27 @@ def test_sampling_seed_topk_and_max_tokens(bundled):
     assert top1 == greedy
 
 
-def test_sampler_respects_top_p_and_top_k():
-    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
-    for params, allowed in [(SamplingParams(top_p=0.7, seed=0), {0, 1}), (SamplingParams(top_k=3, seed=0), {0, 1, 2}),
-                            (SamplingParams(top_p=0.9, top_k=2, seed=0), {0, 1})]:
-        sampler = Sampler([params])
-        seen = {int(sampler(logits)[0]) for _ in range(300)}
-        assert seen == allowed, (params, seen)
+def test_device_sampler_respects_top_p_top_k_and_temperature():
+    """Frequencies over many seeds: only the nucleus / top-k set is ever drawn, in the right proportions."""
+    probs = np.array([0.5, 0.3, 0.15, 0.05], np.float32)
+    logits = np.tile(np.log(probs), (1, 1))
+    draws = 2000
+    cases = [(SamplingParams(top_p=0.7), {0: 0.5 / 0.8, 1: 0.3 / 0.8}),
+             (SamplingParams(top_k=3), {0: 0.5 / 0.95, 1: 0.3 / 0.95, 2: 0.15 / 0.95}),
+             (SamplingParams(top_p=0.9, top_k=2), {0: 0.5 / 0.8, 1: 0.3 / 0.8}),
+             (SamplingParams(temperature=1.0), dict(enumerate(probs))),
+             (SamplingParams(temperature=0.0), {0: 1.0})]
+    for params, want in cases:
+        arrays = SamplingArrays.build([params] * draws, list(range(draws)), [0] * draws, draws)
+        tokens = np.asarray(sample(jnp.asarray(np.repeat(logits, draws, 0)), arrays, vocab_size=4))
+        freq = {t: float(np.mean(tokens == t)) for t in set(tokens.tolist())}
+        assert set(freq) == set(want), (params, freq)
+        for t, p in want.items():
+            assert abs(freq[t] - p) < 0.04, (params, freq)
+    # padded vocabulary entries are never drawn, even with huge logits
+    padded = np.array([[0.0, 0.0, 50.0]], np.float32)
+    arrays = SamplingArrays.build([SamplingParams(temperature=1.0)], [0], [0], 1)
+    assert int(sample(jnp.asarray(padded), arrays, vocab_size=2)[0]) in (0, 1)
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5),

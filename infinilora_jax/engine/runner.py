@@ -54,10 +54,6 @@ class ModelRunner:
     def new_kv_cache(self, cache: CacheConfig) -> list:
         return allocate_kv_cache(self.model, self.mesh, cache.num_pages, cache.page_size, self.dtype)
 
-    def kv_bytes_per_page(self) -> int:
-        cfg = self.cfg
-        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
-
     def sample(self, batch: StepBatch, kv: list, sampling: SamplingArrays) -> tuple[np.ndarray, list]:
         """Sampled token ids [M] for batch.logits_indices, and the updated KV cache."""
         tokens, kv = self.steps.sample(self.model_state, self.adapters.pool_state, batch, kv, sampling)

@@ -24,7 +24,6 @@ import re
 import threading
 import time
 
-import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -130,9 +129,6 @@ class AdapterCache:
 
     # ---- residency ----
 
-    def is_resident(self, name: str | None) -> bool:
-        return name is None or name in self.slot_of
-
     def acquire(self, name: str | None) -> int | None:
         """Pin `name` in a device slot for a request and return the slot (0 for no adapter); None if every slot
         is pinned by running requests (the caller retries later)."""
@@ -219,9 +215,6 @@ class AdapterCache:
         if weights is not None:
             self.stats.loads += 1
         self.stats.load_seconds += time.perf_counter() - start
-
-    def block_until_ready(self) -> None:
-        jax.block_until_ready(self.pool_state)
 
 
 __all__ = ["AdapterBusyError", "AdapterCache", "AdapterStats"]
