@@ -159,8 +159,8 @@ class LLM:
             raise RequestError(f"{n} prompts but {len(params)} sampling params and {len(adapters)} adapters")
         token_rows = [self.engine.check_prompt(self._encode(p)) for p in prompts]  # validate all before queueing
         for a in adapters:
-            if a is not None and a not in self.runner.adapters:
-                self.runner.adapters.info(a)  # raises AdapterNotFoundError
+            if a is not None:
+                self.runner.adapters.require(a)
         if any(p.stop for p in params) and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
         return [self.engine.add_request(t, p, a) for t, p, a in zip(token_rows, params, adapters)]

@@ -50,8 +50,8 @@ class LLMEngine:
         """Queue a request; raises RequestError / AdapterNotFoundError for what can never run.
         arrival_time (time.monotonic() clock) defaults to now; TTFT is measured from it."""
         prompt = self.check_prompt(prompt_token_ids)
-        if adapter is not None and adapter not in self.runner.adapters:
-            self.runner.adapters.info(adapter)  # raises AdapterNotFoundError with the loaded names
+        if adapter is not None:
+            self.runner.adapters.require(adapter)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}")

@@ -47,7 +47,7 @@ class ModelRunner:
         bar.close()
         self.model_state = nnx.to_pure_dict(nnx.state(self.model))
         self.pool = LoraPool(cfg, self.model.plan, pool_cfg, self.dtype, zeros_factory(self.mesh))
-        self.adapters = AdapterCache(cfg, self.model.plan, self.pool, self.mesh, self.dtype,
+        self.adapters = AdapterCache(cfg, self.model.plan, self.pool, self.dtype,
                                      max_host_adapters=max_host_adapters, max_adapter_bytes=max_adapter_bytes)
         self.steps = StepFunctions(self.model, self.pool, self.mesh)
 

@@ -26,11 +26,10 @@ import time
 
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 
 from infinilora_jax.errors import AdapterError, AdapterNotFoundError
 from infinilora_jax.loading.peft_adapter import AdapterWeights, load_peft_adapter
-from infinilora_jax.lora.pool import LoraPool, adapter_pages, make_layer_writer
+from infinilora_jax.lora.pool import LoraPool, adapter_pages, check_fits, make_layer_writer
 from infinilora_jax.models.config import ModelConfig
 from infinilora_jax.models.stages import StagePlan
 
@@ -54,14 +53,14 @@ class AdapterStats:
 
 
 class AdapterCache:
-    def __init__(self, cfg: ModelConfig, plan: StagePlan, pool: LoraPool, mesh: Mesh, dtype, *,
+    def __init__(self, cfg: ModelConfig, plan: StagePlan, pool: LoraPool, dtype, *,
                  max_host_adapters: int = 64, max_adapter_bytes: int | None = None):
         self.cfg, self.plan, self.pool = cfg, plan, pool
         self.pool_state = nnx.to_pure_dict(nnx.state(pool))  # what the step functions read
         self.dtype = np.dtype(dtype)
         self.max_host_adapters = max_host_adapters
         self.max_adapter_bytes = max_adapter_bytes
-        self._write_layer = make_layer_writer(pool, mesh)
+        self._write_layer = make_layer_writer()
         self.paths: dict[str, str | None] = {}  # registered name -> directory (None: given in memory)
         self.host: collections.OrderedDict[str, AdapterWeights] = collections.OrderedDict()  # LRU order
         self.slot_of: collections.OrderedDict[str, int] = collections.OrderedDict()  # resident, LRU order
@@ -80,9 +79,10 @@ class AdapterCache:
         return name in self.paths
 
     def info(self, name: str) -> AdapterWeights:
-        return self._host_weights(self._require(name))
+        return self._host_weights(self.require(name))
 
-    def _require(self, name: str) -> str:
+    def require(self, name: str) -> str:
+        """The name, if registered; else AdapterNotFoundError listing the registered ones."""
         if name not in self.paths:
             raise AdapterNotFoundError(f"adapter {name!r} is not loaded; loaded: {sorted(self.paths)}")
         return name
@@ -91,34 +91,29 @@ class AdapterCache:
 
     def register(self, name: str, path: str) -> None:
         """Validate and convert the adapter at `path` and register it under `name`. All or nothing."""
-        if not isinstance(name, str) or not ADAPTER_NAME.match(name):
-            raise AdapterError(f"invalid adapter name {name!r}: use 1-128 characters from [A-Za-z0-9._:/-], "
-                               "starting with a letter or digit", field="name")
-        weights = self._read(name, path)
-        adapter_pages(self.pool, self.plan, weights)  # raises if the pool cannot hold it
-        with self._lock:
-            if name in self.paths:
-                raise AdapterError(f"an adapter named {name!r} is already loaded", path=path, field="name")
-            self.paths[name] = os.path.abspath(path)
-            self._store(name, weights)
-        log.info("registered adapter %s (r=%d, %.1f MB) from %s", name, weights.rank, weights.nbytes / 2**20, path)
+        _check_name(name)
+        self._add(name, os.path.abspath(path), self._read(name, path))
 
     def register_weights(self, weights: AdapterWeights) -> None:
         """Register an adapter given in memory (generated, or trained in this process). It has no file to be
         re-read from, so it stays in the host store until unregistered."""
-        if not ADAPTER_NAME.match(weights.name):
-            raise AdapterError(f"invalid adapter name {weights.name!r}", field="name")
-        adapter_pages(self.pool, self.plan, weights)
+        _check_name(weights.name)
+        self._add(weights.name, None, weights)
+
+    def _add(self, name: str, path: str | None, weights: AdapterWeights) -> None:
+        check_fits(self.pool, self.plan, weights)
         with self._lock:
-            if weights.name in self.paths:
-                raise AdapterError(f"an adapter named {weights.name!r} is already loaded", field="name")
-            self.paths[weights.name] = None
-            self._store(weights.name, weights)
+            if name in self.paths:
+                raise AdapterError(f"an adapter named {name!r} is already loaded", path=path, field="name")
+            self.paths[name] = path
+            self._store(name, weights)
+        log.info("registered adapter %s (r=%d, %.1f MB) from %s", name, weights.rank, weights.nbytes / 2**20,
+                 path or weights.path)
 
     def unregister(self, name: str) -> None:
         """Forget an adapter; refused while requests use it. Its slot is zeroed."""
         with self._lock:
-            self._require(name)
+            self.require(name)
             if self.refcount[name] > 0:
                 raise AdapterBusyError(f"adapter {name!r} is in use by {self.refcount[name]} running request(s)",
                                        field="name")
@@ -135,7 +130,7 @@ class AdapterCache:
         if name is None:
             return 0
         with self._lock:
-            self._require(name)
+            self.require(name)
             if name in self.slot_of:
                 self.stats.hits += 1
                 self.slot_of.move_to_end(name)
@@ -164,16 +159,19 @@ class AdapterCache:
                 if name is None or name not in self.paths or name in self.slot_of:
                     continue
                 weights = self._host_weights(name)
-                used = set(self.slot_of.values())
-                free = next((s for s in range(1, self.max_adapters + 1) if s not in used), None)
+                free = self._unused_slot()
                 if free is not None:
                     self._write_slot(free, weights)
                     self.slot_of[name] = free
                     self.slot_of.move_to_end(name, last=False)  # prefetched: first to go if unused
 
-    def _free_slot(self) -> int | None:
+    def _unused_slot(self) -> int | None:
         used = set(self.slot_of.values())
-        free = next((s for s in range(1, self.max_adapters + 1) if s not in used), None)
+        return next((s for s in range(1, self.max_adapters + 1) if s not in used), None)
+
+    def _free_slot(self) -> int | None:
+        """An unused slot, else the least recently used unpinned one (evicting its adapter), else None."""
+        free = self._unused_slot()
         if free is not None:
             return free
         victim = next((n for n in self.slot_of if self.refcount[n] == 0), None)  # least recently used first
@@ -215,6 +213,12 @@ class AdapterCache:
         if weights is not None:
             self.stats.loads += 1
         self.stats.load_seconds += time.perf_counter() - start
+
+
+def _check_name(name) -> None:
+    if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+        raise AdapterError(f"invalid adapter name {name!r}: use 1-128 characters from [A-Za-z0-9._:/-], "
+                           "starting with a letter or digit", field="name")
 
 
 __all__ = ["AdapterBusyError", "AdapterCache", "AdapterStats"]

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 
 from infinilora_jax.errors import AdapterError, ConfigError
 from infinilora_jax.loading.peft_adapter import AdapterWeights
@@ -67,11 +66,10 @@ class LoraPool(nnx.Module):
         self.layers = nnx.List(layers)
 
 
-def make_layer_writer(pool: LoraPool, mesh: Mesh):
+def make_layer_writer():
     """A jitted (layer_pages, slot, new_pages) -> layer_pages that overwrites one adapter slot of one layer slot,
-    in place (donated). layer_pages: pure dict target -> {"a", "b"} device arrays [pp, S, ...]; new_pages: the
-    same with the slot dimension removed ([pp, ...] host arrays)."""
-    del pool, mesh  # the update keeps each buffer's sharding
+    in place (donated; each buffer keeps its sharding). layer_pages: pure dict target -> {"a", "b"} device arrays
+    [pp, S, ...]; new_pages: the same with the slot dimension removed ([pp, ...] host arrays)."""
 
     def write(layer_pages, slot, new_pages):
         return jax.tree.map(lambda buf, page: buf.at[:, slot].set(page.astype(buf.dtype)), layer_pages, new_pages)
@@ -79,25 +77,30 @@ def make_layer_writer(pool: LoraPool, mesh: Mesh):
     return jax.jit(write, donate_argnums=0)
 
 
-def adapter_pages(pool: LoraPool, plan: StagePlan, weights: AdapterWeights | None) -> dict:
-    """Host pages of one adapter for one pool slot, zero-padded to the pool's rank (pure dict, slot dim removed);
-    all zeros for None.
-
-    Raises AdapterError if the adapter needs a target the pool does not carry or a rank above its maximum.
-    """
+def check_fits(pool: LoraPool, plan: StagePlan, weights: AdapterWeights) -> None:
+    """Raise AdapterError if the adapter needs a target the pool does not carry or a rank above its maximum."""
     max_rank = pool.pool_cfg.max_rank
-    pages = jax.tree.map(lambda a: np.zeros(a.shape[:1] + a.shape[2:], jnp.dtype(a.dtype)),
-                         nnx.to_pure_dict(nnx.state(pool)))
-    for (layer, target), (a, b) in (weights.pages.items() if weights is not None else ()):
-        stage, slot = divmod(layer, plan.layers_per_stage)
-        page = pages["layers"][slot].get(target)
-        if page is None:
+    for (layer, target), (a, _) in weights.pages.items():
+        if target not in pool.layers[layer % plan.layers_per_stage]:
             raise AdapterError(f"adapter targets {target!r} on layer {layer}, which this server's adapter pool does "
                                f"not carry (enabled targets: {pool.pool_cfg.targets})", path=weights.path)
         rank = a.shape[-1]
         if rank > max_rank:
             raise AdapterError(f"{target} of layer {layer} needs rank {rank} (per-expert gate and up LoRAs take 2r), "
                                f"above the configured maximum rank {max_rank}", path=weights.path, field="r")
+
+
+def adapter_pages(pool: LoraPool, plan: StagePlan, weights: AdapterWeights | None) -> dict:
+    """Host pages of one adapter for one pool slot, zero-padded to the pool's rank (pure dict, slot dim removed);
+    all zeros for None. Raises AdapterError as `check_fits` does."""
+    if weights is not None:
+        check_fits(pool, plan, weights)
+    pages = jax.tree.map(lambda a: np.zeros(a.shape[:1] + a.shape[2:], jnp.dtype(a.dtype)),
+                         nnx.to_pure_dict(nnx.state(pool)))
+    for (layer, target), (a, b) in (weights.pages.items() if weights is not None else ()):
+        stage, slot = divmod(layer, plan.layers_per_stage)
+        page = pages["layers"][slot][target]
+        rank = a.shape[-1]
         page["a"][stage, ..., :rank] = a
         rank_axis = 1 if target.startswith("expert_") else 0
         index = (stage,) + (slice(None),) * rank_axis + (slice(0, rank),)
