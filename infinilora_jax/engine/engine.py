@@ -17,6 +17,7 @@ import random
 import time
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from infinilora_jax.engine.kv_cache import CacheConfig
 from infinilora_jax.engine.request import Request, RequestOutput, Status
@@ -24,7 +25,7 @@ from infinilora_jax.engine.runner import ModelRunner
 from infinilora_jax.engine.sampler import SamplingArrays
 from infinilora_jax.engine.scheduler import Scheduler, SchedulerConfig
 from infinilora_jax.errors import RequestError
-from infinilora_jax.models.batch import RowSpec, build_step_batch
+from infinilora_jax.models.batch import RowSpec, ShapePolicy, build_step_batch, padding_batch
 from infinilora_jax.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,10 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.eos = set(eos_token_ids)
         self.scheduler = Scheduler(scheduler, cache, runner.adapters)
+        self.shapes = ShapePolicy(cache.page_size, cache.num_pages, max_rows=scheduler.max_num_seqs,
+                                  max_prefill_rows=scheduler.max_prefill_rows,
+                                  max_pages=cache.pages_for(scheduler.max_model_len),
+                                  max_tokens=scheduler.max_num_batched_tokens)
         self.kv = runner.new_kv_cache(cache)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -110,8 +115,7 @@ class LLMEngine:
                                 "last" if samples else "none"))
             if samples:
                 sampling_reqs.append(req)
-        batch, _ = build_step_batch(rows, self.cache_config.page_size, self.cache_config.num_pages,
-                                    max_tokens=None)
+        batch, _ = build_step_batch(rows, self.cache_config.page_size, self.cache_config.num_pages, self.shapes)
         params = [r.params for r in sampling_reqs]
         sampling = SamplingArrays.build(params, [r.seed for r in sampling_reqs],
                                         [len(r.output_token_ids) for r in sampling_reqs], len(batch.logits_indices))
@@ -151,6 +155,39 @@ class LLMEngine:
                              req.text if self.tokenizer is not None else None, req.finished, req.finish_reason,
                              req.adapter)
 
+    # ---- compilation ----
+
+    def program_shapes(self, scoring: bool = False) -> list[tuple[int, int, bool]]:
+        """Every (tokens, pages, has_prefill) shape a step can take: decode-only steps have at most max_num_seqs
+        tokens; scoring batches (teacher forcing, one row) have a prefill block unless they are one token long."""
+        p, cfg = self.shapes, self.config
+        decode_top = p.min_tokens if scoring else p.tokens(min(cfg.max_num_seqs, cfg.max_num_batched_tokens))
+        out = []
+        for n in p.token_buckets():
+            for pages in p.page_buckets():
+                if n <= decode_top:
+                    out.append((n, pages, False))
+                out.append((n, pages, True))
+        return out
+
+    def warmup(self, scoring: bool = False, progress: bool = True) -> int:
+        """Compile every program a step can use (see program_shapes; each with and without a carried adapter
+        load) by running each once on a batch that reads and writes nothing, so traffic never waits for a
+        compilation. Returns the number of shapes."""
+        shapes = self.program_shapes()
+        score_shapes = self.program_shapes(scoring=True) if scoring else []
+        with tqdm(total=len(shapes) + len(score_shapes), desc="compiling", disable=not progress, leave=False) as bar:
+            for n, pages, prefill in shapes:
+                batch = padding_batch(self.shapes, n, pages, prefill)
+                rows = len(batch.logits_indices)
+                sampling = SamplingArrays.build([], [], [], rows)
+                self.kv = self.runner.warmup_sample(batch, self.kv, sampling)
+                bar.update()
+            for n, pages, prefill in score_shapes:
+                _, self.kv = self.runner.score(padding_batch(self.shapes, n, pages, prefill, all_logits=True), self.kv)
+                bar.update()
+        return len(shapes) + len(score_shapes)
+
     # ---- teacher forcing ----
 
     def score(self, token_ids: list[int], adapter: str | None = None) -> np.ndarray:
@@ -169,7 +206,7 @@ class LLMEngine:
             out, chunk = [], self.config.max_num_batched_tokens
             for start in range(0, len(tokens), chunk):
                 row = RowSpec(tokens[start:start + chunk], start, slot, pages, "all")
-                batch, _ = build_step_batch([row], cache.page_size, cache.num_pages, min_tokens=16)
+                batch, _ = build_step_batch([row], cache.page_size, cache.num_pages, self.shapes)
                 logits, self.kv = self.runner.score(batch, self.kv)
                 out.append(logits[: len(row.tokens)])
             return np.concatenate(out)

@@ -55,12 +55,34 @@ class ModelRunner:
         return allocate_kv_cache(self.model, self.mesh, cache.num_pages, cache.page_size, self.dtype)
 
     def sample(self, batch: StepBatch, kv: list, sampling: SamplingArrays) -> tuple[np.ndarray, list]:
-        """Sampled token ids [M] for batch.logits_indices, and the updated KV cache."""
-        tokens, kv = self.steps.sample(self.model_state, self.adapters.pool_state, batch, kv, sampling)
+        """Sampled token ids [M] for batch.logits_indices, and the updated KV cache. A pending adapter load is
+        carried into the step layer by layer (lora/adapter_cache.py)."""
+        cache = self.adapters
+        load = cache.take_load(set(np.unique(batch.adapter_slots).tolist()))
+        return self._sample(batch, kv, sampling, load)
+
+    def warmup_sample(self, batch: StepBatch, kv: list, sampling: SamplingArrays) -> list:
+        """Compile the programs `sample` may run for this batch's shapes (with and without a carried load);
+        the batch must read and write nothing (models/batch.py `padding_batch`)."""
+        _, kv = self._sample(batch, kv, sampling, None)
+        if self.steps.has_pool:
+            _, kv = self._sample(batch, kv, sampling, self.adapters.warmup_load())
+        return kv
+
+    def _sample(self, batch, kv, sampling, load):
+        cache = self.adapters
+        if load is None:
+            tokens, kv = self.steps.sample(self.model_state, cache.pool_state, batch, kv, sampling)
+        else:
+            slot, pages = load
+            tokens, pool_state, kv = self.steps.sample_loading(self.model_state, cache.pool_state, batch, kv,
+                                                               sampling, np.int32(slot), pages)
+            cache.pool_state["layers"] = pool_state["layers"]
         return np.asarray(tokens), kv
 
     def score(self, batch: StepBatch, kv: list) -> tuple[np.ndarray, list]:
         """float32 logits [M, vocab] for batch.logits_indices, and the updated KV cache."""
+        self.adapters.flush()
         logits, kv = self.steps.score(self.model_state, self.adapters.pool_state, batch, kv)
         return np.asarray(logits), kv
 

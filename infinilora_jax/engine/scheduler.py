@@ -2,9 +2,10 @@
 
 Per step, in order:
   1. running requests, oldest first: one token each when decoding, or the next chunk of a prompt still being
-     prefilled. A request that needs a KV page when none is free preempts the most recently admitted running
-     request (recompute: its pages are freed and it re-enters the queue at the front, to be prefilled again
-     from its prompt plus the tokens it has generated).
+     prefilled (at most `max_prefill_rows` chunks per step, which bounds the step's attention shapes). A
+     request that needs a KV page when none is free preempts the most recently admitted running request
+     (recompute: its pages are freed and it re-enters the queue at the front, to be prefilled again from its
+     prompt plus the tokens it has generated).
   2. waiting requests, first come first served, while the budget, `max_num_seqs` and free pages allow (keeping a
      small watermark of pages for running requests to grow). A request whose adapter cannot get a device slot
      (every slot pinned by running requests) is passed over for one whose adapter can, within a lookahead
@@ -29,11 +30,13 @@ class SchedulerConfig:
     max_num_seqs: int = 32  # running requests at most
     max_num_batched_tokens: int = 256  # tokens per step (decode tokens + prefill chunks)
     max_model_len: int = 2048  # prompt + generated tokens
+    max_prefill_rows: int = 8  # rows with several new tokens (prefill chunks) per step
     lookahead: int = 16  # queued requests considered past one whose adapter cannot get a slot
     watermark: float = 0.01  # fraction of pages kept free when admitting (for running requests to grow)
 
     def __post_init__(self):
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_model_len < 2:
+        if (self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_model_len < 2
+                or self.max_prefill_rows < 1):
             raise ConfigError(f"invalid scheduler config {self}")
 
 
@@ -64,16 +67,22 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            i += 1
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n > 1 and self._prefill_rows(work) >= self.config.max_prefill_rows:
+                continue  # this step's prefill rows are taken: the chunk waits for the next step
             if not self._grow(req, req.num_computed_tokens + n, work):
                 break  # req itself was preempted: nothing after it fits either
             work.rows.append((req, n))
             budget -= n
-            i += 1
         if not work.preempted:
             self._admit(budget, work)
         self.adapters.prefetch([r.adapter for r in list(self.waiting)[: self.config.lookahead]])
         return work
+
+    @staticmethod
+    def _prefill_rows(work: ScheduledWork) -> int:
+        return sum(n > 1 for _, n in work.rows)
 
     def _grow(self, req: Request, num_tokens: int, work: ScheduledWork) -> bool:
         """Give req pages for num_tokens, preempting the newest running requests if needed."""
@@ -96,6 +105,8 @@ class Scheduler:
                and scanned < self.config.lookahead):
             req = self.waiting[index]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n > 1 and self._prefill_rows(work) >= self.config.max_prefill_rows:
+                return  # no prefill row left this step (first come, first served: no skipping)
             pages = self.cache_config.pages_for(n)
             if pages > self.allocator.num_free - watermark:
                 return  # out of KV pages: the queue waits (no skipping, so long prompts are not starved)

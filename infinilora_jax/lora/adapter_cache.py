@@ -9,9 +9,13 @@ Three tiers, as in S-LoRA and sglang's registry -> manager -> memory pool:
               resident adapter makes room.
 
 Registration is all-or-nothing: the adapter is read, validated and converted before its name exists, so a bad
-adapter leaves everything as it was. Writing an adapter into a slot is a jitted, donated update of each layer
-slot's page arrays, dispatched asynchronously one layer slot at a time (layer-wise loading: a step queued after
-it waits only for what it reads).
+adapter leaves everything as it was.
+
+Loading into a slot is layer-wise (`layerwise=True`): taking a slot only records a pending load; before the next
+step the runner takes one pending load (`take_load`), stages its pages in pinned host memory, and the step itself
+copies them to the device layer by layer (models/step.py `sample_loading`), so the request's first layers run
+while later layers' pages are still in flight. Any other pending load that step needs is written first with a
+jitted, donated update per layer slot (`flush`); prefetched loads nobody needs yet wait for a later step.
 """
 
 from __future__ import annotations
@@ -24,14 +28,17 @@ import re
 import threading
 import time
 
+import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from infinilora_jax.errors import AdapterError, AdapterNotFoundError
 from infinilora_jax.loading.peft_adapter import AdapterWeights, load_peft_adapter
 from infinilora_jax.lora.pool import LoraPool, adapter_pages, check_fits, make_layer_writer
 from infinilora_jax.models.config import ModelConfig
 from infinilora_jax.models.stages import StagePlan
+from infinilora_jax.models.step import drop_slot_dim
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +57,21 @@ class AdapterStats:
     loads: int = 0  # writes of an adapter into a device slot
     disk_reads: int = 0  # adapters (re)read from disk into the host store
     load_seconds: float = 0.0  # host time spent assembling and dispatching slot writes
+    layerwise_loads: int = 0  # loads copied in by the step that first used them
 
 
 class AdapterCache:
     def __init__(self, cfg: ModelConfig, plan: StagePlan, pool: LoraPool, dtype, *,
-                 max_host_adapters: int = 64, max_adapter_bytes: int | None = None):
+                 max_host_adapters: int = 64, max_adapter_bytes: int | None = None, layerwise: bool = True):
         self.cfg, self.plan, self.pool = cfg, plan, pool
         self.pool_state = nnx.to_pure_dict(nnx.state(pool))  # what the step functions read
         self.dtype = np.dtype(dtype)
         self.max_host_adapters = max_host_adapters
         self.max_adapter_bytes = max_adapter_bytes
         self._write_layer = make_layer_writer()
+        self.layerwise = layerwise
+        self.pending: collections.OrderedDict[int, AdapterWeights | None] = collections.OrderedDict()  # slot -> load
+        self._host_shardings = None
         self.paths: dict[str, str | None] = {}  # registered name -> directory (None: given in memory)
         self.host: collections.OrderedDict[str, AdapterWeights] = collections.OrderedDict()  # LRU order
         self.slot_of: collections.OrderedDict[str, int] = collections.OrderedDict()  # resident, LRU order
@@ -205,13 +216,60 @@ class AdapterCache:
     # ---- device writes ----
 
     def _write_slot(self, slot: int, weights: AdapterWeights | None) -> None:
+        """Put `weights` (zeros for None) into `slot`: now, or as a pending layer-wise load."""
+        if weights is not None:
+            self.stats.loads += 1
+        if self.layerwise:
+            self.pending[slot] = weights
+            self.pending.move_to_end(slot)
+        else:
+            self._write_now(slot, weights)
+
+    def take_load(self, needed_slots) -> tuple[int, dict] | None:
+        """Before a step reading `needed_slots`: the one pending load the step should copy in layer by layer, as
+        (slot, pages staged in pinned host memory, per layer slot), or None. Other needed pending loads are
+        written now; pending loads the step does not need stay pending (at most one is carried per step)."""
+        with self._lock:
+            needed = [s for s in self.pending if s in needed_slots]
+            carried = needed[-1] if needed else next(iter(self.pending), None)
+            for slot in needed[:-1]:
+                self._write_now(slot, self.pending.pop(slot))
+            if carried is None:
+                return None
+            start = time.perf_counter()
+            pages = adapter_pages(self.pool, self.plan, self.pending.pop(carried))["layers"]
+            staged = jax.device_put(pages, self._staging_shardings())
+            self.stats.layerwise_loads += 1
+            self.stats.load_seconds += time.perf_counter() - start
+            return carried, staged
+
+    def warmup_load(self) -> tuple[int, dict]:
+        """A load that changes nothing (zeros into slot 0, which is all zeros), to compile the loading programs;
+        also compiles the eager slot writer the same way."""
+        self._write_now(0, None)
+        return 0, jax.device_put(adapter_pages(self.pool, self.plan, None)["layers"], self._staging_shardings())
+
+    def flush(self) -> None:
+        """Write every pending load now (before a step that cannot carry one)."""
+        with self._lock:
+            while self.pending:
+                slot, weights = self.pending.popitem(last=False)
+                self._write_now(slot, weights)
+
+    def _staging_shardings(self):
+        """Pinned-host shardings of one adapter's pages: the pool's, without the slot dimension."""
+        if self._host_shardings is None:
+            def host(buf):
+                return NamedSharding(buf.sharding.mesh, drop_slot_dim(buf.sharding.spec), memory_kind="pinned_host")
+            self._host_shardings = jax.tree.map(host, self.pool_state["layers"])
+        return self._host_shardings
+
+    def _write_now(self, slot: int, weights: AdapterWeights | None) -> None:
         start = time.perf_counter()
         pages = adapter_pages(self.pool, self.plan, weights)  # zeros when weights is None
         layers = self.pool_state["layers"]
         for j in range(self.plan.layers_per_stage):  # dispatched asynchronously, one layer slot at a time
             layers[j] = self._write_layer(layers[j], np.int32(slot), pages["layers"][j])
-        if weights is not None:
-            self.stats.loads += 1
         self.stats.load_seconds += time.perf_counter() - start
 
 

@@ -1,9 +1,9 @@
 """Per-step inputs of one forward pass: a flat, ragged token batch over a paged KV cache.
 
 Projections, experts and LoRA run on the flat token list (no padding between sequences). Attention gathers each
-row's new tokens into query blocks ([B, 1] for decode rows, [B, Q] for prefill chunks) and its KV pages into a
-[B, P * page_size] context; `RowSpec` and `build_step_batch` turn per-sequence work into these arrays, padded to
-bucketed shapes so that a steady stream of steps reuses a handful of compiled programs.
+row's new tokens into query blocks ([B, 1] for decode rows, [T, 16] tiles of prefill chunks) and its KV pages
+into a [B, P * page_size] context; `RowSpec` and `build_step_batch` turn per-sequence work into these arrays, in
+the shapes of a `ShapePolicy`, so that a steady stream of steps reuses a few compiled programs.
 """
 
 from __future__ import annotations
@@ -59,26 +59,82 @@ def bucket(n: int, minimum: int, maximum: int | None = None) -> int:
     return b
 
 
-def build_step_batch(rows: list[RowSpec], page_size: int, num_pages: int, *, min_tokens: int = 16,
-                     min_rows: int = 4, min_query: int = 16, min_pages: int = 4, max_pages: int | None = None,
-                     max_tokens: int | None = None) -> tuple[StepBatch, list[list[int]]]:
-    """Pack rows into bucketed arrays. Returns the batch and, per row, the positions in `logits_indices`
-    holding its requested logits (in token order).
+@dataclasses.dataclass(frozen=True)
+class ShapePolicy:
+    """The finite set of step shapes an engine uses, so a steady stream never compiles a new program.
+
+    Every array shape of a step follows from two bucketed numbers: the token count N (a power of two from
+    `min_tokens` up to the step budget) and the pages per row P (a power of two from `min_pages` up to the
+    context limit). Decode rows, prefill tiles and sampled rows are functions of N and the limits below, and a
+    step either has a prefill block or not: at most |N| x |P| x 2 sampling programs, all enumerable up front
+    (`LLMEngine.warmup`).
+
+    Prefill rows are cut into tiles of `query_tile` queries, each tile attending over its row's pages, so a
+    long chunk and many short prompts fill the same [tiles, query_tile] block: a step's prefill tokens (<= N)
+    in at most `max_prefill_rows` rows need at most N / query_tile + max_prefill_rows tiles.
+    """
+
+    page_size: int
+    num_pages: int
+    max_rows: int  # sequences per step at most (the scheduler's max_num_seqs)
+    max_prefill_rows: int  # rows with several new tokens per step at most
+    max_pages: int  # pages of a sequence at the context limit
+    max_tokens: int  # the step's token budget
+    min_tokens: int = 16
+    query_tile: int = 16
+    min_pages: int = 4
+
+    def tokens(self, n: int) -> int:
+        return bucket(n, self.min_tokens, bucket(self.max_tokens, self.min_tokens))
+
+    def pages(self, p: int) -> int:
+        return bucket(p, min(self.min_pages, self.max_pages), self.max_pages)
+
+    def decode_rows(self, n_pad: int) -> int:
+        """Rows of the decode block (and sampled rows) of an N-token step: one token per row."""
+        return min(n_pad, bucket(self.max_rows, 1))
+
+    def prefill_tiles(self, n_pad: int) -> int:
+        return -(-n_pad // self.query_tile) + self.max_prefill_rows
+
+    def token_buckets(self) -> list[int]:
+        top = self.tokens(self.max_tokens)
+        return [b for b in (self.min_tokens << i for i in range(32)) if b <= top]
+
+    def page_buckets(self) -> list[int]:
+        top = self.max_pages
+        out = [self.pages(1)]
+        while out[-1] < top:
+            out.append(self.pages(out[-1] + 1))
+        return out
+
+
+def build_step_batch(rows: list[RowSpec], page_size: int, num_pages: int,
+                     policy: ShapePolicy | None = None) -> tuple[StepBatch, list[list[int]]]:
+    """Pack rows into arrays of the policy's shapes. Returns the batch and, per row, the positions in
+    `logits_indices` holding its requested logits (in token order).
 
     Attention runs in two blocks so that decode rows never pay for a prefill chunk's query length: decode rows
-    (one new token) and prefill rows (several). Buckets (powers of two with floors): tokens N; decode rows Bd and
-    prefill rows Bp (each 0 when there are none); queries per prefill row Q (at least `min_query`); pages per
-    row P (shared by both blocks).
+    (one new token: [Bd, 1] queries) and prefill tiles ([T, query_tile] queries). Without a policy (one-off
+    batches, tests) the shapes are just large enough for these rows.
     """
+    if policy is None:
+        policy = ShapePolicy(page_size, num_pages, max_rows=max(1, len(rows)),
+                             max_prefill_rows=sum(len(r.tokens) > 1 for r in rows),
+                             max_pages=max([-(-(r.start + len(r.tokens)) // page_size) for r in rows] + [1]),
+                             max_tokens=sum(len(r.tokens) for r in rows))
+    assert (policy.page_size, policy.num_pages) == (page_size, num_pages), policy
     n = sum(len(r.tokens) for r in rows)
-    n_pad = bucket(n, min_tokens, max_tokens)
+    n_pad = policy.tokens(n)
     tokens = np.zeros(n_pad, np.int32)
     positions = np.zeros(n_pad, np.int32)
     slots = np.zeros(n_pad, np.int32)
     cache_slots = np.full(n_pad, num_pages * page_size, np.int32)  # out of range: the scatter drops it
     logits: list[int] = []
     row_logits: list[list[int]] = []
-    blocks: dict[bool, list[tuple[list[int], np.ndarray]]] = {True: [], False: []}  # is_decode -> (tokens, pages)
+    decode_rows: list[tuple[list[int], np.ndarray]] = []
+    tiles: list[tuple[list[int], np.ndarray]] = []
+    tile = policy.query_tile
     at = 0
     for b, r in enumerate(rows):
         k = len(r.tokens)
@@ -91,29 +147,46 @@ def build_step_batch(rows: list[RowSpec], page_size: int, num_pages: int, *, min
         positions[at:at + k] = pos
         slots[at:at + k] = r.adapter_slot
         cache_slots[at:at + k] = pages[pos // page_size] * page_size + pos % page_size
-        blocks[k == 1].append((list(range(at, at + k)), pages))
+        if k == 1:
+            decode_rows.append(([at], pages))
+        else:
+            tiles += [(list(range(at + t, at + min(t + tile, k))), pages) for t in range(0, k, tile)]
         wanted = {"last": [at + k - 1], "all": list(range(at, at + k)), "none": []}[r.logits]
         row_logits.append(list(range(len(logits), len(logits) + len(wanted))))
         logits += wanted
         at += k
 
-    p_pad = bucket(max((len(p) for entries in blocks.values() for _, p in entries), default=1), min_pages, max_pages)
+    p_pad = policy.pages(max((len(p) for _, p in decode_rows + tiles), default=1))
 
-    def block(entries, q_pad: int) -> QueryBlock:
-        b_pad = bucket(len(entries), min_rows) if entries else 0
-        index = np.full((b_pad, q_pad), n_pad, np.int32)
-        tables = np.zeros((b_pad, p_pad), np.int32)
+    def block(entries, num_rows: int, q_pad: int) -> QueryBlock:
+        if len(entries) > num_rows:
+            raise ValueError(f"{len(entries)} query rows exceed the policy's {num_rows} ({policy})")
+        index = np.full((num_rows, q_pad), n_pad, np.int32)
+        tables = np.zeros((num_rows, p_pad), np.int32)
         for i, (idx, pages) in enumerate(entries):
             index[i, : len(idx)] = idx
             tables[i, : len(pages)] = pages
         return QueryBlock(index, tables)
 
-    longest = max((len(t) for t, _ in blocks[False]), default=1)
-    decode = block(blocks[True], 1)
-    prefill = block(blocks[False], bucket(longest, min_query))
-    rows_pad = decode.index.shape[0] + prefill.index.shape[0]  # one sample per row at most: no extra bucket
-    m_pad = bucket(len(logits), n_pad) if any(r.logits == "all" for r in rows) else rows_pad
+    decode = block(decode_rows, policy.decode_rows(n_pad), 1)
+    prefill = block(tiles, policy.prefill_tiles(n_pad) if tiles else 0, tile)
+    m_pad = n_pad if any(r.logits == "all" for r in rows) else policy.decode_rows(n_pad)
+    if len(logits) > m_pad:
+        raise ValueError(f"{len(logits)} logits rows exceed {m_pad} ({policy})")
     logits_indices = np.zeros(m_pad, np.int32)
     logits_indices[: len(logits)] = logits
     batch = StepBatch(tokens, positions, slots, cache_slots, decode, prefill, logits_indices)
     return batch, row_logits
+
+
+def padding_batch(policy: ShapePolicy, n_pad: int, p_pad: int, prefill: bool, all_logits: bool = False
+                  ) -> StepBatch:
+    """A batch of the given shapes that reads nothing and writes nothing (every KV write out of range): runs a
+    program once so it is compiled before traffic arrives."""
+    rows = policy.decode_rows(n_pad)
+    tiles = policy.prefill_tiles(n_pad) if prefill else 0
+    empty = lambda b, q: QueryBlock(np.full((b, q), n_pad, np.int32), np.zeros((b, p_pad), np.int32))
+    zeros = np.zeros(n_pad, np.int32)
+    return StepBatch(zeros, zeros, zeros, np.full(n_pad, policy.num_pages * policy.page_size, np.int32),
+                     empty(rows, 1), empty(tiles, policy.query_tile),
+                     np.zeros(n_pad if all_logits else rows, np.int32))

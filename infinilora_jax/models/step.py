@@ -1,7 +1,10 @@
 """The jitted SPMD steps over the (pp, ep, tp) mesh: the model's local code inside one shard_map.
 
 `score` returns float32 logits (teacher forcing, prompt logprobs); `sample` returns sampled token ids, with the
-sampler fused into the same program so only [M] integers leave the device each step.
+sampler fused into the same program so only [M] integers leave the device each step. `sample_loading` is `sample`
+that also brings one adapter into its pool slot layer by layer (layer-wise loading): the adapter's pages arrive in
+host memory, each layer's pages are copied to the device inside the step and written into the donated pool, so
+layer l waits only for its own copy and the copies overlap the layers before it.
 """
 
 from __future__ import annotations
@@ -33,11 +36,31 @@ def allocate_kv_cache(model: CausalLM, mesh: Mesh, num_pages: int, page_size: in
     return [(make(), make()) for _ in range(model.plan.layers_per_stage)]
 
 
+def incoming_page_specs(pool_specs: dict) -> dict:
+    """Specs of one adapter's pages: the pool's, without the adapter-slot dimension (dim 1)."""
+    return jax.tree.map(drop_slot_dim, pool_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def drop_slot_dim(spec: PartitionSpec) -> PartitionSpec:
+    """A pool page's spec without its adapter-slot dimension (dim 1; missing trailing entries mean None)."""
+    parts = tuple(spec)
+    return PartitionSpec(*(parts[:1] + parts[2:]))
+
+
+def write_incoming(layer_pages: dict, slot, incoming: dict) -> dict:
+    """Local code: copy one layer slot's incoming pages (host memory) to the device and write them into `slot`."""
+    def write(buf, page):
+        return buf.at[:, slot].set(jax.device_put(page, jax.memory.Space.Device).astype(buf.dtype))
+
+    return jax.tree.map(write, layer_pages, incoming)
+
+
 class StepFunctions:
     """jit(shard_map(local forward)) for one model + adapter pool on one mesh; the KV cache is donated."""
 
     def __init__(self, model: CausalLM, pool: LoraPool | None, mesh: Mesh):
         self.vocab_size = model.cfg.vocab_size
+        self.has_pool = pool is not None
         model_graph, model_state = nnx.split(model)
         pool_graph, pool_state = nnx.split(pool) if pool is not None else (None, None)
         # Parameters travel as pure dicts (nnx.to_pure_dict); each device rebuilds its local modules.
@@ -57,11 +80,31 @@ class StepFunctions:
                                       out_specs=(PartitionSpec(None, MODEL_AXES), kv_specs), check_vma=False)
         self.score = jax.jit(self._score, donate_argnums=(3,))
         self.sample = jax.jit(self._sample, donate_argnums=(3,))
+        if pool is not None:
+            pool_specs = partition_specs(pool_state)
+            page_specs = incoming_page_specs(pool_specs)
+
+            def local_loading(model_state, pool_state, batch, kv, slot, pages):
+                pool_state = {"layers": {j: write_incoming(layer, slot, pages[j])
+                                         for j, layer in pool_state["layers"].items()}}
+                logits, kv = local(model_state, pool_state, batch, kv)
+                return logits, pool_state, kv
+
+            self._forward_loading = jax.shard_map(
+                local_loading, mesh=mesh,
+                in_specs=(*in_specs, PartitionSpec(), page_specs["layers"]),
+                out_specs=(PartitionSpec(None, MODEL_AXES), pool_specs, kv_specs), check_vma=False)
+            self.sample_loading = jax.jit(self._sample_loading, donate_argnums=(1, 3))
 
     def _score(self, model_state, pool_state, batch: StepBatch, kv):
         """-> (float32 logits [M, vocab_size], kv)."""
         logits, kv = self._forward(model_state, pool_state, batch, kv)
         return logits[:, : self.vocab_size], kv
+
+    def _sample_loading(self, model_state, pool_state, batch: StepBatch, kv, sampling: SamplingArrays, slot, pages):
+        """-> (sampled token ids [M], pool with `pages` written into `slot`, kv)."""
+        logits, pool_state, kv = self._forward_loading(model_state, pool_state, batch, kv, slot, pages)
+        return sample(logits, sampling, self.vocab_size), pool_state, kv
 
     def _sample(self, model_state, pool_state, batch: StepBatch, kv, sampling: SamplingArrays):
         """-> (sampled token ids [M] int32, kv)."""
