@@ -55,10 +55,12 @@ def measure(with_adapters: bool) -> dict:
     params = SamplingParams(max_tokens=F.steps + 32, temperature=0.0, ignore_eos=True)
     for name in names:
         engine.add_request(rng.integers(3, llm.config.vocab_size, F.prompt_len).tolist(), params, name)
+    print(f"  [{'with' if with_adapters else 'without'} adapters] model and adapters ready", flush=True)
     t0 = time.perf_counter()
     while any(len(r.output_token_ids) == 0 for r in engine.requests.values()):
         engine.step()  # prefill (and compile)
     prefill_s = time.perf_counter() - t0
+    print(f"  prefill (and its compilations) {prefill_s:.1f} s", flush=True)
     engine.step()  # compile the decode shape
     times = []
     for _ in range(F.steps):

@@ -170,23 +170,17 @@ class LLMEngine:
                 out.append((n, pages, True))
         return out
 
-    def warmup(self, scoring: bool = False, progress: bool = True) -> int:
-        """Compile every program a step can use (see program_shapes; each with and without a carried adapter
-        load) by running each once on a batch that reads and writes nothing, so traffic never waits for a
-        compilation. Returns the number of shapes."""
-        shapes = self.program_shapes()
-        score_shapes = self.program_shapes(scoring=True) if scoring else []
-        with tqdm(total=len(shapes) + len(score_shapes), desc="compiling", disable=not progress, leave=False) as bar:
-            for n, pages, prefill in shapes:
-                batch = padding_batch(self.shapes, n, pages, prefill)
-                rows = len(batch.logits_indices)
-                sampling = SamplingArrays.build([], [], [], rows)
-                self.kv = self.runner.warmup_sample(batch, self.kv, sampling)
-                bar.update()
-            for n, pages, prefill in score_shapes:
-                _, self.kv = self.runner.score(padding_batch(self.shapes, n, pages, prefill, all_logits=True), self.kv)
-                bar.update()
-        return len(shapes) + len(score_shapes)
+    def warmup(self, scoring: bool = False, progress: bool = True, workers: int = 8) -> int:
+        """Compile ahead of time every program a step can use (see program_shapes; sampling steps with and
+        without a carried adapter load, and teacher-forced scoring when asked), `workers` compilations at once,
+        so traffic never waits for a compilation. Returns the number of shapes."""
+        shapes = [padding_batch(self.shapes, n, p, prefill) for n, p, prefill in self.program_shapes()]
+        score = [padding_batch(self.shapes, n, p, prefill, all_logits=True)
+                 for n, p, prefill in (self.program_shapes(scoring=True) if scoring else [])]
+        programs = 2 * len(shapes) + len(score) if self.runner.steps.has_pool else len(shapes) + len(score)
+        with tqdm(total=programs, desc="compiling", disable=not progress, leave=False) as bar:
+            self.runner.precompile(shapes, score, workers, on_done=bar.update)
+        return len(shapes) + len(score)
 
     # ---- teacher forcing ----
 

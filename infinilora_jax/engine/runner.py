@@ -52,7 +52,9 @@ class ModelRunner:
         self.steps = StepFunctions(self.model, self.pool, self.mesh)
 
     def new_kv_cache(self, cache: CacheConfig) -> list:
-        return allocate_kv_cache(self.model, self.mesh, cache.num_pages, cache.page_size, self.dtype)
+        kv = allocate_kv_cache(self.model, self.mesh, cache.num_pages, cache.page_size, self.dtype)
+        self._kv_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), kv)
+        return kv
 
     def sample(self, batch: StepBatch, kv: list, sampling: SamplingArrays) -> tuple[np.ndarray, list]:
         """Sampled token ids [M] for batch.logits_indices, and the updated KV cache. A pending adapter load is
@@ -61,29 +63,37 @@ class ModelRunner:
         load = cache.take_load(set(np.unique(batch.adapter_slots).tolist()))
         return self._sample(batch, kv, sampling, load)
 
-    def warmup_sample(self, batch: StepBatch, kv: list, sampling: SamplingArrays) -> list:
-        """Compile the programs `sample` may run for this batch's shapes (with and without a carried load);
-        the batch must read and write nothing (models/batch.py `padding_batch`)."""
-        _, kv = self._sample(batch, kv, sampling, None)
-        if self.steps.has_pool:
-            _, kv = self._sample(batch, kv, sampling, self.adapters.warmup_load())
-        return kv
+    def precompile(self, batches: list[StepBatch], score_batches: list[StepBatch] = (), workers: int = 8,
+                   on_done=None) -> int:
+        """Compile ahead of time every program `sample` (with and without a carried adapter load) and `score`
+        may run for these batches' shapes. Returns the number of programs."""
+        m, pool, kv = self.model_state, self.adapters.pool_state, self._kv_shapes
+        calls = []
+        for batch in batches:
+            sampling = SamplingArrays.build([], [], [], len(batch.logits_indices))
+            calls.append(("sample", (m, pool, batch, kv, sampling)))
+            if self.steps.has_pool:
+                slot, pages = self.adapters.warmup_load()
+                calls.append(("sample_loading", (m, pool, batch, kv, sampling, np.int32(slot), pages)))
+        calls += [("score", (m, pool, batch, kv)) for batch in score_batches]
+        self.steps.precompile(calls, workers, on_done)
+        return len(calls)
 
     def _sample(self, batch, kv, sampling, load):
         cache = self.adapters
         if load is None:
-            tokens, kv = self.steps.sample(self.model_state, cache.pool_state, batch, kv, sampling)
+            tokens, kv = self.steps.run("sample", self.model_state, cache.pool_state, batch, kv, sampling)
         else:
             slot, pages = load
-            tokens, pool_state, kv = self.steps.sample_loading(self.model_state, cache.pool_state, batch, kv,
-                                                               sampling, np.int32(slot), pages)
+            tokens, pool_state, kv = self.steps.run("sample_loading", self.model_state, cache.pool_state, batch, kv,
+                                                    sampling, np.int32(slot), pages)
             cache.pool_state["layers"] = pool_state["layers"]
         return np.asarray(tokens), kv
 
     def score(self, batch: StepBatch, kv: list) -> tuple[np.ndarray, list]:
         """float32 logits [M, vocab] for batch.logits_indices, and the updated KV cache."""
         self.adapters.flush()
-        logits, kv = self.steps.score(self.model_state, self.adapters.pool_state, batch, kv)
+        logits, kv = self.steps.run("score", self.model_state, self.adapters.pool_state, batch, kv)
         return np.asarray(logits), kv
 
     def live_bytes_per_device(self) -> dict[str, int]:

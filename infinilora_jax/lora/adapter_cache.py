@@ -3,7 +3,8 @@
 Three tiers, as in S-LoRA and sglang's registry -> manager -> memory pool:
   registered  every adapter a request may name (name -> PEFT directory), validated when registered;
   host store  converted AdapterWeights in host memory, at most `max_host_adapters`, least recently used
-              dropped first (re-read from disk on the next use);
+              dropped first (re-read from disk on the next use); with each, once it has been loaded, its pool
+              pages staged in pinned host memory, so loading it again is one DMA per layer;
   device      `max_adapters` pool slots; an adapter is resident while it sits in a slot. A slot whose adapter
               is in use by a running request (refcount > 0) is never evicted; otherwise the least recently used
               resident adapter makes room.
@@ -70,7 +71,8 @@ class AdapterCache:
         self.max_adapter_bytes = max_adapter_bytes
         self._write_layer = make_layer_writer()
         self.layerwise = layerwise
-        self.pending: collections.OrderedDict[int, AdapterWeights | None] = collections.OrderedDict()  # slot -> load
+        self.pending: collections.OrderedDict[int, str | None] = collections.OrderedDict()  # slot -> adapter
+        self.staged: dict[str | None, dict] = {}  # adapter (None: zeros) -> its pages in pinned host memory
         self._host_shardings = None
         self.paths: dict[str, str | None] = {}  # registered name -> directory (None: given in memory)
         self.host: collections.OrderedDict[str, AdapterWeights] = collections.OrderedDict()  # LRU order
@@ -131,6 +133,7 @@ class AdapterCache:
             if name in self.slot_of:
                 self._write_slot(self.slot_of.pop(name), None)
             self.host.pop(name, None)
+            self.staged.pop(name, None)
             del self.paths[name]
 
     # ---- residency ----
@@ -150,7 +153,7 @@ class AdapterCache:
                 if slot is None:
                     return None
                 self.stats.misses += 1
-                self._write_slot(slot, self._host_weights(name))
+                self._write_slot(slot, name)
                 self.slot_of[name] = slot
             self.refcount[name] += 1
             return self.slot_of[name]
@@ -169,10 +172,10 @@ class AdapterCache:
             for name in names:
                 if name is None or name not in self.paths or name in self.slot_of:
                     continue
-                weights = self._host_weights(name)
+                self._host_weights(name)  # read ahead even when no slot is free
                 free = self._unused_slot()
                 if free is not None:
-                    self._write_slot(free, weights)
+                    self._write_slot(free, name)
                     self.slot_of[name] = free
                     self.slot_of.move_to_end(name, last=False)  # prefetched: first to go if unused
 
@@ -203,7 +206,9 @@ class AdapterCache:
         self.host.move_to_end(name)
         droppable = [n for n in self.host if self.paths.get(n) is not None]  # least recently used first
         while len(self.host) > self.max_host_adapters and droppable:
-            del self.host[droppable.pop(0)]
+            dropped = droppable.pop(0)
+            del self.host[dropped]
+            self.staged.pop(dropped, None)
 
     def _host_weights(self, name: str) -> AdapterWeights:
         weights = self.host.get(name)
@@ -215,15 +220,15 @@ class AdapterCache:
 
     # ---- device writes ----
 
-    def _write_slot(self, slot: int, weights: AdapterWeights | None) -> None:
-        """Put `weights` (zeros for None) into `slot`: now, or as a pending layer-wise load."""
-        if weights is not None:
+    def _write_slot(self, slot: int, name: str | None) -> None:
+        """Put adapter `name` (zeros for None) into `slot`: now, or as a pending layer-wise load."""
+        if name is not None:
             self.stats.loads += 1
         if self.layerwise:
-            self.pending[slot] = weights
+            self.pending[slot] = name
             self.pending.move_to_end(slot)
         else:
-            self._write_now(slot, weights)
+            self._write_now(slot, name)
 
     def take_load(self, needed_slots) -> tuple[int, dict] | None:
         """Before a step reading `needed_slots`: the one pending load the step should copy in layer by layer, as
@@ -237,8 +242,7 @@ class AdapterCache:
             if carried is None:
                 return None
             start = time.perf_counter()
-            pages = adapter_pages(self.pool, self.plan, self.pending.pop(carried))["layers"]
-            staged = jax.device_put(pages, self._staging_shardings())
+            staged = self.staged_pages(self.pending.pop(carried))
             self.stats.layerwise_loads += 1
             self.stats.load_seconds += time.perf_counter() - start
             return carried, staged
@@ -247,7 +251,7 @@ class AdapterCache:
         """A load that changes nothing (zeros into slot 0, which is all zeros), to compile the loading programs;
         also compiles the eager slot writer the same way."""
         self._write_now(0, None)
-        return 0, jax.device_put(adapter_pages(self.pool, self.plan, None)["layers"], self._staging_shardings())
+        return 0, self.staged_pages(None)
 
     def flush(self) -> None:
         """Write every pending load now (before a step that cannot carry one)."""
@@ -264,12 +268,23 @@ class AdapterCache:
             self._host_shardings = jax.tree.map(host, self.pool_state["layers"])
         return self._host_shardings
 
-    def _write_now(self, slot: int, weights: AdapterWeights | None) -> None:
+    def staged_pages(self, name: str | None) -> dict:
+        """Adapter `name`'s pages for one pool slot (zeros for None), per layer slot, in pinned host memory; staged
+        once and kept while the adapter stays in the host store."""
+        pages = self.staged.get(name)
+        if pages is None:
+            weights = None if name is None else self._host_weights(name)
+            pages = jax.device_put(adapter_pages(self.pool, self.plan, weights)["layers"], self._staging_shardings())
+            self.staged[name] = pages
+        return pages
+
+    def _write_now(self, slot: int, name: str | None) -> None:
         start = time.perf_counter()
-        pages = adapter_pages(self.pool, self.plan, weights)  # zeros when weights is None
+        staged = self.staged_pages(name)
         layers = self.pool_state["layers"]
         for j in range(self.plan.layers_per_stage):  # dispatched asynchronously, one layer slot at a time
-            layers[j] = self._write_layer(layers[j], np.int32(slot), pages["layers"][j])
+            pages = jax.device_put(staged[j], jax.tree.map(lambda a: a.sharding.with_memory_kind("device"), staged[j]))
+            layers[j] = self._write_layer(layers[j], np.int32(slot), pages)
         self.stats.load_seconds += time.perf_counter() - start
 
 

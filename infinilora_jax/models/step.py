@@ -9,6 +9,8 @@ layer l waits only for its own copy and the copies overlap the layers before it.
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -36,6 +38,10 @@ def allocate_kv_cache(model: CausalLM, mesh: Mesh, num_pages: int, page_size: in
     return [(make(), make()) for _ in range(model.plan.layers_per_stage)]
 
 
+def _shape_key(name: str, batch: StepBatch) -> tuple:
+    return (name, *(tuple(x.shape) for x in jax.tree.leaves(batch)))
+
+
 def incoming_page_specs(pool_specs: dict) -> dict:
     """Specs of one adapter's pages: the pool's, without the adapter-slot dimension (dim 1)."""
     return jax.tree.map(drop_slot_dim, pool_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
@@ -61,6 +67,7 @@ class StepFunctions:
     def __init__(self, model: CausalLM, pool: LoraPool | None, mesh: Mesh):
         self.vocab_size = model.cfg.vocab_size
         self.has_pool = pool is not None
+        self._compiled: dict[tuple, jax.stages.Compiled] = {}  # (step name, batch shapes) -> executable
         model_graph, model_state = nnx.split(model)
         pool_graph, pool_state = nnx.split(pool) if pool is not None else (None, None)
         # Parameters travel as pure dicts (nnx.to_pure_dict); each device rebuilds its local modules.
@@ -100,6 +107,27 @@ class StepFunctions:
         """-> (float32 logits [M, vocab_size], kv)."""
         logits, kv = self._forward(model_state, pool_state, batch, kv)
         return logits[:, : self.vocab_size], kv
+
+    def run(self, name: str, *args):
+        """Call step `name` ("score" | "sample" | "sample_loading") with (model_state, pool_state, batch, ...):
+        through the executable `precompile` made for this batch's shapes if there is one, else through jit."""
+        executable = self._compiled.get(_shape_key(name, args[2]))
+        return (executable or getattr(self, name))(*args)
+
+    def precompile(self, calls: list[tuple[str, tuple]], workers: int = 8, on_done=None) -> None:
+        """Compile the steps for these (name, args) calls ahead of time: traced one after another, compiled
+        by `workers` threads at once (XLA compiles outside the GIL). Nothing runs on the device."""
+        lowered = {}
+        for name, args in calls:
+            key = _shape_key(name, args[2])
+            if key not in self._compiled and key not in lowered:
+                lowered[key] = getattr(self, name).lower(*args)
+        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+            futures = {pool.submit(low.compile): key for key, low in lowered.items()}
+            for future in concurrent.futures.as_completed(futures):
+                self._compiled[futures[future]] = future.result()
+                if on_done is not None:
+                    on_done()
 
     def _sample_loading(self, model_state, pool_state, batch: StepBatch, kv, sampling: SamplingArrays, slot, pages):
         """-> (sampled token ids [M], pool with `pages` written into `slot`, kv)."""
