@@ -54,10 +54,18 @@ class ModelRunner:
     def new_kv_cache(self, cache: CacheConfig) -> list:
         return allocate_kv_cache(self.model, self.mesh, cache.num_pages, cache.page_size, self.dtype)
 
-    def sample(self, batch: StepBatch, kv: list, sampling: SamplingArrays) -> tuple[np.ndarray, list]:
-        """Sampled token ids [M] for batch.logits_indices, and the updated KV cache."""
-        tokens, kv = self.steps.sample(self.model_state, self.adapters.pool_state, batch, kv, sampling)
-        return np.asarray(tokens), kv
+    def sample(self, batch: StepBatch, kv: list, sampling: SamplingArrays,
+               logprobs: bool = False) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None, list]:
+        """Sampled token ids [M] for batch.logits_indices; when `logprobs`, (their logprobs [M], top ids [M, K],
+        top logprobs [M, K]) (fetched from the device only then); and the updated KV cache."""
+        (tokens, *top), kv = self.steps.sample(self.model_state, self.adapters.pool_state, batch, kv, sampling)
+        return np.asarray(tokens), (tuple(np.asarray(x) for x in top) if logprobs else None), kv
+
+    def prompt_logprobs(self, batch: StepBatch, kv: list, targets: np.ndarray) -> tuple[tuple[np.ndarray, ...], list]:
+        """(logprob of targets [M], top ids [M, K], top logprobs [M, K]) at batch.logits_indices (teacher forcing,
+        reduced on the device so the [M, vocab] logits never leave it), and the updated KV cache."""
+        out, kv = self.steps.prompt_logprobs(self.model_state, self.adapters.pool_state, batch, kv, targets)
+        return tuple(np.asarray(x) for x in out), kv
 
     def score(self, batch: StepBatch, kv: list) -> tuple[np.ndarray, list]:
         """float32 logits [M, vocab] for batch.logits_indices, and the updated KV cache."""

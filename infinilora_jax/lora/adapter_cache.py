@@ -73,7 +73,13 @@ class AdapterCache:
         return self.pool.pool_cfg.max_adapters
 
     def names(self) -> list[str]:
-        return list(self.paths)
+        with self._lock:  # may be called from another thread than the one registering
+            return list(self.paths)
+
+    def path(self, name: str) -> str | None:
+        """The directory a registered adapter was read from (None: given in memory)."""
+        with self._lock:
+            return self.paths[self.require(name)]
 
     def __contains__(self, name: str) -> bool:
         return name in self.paths

@@ -1,7 +1,8 @@
 """The jitted SPMD steps over the (pp, ep, tp) mesh: the model's local code inside one shard_map.
 
-`score` returns float32 logits (teacher forcing, prompt logprobs); `sample` returns sampled token ids, with the
-sampler fused into the same program so only [M] integers leave the device each step.
+`score` returns float32 logits (teacher forcing); `prompt_logprobs` the logprob of each next token and the top
+ones, reduced on the device; `sample` returns sampled token ids (and, when a row asks, their logprobs), with the
+sampler fused into the same program so only [M] integers (and [M, 20] logprobs) leave the device each step.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from infinilora_jax.engine.sampler import SamplingArrays, sample
+from infinilora_jax.engine.sampler import SamplingArrays, sample, token_logprobs
 from infinilora_jax.lora.pool import LoraPool
 from infinilora_jax.models.batch import QueryBlock, StepBatch
 from infinilora_jax.models.params import partition_specs
@@ -57,6 +58,7 @@ class StepFunctions:
                                       out_specs=(PartitionSpec(None, MODEL_AXES), kv_specs), check_vma=False)
         self.score = jax.jit(self._score, donate_argnums=(3,))
         self.sample = jax.jit(self._sample, donate_argnums=(3,))
+        self.prompt_logprobs = jax.jit(self._prompt_logprobs, donate_argnums=(3,))
 
     def _score(self, model_state, pool_state, batch: StepBatch, kv):
         """-> (float32 logits [M, vocab_size], kv)."""
@@ -64,6 +66,14 @@ class StepFunctions:
         return logits[:, : self.vocab_size], kv
 
     def _sample(self, model_state, pool_state, batch: StepBatch, kv, sampling: SamplingArrays):
-        """-> (sampled token ids [M] int32, kv)."""
+        """-> ((sampled token ids [M] int32, their logprobs [M], top ids [M, K], top logprobs [M, K]), kv);
+        the logprobs are zeros unless some row asks for them."""
         logits, kv = self._forward(model_state, pool_state, batch, kv)
-        return sample(logits, sampling, self.vocab_size), kv
+        tokens = sample(logits, sampling, self.vocab_size)
+        return (tokens, *token_logprobs(logits, tokens, sampling.logprobs, self.vocab_size)), kv
+
+    def _prompt_logprobs(self, model_state, pool_state, batch: StepBatch, kv, targets):
+        """targets: [M] int32 the token following each logits position ->
+        ((logprob of targets [M], top ids [M, K], top logprobs [M, K]), kv)."""
+        logits, kv = self._forward(model_state, pool_state, batch, kv)
+        return token_logprobs(logits, targets, jnp.ones(targets.shape, bool), self.vocab_size), kv
