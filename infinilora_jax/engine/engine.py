@@ -16,9 +16,8 @@ import logging
 import random
 import time
 
-import numpy as np
-
 import jax
+import numpy as np
 
 from infinilora_jax.engine.detokenizer import IncrementalDetokenizer
 from infinilora_jax.engine.kv_cache import CacheConfig

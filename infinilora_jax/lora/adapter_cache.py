@@ -97,13 +97,13 @@ class AdapterCache:
 
     def register(self, name: str, path: str) -> None:
         """Validate and convert the adapter at `path` and register it under `name`. All or nothing."""
-        _check_name(name)
+        check_adapter_name(name)
         self._add(name, os.path.abspath(path), self._read(name, path))
 
     def register_weights(self, weights: AdapterWeights) -> None:
         """Register an adapter given in memory (generated, or trained in this process). It has no file to be
         re-read from, so it stays in the host store until unregistered."""
-        _check_name(weights.name)
+        check_adapter_name(weights.name)
         self._add(weights.name, None, weights)
 
     def _add(self, name: str, path: str | None, weights: AdapterWeights) -> None:
@@ -221,10 +221,10 @@ class AdapterCache:
         self.stats.load_seconds += time.perf_counter() - start
 
 
-def _check_name(name) -> None:
+def check_adapter_name(name) -> None:
     if not isinstance(name, str) or not ADAPTER_NAME.match(name):
         raise AdapterError(f"invalid adapter name {name!r}: use 1-128 characters from [A-Za-z0-9._:/-], "
                            "starting with a letter or digit", field="name")
 
 
-__all__ = ["AdapterBusyError", "AdapterCache", "AdapterStats"]
+__all__ = ["AdapterBusyError", "AdapterCache", "AdapterStats", "check_adapter_name"]
