@@ -35,7 +35,7 @@ from infinilora_jax.models.stages import StagePlan
 
 log = logging.getLogger(__name__)
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 
 
 class AdapterBusyError(AdapterError):
@@ -222,7 +222,7 @@ class AdapterCache:
 
 
 def check_adapter_name(name) -> None:
-    if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):  # fullmatch: `$` passes a trailing \n
         raise AdapterError(f"invalid adapter name {name!r}: use 1-128 characters from [A-Za-z0-9._:/-], "
                            "starting with a letter or digit", field="name")
 

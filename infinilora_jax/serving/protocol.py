@@ -78,6 +78,12 @@ class StreamOptions(_Body):
 
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def _ONLY(value) -> dict:  # noqa: N802 - reads as a constant in field declarations
+    """A published-schema constraint: the field accepts only `value`."""
+    return {"minimum": value, "maximum": value}
+
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
@@ -96,11 +102,15 @@ class _SamplingBody(_Body):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     return_tokens_as_token_ids: bool = Field(False, description="vLLM extension: logprob tokens as 'token_id:N'")
-    presence_penalty: Penalty = Field(0.0, description="not supported: must be 0")
-    frequency_penalty: Penalty = Field(0.0, description="not supported: must be 0")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, description="not supported: must be 1")
-    min_p: Probability = Field(0.0, description="not supported: must be 0")
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
+    # Not supported: accepted only at their neutral value (the published schema says so; other values get a 400
+    # that names the field, not a silent ignore).
+    presence_penalty: Penalty = Field(0.0, description="not supported: must be 0", json_schema_extra=_ONLY(0))
+    frequency_penalty: Penalty = Field(0.0, description="not supported: must be 0", json_schema_extra=_ONLY(0))
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, description="not supported: must be 1",
+                                      json_schema_extra=_ONLY(1))
+    min_p: Probability = Field(0.0, description="not supported: must be 0", json_schema_extra=_ONLY(0))
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty",
+                                                json_schema_extra={"maxProperties": 0})
     user: str | None = Field(None, max_length=256)
 
     def check_supported(self) -> None:
@@ -130,7 +140,7 @@ class CompletionRequest(_SamplingBody):
     max_tokens: int | None = Field(16, ge=0, description="0 only with echo (prompt logprobs only)")
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    suffix: str | None = Field(None, description="not supported")
+    suffix: str | None = Field(None, description="not supported", json_schema_extra={"maxLength": 0})
     best_of: int | None = Field(None, ge=1, le=MAX_N, description="only best_of == n is supported")
 
     def check_supported(self) -> None:
