@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from infinilora_jax.errors import InfiniLoraError
+from infinilora_jax.errors import AdapterNotFoundError, InfiniLoraError
 from infinilora_jax.lora.adapter_cache import check_adapter_name
 from infinilora_jax.serving.chat import ChatTemplate
 from infinilora_jax.serving.metrics import ServerMetrics
@@ -184,8 +184,13 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models():
-        names = [state.model_name, *state.adapters.names()]
-        return {"object": "list", "data": [state.model_card(n) for n in names]}
+        cards = [state.model_card(state.model_name)]
+        for name in state.adapters.names():
+            try:
+                cards.append(state.model_card(name))
+            except AdapterNotFoundError:  # unloaded meanwhile
+                pass
+        return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model:path}")
     async def retrieve_model(model: str):

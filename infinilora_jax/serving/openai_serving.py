@@ -46,7 +46,7 @@ ENCODE_IN_THREAD_CHARS = 16384
 @dataclasses.dataclass
 class Prompt:
     ids: list[int]
-    text: str  # as the client sent it, or the decoded ids
+    text: str  # as the client sent it, or the decoded ids (only decoded for echo)
     logprobs: list[TokenLogprob | None] | None = None  # echo + logprobs: [None, lp(token 1), ...]
 
 
@@ -114,7 +114,7 @@ class OpenAIServing:
         arrival = time.monotonic()
         body.check_supported()
         adapter = self.server.resolve_model(body.model)
-        prompts = await self._completion_prompts(body.prompt)
+        prompts = await self._completion_prompts(body.prompt, body.echo)
         if body.max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens=0 is only allowed with echo=true (prompt logprobs only)",
                            param="max_tokens")
@@ -147,7 +147,7 @@ class OpenAIServing:
             enc = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         return enc.ids
 
-    async def _completion_prompts(self, prompt) -> list[Prompt]:
+    async def _completion_prompts(self, prompt, echo: bool) -> list[Prompt]:
         if isinstance(prompt, str):
             batch: list = [prompt]
         elif prompt and isinstance(prompt[0], int):
@@ -167,7 +167,7 @@ class OpenAIServing:
                 vocab = self.server.llm.config.vocab_size
                 if any(not 0 <= t < vocab for t in ids):
                     raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
-                out.append(Prompt(ids, self.tokenizer.decode(ids, skip_special_tokens=False)))
+                out.append(Prompt(ids, self.tokenizer.decode(ids, skip_special_tokens=False) if echo else ""))
         return out
 
     def _generation(self, kind, body, adapter, prompts: list[Prompt], max_tokens: int | None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import itertools
 import logging
 import queue
 import threading
@@ -81,7 +82,7 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._run, name="infinilora-engine", daemon=True)
         self.step_errors = 0
         self.last_error: str | None = None
-        self._ids = 0
+        self._ids = itertools.count(1)  # next() is atomic: handlers on several event loops may submit at once
 
     # ---- lifecycle ----
 
@@ -113,8 +114,7 @@ class EngineWorker:
         """Add requests (all or none: a job that cannot run rolls back the others and raises) and return their
         ids and the stream their outputs arrive on."""
         stream = Stream(asyncio.get_running_loop())
-        self._ids += 1
-        prefix = f"srv{self._ids}"
+        prefix = f"srv{next(self._ids)}"
 
         def add() -> list[str]:
             ids: list[str] = []
