@@ -43,3 +43,7 @@ class LayoutError(InfiniLoraError, ValueError):
 
 class RequestError(InfiniLoraError, ValueError):
     """A generation request is invalid (empty prompt, prompt over the context limit, bad sampling params)."""
+
+
+class CapacityError(RequestError):
+    """The request is valid but the KV cache or the adapter slots have no room for it right now: retry later."""

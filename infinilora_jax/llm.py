@@ -116,7 +116,8 @@ class LLM:
         self.runner.adapters.register(name, path)
 
     def unload_adapter(self, name: str) -> None:
-        self.runner.adapters.unregister(name)
+        """Forget an adapter; refused (AdapterBusyError) while requests are queued or running with it."""
+        self.engine.unload_adapter(name)
 
     @property
     def adapters(self) -> list[str]:

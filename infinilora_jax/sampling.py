@@ -8,6 +8,8 @@ import numpy as np
 
 from infinilora_jax.errors import RequestError
 
+MAX_LOGPROBS = 20  # top logprobs per token at most (OpenAI's limit); the device always computes this many
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -19,6 +21,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # stop strings (need a tokenizer); not included in the output text
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: the sampled token's logprob and the top k (0 <= k <= 20)
 
     def __post_init__(self):
         def bad(msg):
@@ -40,3 +43,6 @@ class SamplingParams:
             bad(f"stop_token_ids={self.stop_token_ids!r} must be non-negative integers")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad(f"stop={self.stop!r} must be non-empty strings")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or
+                                          not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad(f"logprobs={self.logprobs!r} must be an integer in [0, {MAX_LOGPROBS}]")

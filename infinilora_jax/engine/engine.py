@@ -16,15 +16,18 @@ import logging
 import random
 import time
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from infinilora_jax.engine.detokenizer import IncrementalDetokenizer
 from infinilora_jax.engine.kv_cache import CacheConfig
-from infinilora_jax.engine.request import Request, RequestOutput, Status
+from infinilora_jax.engine.request import Request, RequestOutput, Status, TokenLogprob
 from infinilora_jax.engine.runner import ModelRunner
 from infinilora_jax.engine.sampler import SamplingArrays
 from infinilora_jax.engine.scheduler import Scheduler, SchedulerConfig
-from infinilora_jax.errors import RequestError
+from infinilora_jax.errors import CapacityError, RequestError
+from infinilora_jax.lora.adapter_cache import AdapterBusyError
 from infinilora_jax.models.batch import RowSpec, ShapePolicy, build_step_batch, padding_batch
 from infinilora_jax.sampling import SamplingParams
 
@@ -62,6 +65,8 @@ class LLMEngine:
             raise RequestError(f"duplicate request id {request_id!r}")
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(32)
         req = Request(request_id, prompt, params, adapter, seed)
+        if self.tokenizer is not None:
+            req.detokenizer = IncrementalDetokenizer(self.tokenizer)
         if arrival_time is not None:
             req.arrival_time = arrival_time
         self.requests[request_id] = req
@@ -89,6 +94,26 @@ class LLMEngine:
         if req is not None and not req.finished:
             self.scheduler.finish(req, "abort")
             req.finish_time = time.monotonic()
+
+    def abort_all(self) -> list[str]:
+        """Abort every unfinished request (after a failed step) and return their ids. A KV cache whose buffers
+        were donated to the failed step is allocated afresh, so the engine can serve again."""
+        ids = [r.request_id for r in self.requests.values() if not r.finished]
+        for request_id in ids:
+            self.abort(request_id)
+        if any(x.is_deleted() for x in jax.tree.leaves(self.kv)):
+            log.warning("the KV cache was lost with the failed step: allocating a new one")
+            self.kv = self.runner.new_kv_cache(self.cache_config)
+        return ids
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget an adapter. Refused (AdapterBusyError) while requests are queued or running with it, so no
+        request ever runs with a slot that was zeroed or reused under it."""
+        users = sum(1 for r in self.requests.values() if not r.finished and r.adapter == name)
+        if users:
+            raise AdapterBusyError(f"adapter {name!r} is in use by {users} queued or running request(s)",
+                                   field="name")
+        self.runner.adapters.unregister(name)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -119,13 +144,14 @@ class LLMEngine:
         params = [r.params for r in sampling_reqs]
         sampling = SamplingArrays.build(params, [r.seed for r in sampling_reqs],
                                         [len(r.output_token_ids) for r in sampling_reqs], len(batch.logits_indices))
-        tokens, self.kv = self.runner.sample(batch, self.kv, sampling)
+        want_logprobs = any(p.logprobs is not None for p in params)
+        tokens, top, self.kv = self.runner.sample(batch, self.kv, sampling, logprobs=want_logprobs)
         self.num_steps += 1
         now = time.monotonic()
         for req, n in work.rows:
             req.num_computed_tokens += n
         outputs = []
-        for req, token in zip(sampling_reqs, tokens[: len(sampling_reqs)]):
+        for i, (req, token) in enumerate(zip(sampling_reqs, tokens[: len(sampling_reqs)])):
             req.output_token_ids.append(int(token))
             if req.first_token_time is None:
                 req.first_token_time = now
@@ -133,27 +159,39 @@ class LLMEngine:
             if reason is not None:
                 self.scheduler.finish(req, reason)
                 req.finish_time = now
-            outputs.append(self._output(req, [int(token)]))
+            logprobs = None
+            if req.params.logprobs is not None:
+                k = req.params.logprobs
+                logprobs = [TokenLogprob(int(token), float(top[0][i]),
+                                         list(zip(top[1][i, :k].tolist(), top[2][i, :k].tolist())))]
+            outputs.append(self._output(req, [int(token)], logprobs))
         return outputs
 
     def _stop_reason(self, req: Request) -> str | None:
         p, last = req.params, req.output_token_ids[-1]
-        if self.tokenizer is not None:
-            req.text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
-            cut = min((i for i in (req.text.find(s) for s in p.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                req.text = req.text[:cut]
-                return "stop"
+        if req.detokenizer is not None:
+            before = len(req.text)
+            req.text += req.detokenizer.push(last)
+            if p.stop and len(req.text) > before:  # search only where a stop string could newly end
+                longest = max(len(s) for s in p.stop)
+                start = max(0, before - longest + 1)
+                cut = min((i for i in (req.text.find(s, start) for s in p.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    req.text = req.text[:cut]
+                    return "stop"
+        reason = None
         if last in p.stop_token_ids or (not p.ignore_eos and last in self.eos):
-            return "stop"
-        if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
-            return "length"
-        return None
+            reason = "stop"
+        elif len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
+            reason = "length"
+        if reason is not None and req.detokenizer is not None:
+            req.text += req.detokenizer.flush()  # the output is over: release held-back bytes
+        return reason
 
-    def _output(self, req: Request, new: list[int]) -> RequestOutput:
+    def _output(self, req: Request, new: list[int], logprobs: list[TokenLogprob] | None = None) -> RequestOutput:
         return RequestOutput(req.request_id, req.prompt_token_ids, list(req.output_token_ids), new,
                              req.text if self.tokenizer is not None else None, req.finished, req.finish_reason,
-                             req.adapter)
+                             req.adapter, logprobs)
 
     # ---- compilation ----
 
@@ -177,7 +215,7 @@ class LLMEngine:
         shapes = [padding_batch(self.shapes, n, p, prefill) for n, p, prefill in self.program_shapes()]
         score = [padding_batch(self.shapes, n, p, prefill, all_logits=True)
                  for n, p, prefill in (self.program_shapes(scoring=True) if scoring else [])]
-        programs = 2 * len(shapes) + len(score) if self.runner.steps.has_pool else len(shapes) + len(score)
+        programs = (2 if self.runner.steps.has_pool else 1) * len(shapes) + 2 * len(score)
         with tqdm(total=programs, desc="compiling", disable=not progress, leave=False) as bar:
             self.runner.precompile(shapes, score, workers, on_done=bar.update)
         return len(shapes) + len(score)
@@ -187,23 +225,47 @@ class LLMEngine:
     def score(self, token_ids: list[int], adapter: str | None = None) -> np.ndarray:
         """float32 logits [T, vocab] of a token sequence (row t predicts token t + 1), computed in prefill chunks
         of the step token budget through the same paged cache, beside any running requests."""
+        def chunk(batch, row, start):
+            logits, self.kv = self.runner.score(batch, self.kv)
+            return logits[: len(row.tokens)]
+
+        return np.concatenate(self._teacher_forced(token_ids, adapter, chunk))
+
+    def prompt_logprobs(self, token_ids: list[int], adapter: str | None = None) -> list[TokenLogprob]:
+        """Teacher-forced logprobs of tokens 1..T-1 of a sequence (the first has none), each with the top
+        MAX_LOGPROBS tokens at its position; reduced on the device (the [T, vocab] logits never leave it).
+        Raises CapacityError when the KV cache or adapter slots have no room now (retry after a step)."""
+        tokens = [int(t) for t in token_ids]
+
+        def chunk(batch, row, start):
+            targets = np.zeros(batch.logits_indices.shape, np.int32)
+            n = len(row.tokens)
+            targets[:n] = tokens[start + 1: start + n + 1] + [0] * (start + n + 1 > len(tokens))
+            (chosen, top_ids, top_lp), self.kv = self.runner.prompt_logprobs(batch, self.kv, targets)
+            return chosen[:n], top_ids[:n], top_lp[:n]
+
+        parts = self._teacher_forced(tokens, adapter, chunk)
+        chosen, top_ids, top_lp = (np.concatenate(x) for x in zip(*parts))
+        return [TokenLogprob(tokens[t + 1], float(chosen[t]), list(zip(top_ids[t].tolist(), top_lp[t].tolist())))
+                for t in range(len(tokens) - 1)]
+
+    def _teacher_forced(self, token_ids, adapter, run_chunk) -> list:
         tokens = self.check_prompt(token_ids, room_to_generate=False)
         cache, allocator = self.cache_config, self.scheduler.allocator
         need = cache.pages_for(len(tokens))
         if need > allocator.num_free:
-            raise RequestError(f"no room in the KV cache to score {len(tokens)} tokens now")
+            raise CapacityError(f"no room in the KV cache to score {len(tokens)} tokens now")
         slot = self.runner.adapters.acquire(adapter)
         if slot is None:
-            raise RequestError(f"no adapter slot free for {adapter!r} now: every slot is in use")
+            raise CapacityError(f"no adapter slot free for {adapter!r} now: every slot is in use")
         pages = allocator.allocate(need)
         try:
             out, chunk = [], self.config.max_num_batched_tokens
             for start in range(0, len(tokens), chunk):
                 row = RowSpec(tokens[start:start + chunk], start, slot, pages, "all")
                 batch, _ = build_step_batch([row], cache.page_size, cache.num_pages, self.shapes)
-                logits, self.kv = self.runner.score(batch, self.kv)
-                out.append(logits[: len(row.tokens)])
-            return np.concatenate(out)
+                out.append(run_chunk(batch, row, start))
+            return out
         finally:
             allocator.free(pages)
             self.runner.adapters.release(adapter)

@@ -6,6 +6,7 @@ import dataclasses
 import enum
 import time
 
+from infinilora_jax.engine.detokenizer import IncrementalDetokenizer
 from infinilora_jax.sampling import SamplingParams
 
 
@@ -32,7 +33,8 @@ class Request:
     num_preemptions: int = 0
     first_token_time: float | None = None
     finish_time: float | None = None
-    text: str = ""  # detokenized output so far (when the engine has a tokenizer)
+    text: str = ""  # detokenized output so far (when the engine has a tokenizer): stable text only
+    detokenizer: IncrementalDetokenizer | None = None
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -47,6 +49,15 @@ class Request:
         return self.status is Status.FINISHED
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A token's logprob under the model's distribution (before temperature, top-k/top-p) and the top ones."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first; as many as the request asked for
+
+
 @dataclasses.dataclass
 class RequestOutput:
     """One request's state after a step: tokens (and text) so far, and what this step added."""
@@ -59,3 +70,4 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None
     adapter: str | None
+    new_logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for logprobs

@@ -56,17 +56,25 @@ class ModelRunner:
         self._kv_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), kv)
         return kv
 
-    def sample(self, batch: StepBatch, kv: list, sampling: SamplingArrays) -> tuple[np.ndarray, list]:
-        """Sampled token ids [M] for batch.logits_indices, and the updated KV cache. A pending adapter load is
-        carried into the step layer by layer (lora/adapter_cache.py)."""
-        cache = self.adapters
-        load = cache.take_load(set(np.unique(batch.adapter_slots).tolist()))
-        return self._sample(batch, kv, sampling, load)
+    def sample(self, batch: StepBatch, kv: list, sampling: SamplingArrays,
+               logprobs: bool = False) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None, list]:
+        """Sampled token ids [M] for batch.logits_indices; when `logprobs`, (their logprobs [M], top ids [M, K],
+        top logprobs [M, K]) (fetched from the device only then); and the updated KV cache. A pending adapter
+        load is carried into the step layer by layer (lora/adapter_cache.py)."""
+        load = self.adapters.take_load(set(np.unique(batch.adapter_slots).tolist()))
+        return self._sample(batch, kv, sampling, load, logprobs)
+
+    def prompt_logprobs(self, batch: StepBatch, kv: list, targets: np.ndarray) -> tuple[tuple[np.ndarray, ...], list]:
+        """(logprob of targets [M], top ids [M, K], top logprobs [M, K]) at batch.logits_indices (teacher forcing,
+        reduced on the device so the [M, vocab] logits never leave it), and the updated KV cache."""
+        self.adapters.flush()
+        out, kv = self.steps.run("prompt_logprobs", self.model_state, self.adapters.pool_state, batch, kv, targets)
+        return tuple(np.asarray(x) for x in out), kv
 
     def precompile(self, batches: list[StepBatch], score_batches: list[StepBatch] = (), workers: int = 8,
                    on_done=None) -> int:
-        """Compile ahead of time every program `sample` (with and without a carried adapter load) and `score`
-        may run for these batches' shapes. Returns the number of programs."""
+        """Compile ahead of time every program `sample` (with and without a carried adapter load), `score` and
+        `prompt_logprobs` may run for these batches' shapes. Returns the number of programs."""
         m, pool, kv = self.model_state, self.adapters.pool_state, self._kv_shapes
         calls = []
         for batch in batches:
@@ -75,20 +83,22 @@ class ModelRunner:
             if self.steps.has_pool:
                 slot, pages = self.adapters.warmup_load()
                 calls.append(("sample_loading", (m, pool, batch, kv, sampling, np.int32(slot), pages)))
-        calls += [("score", (m, pool, batch, kv)) for batch in score_batches]
+        for batch in score_batches:
+            calls.append(("score", (m, pool, batch, kv)))
+            calls.append(("prompt_logprobs", (m, pool, batch, kv, np.zeros(len(batch.logits_indices), np.int32))))
         self.steps.precompile(calls, workers, on_done)
         return len(calls)
 
-    def _sample(self, batch, kv, sampling, load):
+    def _sample(self, batch, kv, sampling, load, logprobs: bool):
         cache = self.adapters
         if load is None:
-            tokens, kv = self.steps.run("sample", self.model_state, cache.pool_state, batch, kv, sampling)
+            (tokens, *top), kv = self.steps.run("sample", self.model_state, cache.pool_state, batch, kv, sampling)
         else:
             slot, pages = load
-            tokens, pool_state, kv = self.steps.run("sample_loading", self.model_state, cache.pool_state, batch, kv,
-                                                    sampling, np.int32(slot), pages)
+            (tokens, *top), pool_state, kv = self.steps.run("sample_loading", self.model_state, cache.pool_state,
+                                                            batch, kv, sampling, np.int32(slot), pages)
             cache.pool_state["layers"] = pool_state["layers"]
-        return np.asarray(tokens), kv
+        return np.asarray(tokens), (tuple(np.asarray(x) for x in top) if logprobs else None), kv
 
     def score(self, batch: StepBatch, kv: list) -> tuple[np.ndarray, list]:
         """float32 logits [M, vocab] for batch.logits_indices, and the updated KV cache."""

@@ -1,7 +1,8 @@
 """Token sampling on the device, inside the jitted step: greedy, temperature, top-k, top-p, per-request seeds.
 
 Each row's random stream depends only on its request's seed and the index of the token being sampled, so a
-request samples the same tokens whatever else shares its batch.
+request samples the same tokens whatever else shares its batch. Logprobs (the sampled token's and the top
+MAX_LOGPROBS) are those of the model's distribution, before temperature and top-k/top-p, as vLLM reports them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infinilora_jax.sampling import SamplingParams
+from infinilora_jax.sampling import MAX_LOGPROBS, SamplingParams
 
 
 @jax.tree_util.register_dataclass
@@ -23,6 +24,7 @@ class SamplingArrays:
     top_p: jax.Array  # [M] float32; 1 = off
     seeds: jax.Array  # [M] uint32 per-request seed
     counters: jax.Array  # [M] int32 index of the token being sampled (its output position)
+    logprobs: jax.Array  # [M] bool the row asks for logprobs
 
     @staticmethod
     def build(params: list[SamplingParams], seeds: list[int], counters: list[int], rows: int) -> SamplingArrays:
@@ -37,7 +39,8 @@ class SamplingArrays:
             top_k=fill([max(p.top_k, 0) for p in params], np.int32, 0),
             top_p=fill([p.top_p for p in params], np.float32, 1.0),
             seeds=fill([s & 0xFFFFFFFF for s in seeds], np.uint32, 0),
-            counters=fill(counters, np.int32, 0))
+            counters=fill(counters, np.int32, 0),
+            logprobs=fill([p.logprobs is not None for p in params], np.bool_, False))
 
 
 def sample(logits: jax.Array, s: SamplingArrays, vocab_size: int) -> jax.Array:
@@ -68,3 +71,26 @@ def sample(logits: jax.Array, s: SamplingArrays, vocab_size: int) -> jax.Array:
     needs_filter = jnp.any((s.temperature > 0) & ((s.top_k > 0) | (s.top_p < 1)))
     sampled = jax.lax.cond(needs_filter, filtered, plain, scaled)
     return jnp.where(s.temperature > 0, sampled, greedy)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, wanted: jax.Array,
+                   vocab_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """logits: [M, V_padded] float32, tokens: [M] int32, wanted: [M] bool ->
+    (logprob of each token [M] float32, top ids [M, K] int32, top logprobs [M, K] float32), K = min(20, vocab).
+
+    Computed only when some row wants them (a branch on the device, so one compiled program serves every mix);
+    zeros otherwise.
+    """
+    k = min(MAX_LOGPROBS, vocab_size)
+    m = logits.shape[0]
+
+    def compute(logits):
+        logp = jax.nn.log_softmax(jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf), axis=-1)
+        chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+        top_logp, top_ids = jax.lax.top_k(logp, k)
+        return chosen, top_ids.astype(jnp.int32), top_logp
+
+    def skip(logits):
+        return jnp.zeros(m, jnp.float32), jnp.zeros((m, k), jnp.int32), jnp.zeros((m, k), jnp.float32)
+
+    return jax.lax.cond(jnp.any(wanted), compute, skip, logits.astype(jnp.float32))

@@ -43,7 +43,7 @@ from infinilora_jax.models.step import drop_slot_dim
 
 log = logging.getLogger(__name__)
 
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 
 
 class AdapterBusyError(AdapterError):
@@ -86,7 +86,13 @@ class AdapterCache:
         return self.pool.pool_cfg.max_adapters
 
     def names(self) -> list[str]:
-        return list(self.paths)
+        with self._lock:  # may be called from another thread than the one registering
+            return list(self.paths)
+
+    def path(self, name: str) -> str | None:
+        """The directory a registered adapter was read from (None: given in memory)."""
+        with self._lock:
+            return self.paths[self.require(name)]
 
     def __contains__(self, name: str) -> bool:
         return name in self.paths
@@ -104,13 +110,13 @@ class AdapterCache:
 
     def register(self, name: str, path: str) -> None:
         """Validate and convert the adapter at `path` and register it under `name`. All or nothing."""
-        _check_name(name)
+        check_adapter_name(name)
         self._add(name, os.path.abspath(path), self._read(name, path))
 
     def register_weights(self, weights: AdapterWeights) -> None:
         """Register an adapter given in memory (generated, or trained in this process). It has no file to be
         re-read from, so it stays in the host store until unregistered."""
-        _check_name(weights.name)
+        check_adapter_name(weights.name)
         self._add(weights.name, None, weights)
 
     def _add(self, name: str, path: str | None, weights: AdapterWeights) -> None:
@@ -288,10 +294,10 @@ class AdapterCache:
         self.stats.load_seconds += time.perf_counter() - start
 
 
-def _check_name(name) -> None:
-    if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+def check_adapter_name(name) -> None:
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):  # fullmatch: `$` passes a trailing \n
         raise AdapterError(f"invalid adapter name {name!r}: use 1-128 characters from [A-Za-z0-9._:/-], "
                            "starting with a letter or digit", field="name")
 
 
-__all__ = ["AdapterBusyError", "AdapterCache", "AdapterStats"]
+__all__ = ["AdapterBusyError", "AdapterCache", "AdapterStats", "check_adapter_name"]

@@ -1,10 +1,11 @@
 """The jitted SPMD steps over the (pp, ep, tp) mesh: the model's local code inside one shard_map.
 
-`score` returns float32 logits (teacher forcing, prompt logprobs); `sample` returns sampled token ids, with the
-sampler fused into the same program so only [M] integers leave the device each step. `sample_loading` is `sample`
-that also brings one adapter into its pool slot layer by layer (layer-wise loading): the adapter's pages arrive in
-host memory, each layer's pages are copied to the device inside the step and written into the donated pool, so
-layer l waits only for its own copy and the copies overlap the layers before it.
+`score` returns float32 logits (teacher forcing); `prompt_logprobs` the logprob of each next token and the top
+ones, reduced on the device; `sample` returns sampled token ids (and, when a row asks, their logprobs), with the
+sampler fused into the same program so only [M] integers (and [M, 20] logprobs) leave the device each step.
+`sample_loading` is `sample` that also brings one adapter into its pool slot layer by layer (layer-wise loading):
+the adapter's pages arrive in host memory, each layer's pages are copied to the device inside the step and written
+into the donated pool, so layer l waits only for its own copy and the copies overlap the layers before it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from infinilora_jax.engine.sampler import SamplingArrays, sample
+from infinilora_jax.engine.sampler import SamplingArrays, sample, token_logprobs
 from infinilora_jax.lora.pool import LoraPool
 from infinilora_jax.models.batch import QueryBlock, StepBatch
 from infinilora_jax.models.params import partition_specs
@@ -87,6 +88,7 @@ class StepFunctions:
                                       out_specs=(PartitionSpec(None, MODEL_AXES), kv_specs), check_vma=False)
         self.score = jax.jit(self._score, donate_argnums=(3,))
         self.sample = jax.jit(self._sample, donate_argnums=(3,))
+        self.prompt_logprobs = jax.jit(self._prompt_logprobs, donate_argnums=(3,))
         if pool is not None:
             pool_specs = partition_specs(pool_state)
             page_specs = incoming_page_specs(pool_specs)
@@ -109,7 +111,7 @@ class StepFunctions:
         return logits[:, : self.vocab_size], kv
 
     def run(self, name: str, *args):
-        """Call step `name` ("score" | "sample" | "sample_loading") with (model_state, pool_state, batch, ...):
+        """Call step `name` ("score" | "prompt_logprobs" | "sample" | "sample_loading") with (model_state, pool_state, batch, ...):
         through the executable `precompile` made for this batch's shapes if there is one, else through jit."""
         executable = self._compiled.get(_shape_key(name, args[2]))
         return (executable or getattr(self, name))(*args)
@@ -130,11 +132,20 @@ class StepFunctions:
                     on_done()
 
     def _sample_loading(self, model_state, pool_state, batch: StepBatch, kv, sampling: SamplingArrays, slot, pages):
-        """-> (sampled token ids [M], pool with `pages` written into `slot`, kv)."""
+        """-> (as `_sample`'s first output, pool with `pages` written into `slot`, kv)."""
         logits, pool_state, kv = self._forward_loading(model_state, pool_state, batch, kv, slot, pages)
-        return sample(logits, sampling, self.vocab_size), pool_state, kv
+        tokens = sample(logits, sampling, self.vocab_size)
+        return (tokens, *token_logprobs(logits, tokens, sampling.logprobs, self.vocab_size)), pool_state, kv
 
     def _sample(self, model_state, pool_state, batch: StepBatch, kv, sampling: SamplingArrays):
-        """-> (sampled token ids [M] int32, kv)."""
+        """-> ((sampled token ids [M] int32, their logprobs [M], top ids [M, K], top logprobs [M, K]), kv);
+        the logprobs are zeros unless some row asks for them."""
         logits, kv = self._forward(model_state, pool_state, batch, kv)
-        return sample(logits, sampling, self.vocab_size), kv
+        tokens = sample(logits, sampling, self.vocab_size)
+        return (tokens, *token_logprobs(logits, tokens, sampling.logprobs, self.vocab_size)), kv
+
+    def _prompt_logprobs(self, model_state, pool_state, batch: StepBatch, kv, targets):
+        """targets: [M] int32 the token following each logits position ->
+        ((logprob of targets [M], top ids [M, K], top logprobs [M, K]), kv)."""
+        logits, kv = self._forward(model_state, pool_state, batch, kv)
+        return token_logprobs(logits, targets, jnp.ones(targets.shape, bool), self.vocab_size), kv
