@@ -111,8 +111,9 @@ class StepFunctions:
         return logits[:, : self.vocab_size], kv
 
     def run(self, name: str, *args):
-        """Call step `name` ("score" | "prompt_logprobs" | "sample" | "sample_loading") with (model_state, pool_state, batch, ...):
-        through the executable `precompile` made for this batch's shapes if there is one, else through jit."""
+        """Call step `name` ("score" | "prompt_logprobs" | "sample" | "sample_loading") with (model_state,
+        pool_state, batch, ...): through the executable `precompile` made for this batch's shapes if there is
+        one, else through jit."""
         executable = self._compiled.get(_shape_key(name, args[2]))
         return (executable or getattr(self, name))(*args)
 
