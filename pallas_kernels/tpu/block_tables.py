@@ -1,0 +1,72 @@
+"""Per-device block sizes of the TPU LoRA kernels, read from tuned_blocks.json.
+
+Key: "<device>/<dtype>", device one of v4, v5e, v5p, v6e, v7x (from `jax.Device.device_kind`) or "interpret"
+(CPU tests), dtype the activation dtype ("bfloat16", "float32"). Value: the fields of `ops.Blocks` plus
+"measured" (false until tools/tune_tpu_lora_blocks.py has timed candidates on that device and rewritten the
+entry). A missing key falls back to `DEFAULT` with a logged warning. `blocks_for` then adapts the entry to the
+problem: the rank block must divide the pool rank, and the token tile shrinks until the kernels fit the
+device's scoped VMEM.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+
+import jax.numpy as jnp
+
+from pallas_kernels.tpu.expand import expand_vmem_bytes, pick_column_tile
+from pallas_kernels.tpu.ops import Blocks
+from pallas_kernels.tpu.shrink import shrink_vmem_bytes
+
+TABLE_PATH = os.path.join(os.path.dirname(__file__), "tuned_blocks.json")
+DEFAULT = Blocks()
+VMEM_BUDGET = {"v4": 16, "v5e": 16, "v5p": 16, "v6e": 32, "v7x": 32, "interpret": 16}  # MiB, default scoped
+_DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
+                 "TPU v6 lite": "v6e", "TPU v6e": "v6e", "TPU7x": "v7x"}
+log = logging.getLogger(__name__)
+
+
+def device_key(device_kind: str) -> str:
+    """Short device name of a `device_kind` string ("TPU v5 lite" -> "v5e"); unknown kinds pass through."""
+    return _DEVICE_KINDS.get(device_kind, device_kind)
+
+
+@functools.cache
+def load_table(path: str = TABLE_PATH) -> dict[str, dict]:
+    with open(path) as f:
+        return json.load(f)
+
+
+def table_key(device: str, dtype) -> str:
+    return f"{device}/{jnp.dtype(dtype).name}"
+
+
+@functools.cache
+def _lookup(device: str, dtype_name: str) -> Blocks:
+    entry = load_table().get(table_key(device, dtype_name))
+    if entry is None:
+        log.warning("no tuned LoRA kernel blocks for %s; using defaults %s (run tools/tune_tpu_lora_blocks.py)",
+                    table_key(device, dtype_name), DEFAULT)
+        return DEFAULT
+    return Blocks(**{k: v for k, v in entry.items() if k != "measured"})
+
+
+def blocks_for(device: str, dtype, *, d_in: int, out_widths: tuple[int, ...], max_rank: int) -> Blocks:
+    """The table's blocks for (device, dtype), adapted to one problem.
+
+    rank_block: the table's value if it divides max_rank, else 8 when that does (else the pool is padded).
+    token_tile: halved (down to 128) until shrink and expand fit the device's VMEM budget.
+    """
+    base = _lookup(device, jnp.dtype(dtype).name)
+    rb = base.rank_block if max_rank % base.rank_block == 0 else (8 if max_rank % 8 == 0 else base.rank_block)
+    budget = VMEM_BUDGET.get(device, 16) * 2**20
+    rows = -(-max_rank // rb) * rb * len(out_widths)
+    tns = tuple(pick_column_tile(n, base.col_tile) for n in out_widths)
+    tm = base.token_tile
+    while tm > 128 and max(shrink_vmem_bytes(tm, d_in, rows, rb, dtype, dtype),
+                           expand_vmem_bytes(tm, tns, rows, rb, [dtype] * len(tns), [dtype] * len(tns))) > budget:
+        tm //= 2
+    return Blocks(token_tile=tm, col_tile=base.col_tile, rank_block=rb, decode_rows=base.decode_rows)
