@@ -19,12 +19,15 @@ from pallas_kernels import dispatch
 from pallas_kernels.grouping import group_rows
 from pallas_kernels.layout import PageTable, a_rows_from_pool, b_rows_from_pool, total_blocks
 from pallas_kernels.tpu import block_tables
+from pallas_kernels.tpu.expand import ExpandGrid
 from pallas_kernels.tpu.ops import Blocks, lora_apply
 from pallas_kernels.tpu.schedule import build_schedule
 
 INTERPRET = pltpu.InterpretParams()
-DECODE = Blocks(token_tile=128, col_tile=128, rank_block=8, decode_rows=256)  # always the decode variant
-PREFILL = Blocks(token_tile=128, col_tile=128, rank_block=8, decode_rows=1)  # always the prefill variant
+_build = jax.jit(build_schedule, static_argnames=("num_experts", "tm", "num_rows", "sorted_rows", "arena_blocks"))
+_TILES = dict(token_tile=128, col_tile=128, decode_col_tile=128, rank_block=8)
+DECODE = Blocks(**_TILES, decode_rows=256)  # always the decode variant here
+PREFILL = Blocks(**_TILES, decode_rows=1)  # always the prefill variant
 VARIANTS = {"decode": DECODE, "prefill": PREFILL}
 
 
@@ -82,9 +85,61 @@ def test_schedule_work_scales_with_rank_and_skips_slot_zero():
     for slots, want in [([1, 1, 1], 1), ([2, 2], 4), ([1, 2, 0, 3], 5), ([0, 0, 3], 0)]:
         keys = jnp.asarray(slots, jnp.int32)
         g = group_rows(keys, keys > 0, num_keys=4)
-        sched = build_schedule(g, g.row_group, tables, num_experts=1, tm=len(slots), num_rows=len(slots),
-                               sorted_rows=False, arena_blocks=(16,))
+        sched = _build(g, g.row_group, tables, num_experts=1, tm=len(slots), num_rows=len(slots),
+                       sorted_rows=False, arena_blocks=(16,))
         assert int(sched.sh_count) == want and int(sched.ex_count[0]) == want, slots
+
+
+@pytest.mark.parametrize("sorted_rows", [False, True])
+def test_idle_operands_hold_their_blocks(rng, sorted_rows):
+    """Simulate the TPU pipeline on the index maps of a fused launch (3 targets: full ranks, some rank 0, all
+    rank 0): a block is fetched only when an item of its own target needs it, and every output block that is
+    written back (on an index change, or at the end) was computed or passed through, never left unwritten."""
+    m, num_slots, tm = 300 if sorted_rows else 60, 6, 128 if sorted_rows else None
+    tm = tm or m
+    mp = -(-m // tm) * tm
+    rank_sets = [[0, 16, 8, 24, 8, 16], [0, 0, 8, 0, 16, 0], [0] * num_slots]
+    tables = tuple(PageTable.padded(num_slots, 1, 24, 8, jnp.asarray(r)) for r in rank_sets)
+    slots = jnp.asarray(rng.integers(0, num_slots, size=m), jnp.int32)
+    g = group_rows(slots, slots > 0, num_keys=num_slots)
+    row_group = (jnp.pad(g.row_group[g.order], (0, mp - m), constant_values=-1) if sorted_rows else g.row_group)
+    sched = jax.tree.map(np.asarray, _build(g, row_group, tables, num_experts=1, tm=tm, num_rows=mp,
+                                            sorted_rows=sorted_rows, arena_blocks=(18, 18, 18)))
+    # shrink: target i's A block changes only at items of target i
+    n, items = int(sched.sh_count), sched.items_shrink
+    for i in range(3):
+        blocks = sched.sh_block[i * items:i * items + n]
+        changed = np.flatnonzero(np.diff(blocks)) + 1
+        assert np.all(sched.sh_seg[changed] == i)
+    # expand: walk the grid
+    counts, items = sched.ex_count, sched.items_expand
+    assert counts[2] == 0 and 0 < counts[1] < counts[0]
+    grid = ExpandGrid(ntiles=(2, 1, 1), items=items)
+    prefetch = tuple(map(jnp.asarray, (counts, sched.ex_tile, sched.ex_group, sched.ex_row, sched.ex_first,
+                                       sched.ex_last, sched.ex_block)))
+    steps_j, steps_t = (a.ravel() for a in np.meshgrid(np.arange(sum(grid.ntiles)), np.arange(int(counts.max())),
+                                                       indexing="ij"))
+    evaluate = lambda f: np.stack(jax.vmap(lambda j, t: jnp.stack(f(j, t, *prefetch)))(steps_j, steps_t))
+    segs = np.asarray(jax.vmap(grid.seg_of)(steps_j))
+    b_idx = [evaluate(grid.b_map(i)) for i in range(3)]
+    y_idx = [evaluate(grid.y_map(i)) for i in range(3)]
+    b_fetches, y_prev, written = [0] * 3, [None] * 3, [set() for _ in range(3)]
+    for step, (j, t) in enumerate(zip(steps_j, steps_t)):
+        seg = segs[step]
+        for i in range(3):
+            b, y = tuple(b_idx[i][step]), tuple(y_idx[i][step])
+            if step == 0 or b != tuple(b_idx[i][step - 1]):
+                assert step == 0 or (seg == i and t < counts[i]), (i, j, t)
+                b_fetches[i] += 1
+            if y_prev[i] is not None and y != y_prev[i]:
+                assert y_prev[i] in written[i], (i, j, t, y_prev[i])  # write-back of a computed block
+            y_prev[i] = y
+            k = i * items + t
+            if seg == i and ((t < counts[i] and sched.ex_last[k]) or (counts[i] == 0 and t == 0)):
+                written[i].add(y)
+    assert all(y_prev[i] in written[i] for i in range(3))  # the final write-back
+    for i in range(3):  # at most one fetch per item and column tile (plus the first)
+        assert b_fetches[i] <= max(int(counts[i]), 1) * grid.ntiles[i] + 1
 
 
 # --------------------------------------------------------------------------------- kernels vs reference
@@ -229,7 +284,7 @@ def test_bf16_delta_close_to_float64(rng):
                      for i, s in enumerate(slots)])
     bf = lambda v: jnp.asarray(v, jnp.bfloat16)
     (got,) = _apply((jnp.zeros((m, out), jnp.float32),), bf(x), jnp.asarray(slots), [(bf(a), bf(b))], [ranks],
-                    Blocks(token_tile=128, col_tile=128, rank_block=16, decode_rows=32))
+                    Blocks(token_tile=128, col_tile=128, decode_col_tile=128, rank_block=16, decode_rows=32))
     assert rel_err(got, want) < 2e-2
 
 
@@ -294,8 +349,10 @@ def test_kernels_lower_for_tpu(m):
 def test_block_tables(caplog):
     entry = block_tables.blocks_for("v6e", jnp.bfloat16, d_in=4096, out_widths=(4096,), max_rank=64)
     assert entry.rank_block == 16 and entry.token_tile % 128 == 0
-    wide = block_tables.blocks_for("v5e", jnp.bfloat16, d_in=14336, out_widths=(4096,), max_rank=64)
-    assert wide.token_tile <= entry.token_tile  # the x tile must fit VMEM
+    wide = block_tables.blocks_for("v5e", jnp.bfloat16, d_in=65536, out_widths=(4096,), max_rank=64)
+    assert wide.token_tile == 128 and wide.decode_rows == 128  # the x tile holds all of D_in: it must fit VMEM
+    wider = block_tables.blocks_for("v5e", jnp.bfloat16, d_in=131072, out_widths=(4096,), max_rank=64)
+    assert wider.decode_rows < 128
     assert block_tables.blocks_for("v5e", jnp.float32, d_in=64, out_widths=(64,), max_rank=24).rank_block == 8
     with caplog.at_level(logging.WARNING):
         assert block_tables.blocks_for("unknown-tpu", jnp.bfloat16, d_in=64, out_widths=(64,),

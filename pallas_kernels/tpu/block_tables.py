@@ -23,7 +23,9 @@ from pallas_kernels.tpu.shrink import shrink_vmem_bytes
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "tuned_blocks.json")
 DEFAULT = Blocks()
-VMEM_BUDGET = {"v4": 16, "v5e": 16, "v5p": 16, "v6e": 32, "v7x": 32, "interpret": 16}  # MiB, default scoped
+# MiB our estimate may reach; common.vmem_limit raises the scoped limit to ~1.25x that, below the physical VMEM
+# (16 MiB on v4, 128 on v5e/v6e, 64 on v5p/v7x per jax's tpu_info).
+VMEM_BUDGET = {"v4": 12, "v5e": 48, "v5p": 40, "v6e": 48, "v7x": 40, "interpret": 12}
 _DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
                  "TPU v6 lite": "v6e", "TPU v6e": "v6e", "TPU7x": "v7x"}
 log = logging.getLogger(__name__)
@@ -58,15 +60,28 @@ def blocks_for(device: str, dtype, *, d_in: int, out_widths: tuple[int, ...], ma
     """The table's blocks for (device, dtype), adapted to one problem.
 
     rank_block: the table's value if it divides max_rank, else 8 when that does (else the pool is padded).
-    token_tile: halved (down to 128) until shrink and expand fit the device's VMEM budget.
+    token_tile, col_tile (prefill) and decode_col_tile, then decode_rows (decode): shrunk until shrink and
+    expand fit the device's VMEM budget (x tiles hold the whole D_in; y tiles are counted as float32).
     """
     base = _lookup(device, jnp.dtype(dtype).name)
     rb = base.rank_block if max_rank % base.rank_block == 0 else (8 if max_rank % 8 == 0 else base.rank_block)
-    budget = VMEM_BUDGET.get(device, 16) * 2**20
+    budget = VMEM_BUDGET.get(device, 12) * 2**20
     rows = -(-max_rank // rb) * rb * len(out_widths)
-    tns = tuple(pick_column_tile(n, base.col_tile) for n in out_widths)
-    tm = base.token_tile
-    while tm > 128 and max(shrink_vmem_bytes(tm, d_in, rows, rb, dtype, dtype),
-                           expand_vmem_bytes(tm, tns, rows, rb, [dtype] * len(tns), [dtype] * len(tns))) > budget:
-        tm //= 2
-    return Blocks(token_tile=tm, col_tile=base.col_tile, rank_block=rb, decode_rows=base.decode_rows)
+
+    def fits(tm: int, col_tile: int) -> bool:
+        tns = tuple(pick_column_tile(n, col_tile) for n in out_widths)
+        return max(shrink_vmem_bytes(tm, d_in, rows, rb, dtype, dtype),
+                   expand_vmem_bytes(tm, tns, rows, rb, [jnp.float32] * len(tns), [dtype] * len(tns))) <= budget
+
+    half = lambda v: max(128, v // 2 // 128 * 128)
+    tm, col = base.token_tile, base.col_tile
+    while tm > 128 and not fits(tm, col):
+        tm = half(tm)
+    while col > 128 and not fits(tm, col):
+        col = half(col)
+    dec_rows, dec_col = base.decode_rows, base.decode_col_tile
+    while dec_col > 128 and not fits(dec_rows, dec_col):
+        dec_col = half(dec_col)
+    while dec_rows > 8 and not fits(dec_rows, dec_col):
+        dec_rows //= 2
+    return Blocks(token_tile=tm, col_tile=col, decode_col_tile=dec_col, rank_block=rb, decode_rows=dec_rows)

@@ -17,6 +17,7 @@ nothing and stay bit-identical. Operands of the targets that are idle in a colum
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -37,6 +38,50 @@ def pick_column_tile(n: int, target: int) -> int:
         if n % tn == 0:
             best = tn
     return best or n
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpandGrid:
+    """Index maps of the expand grid (column tile j, item t); scalar-prefetch refs follow the grid indices
+    in the order (count, tile, group, row, first, last, block). An operand of target i is active in target i's
+    column tiles; before them it holds its first block, after them its last one, and past target i's item
+    count it holds its last item's block: idle steps never change a block index."""
+
+    ntiles: tuple[int, ...]  # column tiles of each target
+    items: int  # Ie, the stride of the per-target item lists
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        return tuple(sum(self.ntiles[:i]) for i in range(len(self.ntiles)))
+
+    def seg_of(self, j):
+        s = jnp.int32(0)
+        for start in self.starts[1:]:
+            s = s + (jnp.asarray(j) >= start).astype(jnp.int32)
+        return s
+
+    def _item(self, i, t, count):
+        """Index into target i's item list at step t, clamped to its last item."""
+        return i * self.items + jnp.clip(t, 0, jnp.maximum(count[i] - 1, 0))
+
+    def lane_map(self, j, t, count, tile, *_):
+        s = self.seg_of(j)
+        return 0, tile[s * self.items + jnp.clip(t, 0, jnp.maximum(count[s] - 1, 0))]
+
+    def _held(self, i, j, t, count, table):
+        """(value of target i's table at this step, column tile of target i), held outside its range."""
+        s = self.seg_of(j)
+        here, before = table[self._item(i, t, count)], table[i * self.items]
+        after = table[self._item(i, count[i], count)]
+        value = jnp.where(s == i, here, jnp.where(s < i, before, after))
+        col = jnp.where(s == i, j - self.starts[i], jnp.where(s < i, 0, self.ntiles[i] - 1))
+        return value, col
+
+    def b_map(self, i):
+        return lambda j, t, count, tile, group, row, first, last, block: self._held(i, j, t, count, block)
+
+    def y_map(self, i):
+        return lambda j, t, count, tile, *_: self._held(i, j, t, count, tile)
 
 
 def expand_vmem_bytes(tm: int, tns, rows: int, rank_block: int, y_dtypes, b_dtypes) -> int:
@@ -73,46 +118,8 @@ def expand(s_t: jax.Array, b_rows: tuple[jax.Array, ...], ys: tuple[jax.Array, .
                              f"and y {y.shape} must be [{mp}, N]")
     tns = tuple(pick_column_tile(y.shape[1], col_tile) for y in ys)
     ntiles = tuple(y.shape[1] // tn for y, tn in zip(ys, tns))
-    starts = [sum(ntiles[:i]) for i in range(nseg)]
-
-    def seg_of(j):
-        s = jnp.int32(0)
-        for i in range(1, nseg):
-            s = s + (j >= starts[i]).astype(jnp.int32)
-        return s
-
-    def item_of(i, t, count):
-        """Index into target i's item list at step t, clamped to its last item (held)."""
-        return i * items + jnp.clip(t, 0, jnp.maximum(count[i] - 1, 0))
-
-    def seg_item(j, t, count):
-        s = seg_of(j)
-        return s * items + jnp.clip(t, 0, jnp.maximum(count[s] - 1, 0))
-
-    def lane_map(j, t, count, tile, *_):
-        return 0, tile[seg_item(j, t, count)]
-
-    def b_map(i):
-        def index(j, t, count, tile, group, row, first, last, block):
-            s = seg_of(j)
-            here = block[item_of(i, t, count)]
-            before = block[i * items]
-            after = block[item_of(i, count[i], count)]
-            blk = jnp.where(s == i, here, jnp.where(s < i, before, after))
-            col = jnp.where(s == i, j - starts[i], jnp.where(s < i, 0, ntiles[i] - 1))
-            return blk, col
-        return index
-
-    def y_map(i):
-        def index(j, t, count, tile, *_):
-            s = seg_of(j)
-            here = tile[item_of(i, t, count)]
-            before = tile[i * items]
-            after = tile[item_of(i, count[i], count)]
-            tl = jnp.where(s == i, here, jnp.where(s < i, before, after))
-            col = jnp.where(s == i, j - starts[i], jnp.where(s < i, 0, ntiles[i] - 1))
-            return tl, col
-        return index
+    grid_maps = ExpandGrid(ntiles=ntiles, items=items)
+    seg_of = grid_maps.seg_of
 
     def kernel(count_ref, tile_ref, group_ref, row_ref, first_ref, last_ref, block_ref, s_ref, rg_ref, *refs):
         b_refs, y_refs = refs[:nseg], refs[nseg:2 * nseg]
@@ -147,10 +154,11 @@ def expand(s_t: jax.Array, b_rows: tuple[jax.Array, ...], ys: tuple[jax.Array, .
                 def _pass_through():  # this target has no work: its column tile passes through unchanged
                     o_refs[i][...] = y_refs[i][...]
 
+    lane_map = grid_maps.lane_map
     in_specs = [pl.BlockSpec((rows, tm), lane_map), pl.BlockSpec((1, tm), lane_map)]
-    in_specs += [pl.BlockSpec((rb, tns[i]), b_map(i)) for i in range(nseg)]
-    in_specs += [pl.BlockSpec((tm, tns[i]), y_map(i)) for i in range(nseg)]
-    out_specs = [pl.BlockSpec((tm, tns[i]), y_map(i)) for i in range(nseg)]
+    in_specs += [pl.BlockSpec((rb, tns[i]), grid_maps.b_map(i)) for i in range(nseg)]
+    in_specs += [pl.BlockSpec((tm, tns[i]), grid_maps.y_map(i)) for i in range(nseg)]
+    out_specs = [pl.BlockSpec((tm, tns[i]), grid_maps.y_map(i)) for i in range(nseg)]
     num_prefetch = 7
     aliases = {num_prefetch + 2 + nseg + i: i for i in range(nseg)}
     grid = (sum(ntiles), jnp.max(sched.ex_count))

@@ -29,14 +29,16 @@ class Blocks:
     """Static tiling of one launch."""
 
     token_tile: int = 128  # prefill token tile (tokens are the lane axis of s^T: a multiple of 128)
-    col_tile: int = 512  # target width of an output column tile (a multiple of 128)
+    col_tile: int = 512  # prefill: target width of an output column tile (a multiple of 128)
+    decode_col_tile: int = 2048  # decode: wider, since each column tile walks every work item again
     rank_block: int = 16  # rows per rank block (a multiple of 8; 16 fills a bf16 sublane tile)
     decode_rows: int = 128  # up to this many rows: the decode variant (one unsorted token tile)
 
     def __post_init__(self):
-        if self.token_tile % 128 or self.col_tile % 128 or self.rank_block % 8 or self.decode_rows < 1:
-            raise ValueError(f"bad blocks {self}: token_tile and col_tile must be multiples of 128, rank_block "
-                             "a multiple of 8, decode_rows positive")
+        if (self.token_tile % 128 or self.col_tile % 128 or self.decode_col_tile % 128 or self.rank_block % 8
+                or self.decode_rows < 1):
+            raise ValueError(f"bad blocks {self}: token_tile and the column tiles must be multiples of 128, "
+                             "rank_block a multiple of 8, decode_rows positive")
 
 
 def use_decode(rows: int, blocks: Blocks) -> bool:
@@ -71,7 +73,7 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
         sched = build_schedule(grouping, grouping.row_group, tables, num_experts=num_experts, tm=m, num_rows=m,
                                sorted_rows=False, arena_blocks=arena_blocks)
         s_t = shrink(x, a_rows, sched, interpret=interpret)
-        return expand(s_t, b_rows, ys, sched, col_tile=blocks.col_tile, interpret=interpret)
+        return expand(s_t, b_rows, ys, sched, col_tile=blocks.decode_col_tile, interpret=interpret)
 
     tm = blocks.token_tile
     mp = -(-m // tm) * tm
