@@ -3,13 +3,14 @@
 Key: "<device>/<dtype>", device one of v4, v5e, v5p, v6e, v7x (from `jax.Device.device_kind`) or "interpret"
 (CPU tests), dtype the activation dtype ("bfloat16", "float32"). Value: the fields of `ops.Blocks` plus
 "measured" (false until tools/tune_tpu_lora_blocks.py has timed candidates on that device and rewritten the
-entry). A missing key falls back to `DEFAULT` with a logged warning. `blocks_for` then adapts the entry to the
-problem: the rank block must divide the pool rank, and the token tile shrinks until the kernels fit the
-device's scoped VMEM.
+entry, adding the jax version and device kind). Today no entry is measured: they are heuristics.
+A missing key falls back to `DEFAULT` with a logged warning. `blocks_for` then adapts the entry to the problem:
+the rank block must divide the pool rank, and tiles shrink until the kernels fit the device's VMEM.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -53,7 +54,8 @@ def _lookup(device: str, dtype_name: str) -> Blocks:
         log.warning("no tuned LoRA kernel blocks for %s; using defaults %s (run tools/tune_tpu_lora_blocks.py)",
                     table_key(device, dtype_name), DEFAULT)
         return DEFAULT
-    return Blocks(**{k: v for k, v in entry.items() if k != "measured"})
+    fields = {f.name for f in dataclasses.fields(Blocks)}
+    return Blocks(**{k: v for k, v in entry.items() if k in fields})
 
 
 def blocks_for(device: str, dtype, *, d_in: int, out_widths: tuple[int, ...], max_rank: int) -> Blocks:
