@@ -20,7 +20,7 @@ from pallas_kernels.grouping import group_rows
 from pallas_kernels.layout import PageTable, a_rows_from_pool, b_rows_from_pool, total_blocks
 from pallas_kernels.tpu import block_tables
 from pallas_kernels.tpu.expand import ExpandGrid
-from pallas_kernels.tpu.ops import Blocks, lora_apply
+from pallas_kernels.tpu.ops import Blocks, lora_apply, metadata_bytes
 from pallas_kernels.tpu.schedule import build_schedule
 
 INTERPRET = pltpu.InterpretParams()
@@ -145,7 +145,7 @@ def test_idle_operands_hold_their_blocks(rng, sorted_rows):
 # --------------------------------------------------------------------------------- kernels vs reference
 
 
-def _apply(ys, x, slots, pairs, ranks, blocks, experts=None, packed=False):
+def _apply(ys, x, slots, pairs, ranks, blocks, experts=None, packed=False, **kwargs):
     """lora_apply on pool pages (padded pool, or repacked into a packed arena)."""
     rb = blocks.rank_block
     num_experts = 1 if experts is None else pairs[0][0].shape[1]
@@ -178,7 +178,7 @@ def _apply(ys, x, slots, pairs, ranks, blocks, experts=None, packed=False):
         ok = (experts >= 0) & (experts < num_experts)
         keys, active = slots * num_experts + jnp.where(ok, experts, 0), ok & (slots > 0)
     return lora_apply(tuple(ys), x, keys, active, tuple(a_rows), tuple(b_rows), tuple(tables),
-                      num_experts=num_experts, blocks=blocks, interpret=INTERPRET)
+                      num_experts=num_experts, blocks=blocks, interpret=INTERPRET, **kwargs)
 
 
 @pytest.mark.parametrize("variant", ["decode", "prefill"])
@@ -223,6 +223,21 @@ def test_packed_arena_matches_reference(rng, variant):
     experts = jnp.asarray(rng.integers(0, num_experts, size=m), jnp.int32)
     (got,) = _apply((jnp.zeros((m, out), jnp.float32),), x, slots, [(a, b)], [ranks], VARIANTS[variant],
                     experts=experts, packed=True)
+    assert rel_err(got, reference.expert_lora_delta(x, slots, experts, a, b)) < 1e-5
+
+
+def test_prefill_split_into_launches_when_work_lists_exceed_smem(rng):
+    """300 expert rows, a work-list budget that 384 rows exceed: two launches (256 + 44 rows), same result."""
+    m, num_slots, num_experts, d_in, out = 300, 3, 2, 16, 16
+    ranks = [0, 16, 5]
+    a, b = make_pages(rng, ranks, d_in, out, experts=num_experts)
+    x = jnp.asarray(rng.normal(size=(m, d_in)), jnp.float32)
+    slots = jnp.asarray(rng.integers(0, num_slots, size=m), jnp.int32)
+    experts = jnp.asarray(rng.integers(0, num_experts, size=m), jnp.int32)
+    tables = (PageTable.padded(num_slots, num_experts, 16, 8),)
+    assert metadata_bytes(256, 128, 6, tables, True) <= 700 < metadata_bytes(384, 128, 6, tables, True)
+    (got,) = _apply((jnp.zeros((m, out), jnp.float32),), x, slots, [(a, b)], [ranks], PREFILL, experts=experts,
+                    smem_budget=700)
     assert rel_err(got, reference.expert_lora_delta(x, slots, experts, a, b)) < 1e-5
 
 

@@ -45,10 +45,23 @@ def use_decode(rows: int, blocks: Blocks) -> bool:
     return rows <= blocks.decode_rows
 
 
-@functools.partial(jax.jit, static_argnames=("num_experts", "blocks", "interpret"))
+SMEM_BUDGET = 256 * 1024  # bytes of scalar-prefetch work lists per launch (SMEM is 1 MiB from v4 on)
+
+
+def metadata_bytes(rows: int, tm: int, num_keys: int, tables: tuple[PageTable, ...], sorted_rows: bool) -> int:
+    """SMEM the work lists of one launch take (schedule.py): static, from the bounds, not the data."""
+    groups = min(rows, num_keys)
+    visits = -(-rows // tm) + groups - 1 if sorted_rows else groups
+    blocks = [t.max_blocks for t in tables]
+    items_s, items_e = visits * sum(blocks), visits * max(blocks)
+    return 4 * ((5 + len(tables)) * items_s + 6 * len(tables) * items_e + len(tables))
+
+
+@functools.partial(jax.jit, static_argnames=("num_experts", "blocks", "interpret", "smem_budget"))
 def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active: jax.Array,
                a_rows: tuple[jax.Array, ...], b_rows: tuple[jax.Array, ...], tables: tuple[PageTable, ...], *,
-               num_experts: int, blocks: Blocks, interpret=False) -> tuple[jax.Array, ...]:
+               num_experts: int, blocks: Blocks, interpret=False,
+               smem_budget: int = SMEM_BUDGET) -> tuple[jax.Array, ...]:
     """ys[i] + delta_i (float32 sum, one rounding) for LoRA targets i that share the input x.
 
     Args:
@@ -61,20 +74,44 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
       num_experts: E (1 for dense projections).
       blocks: static tiling; the variant follows from M.
       interpret: False on TPU; True or a `pltpu.InterpretParams` on CPU.
+      smem_budget: bytes of work lists per launch; prefill rows are split into launches of fewer rows when
+        the static bound exceeds it (many groups: per-expert LoRA over thousands of rows).
     """
     m = x.shape[0]
     if any(t.rank_block != blocks.rank_block for t in tables):
         raise ValueError(f"page tables use rank blocks {[t.rank_block for t in tables]}, blocks say "
                          f"{blocks.rank_block}")
     num_keys = tables[0].num_slots * num_experts
-    grouping = group_rows(keys, active, num_keys=num_keys)
-    arena_blocks = tuple(a.shape[0] // blocks.rank_block for a in a_rows)
-    if use_decode(m, blocks):
-        sched = build_schedule(grouping, grouping.row_group, tables, num_experts=num_experts, tm=m, num_rows=m,
-                               sorted_rows=False, arena_blocks=arena_blocks)
-        s_t = shrink(x, a_rows, sched, interpret=interpret)
-        return expand(s_t, b_rows, ys, sched, col_tile=blocks.decode_col_tile, interpret=interpret)
+    args = dict(tables=tables, num_experts=num_experts, blocks=blocks, interpret=interpret,
+                arena_blocks=tuple(a.shape[0] // blocks.rank_block for a in a_rows))
+    if use_decode(m, blocks) and metadata_bytes(m, m, num_keys, tables, False) <= smem_budget:
+        return _decode(ys, x, keys, active, a_rows, b_rows, **args)
+    tm = blocks.token_tile
+    chunk = -(-m // tm) * tm
+    while chunk > tm and metadata_bytes(chunk, tm, num_keys, tables, True) > smem_budget:
+        chunk = -(-chunk // 2 // tm) * tm
+    if metadata_bytes(chunk, tm, num_keys, tables, True) > smem_budget:
+        raise ValueError(f"work lists of {tm} rows need {metadata_bytes(tm, tm, num_keys, tables, True)} bytes "
+                         f"of SMEM, above {smem_budget=}")
+    parts = [_prefill(tuple(y[s:s + chunk] for y in ys), x[s:s + chunk], keys[s:s + chunk],
+                      active[s:s + chunk], a_rows, b_rows, **args) for s in range(0, m, chunk)]
+    return parts[0] if len(parts) == 1 else tuple(jnp.concatenate(p) for p in zip(*parts))
 
+
+def _decode(ys, x, keys, active, a_rows, b_rows, *, tables, num_experts, blocks, interpret, arena_blocks):
+    """Rows in place, one token tile."""
+    m = x.shape[0]
+    grouping = group_rows(keys, active, num_keys=tables[0].num_slots * num_experts)
+    sched = build_schedule(grouping, grouping.row_group, tables, num_experts=num_experts, tm=m, num_rows=m,
+                           sorted_rows=False, arena_blocks=arena_blocks)
+    s_t = shrink(x, a_rows, sched, interpret=interpret)
+    return expand(s_t, b_rows, ys, sched, col_tile=blocks.decode_col_tile, interpret=interpret)
+
+
+def _prefill(ys, x, keys, active, a_rows, b_rows, *, tables, num_experts, blocks, interpret, arena_blocks):
+    """Rows sorted by group, token tiles of blocks.token_tile rows."""
+    m = x.shape[0]
+    grouping = group_rows(keys, active, num_keys=tables[0].num_slots * num_experts)
     tm = blocks.token_tile
     mp = -(-m // tm) * tm
     order = jnp.concatenate([grouping.order, jnp.zeros((mp - m,), jnp.int32)])  # padding rows read row 0
