@@ -361,6 +361,10 @@ def test_kernels_lower_for_tpu(m):
             tuple((spec((num_slots, d_in, rank), bf), spec((num_slots, rank, w), bf)) for w in widths))
     exported = jax.export.export(jax.jit(step), platforms=["tpu"])(*args)
     assert exported.mlir_module().count("tpu_custom_call") == 2  # shrink + expand
+    if m == 40:  # bf16 pages in rank blocks of 8 would cut (16, 128) tiles: refused before lowering
+        half = lambda *a: dispatch.add_lora_fused(*a, backend="tpu", blocks=Blocks(rank_block=8))
+        with pytest.raises(ValueError, match="multiple of 16"):
+            jax.export.export(jax.jit(half), platforms=["tpu"])(*args)
 
 
 def test_block_tables(caplog):
@@ -371,6 +375,7 @@ def test_block_tables(caplog):
     wider = block_tables.blocks_for("v5e", jnp.bfloat16, d_in=131072, out_widths=(4096,), max_rank=64)
     assert wider.decode_rows < 128
     assert block_tables.blocks_for("v5e", jnp.float32, d_in=64, out_widths=(64,), max_rank=24).rank_block == 8
+    assert block_tables.blocks_for("v5e", jnp.bfloat16, d_in=64, out_widths=(64,), max_rank=8).rank_block == 16
     with caplog.at_level(logging.WARNING):
         assert block_tables.blocks_for("unknown-tpu", jnp.bfloat16, d_in=64, out_widths=(64,),
                                        max_rank=16) == block_tables.DEFAULT

@@ -61,12 +61,18 @@ def _lookup(device: str, dtype_name: str) -> Blocks:
 def blocks_for(device: str, dtype, *, d_in: int, out_widths: tuple[int, ...], max_rank: int) -> Blocks:
     """The table's blocks for (device, dtype), adapted to one problem.
 
-    rank_block: the table's value if it divides max_rank, else 8 when that does (else the pool is padded).
+    rank_block: the table's value (at least 16 for 16-bit pages); for 32-bit pages 8 when that divides max_rank
+    and the table's value does not (otherwise the pool rank is zero-padded per call).
     token_tile, col_tile (prefill) and decode_col_tile, then decode_rows (decode): shrunk until shrink and
     expand fit the device's VMEM budget (x tiles hold the whole D_in; y tiles are counted as float32).
     """
     base = _lookup(device, jnp.dtype(dtype).name)
-    rb = base.rank_block if max_rank % base.rank_block == 0 else (8 if max_rank % 8 == 0 else base.rank_block)
+    # 16-bit pages pack 16 rows per sublane tile: rank blocks stay multiples of 16 (the pool is zero-padded when
+    # its rank is not); 32-bit pages may fall back to 8 when that divides the pool rank.
+    floor = 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
+    rb = max(base.rank_block, floor)
+    if max_rank % rb and floor == 8 and max_rank % 8 == 0:
+        rb = 8
     budget = VMEM_BUDGET.get(device, 12) * 2**20
     rows = -(-max_rank // rb) * rb * len(out_widths)
 

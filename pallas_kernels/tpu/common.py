@@ -16,3 +16,14 @@ def precision(dtype) -> jax.lax.Precision:
 def vmem_limit(estimate: int) -> int | None:
     """None (the compiler's default limit) for small kernels; the estimate plus headroom otherwise."""
     return None if estimate <= DEFAULT_VMEM_BYTES else int(estimate * 1.25) + 4 * 2**20
+
+
+def check_packing(rank_block: int, interpret, *arenas: jax.Array) -> None:
+    """On a TPU, a block of a 16-bit array should cover whole (16, 128) tiles: rank blocks of 16 rows. The
+    interpreter has no tiling, so tests may use rank blocks of 8 with bf16."""
+    if interpret is False:
+        for a in arenas:
+            pack = max(1, 4 // a.dtype.itemsize)
+            if rank_block % (8 * pack):
+                raise ValueError(f"rank_block={rank_block} must be a multiple of {8 * pack} for {a.dtype} pages "
+                                 "on TPU (sublane packing)")

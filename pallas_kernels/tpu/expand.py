@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.tpu.common import vmem_limit
+from pallas_kernels.tpu.common import check_packing, vmem_limit
 from pallas_kernels.tpu.schedule import Schedule
 
 TN_DIMS = (((0,), (0,)), ((), ()))  # [r, m] x [r, n] -> [m, n]
@@ -132,6 +132,7 @@ def expand(s_t: jax.Array, b_rows: tuple[jax.Array, ...], ys: tuple[jax.Array, .
         if b.ndim != 2 or b.shape[0] % rb or y.shape != (mp, b.shape[1]):
             raise ValueError(f"target {i}: B arena {b.shape} must be [P, N] with P a multiple of {rb}, "
                              f"and y {y.shape} must be [{mp}, N]")
+    check_packing(rb, interpret, *b_rows)
     tns = tuple(pick_column_tile(y.shape[1], col_tile) for y in ys)
     ntiles = tuple(y.shape[1] // tn for y, tn in zip(ys, tns))
     grid_maps = ExpandGrid(ntiles=ntiles, items=items)
@@ -156,7 +157,8 @@ def expand(s_t: jax.Array, b_rows: tuple[jax.Array, ...], ys: tuple[jax.Array, .
                         acc_refs[i][...] = jnp.zeros_like(acc_refs[i])
 
                     r0 = pl.multiple_of(row_ref[k], rb)
-                    part = jnp.where(rg_ref[...] == group_ref[k], s_ref[pl.ds(r0, rb), :], 0.0)  # [rb, tm]
+                    mine = jnp.broadcast_to(rg_ref[...], (rb, tm)) == group_ref[k]
+                    part = jnp.where(mine, s_ref[pl.ds(r0, rb), :], 0.0)  # [rb, tm]
                     acc_refs[i][...] += expand_dot(part, b_refs[i][...])
 
                     @pl.when(last_ref[k] == 1)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.tpu.common import precision, vmem_limit
+from pallas_kernels.tpu.common import check_packing, precision, vmem_limit
 from pallas_kernels.tpu.schedule import Schedule
 
 NT_DIMS = (((1,), (1,)), ((), ()))  # [r, K] x [m, K] -> [r, m]
@@ -60,6 +60,7 @@ def shrink(x: jax.Array, a_rows: tuple[jax.Array, ...], sched: Schedule, *, inte
             raise ValueError(f"A arena {i}: shape {a.shape} must be [P, {d_in}] with P a multiple of {rb}")
     if mp != sched.num_rows or mp % tm:
         raise ValueError(f"x rows {mp} must equal the schedule's rows {sched.num_rows} (a multiple of {tm=})")
+    check_packing(rb, interpret, x, *a_rows)
     dtype = jnp.promote_types(x.dtype, a_rows[0].dtype)
     items = sched.items_shrink
 
@@ -72,7 +73,8 @@ def shrink(x: jax.Array, a_rows: tuple[jax.Array, ...], sched: Schedule, *, inte
         def _zero():
             o_ref[...] = jnp.zeros_like(o_ref)
 
-        mine = rg_ref[...] == group_ref[t]  # [1, tm]: lanes of this item's group
+        # lanes of this item's group; the int32 row is broadcast over sublanes before the compare
+        mine = jnp.broadcast_to(rg_ref[...], (rb, tm)) == group_ref[t]  # [rb, tm]
         r0 = pl.multiple_of(row_ref[t], rb)
         for i, a_ref in enumerate(a_refs):
             @pl.when(seg_ref[t] == i)
