@@ -16,10 +16,10 @@ Two ways to fill the arenas, both read by the same kernels:
     A `[S, (E,) D_in, R]` is rank-minor and needs one transpose (`a_rows_from_pool`); storing A as
     `[S, (E,) R, D_in]` (PEFT's own lora_A orientation) makes it a free view too. `PageTable.padded` gives
     start = s * E * R / rank_block, stride = R / rank_block, nblocks = ceil(rank[s] / rank_block).
-  * packed arena: an adapter takes exactly nblocks * E blocks (`PageTable.packed`), so a rank-8 adapter costs
-    a quarter of a rank-32 one in memory as well as in bandwidth. Any buffer whose size is a multiple of D_in
-    (for instance a base weight [H, 4H] lent by the LoRA server's role, or a KV page range) can be viewed as an
-    A arena by a whole-array reshape to [size / D_in, D_in]: a bitcast, no copy.
+  * packed arena: an adapter takes exactly nblocks * E blocks (`PageTable.packed`), so (rank blocks of 8) a rank-8
+    adapter costs a quarter of a rank-32 one in memory as well as in bandwidth. Any buffer whose size is a multiple
+    of D_in (for instance a base weight [H, 4H] lent by the LoRA server's role, or a KV page range) can be viewed as
+    an A arena by a whole-array reshape to [size / D_in, D_in]: a bitcast, no copy.
 
 See docs/architecture/06-lora-kernels.md.
 """

@@ -4,13 +4,13 @@
     A_i    [P_i, D_in]         A arena of target i (rank rows, layout.py)
     s^T    [sum R_i, Mp] f32   rank rows of every target (target i at rows off_i .. off_i + R_i), tokens on lanes
 
-The output is transposed (tokens on the 128-wide lane axis, rank on sublanes) so that a rank block of 8 or 16
-rows is a legal TPU block and a dynamic, sublane-aligned slice: a rank-8 adapter then reads and multiplies
-8 rows of A, not max_rank. Grid: one step per work item (schedule.py), a dynamic length: slot-0 rows and
-rank-0 targets produce no step at all. Per step, one [rb, D_in] block of A and (when the tile changes) the
-[tm, D_in] token tile are fetched; the full D_in stays in VMEM (no K tiling), which bounds tm for wide inputs
-(block_tables.py). Lanes (tokens) of other groups are left as they were, so a tile shared by two groups is
-filled by consecutive items; lanes of no group hold zeros.
+The output is transposed (tokens on the 128-wide lane axis, rank on sublanes) so that a rank block of 8 or 16 rows
+is a legal TPU block and a dynamic, sublane-aligned slice: an adapter then reads and multiplies only its own rank
+blocks of A (16 rows for a rank-16 bf16 adapter), not max_rank rows. Grid: one step per work item (schedule.py), a
+dynamic length: slot-0 rows and rank-0 targets produce no step at all. Per step, one [rb, D_in] block of A and (when
+the tile changes) the [tm, D_in] token tile are fetched; the full D_in stays in VMEM (no K tiling), which bounds tm
+for wide inputs (block_tables.py). Lanes (tokens) of other groups are left as they were, so a tile shared by two
+groups is filled by consecutive items; lanes of no group hold zeros.
 """
 
 from __future__ import annotations
