@@ -1,0 +1,171 @@
+"""One entry point for multi-LoRA math: picks the implementation by platform and shape.
+
+    TPU            -> the Mosaic TPU kernels (pallas_kernels/tpu/); decode or prefill variant by row count
+    GPU            -> the pure-JAX reference FOR NOW: the Mosaic GPU kernels come next (issue 3, GPU half)
+    CPU            -> the pure-JAX reference
+    TPU_INTERPRET  -> the TPU kernels run by the Pallas TPU interpreter on CPU (tests; asked for explicitly)
+
+The choice is made at trace time: pass `backend=`, or wrap tracing in `with use_backend(...)`, or leave both
+out for the platform default. `lora_delta` / `expert_lora_delta` have the reference's signatures and return the
+float32 delta; `add_lora`, `add_expert_lora` and `add_lora_fused` return y + delta summed in float32 and rounded
+once (`reference.add_delta`), which is what the model does with every delta: on TPU the kernels add it into y
+in place, for several outputs of one input in one launch (q/k/v, gate/up).
+
+Pages come in the pool's layout (A [S, (E,) D_in, R], B [S, (E,) R, *out]). The TPU kernels read rank-major A
+rows, so A is transposed per call unless `a_rank_major=True` says it is already stored as [S, (E,) R, D_in]
+(see docs/architecture/06-lora-kernels.md: the pool should store it that way). `slot_ranks` ([S] int32, the
+true rank of each slot's adapter) lets the kernels skip the zero padding above each adapter's rank; without it
+every slot but 0 is taken to use the pool's full rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import enum
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
+
+from infinilora_jax.lora import reference
+from pallas_kernels.layout import PageTable, a_rows_from_pool, b_rows_from_pool, padded_rank
+from pallas_kernels.tpu.block_tables import blocks_for, device_key
+from pallas_kernels.tpu.ops import Blocks, lora_apply
+
+
+class LoraBackend(enum.Enum):
+    REFERENCE = "reference"
+    TPU = "tpu"
+    TPU_INTERPRET = "tpu_interpret"
+
+
+_BACKEND: contextvars.ContextVar[LoraBackend | None] = contextvars.ContextVar("lora_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(backend: LoraBackend | str):
+    """Make every LoRA call traced inside the block use `backend` (jit caches keep what they traced)."""
+    token = _BACKEND.set(LoraBackend(backend))
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
+def select_backend(backend: LoraBackend | str | None = None, platform: str | None = None) -> LoraBackend:
+    """Explicit argument, else the `use_backend` context, else by platform (TPU: kernels; GPU, CPU: reference,
+    until the Mosaic GPU kernels land)."""
+    if backend is not None:
+        return LoraBackend(backend)
+    if _BACKEND.get() is not None:
+        return _BACKEND.get()
+    platform = platform or jax.default_backend()
+    return LoraBackend.TPU if platform == "tpu" else LoraBackend.REFERENCE
+
+
+def _blocks(backend: LoraBackend, x: jax.Array, out_widths, max_rank: int) -> Blocks:
+    device = "interpret" if backend is LoraBackend.TPU_INTERPRET else device_key(jax.devices()[0].device_kind)
+    return blocks_for(device, x.dtype, d_in=x.shape[-1], out_widths=tuple(out_widths), max_rank=max_rank)
+
+
+def _kernel_apply(backend, ys, x, slots, experts, pairs, *, num_experts, slot_ranks, a_rank_major, blocks):
+    """ys[i] (flat [M, N_i]) + delta of pair i, through the TPU kernels."""
+    ranks = [b.shape[2 if experts is not None else 1] for _, b in pairs]
+    if blocks is None:
+        blocks = _blocks(backend, x, [y.shape[1] for y in ys], max(ranks))
+    rb = blocks.rank_block
+    if slot_ranks is None or not isinstance(slot_ranks, (tuple, list)):
+        slot_ranks = (slot_ranks,) * len(pairs)
+    a_rows, b_rows, tables = [], [], []
+    for (a, b), rank, sr in zip(pairs, ranks, slot_ranks):
+        a_rows.append(a_rows_from_pool(a, rb, rank_major=a_rank_major))
+        b_rows.append(b_rows_from_pool(b, 2 if experts is not None else 1, rb))
+        sr = None if sr is None else jnp.minimum(jnp.asarray(sr, jnp.int32), rank)
+        tables.append(PageTable.padded(b.shape[0], num_experts, padded_rank(rank, rb), rb, sr))
+    if experts is None:
+        keys, active = slots.astype(jnp.int32), slots > 0
+    else:
+        valid = (experts >= 0) & (experts < num_experts)
+        keys = slots.astype(jnp.int32) * num_experts + jnp.where(valid, experts, 0).astype(jnp.int32)
+        active = valid & (slots > 0)
+    interpret = pltpu.InterpretParams() if backend is LoraBackend.TPU_INTERPRET else False
+    return lora_apply(tuple(ys), x, keys, active, tuple(a_rows), tuple(b_rows), tuple(tables),
+                      num_experts=num_experts, blocks=blocks, interpret=interpret)
+
+
+def _out_shape(lora_b: jax.Array, expert: bool) -> tuple[int, ...]:
+    return lora_b.shape[3:] if expert else lora_b.shape[2:]
+
+
+def lora_delta(x: jax.Array, slots: jax.Array, lora_a: jax.Array, lora_b: jax.Array, *, slot_ranks=None,
+               a_rank_major: bool = False, backend=None, blocks: Blocks | None = None) -> jax.Array:
+    """[N, *out] float32 delta of a dense projection, one slot per token (reference.lora_delta)."""
+    chosen = select_backend(backend)
+    if chosen is LoraBackend.REFERENCE:
+        return reference.lora_delta(x, slots, _rank_minor(lora_a, a_rank_major), lora_b)
+    out = _out_shape(lora_b, False)
+    zeros = jnp.zeros((x.shape[0], math.prod(out)), jnp.float32)
+    (delta,) = _kernel_apply(chosen, (zeros,), x, slots, None, ((lora_a, lora_b),), num_experts=1,
+                             slot_ranks=slot_ranks, a_rank_major=a_rank_major, blocks=blocks)
+    return delta.reshape(x.shape[0], *out)
+
+
+def expert_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a: jax.Array, lora_b: jax.Array, *,
+                      slot_ranks=None, a_rank_major: bool = False, backend=None,
+                      blocks: Blocks | None = None) -> jax.Array:
+    """[M, *out] float32 per-expert delta; rows with an out-of-range expert get zero
+    (reference.expert_lora_delta)."""
+    chosen = select_backend(backend)
+    if chosen is LoraBackend.REFERENCE:
+        return reference.expert_lora_delta(x, slots, experts, _rank_minor(lora_a, a_rank_major), lora_b)
+    out = _out_shape(lora_b, True)
+    zeros = jnp.zeros((x.shape[0], math.prod(out)), jnp.float32)
+    (delta,) = _kernel_apply(chosen, (zeros,), x, slots, experts, ((lora_a, lora_b),),
+                             num_experts=lora_a.shape[1], slot_ranks=slot_ranks, a_rank_major=a_rank_major,
+                             blocks=blocks)
+    return delta.reshape(x.shape[0], *out)
+
+
+def add_lora_fused(ys: tuple[jax.Array, ...], x: jax.Array, slots: jax.Array, pairs, *, experts=None,
+                   slot_ranks=None, a_rank_major: bool = False, backend=None,
+                   blocks: Blocks | None = None) -> tuple[jax.Array, ...]:
+    """ys[i] + delta of pairs[i] = (A_i, B_i) for targets that share the input x, in one launch on TPU.
+
+    ys[i]: [M, *out_i] in any float dtype (the result has it); pairs: pool pages as in `lora_delta` (or
+    `expert_lora_delta` when `experts` [M] is given); slot_ranks: None, one [S] array, or one per pair.
+    """
+    chosen = select_backend(backend)
+    expert = experts is not None
+    if chosen is LoraBackend.REFERENCE:
+        out = []
+        for y, (a, b) in zip(ys, pairs):
+            a = _rank_minor(a, a_rank_major)
+            delta = (reference.expert_lora_delta(x, slots, experts, a, b) if expert
+                     else reference.lora_delta(x, slots, a, b))
+            out.append(reference.add_delta(y, delta))
+        return tuple(out)
+    flat = tuple(y.reshape(y.shape[0], -1) for y in ys)
+    res = _kernel_apply(chosen, flat, x, slots, experts, tuple(pairs),
+                        num_experts=pairs[0][0].shape[1] if expert else 1, slot_ranks=slot_ranks,
+                        a_rank_major=a_rank_major, blocks=blocks)
+    return tuple(r.reshape(y.shape) for r, y in zip(res, ys))
+
+
+def add_lora(y: jax.Array, x: jax.Array, slots: jax.Array, lora_a: jax.Array, lora_b: jax.Array,
+             **kwargs) -> jax.Array:
+    """y + lora_delta(...), summed in float32 and rounded once to y.dtype (reference.add_delta)."""
+    return add_lora_fused((y,), x, slots, ((lora_a, lora_b),), **kwargs)[0]
+
+
+def add_expert_lora(y: jax.Array, x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a: jax.Array,
+                    lora_b: jax.Array, **kwargs) -> jax.Array:
+    """y + expert_lora_delta(...), summed in float32 and rounded once to y.dtype."""
+    return add_lora_fused((y,), x, slots, ((lora_a, lora_b),), experts=experts, **kwargs)[0]
+
+
+def _rank_minor(lora_a: jax.Array, rank_major: bool) -> jax.Array:
+    """The reference reads A as [S, (E,) D_in, R]."""
+    return jnp.swapaxes(lora_a, -1, -2) if rank_major else lora_a
+

@@ -1,0 +1,57 @@
+"""Group rows by key (adapter slot, or adapter slot x expert): fixed shapes, jit-friendly, no host sync.
+
+A row is one token (dense projections, key = slot) or one (token, expert) assignment (per-expert LoRA,
+key = slot * E + expert). Inactive rows (slot 0, padding experts) belong to no group and sort last. Group ids
+follow key order, so groups are contiguous in the sorted order. The group arrays have the static length
+G = min(rows, keys), enough for any input; entries past `num_groups` are unused (size 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Grouping:
+    order: jax.Array  # [M] int32 row at each sorted position (active rows first, by key)
+    inverse: jax.Array  # [M] int32 sorted position of each row: order[inverse[i]] == i
+    row_group: jax.Array  # [M] int32 group of each row in the ORIGINAL order; -1: inactive
+    group_key: jax.Array  # [G] int32 key of each group; num_keys for unused entries
+    group_start: jax.Array  # [G] int32 first sorted position of each group; M for unused entries
+    group_size: jax.Array  # [G] int32 rows of each group; 0 for unused entries
+    num_groups: jax.Array  # [] int32 groups in use (entries [0, num_groups) of the group arrays)
+
+
+def group_rows(keys: jax.Array, active: jax.Array, *, num_keys: int) -> Grouping:
+    """Sort rows by key and describe the groups.
+
+    Args:
+      keys: [M] int32 key of each row, in [0, num_keys) where active.
+      active: [M] bool rows that take part (others get row_group -1 and sort last).
+      num_keys: static number of possible keys.
+    """
+    m = keys.shape[0]
+    g = min(m, num_keys)
+    if g < 1:
+        raise ValueError(f"group_rows needs rows >= 1 and num_keys >= 1, got rows={m}, num_keys={num_keys}")
+    k = jnp.where(active, keys.astype(jnp.int32), num_keys)  # inactive rows: one key past the end
+    order = jnp.argsort(k, stable=True).astype(jnp.int32)
+    sk = k[order]
+    live = sk < num_keys
+    is_start = live & jnp.concatenate([jnp.ones((1,), bool), sk[1:] != sk[:-1]])
+    gid_sorted = jnp.where(live, jnp.cumsum(is_start) - 1, -1).astype(jnp.int32)
+    num_groups = jnp.sum(is_start).astype(jnp.int32)
+    pos = jnp.arange(m, dtype=jnp.int32)
+    # Scatter per-group facts; rows that start no group target index g, which is dropped.
+    slot_of_start = jnp.where(is_start, gid_sorted, g)
+    group_key = jnp.full((g,), num_keys, jnp.int32).at[slot_of_start].set(sk, mode="drop")
+    group_start = jnp.full((g,), m, jnp.int32).at[slot_of_start].set(pos, mode="drop")
+    group_size = jnp.zeros((g,), jnp.int32).at[jnp.where(live, gid_sorted, g)].add(1, mode="drop")
+    inverse = jnp.zeros((m,), jnp.int32).at[order].set(pos)
+    row_group = gid_sorted[inverse]
+    return Grouping(order=order, inverse=inverse, row_group=row_group, group_key=group_key,
+                    group_start=group_start, group_size=group_size, num_groups=num_groups)
