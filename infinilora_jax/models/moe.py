@@ -18,9 +18,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from infinilora_jax.lora.reference import add_delta, expert_lora_delta, lora_delta
+from infinilora_jax.lora.reference import add_delta
 from infinilora_jax.models.layers import matmul
 from meshes.axes import EP, TP
+from pallas_kernels.dispatch import expert_lora_delta, lora_delta  # kernels on TPU, the reference elsewhere
 
 
 def route(x: jax.Array, router: jax.Array, top_k: int, normalize: bool,

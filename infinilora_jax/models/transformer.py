@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from infinilora_jax.lora.reference import add_delta, lora_delta
+from infinilora_jax.lora.reference import add_delta
 from infinilora_jax.models.batch import StepBatch
 from infinilora_jax.models.config import ModelConfig
 from infinilora_jax.models.layers import apply_rope, matmul, paged_attention, rms_norm, rope_tables, write_kv
@@ -29,6 +29,7 @@ from infinilora_jax.models.params import ParamFactory, declare
 from infinilora_jax.models.stages import StagePlan
 from meshes.axes import MODEL_AXES, PP, TP
 from meshes.layouts import MeshLayout
+from pallas_kernels.dispatch import lora_delta  # kernels on TPU, the reference elsewhere
 
 
 def _local(p: nnx.Param) -> jax.Array:
