@@ -77,6 +77,8 @@ def measure(with_adapters: bool) -> dict:
                   x.nbytes for x in __import__("jax").tree.leaves(llm.runner.adapters.pool_state))}
     del llm, engine
     gc.collect()
+    print(f"  [{'with' if with_adapters else 'without'} adapters] step {result['step_ms_median']:.2f} ms (median), "
+          f"{result['tokens_per_s']:.1f} tokens/s", flush=True)
     return result
 
 

@@ -67,7 +67,7 @@ class StepFunctions:
 
     def __init__(self, model: CausalLM, pool: LoraPool | None, mesh: Mesh):
         self.vocab_size = model.cfg.vocab_size
-        self.has_pool = pool is not None
+        self.has_pool = pool is not None and bool(jax.tree.leaves(nnx.state(pool)))  # a pool with no targets: none
         self._compiled: dict[tuple, jax.stages.Compiled] = {}  # (step name, batch shapes) -> executable
         model_graph, model_state = nnx.split(model)
         pool_graph, pool_state = nnx.split(pool) if pool is not None else (None, None)
@@ -89,7 +89,7 @@ class StepFunctions:
         self.score = jax.jit(self._score, donate_argnums=(3,))
         self.sample = jax.jit(self._sample, donate_argnums=(3,))
         self.prompt_logprobs = jax.jit(self._prompt_logprobs, donate_argnums=(3,))
-        if pool is not None:
+        if self.has_pool:
             pool_specs = partition_specs(pool_state)
             page_specs = incoming_page_specs(pool_specs)
 
