@@ -46,6 +46,10 @@ _API_KEY_FILE = flags.DEFINE_string("api_key_file", None, "read the API key from
                                     "the process list)")
 _MAX_REQUEST_BYTES = flags.DEFINE_integer("max_request_bytes", 8 << 20, "largest request body accepted")
 _MAX_ADAPTER_BYTES = flags.DEFINE_integer("max_adapter_bytes", 1 << 30, "largest adapter weights file accepted")
+_PRECOMPILE = flags.DEFINE_enum("precompile", "auto", ["auto", "on", "off"], "compile every engine step program "
+                                "before serving, so no request waits for a compilation (auto: on GPU/TPU, off on "
+                                "CPU, where it takes minutes)")
+_COMPILE_WORKERS = flags.DEFINE_integer("compile_workers", 8, "parallel compilations for --precompile")
 _LOG_LEVEL = flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "HTTP server log level")
 
 
@@ -72,9 +76,9 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
 def main(argv):
     del argv
-    if _CPU_DEVICES.value:
-        import jax
+    import jax  # after flag parsing, so --cpu_devices applies before any backend starts
 
+    if _CPU_DEVICES.value:
         jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
     from infinilora_jax.serving import ServerConfig, ServerState, build_llm, default_model_name, run
 
@@ -92,6 +96,9 @@ def main(argv):
                     max_num_seqs=_MAX_NUM_SEQS.value, max_num_batched_tokens=_MAX_BATCHED.value,
                     page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value,
                     max_adapter_bytes=_MAX_ADAPTER_BYTES.value)
+    if _PRECOMPILE.value == "on" or (_PRECOMPILE.value == "auto" and jax.default_backend() != "cpu"):
+        shapes = llm.engine.warmup(scoring=True, workers=_COMPILE_WORKERS.value)
+        logging.info("compiled the engine's programs for %d step shapes", shapes)
     config = ServerConfig(model_name=_NAME.value or default_model_name(_MODEL.value), api_key=api_key,
                           enable_lora_loading=_ENABLE_LOADING.value, adapter_roots=tuple(_ADAPTER_ROOT.value),
                           max_request_bytes=_MAX_REQUEST_BYTES.value)

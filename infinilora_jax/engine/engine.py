@@ -211,7 +211,8 @@ class LLMEngine:
     def warmup(self, scoring: bool = False, progress: bool = True, workers: int = 8) -> int:
         """Compile ahead of time every program a step can use (see program_shapes; sampling steps with and
         without a carried adapter load, and teacher-forced scoring when asked), `workers` compilations at once,
-        so traffic never waits for a compilation. Returns the number of shapes."""
+        so traffic never waits for a compilation. Returns the number of shapes. Call it while no step runs (at
+        start-up): it also compiles the adapter pool's slot writer by writing zeros into slot 0."""
         shapes = [padding_batch(self.shapes, n, p, prefill) for n, p, prefill in self.program_shapes()]
         score = [padding_batch(self.shapes, n, p, prefill, all_logits=True)
                  for n, p, prefill in (self.program_shapes(scoring=True) if scoring else [])]
