@@ -25,18 +25,19 @@ from infinilora_jax.models.transformer import CausalLM
 from meshes.axes import MODEL_AXES, logical_spec
 
 
-def kv_cache_specs(model: CausalLM) -> list[tuple[PartitionSpec, PartitionSpec]]:
+def kv_cache_specs(model: CausalLM) -> list[tuple[PartitionSpec, ...]]:
     _, dims = model.kv_cache_shape(1, 1)
     spec = logical_spec(*dims)
-    return [(spec, spec) for _ in range(model.plan.layers_per_stage)]
+    return [(spec,) * model.kv_cache_arrays for _ in range(model.plan.layers_per_stage)]
 
 
 def allocate_kv_cache(model: CausalLM, mesh: Mesh, num_pages: int, page_size: int, dtype) -> list:
-    """Zeroed per-layer-slot (k, v) pages, created directly in their sharding."""
+    """Zeroed per-layer-slot cache arrays ((k, v) pages, or one combined array: the model's attention backend
+    decides, models/attention/layout.py), created directly in their sharding."""
     shape, dims = model.kv_cache_shape(num_pages, page_size)
     sharding = NamedSharding(mesh, logical_spec(*dims))
     make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-    return [(make(), make()) for _ in range(model.plan.layers_per_stage)]
+    return [tuple(make() for _ in range(model.kv_cache_arrays)) for _ in range(model.plan.layers_per_stage)]
 
 
 def _shape_key(name: str, batch: StepBatch) -> tuple:

@@ -21,9 +21,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from infinilora_jax.lora.reference import add_delta
+from infinilora_jax.models import attention
 from infinilora_jax.models.batch import StepBatch
 from infinilora_jax.models.config import ModelConfig
-from infinilora_jax.models.layers import apply_rope, matmul, paged_attention, rms_norm, rope_tables, write_kv
+from infinilora_jax.models.layers import apply_rope, matmul, rms_norm, rope_tables
 from infinilora_jax.models.moe import moe_block
 from infinilora_jax.models.params import ParamFactory, declare
 from infinilora_jax.models.stages import StagePlan
@@ -59,9 +60,9 @@ class LayerParams:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, params: LayerParams):
+    def __init__(self, cfg: ModelConfig, params: LayerParams, backend: attention.AttentionBackend):
         h, q_out, kv_out = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.cfg = cfg
+        self.cfg, self.backend = cfg, backend
         self.wq = params("attn.wq", (h, q_out), (None, "heads"))
         self.wk = params("attn.wk", (h, kv_out), (None, "kv_heads"))
         self.wv = params("attn.wv", (h, kv_out), (None, "kv_heads"))
@@ -71,7 +72,8 @@ class Attention(nnx.Module):
             self.k_norm = params("attn.k_norm", (cfg.head_dim,), (None,))
 
     def __call__(self, x, rope, batch: StepBatch, cache_slots, kv, lora_slot):
-        """x: [N, H]; rope: (cos, sin) [N, hd]; kv: (k, v) local pages [num_pages, page, kv_heads/tp, hd].
+        """x: [N, H]; rope: (cos, sin) [N, hd]; kv: this layer slot's local cache arrays in the backend's layout
+        (models/attention/layout.py; the reference's: (k, v) pages [num_pages, page, kv_heads/tp, hd]).
 
         Returns (out [N, H], kv). cache_slots: where each token's K/V go (out of range: nowhere).
         """
@@ -86,14 +88,10 @@ class Attention(nnx.Module):
             q = rms_norm(q, _local(self.q_norm), cfg.rms_norm_eps)
             k = rms_norm(k, _local(self.k_norm), cfg.rms_norm_eps)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        k_pages, v_pages = write_kv(kv[0], k, cache_slots), write_kv(kv[1], v, cache_slots)
-        attn = None
-        for block in (batch.decode, batch.prefill):
-            attn = paged_attention(q, k_pages, v_pages, batch.positions, block.index, block.block_tables,
-                                   cfg.sliding_window, attn)
-        attn = attn.reshape(n, -1)
+        kv = attention.write_kv(self.backend, kv, k, v, cache_slots)
+        attn = attention.paged_attention(self.backend, q, kv, batch, cfg.sliding_window).reshape(n, -1)
         out = _with_lora(matmul(attn, _local(self.wo), "no,oh->nh"), attn, slots, _lora_pair(lora_slot, "o"))
-        return jax.lax.psum(out, TP), (k_pages, v_pages)
+        return jax.lax.psum(out, TP), kv
 
 
 class DenseMLP(nnx.Module):
@@ -132,13 +130,13 @@ class DecoderLayer(nnx.Module):
     """One layer slot: layer `stage * layers_per_stage + slot` on each pipeline stage."""
 
     def __init__(self, cfg: ModelConfig, layout: MeshLayout, plan: StagePlan, slot: int, dtype,
-                 factory: ParamFactory):
+                 factory: ParamFactory, attention_backend: attention.AttentionBackend):
         params = LayerParams(factory, slot, tuple(plan.layer_index(s, slot) for s in range(layout.pp)), dtype)
         self.cfg = cfg
         self.kinds = plan.slot_kinds[slot]
         self.attn_norm = params("attn_norm", (cfg.hidden_size,), (None,))
         self.mlp_norm = params("mlp_norm", (cfg.hidden_size,), (None,))
-        self.attn = Attention(cfg, params)
+        self.attn = Attention(cfg, params, attention_backend)
         self.moe = SparseMoE(cfg, layout.ep, params) if any(self.kinds) else None
         self.mlp = DenseMLP(cfg, params) if not all(self.kinds) else None
 
@@ -160,34 +158,46 @@ class DecoderLayer(nnx.Module):
 
 
 class CausalLM(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layout: MeshLayout, dtype, factory: ParamFactory):
+    def __init__(self, cfg: ModelConfig, layout: MeshLayout, dtype, factory: ParamFactory,
+                 attention_backend: attention.AttentionBackend | str | None = None):
+        """attention_backend: None picks by platform (or the `attention.use_backend` context); it also fixes the
+        KV cache layout (kv_cache_shape)."""
         layout.check_fits(cfg)
         self.cfg, self.layout = cfg, layout
+        self.attention = attention.select_backend(attention_backend)
         self.plan = StagePlan.build(cfg.moe_layers, layout.pp)
         self.vocab_padded = -(-cfg.vocab_size // layout.num_devices) * layout.num_devices
         h = cfg.hidden_size
         self.embed = declare(factory, "embed", (self.vocab_padded, h), ("vocab", None), dtype)
-        self.layers = nnx.List([DecoderLayer(cfg, layout, self.plan, j, dtype, factory)
+        self.layers = nnx.List([DecoderLayer(cfg, layout, self.plan, j, dtype, factory, self.attention)
                                 for j in range(self.plan.layers_per_stage)])
         self.final_norm = declare(factory, "final_norm", (h,), (None,), dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = declare(factory, "lm_head", (self.vocab_padded, h), ("vocab", None), dtype)
 
     def kv_cache_shape(self, num_pages: int, page_size: int) -> tuple[tuple[int, ...], tuple[str | None, ...]]:
-        """Global shape and logical dims of one layer slot's K (or V) pages."""
+        """Global shape and logical dims of each of a layer slot's `kv_cache_arrays` cache arrays, in the attention
+        backend's layout (models/attention/layout.py; the reference's: K or V [pp, pages, page, kv_heads, hd])."""
         cfg = self.cfg
-        return ((self.layout.pp, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim),
-                ("stage", None, None, "kv_heads", None))
+        shape, dims = attention.layout.array_shape(self.attention.layout, num_pages, page_size, cfg.num_kv_heads,
+                                                   cfg.head_dim)
+        return (self.layout.pp, *shape), ("stage", *dims)
+
+    @property
+    def kv_cache_arrays(self) -> int:
+        """Cache arrays per layer slot: 2 (K, V) or 1 (combined K/V)."""
+        return attention.layout.num_arrays(self.attention.layout)
 
     def __call__(self, batch: StepBatch, kv: list, lora_pool) -> tuple[jax.Array, list]:
-        """Local forward. kv: per layer slot (k, v) local pages [1, num_pages, page, kv/tp, hd]; lora_pool: LoraPool
-        or None. Returns (final hidden states [M, H] of batch.logits_indices, updated kv)."""
+        """Local forward. kv: per layer slot a tuple of local cache arrays [1, ...] (e.g. (k, v) pages [1, num_pages,
+        page, kv/tp, hd]); lora_pool: LoraPool or None. Returns (final hidden states [M, H] of
+        batch.logits_indices, updated kv)."""
         cfg, pp = self.cfg, self.layout.pp
         x = self._embed(batch.tokens)
         rope = rope_tables(batch.positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        no_slot = kv[0][0].shape[1] * kv[0][0].shape[2]  # num_pages * page_size: out of range, dropped
+        no_slot = jnp.iinfo(jnp.int32).max  # out of range in every cache layout: the write is dropped
         stage = jax.lax.axis_index(PP) if pp > 1 else 0
-        kv = [(k[0], v[0]) for k, v in kv]
+        kv = [tuple(a[0] for a in arrays) for arrays in kv]
         for r in range(pp):
             active = stage == r
             cache_slots = batch.cache_slots if pp == 1 else jnp.where(active, batch.cache_slots, no_slot)
@@ -197,7 +207,7 @@ class CausalLM(nnx.Module):
                 h, kv[j] = layer(h, rope, batch, cache_slots, kv[j], lora_slot)
             x = h if pp == 1 else jax.lax.psum(jnp.where(active, h, jnp.zeros_like(h)), PP)
         x = rms_norm(x[batch.logits_indices], self.final_norm[...], cfg.rms_norm_eps)
-        return x, [(k[None], v[None]) for k, v in kv]
+        return x, [tuple(a[None] for a in arrays) for arrays in kv]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[M, H] final hidden states -> [M, vocab_padded / devices] float32 logits (this device's vocab rows)."""
