@@ -218,3 +218,20 @@ def test_engine_greedy_matches_reference(backend, mesh):
                         adapter=[None if v == "base" else v for _, v in jobs])
     for (i, v), out in zip(jobs, outs):
         assert out.token_ids == ref[f"greedy__{v}__{i}"].tolist()[:5], (backend, i, v)
+
+
+def test_backend_selection(monkeypatch):
+    from infinilora_jax.models.attention import select_backend, use_backend
+    from infinilora_jax.models.attention.gpu import unsupported_shape
+
+    monkeypatch.delenv("INFINILORA_ATTENTION", raising=False)
+    assert select_backend(platform="tpu") is AttentionBackend.TPU
+    assert select_backend(platform="gpu") is AttentionBackend.GPU
+    assert select_backend() is AttentionBackend.REFERENCE  # CPU
+    monkeypatch.setenv("INFINILORA_ATTENTION", "reference")
+    assert select_backend(platform="gpu") is AttentionBackend.REFERENCE
+    with use_backend("tpu_emulated"):
+        assert select_backend(platform="gpu") is AttentionBackend.TPU_EMULATED
+        assert select_backend("gpu") is AttentionBackend.GPU
+    assert unsupported_shape(128, 16, 64) is None
+    assert unsupported_shape(96, 16, 64) and unsupported_shape(128, 4, 4) is None and unsupported_shape(128, 2, 4)

@@ -10,10 +10,11 @@
                    pure-JAX implementation of the kernel's contract (ragged.py): how CPU tests run the TPU path
     GPU_INTERPRET  the GPU backend with the Triton kernel run by the Pallas interpreter (CPU tests)
 
-The backend is fixed when the model is built (`CausalLM(..., attention=...)`): explicit argument, else the
-`use_backend` context active then, else the platform default. It is fixed there, not per trace, because the KV
-cache layout is chosen with it when the cache is allocated (models/step.py) and jit caches would not see a
-change of context.
+The backend is fixed when the model is built (`CausalLM(..., attention_backend=...)`): explicit argument, else
+the `use_backend` context active then, else the environment variable INFINILORA_ATTENTION (a backend name; e.g.
+`reference` to leave the kernels out of a run), else the platform default. It is fixed there, not per trace,
+because the KV cache layout is chosen with it when the cache is allocated (models/step.py) and jit caches would
+not see a change of context.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import enum
+import os
 
 import jax
+
+ENV_VAR = "INFINILORA_ATTENTION"
 
 
 class AttentionBackend(enum.Enum):
@@ -59,11 +63,14 @@ def use_backend(backend: AttentionBackend | str):
 
 
 def select_backend(backend: AttentionBackend | str | None = None, platform: str | None = None) -> AttentionBackend:
-    """Explicit argument, else the `use_backend` context, else by platform (tpu: TPU, gpu: GPU, else REFERENCE)."""
+    """Explicit argument, else the `use_backend` context, else $INFINILORA_ATTENTION, else by platform (tpu: TPU,
+    gpu: GPU, else REFERENCE)."""
     if backend is not None:
         return AttentionBackend(backend)
     if _BACKEND.get() is not None:
         return _BACKEND.get()
+    if os.environ.get(ENV_VAR):
+        return AttentionBackend(os.environ[ENV_VAR])
     platform = platform or jax.default_backend()
     if platform == "tpu":
         return AttentionBackend.TPU

@@ -7,8 +7,9 @@ but shipped) computes one query per sequence over pages of the 'head_major' cach
 no causal mask within a block of queries, no sliding window and no softmax scale, so:
   - decode rows go to the kernel with q pre-scaled by head_dim ** -0.5 and length = position + 1;
   - prefill tiles (several queries each) run the reference on the head-major cache;
-  - with a sliding window, or for float32 models (the kernel's dots would run in TF32, which the project does not
-    allow for float32), decode rows run the reference too (logged once).
+  - with a sliding window, for float32 models (the kernel's dots would run in TF32, which the project does not
+    allow for float32), or for shapes Triton cannot take (`unsupported_shape`), decode rows run the reference
+    too (logged once).
 Padding rows have length 0 and get zeros.
 """
 
@@ -49,11 +50,22 @@ def kernel_splits(pages: int) -> tuple[int, int]:
     return min(low // per_block, 16), per_block
 
 
+def unsupported_shape(head_dim: int, page_size: int, pages: int) -> str | None:
+    """Why the kernel cannot take these shapes, or None. Triton blocks must be powers of two (the lowering rejects
+    head_dim 96, say) and its dots at least 16 wide."""
+    pow2 = lambda x: x & (x - 1) == 0  # noqa: E731
+    _, per_block = kernel_splits(pages)
+    if not (pow2(head_dim) and head_dim >= 16 and pow2(page_size) and per_block * page_size >= 16):
+        return f"head_dim {head_dim}, page_size {page_size}: the kernel needs powers of two and 16-wide blocks"
+    return None
+
+
 def attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, batch: StepBatch,
               sliding_window: int | None, interpret: bool) -> jax.Array:
     """q: [N, heads, hd]; k_pages, v_pages: local head-major cache [kv_heads, num_pages, page, hd] -> [N, heads, hd]."""
     reason = ("the kernel has no sliding window" if sliding_window is not None else
-              "float32: the kernel's dots would be TF32" if q.dtype == jnp.float32 and not interpret else None)
+              "float32: the kernel's dots would be TF32" if q.dtype == jnp.float32 and not interpret else
+              unsupported_shape(q.shape[-1], k_pages.shape[2], batch.decode.block_tables.shape[1]))
     out = jnp.zeros_like(q)
     if batch.decode.index.shape[0] > 0 and reason is None:
         out = decode(q, k_pages, v_pages, batch, interpret)
