@@ -130,14 +130,18 @@ def expert_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a
 
 
 def paged_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array | None, a_rows: jax.Array,
-                     b_rows: jax.Array, table: PageTable, *, num_experts: int = 1, backend=None,
-                     blocks: Blocks | None = None) -> jax.Array:
+                     b_rows: jax.Array, table: PageTable, *, num_experts: int = 1, b_table: PageTable | None = None,
+                     backend=None, blocks: Blocks | None = None) -> jax.Array:
     """[M, D_out] float32 delta with pages in row arenas addressed by a PageTable (reference.paged_lora_delta):
     the form the disaggregated LoRA server keeps its pages in (arenas are whole-array views of role buffers).
-    On TPU the kernels read the arenas directly; `blocks.rank_block` must equal the table's."""
+    On TPU the kernels read the arenas directly; they address A and B with one table, so `b_table` (B pages
+    placed at other rows than A's) runs on the reference only."""
     chosen = select_backend(backend)
     if chosen is LoraBackend.REFERENCE:
-        return reference.paged_lora_delta(x, slots, experts, a_rows, b_rows, table, num_experts)
+        return reference.paged_lora_delta(x, slots, experts, a_rows, b_rows, table, num_experts, b_table)
+    if b_table is not None:
+        raise NotImplementedError("the TPU kernels address A and B pages with one page table; place both at the "
+                                  "same rows (or use the reference backend)")
     if blocks is None:
         blocks = _blocks(chosen, x, [b_rows.shape[1]], table.max_blocks * table.rank_block)
         blocks = dataclasses.replace(blocks, rank_block=table.rank_block)

@@ -64,7 +64,7 @@ def expert_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a
 
 
 def paged_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array | None, a_rows: jax.Array,
-                     b_rows: jax.Array, table, num_experts: int = 1) -> jax.Array:
+                     b_rows: jax.Array, table, num_experts: int = 1, b_table=None) -> jax.Array:
     """LoRA delta with pages addressed by a page table in two row arenas (pallas_kernels/layout.py).
 
     The page of (slot s, expert e) is rows [(start[s] + e * stride[s]) * rb, ... + nblocks[s] * rb) of both
@@ -78,6 +78,8 @@ def paged_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array | None, 
         outside [0, num_experts) (padding) get a zero delta.
       a_rows: [P, D_in] A arena; b_rows: [P, D_out] B arena (any whole-array views of buffers).
       table: a `PageTable` (start, stride, nblocks per slot; static rank_block and max_blocks).
+      b_table: the B arena's table when its pages start elsewhere than A's (same stride and nblocks); None:
+        `table` addresses both.
 
     Returns:
       [M, D_out] float32 delta.
@@ -96,4 +98,7 @@ def paged_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array | None, 
     lora_a = jnp.swapaxes(a_rows[idx], 1, 2)  # [M, D_in, W]: the orientation `lora_delta` gathers
     shrink = jnp.einsum("ni,nir->nr", x, lora_a, preferred_element_type=jnp.float32)
     shrink = jnp.where(used, shrink, 0.0)
+    if b_table is not None:
+        first = (b_table.start[slots] + expert * b_table.stride[slots]) * rb
+        idx = jnp.where(used, first[:, None] + r[None, :], 0)
     return jnp.einsum("nr,nro->no", shrink, b_rows[idx].astype(jnp.float32))

@@ -36,11 +36,16 @@ def route(x: jax.Array, router: jax.Array, top_k: int, normalize: bool,
     logits = matmul(x, router, "nh,he->ne")
     if router_delta is not None:
         logits = add_delta(logits, router_delta)
+    return route_logits(logits, top_k, normalize)
+
+
+def route_logits(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
+    """`route` from router logits [N, E] (activation dtype): (weights [N, k] in that dtype, expert ids [N, k])."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, top_k)
     if normalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return weights.astype(x.dtype), experts.astype(jnp.int32)
+    return weights.astype(logits.dtype), experts.astype(jnp.int32)
 
 
 class Packed(NamedTuple):
