@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from infinilora_jax.disagg.engine import InstanceGroup
 from infinilora_jax.disagg.runner import DisaggRunner
 from infinilora_jax.engine.engine import LLMEngine
 from infinilora_jax.engine.kv_cache import CacheConfig
@@ -120,9 +121,10 @@ class LLM:
         if mode == "disaggregated":  # so LoRA devices can use their KV blocks as adapter-page arenas
             num_pages = self.runner.round_kv_pages(num_pages, page_size)
         self.tokenizer = _load_tokenizer(self.model_dir)
-        self.engine = LLMEngine(self.runner, CacheConfig(page_size, num_pages),
-                                SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len),
-                                self.tokenizer, self.config.eos_token_ids)
+        engine_cls = InstanceGroup if mode == "disaggregated" and self.layout.dp > 1 else LLMEngine
+        self.engine = engine_cls(self.runner, CacheConfig(page_size, num_pages),
+                                 SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len),
+                                 self.tokenizer, self.config.eos_token_ids)
         for name, path in adapters.items():
             self.load_adapter(name, path)
 

@@ -144,6 +144,8 @@ class DisaggRunner:
         specs = kv_specs(self.cfg.num_layers, block, self.dtype)
         if self.kv_specs and specs != self.kv_specs:
             raise ConfigError("a disaggregated runner's KV cache shape is fixed once its adapter pages are placed")
+        if self.kv and not any(a.is_deleted() for a in self.kv.values()):
+            return KVHandle(self)  # several base instances share the KV role buffers (each its devices' blocks)
         self.kv_specs = specs
         self.kv = {n: zeros_buffer(self.mesh, block, self.dtype) for n in self.kv_names}
         if not self.pool.placed:
