@@ -97,6 +97,16 @@ class DisaggModel:
         # holding LoRA pages are rewritten in place by layer-wise loading; reading a stale value would copy).
         w = lambda name: blocks["w:" + name][0]  # drops the device dim
 
+        if load is not None:
+            # Layer-wise loading: each LoRA layer slot's pages come from host memory in their own transfer and
+            # are scattered into their regions before any layer reads a buffer holding them. All writes come
+            # first: a buffer read (inside a role branch) before a later in-place write into it would be
+            # copied whole (measured: tests/test_disagg.py). A layer waits only for the transfers whose pages
+            # sit in the buffers it reads.
+            slot, pages = load
+            for j in range(self.lora_layers):
+                incoming = jax.tree.map(lambda page: jax.device_put(page[0], jax.memory.Space.Device), pages[j])
+                blocks = self.pool.write(blocks, j, slot, incoming, is_lora)
         x = jax.lax.psum(on(self._is_base, self._embed, w("embed"), batch.tokens), MODEL_AXES)
         rope = rope_tables(batch.positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         kv_block = blocks["kv:0:k"].shape  # [1, 1, num_pages, page_size, kv_heads, hd]
@@ -110,10 +120,6 @@ class DisaggModel:
             stage, j = divmod(layer, self.lora_layers)
             serving = is_lora & (instance == stage)
             targets = self.pool.layers[j]
-            if load is not None and layer < self.lora_layers:  # layer-wise loading: LoRA slot j before its first use
-                slot, pages = load
-                incoming = jax.tree.map(lambda p: jax.device_put(p[0], jax.memory.Space.Device), pages[layer])
-                blocks = self.pool.write(blocks, layer, slot, incoming, is_lora)
             p = lambda key, layer=layer: w(f"layers/{layer}/{key}")[0]  # drops the stage dim
             eps = cfg.rms_norm_eps
 

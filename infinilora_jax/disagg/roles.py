@@ -122,12 +122,13 @@ def role_of_devices(mesh: Mesh) -> dict[str, str]:
 
 
 def live_bytes(arrays) -> dict[str, int]:
-    """Bytes of the given arrays' shards, per device."""
+    """Bytes of the given arrays' shards, per device (from shapes: no shard arrays are materialised)."""
     out: dict[str, int] = {}
     for leaf in jax.tree.leaves(arrays):
-        for shard in leaf.addressable_shards:
-            key = str(shard.device)
-            out[key] = out.get(key, 0) + shard.data.nbytes
+        nbytes = math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+        for device in leaf.sharding.addressable_devices:
+            key = str(device)
+            out[key] = out.get(key, 0) + nbytes
     return out
 
 
