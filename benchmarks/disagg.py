@@ -200,8 +200,8 @@ def main(argv):
         jax.config.update("jax_num_cpu_devices", 2)
         F.dtype, F.requests, F.adapters, F.prompt_len, F.steps = "float32", 4, 2, 8, 2
         F.sweep, F.num_adapters, F.max_adapters, F.num_requests = ["1", "4"], 4, 2, 6
-        F.rates, F.max_num_seqs, F.max_model_len, F.rank = ["4"], 4, 128, 8
-        F.prompt_len_dist, F.output_len_dist = "4:16", "2:6"
+        F.rates, F.max_num_seqs, F.max_model_len, F.rank = ["4"], 4, 64, 8
+        F.max_num_batched_tokens, F.prompt_len_dist, F.output_len_dist = 16, "4:12", "2:6"
     results = {"config": {k: getattr(F, k) for k in ("model", "num_layers", "dtype", "coupled_mesh", "disagg_mesh",
                                                       "rank", "requests", "adapters", "prompt_len")}}
     if "decode" in F.parts:

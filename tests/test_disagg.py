@@ -332,3 +332,25 @@ def test_per_device_role_buffers_are_blocks(llm44):
     for arr in (*llm44.runner.weights.values(), *llm44.runner.kv.values()):
         assert arr.sharding.is_equivalent_to(NamedSharding(llm44.runner.mesh, PER_DEVICE), arr.ndim)
         assert arr.shape[0] == 8 and arr.sharding.shard_shape(arr.shape)[0] == 1
+
+
+def test_server_in_disaggregated_mode(llm44):
+    """The OpenAI server on the 4+4 LLM (two base instances): adapters by the `model` field, greedy completions
+    equal the references, metrics over both instances. Runs last: the server's engine thread owns the LLM."""
+    import httpx
+
+    from infinilora_jax.serving import BackgroundServer, ServerConfig, ServerState
+
+    ref, tok = reference(MODEL), llm44.tokenizer
+    server = BackgroundServer(ServerState(llm44, ServerConfig(model_name="tiny"))).start()
+    try:
+        for i, v in [(0, "attn-experts-r8"), (1, "base"), (2, "all-linear-r4")]:
+            body = {"model": "tiny" if v == "base" else v, "prompt": ref[f"prompt_{i}"].tolist(), "max_tokens": 8,
+                    "temperature": 0.0, "ignore_eos": True}
+            r = httpx.post(server.base_url + "/v1/completions", json=body, timeout=300)
+            assert r.status_code == 200, r.text
+            want = tok.decode(ref[f"greedy__{v}__{i}"].tolist(), skip_special_tokens=True)
+            assert r.json()["choices"][0]["text"] == want, (i, v)
+        assert "infinilora_num_requests_running" in httpx.get(server.base_url + "/metrics").text
+    finally:
+        server.stop(stop_engine=True)

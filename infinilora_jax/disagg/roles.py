@@ -63,10 +63,9 @@ def _zeros_on(shape: tuple[int, ...], dtype, device) -> jax.stages.Wrapped:
 
 
 def assemble(mesh: Mesh, blocks: list[jax.Array]) -> jax.Array:
-    """A role buffer from one [*local] block per device (each already on its device, PER_DEVICE order)."""
-    shape = blocks[0].shape
-    return jax.make_array_from_single_device_arrays((len(blocks), *shape), NamedSharding(mesh, PER_DEVICE),
-                                                    [b.reshape(1, *shape) for b in blocks])
+    """A role buffer from one [1, *local] block per device (each already on its device, PER_DEVICE order)."""
+    return jax.make_array_from_single_device_arrays((len(blocks), *blocks[0].shape[1:]),
+                                                    NamedSharding(mesh, PER_DEVICE), blocks)
 
 
 def zeros_buffer(mesh: Mesh, shape: tuple[int, ...], dtype) -> jax.Array:
@@ -80,22 +79,25 @@ def weight_buffers(model_state: dict, mesh: Mesh, layout: RoleLayout) -> tuple[d
 
     model_state: the pure parameter dict of one base instance (layout.base), sharded over the devices of base
     instance 0 (mesh.devices[BASE_ROLE, 0]). Base device (d, e) gets the shard of base device (0, e); LoRA
-    devices get zeros of the same shape (their arenas). Returns (name -> buffer, name -> spec)."""
+    devices get zeros of the same shape (their arenas). Each parameter is deleted once copied, so the peak is
+    one parameter above the weights. Returns (name -> buffer, name -> spec)."""
     roles = device_roles(mesh)
     buffers, specs = {}, {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(model_state)[0]:
         name = "w:" + "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
         by_device = {s.device: s.data for s in leaf.addressable_shards}
-        local = leaf.sharding.shard_shape(leaf.shape)
+        local = tuple(leaf.sharding.shard_shape(leaf.shape))
         blocks = []
         for device, role, _, ep in roles:
             if role == BASE_ROLE:
-                source = by_device[mesh.devices[BASE_ROLE, 0, 0, ep, 0]]
+                source = by_device[mesh.devices[BASE_ROLE, 0, 0, ep, 0]].reshape(1, *local)
                 blocks.append(source if source.devices() == {device} else jax.device_put(source, device))
             else:
-                blocks.append(_zeros_on(local, leaf.dtype, device)())
+                blocks.append(_zeros_on((1, *local), leaf.dtype, device)())
         buffers[name] = assemble(mesh, blocks)
-        specs[name] = BufferSpec(name, tuple(local), np.dtype(leaf.dtype), "weight")
+        specs[name] = BufferSpec(name, local, np.dtype(leaf.dtype), "weight")
+        del by_device, blocks
+        leaf.delete()
     return buffers, specs
 
 
