@@ -43,6 +43,11 @@ ATTN_IN = ("q", "k", "v")
 DENSE_IN = ("gate", "up")
 
 
+def _is_base():
+    """This device plays the base role (local code; XLA folds the repeated axis_index)."""
+    return jax.lax.axis_index(ROLE) == BASE_ROLE
+
+
 class DisaggModel:
     """Static structure of the step (config, layer kinds, page placement); `forward` is the local code."""
 
@@ -68,9 +73,9 @@ class DisaggModel:
         """push -> (base: base_work(*base_args) | LoRA: deltas) -> reply. Returns (base_work's result, deltas)."""
         dp = self.layout.dp
         if not targets:  # nothing to adapt here: no exchange
-            return on(self._is_base, base_work, *base_args), {}
+            return on(_is_base(), base_work, *base_args), {}
         got = to_lora(push, stage, dp)
-        base_out = on(self._is_base, base_work, *base_args)
+        base_out = on(_is_base(), base_work, *base_args)
 
         def lora(got):
             rows, slots, experts = slots_of(got)
@@ -78,7 +83,7 @@ class DisaggModel:
             return {t: d.reshape(dp, -1, d.shape[-1]) for t, d in deltas.items()}
 
         deltas = on(serving, lora, got)
-        return base_out, to_base(deltas, stage, dp, self._instance)
+        return base_out, to_base(deltas, stage, dp, jax.lax.axis_index(DP))
 
     # ---- the forward ----
 
@@ -90,7 +95,6 @@ class DisaggModel:
         layer, or None. Returns (float32 logits [M, vocab rows of this device], updated blocks)."""
         cfg = self.cfg
         role, instance = jax.lax.axis_index(ROLE), jax.lax.axis_index(DP)
-        self._is_base, self._instance = role == BASE_ROLE, instance
         is_lora = role == LORA_ROLE
         blocks = dict(blocks)
         # Weights are read from `blocks` when used, so every read sees the latest value of its buffer (blocks
@@ -107,11 +111,11 @@ class DisaggModel:
             for j in range(self.lora_layers):
                 incoming = jax.tree.map(lambda page: jax.device_put(page[0], jax.memory.Space.Device), pages[j])
                 blocks = self.pool.write(blocks, j, slot, incoming, is_lora)
-        x = jax.lax.psum(on(self._is_base, self._embed, w("embed"), batch.tokens), MODEL_AXES)
+        x = jax.lax.psum(on(_is_base(), self._embed, w("embed"), batch.tokens), MODEL_AXES)
         rope = rope_tables(batch.positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         kv_block = blocks["kv:0:k"].shape  # [1, 1, num_pages, page_size, kv_heads, hd]
         no_slot = kv_block[2] * kv_block[3]
-        cache_slots = jnp.where(self._is_base, batch.cache_slots, no_slot)
+        cache_slots = jnp.where(_is_base(), batch.cache_slots, no_slot)
         slots = batch.adapter_slots
         flat_slots = all_slots.reshape(-1)  # [dp * N]: the stacking order of to_lora
         dense_rows = lambda got: (got.reshape(-1, got.shape[-1]), flat_slots, None)
@@ -124,14 +128,14 @@ class DisaggModel:
             eps = cfg.rms_norm_eps
 
             # 1. q, k, v
-            h = on(self._is_base, lambda x: rms_norm(x, p("attn_norm"), eps), x)
+            h = on(_is_base(), lambda x: rms_norm(x, p("attn_norm"), eps), x)
             qkv0, d = self._round_trip(blocks, serving, stage, j, [t for t in ATTN_IN if t in targets], h,
                                        dense_rows, lambda h: tuple(matmul(h, p(f"attn/w{t}"), "nh,ho->no")
                                                                    for t in ATTN_IN), h)
-            q, k, v = on(self._is_base, lambda qkv0, d: self._qkv(qkv0, d, rope, p), qkv0, d)
+            q, k, v = on(_is_base(), lambda qkv0, d: self._qkv(qkv0, d, rope, p), qkv0, d)
             for name, new in ((f"kv:{layer}:k", k), (f"kv:{layer}:v", v)):  # blocks [1, 1 (stage), pages, ...]
                 blocks[name] = write_kv(blocks[name][0, 0], new, cache_slots)[None, None]
-            attn = on(self._is_base, lambda q, kp, vp: self._attention(q, kp, vp, batch), q,
+            attn = on(_is_base(), lambda q, kp, vp: self._attention(q, kp, vp, batch), q,
                       blocks[f"kv:{layer}:k"][0, 0], blocks[f"kv:{layer}:v"][0, 0])
 
             # 2. o
@@ -143,7 +147,7 @@ class DisaggModel:
                 x = x + out
                 return x, rms_norm(x, p("mlp_norm"), eps)
 
-            x, h2 = on(self._is_base, post_attn, x, o0, d)
+            x, h2 = on(_is_base(), post_attn, x, o0, d)
 
             if self.base_plan.slot_kinds[layer][0]:
                 x = self._moe(blocks, serving, stage, j, targets, x, h2, slots, flat_slots, dense_rows, p)
@@ -155,7 +159,7 @@ class DisaggModel:
             return matmul(hidden, head, "mh,vh->mv").astype(jnp.float32)
 
         head = w("embed") if cfg.tie_word_embeddings else w("lm_head")
-        logits = on(self._is_base, final, x, w("final_norm"), head)
+        logits = on(_is_base(), final, x, w("final_norm"), head)
         return logits, blocks
 
     # ---- base pieces ----
@@ -194,10 +198,10 @@ class DisaggModel:
             up = add_delta(gate_up[:, 1], d["up"]) if "up" in d else gate_up[:, 1]
             return jax.nn.silu(gate) * up
 
-        act = on(self._is_base, act_down, gate_up, d)
+        act = on(_is_base(), act_down, gate_up, d)
         down0, d = self._round_trip(blocks, serving, stage, j, [t for t in ("down",) if t in targets], act,
                                     dense_rows, lambda a: matmul(a, p("mlp/w_down"), "ni,ih->nh"), act)
-        return on(self._is_base, lambda x, y, d: x + (add_delta(y, d["down"]) if "down" in d else y), x, down0, d)
+        return on(_is_base(), lambda x, y, d: x + (add_delta(y, d["down"]) if "down" in d else y), x, down0, d)
 
     def _moe(self, blocks, serving, stage, j, targets, x, h2, slots, flat_slots, dense_rows, p):
         cfg, ep = self.cfg, self.layout.ep
@@ -212,7 +216,7 @@ class DisaggModel:
             weights, experts = route_logits(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
             return pack_rows(h2, slots, weights, experts, num_local=num_local, ep=ep)
 
-        packed = on(self._is_base, dispatch, h2, router0, d)
+        packed = on(_is_base(), dispatch, h2, router0, d)
         capacity = packed.send_e.shape[1]
         recv = tuple(jax.lax.all_to_all(a, EP, 0, 0) if ep > 1 else a for a in packed[:3])
 
@@ -221,7 +225,7 @@ class DisaggModel:
             order, group_sizes = sort_rows(row_experts, num_local)
             return rows[order], row_experts[order], row_slots[order], order, group_sizes
 
-        rows, row_experts, row_slots, order, group_sizes = on(self._is_base, sort, *recv)
+        rows, row_experts, row_slots, order, group_sizes = on(_is_base(), sort, *recv)
         expert_rows = lambda got: (got[0].reshape(-1, got[0].shape[-1]), got[2].reshape(-1), got[1].reshape(-1))
         gate_up, d = self._round_trip(blocks, serving, stage, j, [t for t in ("expert_gate_up",) if t in targets],
                                       (rows, row_experts, row_slots), expert_rows,
@@ -232,7 +236,7 @@ class DisaggModel:
                 gate_up = add_delta(gate_up, d["expert_gate_up"])
             return jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]
 
-        act = on(self._is_base, act_fn, gate_up, d)
+        act = on(_is_base(), act_fn, gate_up, d)
         down0, d = self._round_trip(blocks, serving, stage, j, [t for t in ("expert_down",) if t in targets],
                                     (act, row_experts, row_slots), expert_rows,
                                     lambda a: expert_down(a, group_sizes, w_down), act)
@@ -241,9 +245,9 @@ class DisaggModel:
             out = add_delta(down0, d["expert_down"]) if "expert_down" in d else down0
             return jnp.zeros_like(out).at[order].set(out).reshape(ep, capacity, hidden)
 
-        out = on(self._is_base, unsort, down0, d)
+        out = on(_is_base(), unsort, down0, d)
         back = jax.lax.all_to_all(out, EP, 0, 0) if ep > 1 else out
-        y = on(self._is_base, combine_rows, back, packed)
+        y = on(_is_base(), combine_rows, back, packed)
         if ep > 1:
             y = jax.lax.all_gather(y, EP, tiled=True)
         return x + y[:n]
