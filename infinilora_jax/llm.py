@@ -13,6 +13,8 @@ from collections.abc import Iterator, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from infinilora_jax.disagg.engine import InstanceGroup
+from infinilora_jax.disagg.runner import DisaggRunner
 from infinilora_jax.engine.engine import LLMEngine
 from infinilora_jax.engine.kv_cache import CacheConfig
 from infinilora_jax.engine.request import RequestOutput
@@ -26,13 +28,14 @@ from infinilora_jax.lora.targets import ALL_TARGETS
 from infinilora_jax.models.config import ModelConfig
 from infinilora_jax.models.params import random_factory
 from infinilora_jax.sampling import SamplingParams
-from meshes.layouts import MeshLayout, resolve_layout
+from meshes.layouts import MeshLayout, RoleLayout, resolve_layout, resolve_role_layout
 
 log = logging.getLogger(__name__)
 
 BUNDLED_DIR = os.path.join(os.path.dirname(__file__), "assets", "tiny-qwen3-moe")
 BUNDLED_MODEL = os.path.join(BUNDLED_DIR, "model")
 BUNDLED_ADAPTERS = os.path.join(BUNDLED_DIR, "adapters")
+MODES = ("coupled", "disaggregated")
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
 
@@ -55,11 +58,12 @@ class GenerationResult:
 
 class LLM:
     def __init__(self, model: str | None = None, adapters: dict[str, str] | None = None, dtype: str = "bfloat16",
-                 mesh: str | MeshLayout | None = None, *, max_lora_rank: int = 16, max_adapters: int | None = None,
-                 max_host_adapters: int = 64, max_model_len: int | None = None,
+                 mesh: str | MeshLayout | RoleLayout | None = None, *, max_lora_rank: int = 16,
+                 max_adapters: int | None = None, max_host_adapters: int = 64, max_model_len: int | None = None,
                  lora_targets: Sequence[str] = ALL_TARGETS, max_adapter_bytes: int | None = None,
                  page_size: int = 16, num_pages: int | None = None, max_num_seqs: int = 32,
-                 max_num_batched_tokens: int = 256, num_layers: int | None = None, progress: bool = True):
+                 max_num_batched_tokens: int = 256, num_layers: int | None = None, progress: bool = True,
+                 mode: str = "coupled"):
         """
         Args:
           model: a Hugging Face model directory (config.json + safetensors), a directory written by
@@ -67,17 +71,24 @@ class LLM:
             a model of that shape with random weights, for benchmarks (num_layers may cut its depth).
           adapters: adapter name -> PEFT adapter directory, registered at start.
           dtype: "bfloat16" | "float32" | "float16" for weights and activations.
-          mesh: a layout name from meshes.LAYOUTS (e.g. "pp2_ep2_tp2"), a MeshLayout, or None for one device.
+          mesh: coupled mode: a layout name from meshes.LAYOUTS (e.g. "pp2_ep2_tp2"), a MeshLayout, or None for
+            one device; disaggregated mode: a role layout from meshes.ROLE_LAYOUTS ("1+1", "2+2", "4+4", "8+8")
+            or a RoleLayout (None: "1+1").
           max_lora_rank, max_adapters, lora_targets: the device adapter pool (slots resident at once);
             max_host_adapters: converted adapters kept in host memory; more may be registered than either.
           max_model_len: context limit (prompt + generated); defaults to the model's max_position_embeddings.
           page_size, num_pages: the paged KV cache (num_pages defaults to enough for max_num_seqs full-length
             sequences, at most 65536); max_num_seqs, max_num_batched_tokens: the scheduler's per-step limits.
+          mode: "coupled" (every device holds base weights and adapter pages) or "disaggregated" (base instances
+            and a LoRA server on separate devices of one role mesh; docs/architecture/07-disaggregated.md).
         """
+        if mode not in MODES:
+            raise ConfigError(f"mode={mode!r}: choose one of {MODES}")
+        self.mode = mode
         if dtype not in DTYPES:
             raise ConfigError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
         self.model_dir = os.fspath(model) if model is not None else BUNDLED_MODEL
-        self.layout = resolve_layout(mesh)
+        self.layout = resolve_role_layout(mesh) if mode == "disaggregated" else resolve_layout(mesh)
         self.dtype = dtype
         adapters = dict(adapters or {})
         pool_cfg = LoraPoolConfig(max_adapters=max_adapters or max(4, len(adapters)), max_rank=max_lora_rank,
@@ -90,23 +101,30 @@ class LLM:
             self.config = ModelConfig.from_hf_dict(raw, source=self.model_dir)
             make_factory = lambda mesh, on_param: _counting(random_factory(mesh, seed=0, std=0.02), on_param)
         elif orbax_store.is_converted(self.model_dir):
+            if mode == "disaggregated":
+                raise ConfigError("disaggregated mode loads Hugging Face checkpoints or random configs, not "
+                                  "Orbax-converted directories (yet)")
             self.config = orbax_store.read_config(self.model_dir)
             make_factory = orbax_store.restore_factory(self.model_dir, self.layout, DTYPES[dtype])
         else:
             self.config = ModelConfig.from_hf_dir(self.model_dir)
             weights = WeightMap(self.config, HFCheckpoint(self.model_dir))
             make_factory = lambda mesh, on_param: checkpoint_factory(weights, mesh, on_param)
-        self.runner = ModelRunner(self.config, self.layout, DTYPES[dtype], make_factory, pool_cfg,
-                                  max_host_adapters=max_host_adapters, max_adapter_bytes=max_adapter_bytes,
-                                  progress=progress)
+        runner_cls = DisaggRunner if mode == "disaggregated" else ModelRunner
+        self.runner = runner_cls(self.config, self.layout, DTYPES[dtype], make_factory, pool_cfg,
+                                 max_host_adapters=max_host_adapters, max_adapter_bytes=max_adapter_bytes,
+                                 progress=progress)
         self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
                                  self.config.max_position_embeddings)
         if num_pages is None:
             num_pages = min(65536, max_num_seqs * -(-self.max_model_len // page_size) + 1)
+        if mode == "disaggregated":  # so LoRA devices can use their KV blocks as adapter-page arenas
+            num_pages = self.runner.round_kv_pages(num_pages, page_size)
         self.tokenizer = _load_tokenizer(self.model_dir)
-        self.engine = LLMEngine(self.runner, CacheConfig(page_size, num_pages),
-                                SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len),
-                                self.tokenizer, self.config.eos_token_ids)
+        engine_cls = InstanceGroup if mode == "disaggregated" and self.layout.dp > 1 else LLMEngine
+        self.engine = engine_cls(self.runner, CacheConfig(page_size, num_pages),
+                                 SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len),
+                                 self.tokenizer, self.config.eos_token_ids)
         for name, path in adapters.items():
             self.load_adapter(name, path)
 
@@ -125,6 +143,8 @@ class LLM:
 
     def save_converted(self, path: str) -> None:
         """Write the converted, sharded parameters with Orbax, for fast reload with LLM(model=path)."""
+        if self.mode != "coupled":
+            raise ConfigError("save_converted works in coupled mode")
         orbax_store.save(path, self.config, self.runner.model_state, self.runner.layout, source_dir=self.model_dir)
 
     # ---- inference ----

@@ -3,6 +3,7 @@
     python -m infinilora_jax.serve                                  # the bundled tiny model and its adapters
     python -m infinilora_jax.serve --model DIR --adapters sql=DIR1,chat=DIR2 --port 8000 --dtype bfloat16
     python -m infinilora_jax.serve --enable-lora-loading --adapter-root /srv/adapters --api-key-file key.txt
+    python -m infinilora_jax.serve --mode disaggregated --layout 1+1      # base on device 0, LoRA server on 1
 
 Flags may be spelled with dashes or underscores (--max-model-len or --max_model_len). See
 docs/architecture/05-server.md.
@@ -23,7 +24,11 @@ _NAME = flags.DEFINE_string("served_model_name", None, "the base model's name in
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "address to listen on (0.0.0.0: every interface)")
 _PORT = flags.DEFINE_integer("port", 8000, "port to listen on")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "weights and activations")
-_MESH = flags.DEFINE_string("mesh", None, "mesh layout, e.g. pp2_ep2_tp2 (default: one device)")
+_MESH = flags.DEFINE_string("mesh", None, "mesh layout: coupled e.g. pp2_ep2_tp2 (default: one device); "
+                            "disaggregated 1+1, 2+2, 4+4, 8+8 (default 1+1)")
+_LAYOUT = flags.DEFINE_string("layout", None, "the same as --mesh")
+_MODE = flags.DEFINE_enum("mode", "coupled", ["coupled", "disaggregated"], "coupled: every device holds base weights "
+                          "and adapter pages; disaggregated: base instances and a LoRA server on separate devices")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "on CPU, split the host into this many devices (for --mesh)")
 _MAX_LORA_RANK = flags.DEFINE_integer("max_lora_rank", 16, "largest adapter rank the pool holds")
 _MAX_ADAPTERS = flags.DEFINE_integer("max_adapters", None, "adapter slots on the device (default: max(4, "
@@ -90,7 +95,10 @@ def main(argv):
         raise app.UsageError("the API key is empty")
     if _ENABLE_LOADING.value and not _ADAPTER_ROOT.value:
         raise app.UsageError("--enable_lora_loading needs at least one --adapter_root")
-    llm = build_llm(_MODEL.value, parse_adapters(_ADAPTERS.value), dtype=_DTYPE.value, mesh=_MESH.value,
+    if _MESH.value and _LAYOUT.value and _MESH.value != _LAYOUT.value:
+        raise app.UsageError("--mesh and --layout name the same thing: give one")
+    llm = build_llm(_MODEL.value, parse_adapters(_ADAPTERS.value), dtype=_DTYPE.value,
+                    mesh=_MESH.value or _LAYOUT.value, mode=_MODE.value,
                     max_lora_rank=_MAX_LORA_RANK.value, max_adapters=_MAX_ADAPTERS.value,
                     max_host_adapters=_MAX_HOST_ADAPTERS.value, max_model_len=_MAX_MODEL_LEN.value,
                     max_num_seqs=_MAX_NUM_SEQS.value, max_num_batched_tokens=_MAX_BATCHED.value,

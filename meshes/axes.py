@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from jax.sharding import PartitionSpec
 
+ROLE = "role"  # disaggregated mode only: 0 = base-model devices, 1 = LoRA-server devices
+DP = "dp"  # disaggregated mode only: base instances; on the LoRA role, the LoRA server's pipeline stage
 PP = "pp"  # pipeline stages: layers split into contiguous stages
 EP = "ep"  # expert parallelism: experts (and their adapter pages) split over devices
 TP = "tp"  # tensor parallelism: attention heads and MLP width split over devices
-MODEL_AXES = (PP, EP, TP)
+MODEL_AXES = (PP, EP, TP)  # one model replica (coupled) or one base instance (disaggregated)
+ROLE_AXES = (ROLE, DP, *MODEL_AXES)  # the global mesh of disaggregated mode
+BASE_ROLE, LORA_ROLE = 0, 1  # coordinates along ROLE
 
 # logical dimension name -> mesh axis (or axes); names missing here are replicated.
 LOGICAL_RULES: dict[str, str | tuple[str, ...]] = {

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import enum
 import math
 
@@ -126,6 +127,35 @@ def expert_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a
                              num_experts=lora_a.shape[1], slot_ranks=slot_ranks, a_rank_major=a_rank_major,
                              blocks=blocks)
     return delta.reshape(x.shape[0], *out)
+
+
+def paged_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array | None, a_rows: jax.Array,
+                     b_rows: jax.Array, table: PageTable, *, num_experts: int = 1, b_table: PageTable | None = None,
+                     backend=None, blocks: Blocks | None = None) -> jax.Array:
+    """[M, D_out] float32 delta with pages in row arenas addressed by a PageTable (reference.paged_lora_delta):
+    the form the disaggregated LoRA server keeps its pages in (arenas are whole-array views of role buffers).
+    On TPU the kernels read the arenas directly; they address A and B with one table, so `b_table` (B pages
+    placed at other rows than A's) runs on the reference only."""
+    chosen = select_backend(backend)
+    if chosen is LoraBackend.REFERENCE:
+        return reference.paged_lora_delta(x, slots, experts, a_rows, b_rows, table, num_experts, b_table)
+    if b_table is not None:
+        raise NotImplementedError("the TPU kernels address A and B pages with one page table; place both at the "
+                                  "same rows (or use the reference backend)")
+    if blocks is None:
+        blocks = _blocks(chosen, x, [b_rows.shape[1]], table.max_blocks * table.rank_block)
+        blocks = dataclasses.replace(blocks, rank_block=table.rank_block)
+    if experts is None:
+        keys, active = slots.astype(jnp.int32), slots > 0
+    else:
+        valid = (experts >= 0) & (experts < num_experts)
+        keys = slots.astype(jnp.int32) * num_experts + jnp.where(valid, experts, 0).astype(jnp.int32)
+        active = valid & (slots > 0)
+    interpret = pltpu.InterpretParams() if chosen is LoraBackend.TPU_INTERPRET else False
+    zeros = jnp.zeros((x.shape[0], b_rows.shape[1]), jnp.float32)
+    (delta,) = lora_apply((zeros,), x, keys, active, (a_rows,), (b_rows,), (table,), num_experts=num_experts,
+                          blocks=blocks, interpret=interpret)
+    return delta
 
 
 def add_lora_fused(ys: tuple[jax.Array, ...], x: jax.Array, slots: jax.Array, pairs, *, experts=None,

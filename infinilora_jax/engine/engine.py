@@ -11,6 +11,7 @@ sampled tokens are appended; requests stop on EOS, a stop token or string, max_t
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import random
@@ -25,13 +26,23 @@ from infinilora_jax.engine.kv_cache import CacheConfig
 from infinilora_jax.engine.request import Request, RequestOutput, Status, TokenLogprob
 from infinilora_jax.engine.runner import ModelRunner
 from infinilora_jax.engine.sampler import SamplingArrays
-from infinilora_jax.engine.scheduler import Scheduler, SchedulerConfig
+from infinilora_jax.engine.scheduler import ScheduledWork, Scheduler, SchedulerConfig
 from infinilora_jax.errors import CapacityError, RequestError
 from infinilora_jax.lora.adapter_cache import AdapterBusyError
-from infinilora_jax.models.batch import RowSpec, ShapePolicy, build_step_batch, padding_batch
+from infinilora_jax.models.batch import RowSpec, ShapePolicy, StepBatch, build_step_batch, padding_batch
 from infinilora_jax.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """One step's scheduled work, before it is packed into arrays."""
+
+    work: ScheduledWork
+    rows: list[RowSpec]
+    sampling_reqs: list[Request]  # requests that sample a token this step, in logits order
+    want_logprobs: bool
 
 
 class LLMEngine:
@@ -127,11 +138,20 @@ class LLMEngine:
     # ---- the step ----
 
     def step(self) -> list[RequestOutput]:
+        plan = self.schedule_step()
+        if plan is None:
+            return []
+        batch, sampling = self.build_step(plan)
+        tokens, top, self.kv = self.runner.sample(batch, self.kv, sampling, logprobs=plan.want_logprobs)
+        return self.complete_step(plan, tokens, top)
+
+    def schedule_step(self) -> StepPlan | None:
+        """Pick this step's work (None: nothing to run now)."""
         work = self.scheduler.schedule()
         if not work.rows:
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("queued requests cannot be scheduled (KV cache or adapter slots exhausted)")
-            return []
+            return None
         rows, sampling_reqs = [], []
         for req, n in work.rows:
             start = req.num_computed_tokens
@@ -140,18 +160,25 @@ class LLMEngine:
                                 "last" if samples else "none"))
             if samples:
                 sampling_reqs.append(req)
-        batch, _ = build_step_batch(rows, self.cache_config.page_size, self.cache_config.num_pages, self.shapes)
-        params = [r.params for r in sampling_reqs]
-        sampling = SamplingArrays.build(params, [r.seed for r in sampling_reqs],
-                                        [len(r.output_token_ids) for r in sampling_reqs], len(batch.logits_indices))
-        want_logprobs = any(p.logprobs is not None for p in params)
-        tokens, top, self.kv = self.runner.sample(batch, self.kv, sampling, logprobs=want_logprobs)
+        return StepPlan(work, rows, sampling_reqs, any(r.params.logprobs is not None for r in sampling_reqs))
+
+    def build_step(self, plan: StepPlan, **shape) -> tuple[StepBatch, SamplingArrays]:
+        """The step's arrays; `shape` (n_pad, p_pad, prefill) may force larger buckets (build_step_batch)."""
+        batch, _ = build_step_batch(plan.rows, self.cache_config.page_size, self.cache_config.num_pages,
+                                    self.shapes, **shape)
+        reqs = plan.sampling_reqs
+        sampling = SamplingArrays.build([r.params for r in reqs], [r.seed for r in reqs],
+                                        [len(r.output_token_ids) for r in reqs], len(batch.logits_indices))
+        return batch, sampling
+
+    def complete_step(self, plan: StepPlan, tokens: np.ndarray, top) -> list[RequestOutput]:
+        """Append the sampled tokens, stop what is finished, and return the step's outputs."""
         self.num_steps += 1
         now = time.monotonic()
-        for req, n in work.rows:
+        for req, n in plan.work.rows:
             req.num_computed_tokens += n
         outputs = []
-        for i, (req, token) in enumerate(zip(sampling_reqs, tokens[: len(sampling_reqs)])):
+        for i, (req, token) in enumerate(zip(plan.sampling_reqs, tokens[: len(plan.sampling_reqs)])):
             req.output_token_ids.append(int(token))
             if req.first_token_time is None:
                 req.first_token_time = now
@@ -272,4 +299,4 @@ class LLMEngine:
             self.runner.adapters.release(adapter)
 
 
-__all__ = ["LLMEngine", "Status"]
+__all__ = ["LLMEngine", "Status", "StepPlan"]

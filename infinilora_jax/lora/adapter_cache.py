@@ -65,7 +65,9 @@ class AdapterCache:
     def __init__(self, cfg: ModelConfig, plan: StagePlan, pool: LoraPool, dtype, *,
                  max_host_adapters: int = 64, max_adapter_bytes: int | None = None, layerwise: bool = True):
         self.cfg, self.plan, self.pool = cfg, plan, pool
-        self.pool_state = nnx.to_pure_dict(nnx.state(pool))  # what the step functions read
+        # What the step functions read (a pool that is not an nnx module keeps its pages elsewhere and
+        # overrides the device writes: disagg/runner.py).
+        self.pool_state = nnx.to_pure_dict(nnx.state(pool)) if isinstance(pool, nnx.Module) else None
         self.dtype = np.dtype(dtype)
         self.max_host_adapters = max_host_adapters
         self.max_adapter_bytes = max_adapter_bytes

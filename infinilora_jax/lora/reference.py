@@ -61,3 +61,44 @@ def expert_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a
     shrink = jnp.einsum("mi,mir->mr", x, lora_a[slots, experts], preferred_element_type=jnp.float32)
     delta = jnp.einsum("mr,mro->mo", shrink, b[slots, experts].astype(jnp.float32))
     return delta.reshape(x.shape[0], *out_shape)
+
+
+def paged_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array | None, a_rows: jax.Array,
+                     b_rows: jax.Array, table, num_experts: int = 1, b_table=None) -> jax.Array:
+    """LoRA delta with pages addressed by a page table in two row arenas (pallas_kernels/layout.py).
+
+    The page of (slot s, expert e) is rows [(start[s] + e * stride[s]) * rb, ... + nblocks[s] * rb) of both
+    arenas (rb = table.rank_block): A rows are rank components of A (PEFT's lora_A rows), B rows the matching
+    rank components of B (scaling folded in). The definition the TPU kernels implement.
+
+    Args:
+      x: [M, D_in] rows.
+      slots: [M] int32 adapter slot of each row (slot 0 has nblocks 0: no delta).
+      experts: [M] int32 local expert of each row, or None for a dense projection; rows whose expert lies
+        outside [0, num_experts) (padding) get a zero delta.
+      a_rows: [P, D_in] A arena; b_rows: [P, D_out] B arena (any whole-array views of buffers).
+      table: a `PageTable` (start, stride, nblocks per slot; static rank_block and max_blocks).
+      b_table: the B arena's table when its pages start elsewhere than A's (same stride and nblocks); None:
+        `table` addresses both.
+
+    Returns:
+      [M, D_out] float32 delta.
+    """
+    rb, width = table.rank_block, table.max_blocks * table.rank_block
+    live = slots > 0
+    expert = jnp.zeros_like(slots)
+    if experts is not None:
+        live &= (experts >= 0) & (experts < num_experts)
+        expert = jnp.where(live, experts, 0)
+    slots = jnp.where(live, slots, 0)
+    first = (table.start[slots] + expert * table.stride[slots]) * rb  # [M]
+    r = jnp.arange(width)
+    used = live[:, None] & (r[None, :] < table.nblocks[slots][:, None] * rb)  # [M, W]
+    idx = jnp.where(used, first[:, None] + r[None, :], 0)
+    lora_a = jnp.swapaxes(a_rows[idx], 1, 2)  # [M, D_in, W]: the orientation `lora_delta` gathers
+    shrink = jnp.einsum("ni,nir->nr", x, lora_a, preferred_element_type=jnp.float32)
+    shrink = jnp.where(used, shrink, 0.0)
+    if b_table is not None:
+        first = (b_table.start[slots] + expert * b_table.stride[slots]) * rb
+        idx = jnp.where(used, first[:, None] + r[None, :], 0)
+    return jnp.einsum("nr,nro->no", shrink, b_rows[idx].astype(jnp.float32))

@@ -109,14 +109,25 @@ class ShapePolicy:
         return out
 
 
+def step_needs(rows: list[RowSpec], page_size: int) -> tuple[int, int, bool]:
+    """(new tokens, pages of the longest row, whether some row has several new tokens) of a step's rows: what
+    its bucketed shapes follow from."""
+    return (sum(len(r.tokens) for r in rows),
+            max([-(-(r.start + len(r.tokens)) // page_size) for r in rows] + [1]),
+            any(len(r.tokens) > 1 for r in rows))
+
+
 def build_step_batch(rows: list[RowSpec], page_size: int, num_pages: int,
-                     policy: ShapePolicy | None = None) -> tuple[StepBatch, list[list[int]]]:
+                     policy: ShapePolicy | None = None, *, n_pad: int | None = None, p_pad: int | None = None,
+                     prefill: bool | None = None) -> tuple[StepBatch, list[list[int]]]:
     """Pack rows into arrays of the policy's shapes. Returns the batch and, per row, the positions in
     `logits_indices` holding its requested logits (in token order).
 
     Attention runs in two blocks so that decode rows never pay for a prefill chunk's query length: decode rows
     (one new token: [Bd, 1] queries) and prefill tiles ([T, query_tile] queries). Without a policy (one-off
-    batches, tests) the shapes are just large enough for these rows.
+    batches, tests) the shapes are just large enough for these rows. n_pad, p_pad (policy buckets at least as
+    large as these rows need) and prefill=True force larger shapes: several base instances stepping together
+    (disagg/engine.py) need batches of one shape.
     """
     if policy is None:
         policy = ShapePolicy(page_size, num_pages, max_rows=max(1, len(rows)),
@@ -125,7 +136,10 @@ def build_step_batch(rows: list[RowSpec], page_size: int, num_pages: int,
                              max_tokens=sum(len(r.tokens) for r in rows))
     assert (policy.page_size, policy.num_pages) == (page_size, num_pages), policy
     n = sum(len(r.tokens) for r in rows)
-    n_pad = policy.tokens(n)
+    if n_pad is None:
+        n_pad = policy.tokens(n)
+    elif n_pad < n:
+        raise ValueError(f"n_pad={n_pad} is below the {n} tokens of these rows")
     tokens = np.zeros(n_pad, np.int32)
     positions = np.zeros(n_pad, np.int32)
     slots = np.zeros(n_pad, np.int32)
@@ -156,7 +170,11 @@ def build_step_batch(rows: list[RowSpec], page_size: int, num_pages: int,
         logits += wanted
         at += k
 
-    p_pad = policy.pages(max((len(p) for _, p in decode_rows + tiles), default=1))
+    p_need = policy.pages(max((len(p) for _, p in decode_rows + tiles), default=1))
+    if p_pad is None:
+        p_pad = p_need
+    elif p_pad < p_need:
+        raise ValueError(f"p_pad={p_pad} is below the {p_need} pages these rows need")
 
     def block(entries, num_rows: int, q_pad: int) -> QueryBlock:
         if len(entries) > num_rows:
@@ -169,7 +187,7 @@ def build_step_batch(rows: list[RowSpec], page_size: int, num_pages: int,
         return QueryBlock(index, tables)
 
     decode = block(decode_rows, policy.decode_rows(n_pad), 1)
-    prefill = block(tiles, policy.prefill_tiles(n_pad) if tiles else 0, tile)
+    prefill = block(tiles, policy.prefill_tiles(n_pad) if tiles or prefill else 0, tile)
     m_pad = n_pad if any(r.logits == "all" for r in rows) else policy.decode_rows(n_pad)
     if len(logits) > m_pad:
         raise ValueError(f"{len(logits)} logits rows exceed {m_pad} ({policy})")

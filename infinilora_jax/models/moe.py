@@ -15,6 +15,8 @@ XLA:CPU has no ragged all-to-all, hence fixed-capacity buffers; the capacity bou
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -34,11 +36,100 @@ def route(x: jax.Array, router: jax.Array, top_k: int, normalize: bool,
     logits = matmul(x, router, "nh,he->ne")
     if router_delta is not None:
         logits = add_delta(logits, router_delta)
+    return route_logits(logits, top_k, normalize)
+
+
+def route_logits(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
+    """`route` from router logits [N, E] (activation dtype): (weights [N, k] in that dtype, expert ids [N, k])."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, top_k)
     if normalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return weights.astype(x.dtype), experts.astype(jnp.int32)
+    return weights.astype(logits.dtype), experts.astype(jnp.int32)
+
+
+class Packed(NamedTuple):
+    """One EP rank's (token, expert) assignments packed by destination rank, and what `combine_rows` needs."""
+
+    send_x: jax.Array  # [ep, C, H] rows, one per assignment
+    send_e: jax.Array  # [ep, C] int32 expert local to the destination (num_local for empty rows)
+    send_s: jax.Array  # [ep, C] int32 adapter slot of the row's token
+    dest: jax.Array  # [A] destination rank of each assignment (A = per_rank * k)
+    pos: jax.Array  # [A] row of each assignment in its destination's buffer
+    valid: jax.Array  # [A] the assignment's token is a real token of this rank
+    weights: jax.Array  # [per_rank, k] routing weights of this rank's tokens
+    experts: jax.Array  # [per_rank, k] global expert ids of this rank's tokens
+
+
+def pack_rows(x: jax.Array, slots: jax.Array, weights: jax.Array, experts: jax.Array, *, num_local: int,
+              ep: int) -> Packed:
+    """Steps 2 of the module docstring: this EP rank's 1/ep of the N tokens, one row per (token, expert).
+
+    x: [N, H]; slots: [N]; weights, experts: [N, k] from `route`. Runs on local shards (EP rank from the mesh).
+    """
+    n, hidden = x.shape
+    top_k = experts.shape[1]
+    per_rank = -(-n // ep)
+    pad = per_rank * ep - n
+    rank = jax.lax.axis_index(EP) if ep > 1 else 0
+    take = lambda a: jax.lax.dynamic_slice_in_dim(jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)),
+                                                  rank * per_rank, per_rank)
+    my_x, my_experts, my_weights, my_slots = take(x), take(experts), take(weights), take(slots)
+    my_valid = (rank * per_rank + jnp.arange(per_rank)) < n  # [per_rank]
+
+    dest = (my_experts // num_local).reshape(-1)  # [A]
+    local_expert = (my_experts % num_local).reshape(-1)
+    token_of = jnp.repeat(jnp.arange(per_rank), top_k)
+    valid = my_valid[token_of]
+    capacity = per_rank * min(top_k, num_local)
+    onehot = jax.nn.one_hot(dest, ep, dtype=jnp.int32)
+    pos = jnp.take_along_axis(jnp.cumsum(onehot, axis=0) - 1, dest[:, None], axis=1)[:, 0]
+    dest_w = jnp.where(valid, dest, ep)  # invalid rows are dropped by the scatter
+    send_x = jnp.zeros((ep, capacity, hidden), x.dtype).at[dest_w, pos].set(my_x[token_of], mode="drop")
+    send_e = jnp.full((ep, capacity), num_local, jnp.int32).at[dest_w, pos].set(local_expert, mode="drop")
+    send_s = jnp.zeros((ep, capacity), jnp.int32).at[dest_w, pos].set(my_slots[token_of], mode="drop")
+    return Packed(send_x, send_e, send_s, dest, pos, valid, my_weights, my_experts)
+
+
+def combine_rows(back: jax.Array, packed: Packed) -> jax.Array:
+    """back: [ep, C, H] expert outputs returned to this rank -> [per_rank, H], each token's k rows weighted and
+    summed in ascending expert order in the activation dtype (as HF's loop over experts does, so low-precision
+    results round the same way; in float32 the order is immaterial). A partial sum over TP shards."""
+    ep = back.shape[0]
+    per_rank, top_k = packed.experts.shape
+    rows = back[jnp.minimum(packed.dest, ep - 1), packed.pos]  # [A, H]
+    rows = rows * packed.weights.reshape(-1)[:, None]
+    rows = jnp.where(packed.valid[:, None], rows, 0).reshape(per_rank, top_k, back.shape[-1])
+    order = jnp.argsort(packed.experts, axis=1)
+    rows = jnp.take_along_axis(rows, order[:, :, None], axis=1)
+    y = rows[:, 0]
+    for j in range(1, top_k):
+        y = y + rows[:, j]
+    return y
+
+
+def sort_rows(row_experts: jax.Array, num_local: int) -> tuple[jax.Array, jax.Array]:
+    """(order that sorts rows by local expert, stably; group sizes [num_local] int32). Padding rows carry
+    expert id num_local and sort last, outside every group."""
+    order = jnp.argsort(row_experts, stable=True)
+    group_sizes = jnp.bincount(row_experts, length=num_local + 1)[:num_local].astype(jnp.int32)
+    return order, group_sizes
+
+
+def expert_gate_up(sorted_rows: jax.Array, group_sizes: jax.Array, w_gate_up: jax.Array) -> jax.Array:
+    """Grouped GEMM of rows sorted by expert: [R, H] x [E_l, H, 2, I_l] -> [R, 2, I_l] in the rows' dtype."""
+    num_local, hidden, _, inter = w_gate_up.shape
+    precision = jax.lax.Precision.HIGHEST if sorted_rows.dtype == jnp.float32 else None
+    gate_up = jax.lax.ragged_dot(sorted_rows, w_gate_up.reshape(num_local, hidden, 2 * inter), group_sizes,
+                                 precision=precision, preferred_element_type=jnp.float32).astype(sorted_rows.dtype)
+    return gate_up.reshape(-1, 2, inter)
+
+
+def expert_down(act: jax.Array, group_sizes: jax.Array, w_down: jax.Array) -> jax.Array:
+    """Grouped GEMM: [R, I_l] x [E_l, I_l, H] -> [R, H] in act's dtype."""
+    precision = jax.lax.Precision.HIGHEST if act.dtype == jnp.float32 else None
+    return jax.lax.ragged_dot(act, w_down, group_sizes, precision=precision,
+                              preferred_element_type=jnp.float32).astype(act.dtype)
 
 
 def _expert_ffn(rows: jax.Array, row_experts: jax.Array, row_slots: jax.Array, w_gate_up: jax.Array,
@@ -49,21 +140,15 @@ def _expert_ffn(rows: jax.Array, row_experts: jax.Array, row_slots: jax.Array, w
     row_slots: [R] adapter slot; w_gate_up: [E_l, H, 2, I_l]; w_down: [E_l, I_l, H].
     Returns [R, H], a partial sum over the TP shards of I (padding rows are zero).
     """
-    num_local, hidden, _, inter = w_gate_up.shape
-    order = jnp.argsort(row_experts, stable=True)
+    order, group_sizes = sort_rows(row_experts, w_gate_up.shape[0])
     sorted_rows = rows[order]
     sorted_experts = row_experts[order]
-    group_sizes = jnp.bincount(row_experts, length=num_local + 1)[:num_local].astype(jnp.int32)
-    precision = jax.lax.Precision.HIGHEST if rows.dtype == jnp.float32 else None
-    gate_up = jax.lax.ragged_dot(sorted_rows, w_gate_up.reshape(num_local, hidden, 2 * inter), group_sizes,
-                                 precision=precision, preferred_element_type=jnp.float32).astype(rows.dtype)
-    gate_up = gate_up.reshape(-1, 2, inter)
+    gate_up = expert_gate_up(sorted_rows, group_sizes, w_gate_up)
     sorted_slots = row_slots[order]
     if lora is not None and lora.get("gate_up") is not None:
         gate_up = add_delta(gate_up, expert_lora_delta(sorted_rows, sorted_slots, sorted_experts, *lora["gate_up"]))
     act = jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]
-    out = jax.lax.ragged_dot(act, w_down, group_sizes, precision=precision,
-                             preferred_element_type=jnp.float32).astype(rows.dtype)
+    out = expert_down(act, group_sizes, w_down)
     if lora is not None and lora.get("down") is not None:
         out = add_delta(out, expert_lora_delta(act, sorted_slots, sorted_experts, *lora["down"]))
     return jnp.zeros_like(out).at[order].set(out)
@@ -84,47 +169,16 @@ def moe_block(x: jax.Array, slots: jax.Array, router: jax.Array, w_gate_up: jax.
     router_pair = lora.get("router") if lora is not None else None
     router_delta = lora_delta(x, slots, *router_pair) if router_pair is not None else None
     weights, experts = route(x, router, top_k, normalize, router_delta)
-
-    per_rank = -(-n // ep)
-    pad = per_rank * ep - n
-    rank = jax.lax.axis_index(EP) if ep > 1 else 0
-    take = lambda a: jax.lax.dynamic_slice_in_dim(jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)),
-                                                  rank * per_rank, per_rank)
-    my_x, my_experts, my_weights, my_slots = take(x), take(experts), take(weights), take(slots)
-    my_valid = (rank * per_rank + jnp.arange(per_rank)) < n  # [per_rank]
-
-    # One row per (token, k) assignment, packed by destination rank.
-    dest = (my_experts // num_local).reshape(-1)  # [A]
-    local_expert = (my_experts % num_local).reshape(-1)
-    token_of = jnp.repeat(jnp.arange(per_rank), top_k)
-    valid = my_valid[token_of]
-    capacity = per_rank * min(top_k, num_local)
-    onehot = jax.nn.one_hot(dest, ep, dtype=jnp.int32)
-    pos = jnp.take_along_axis(jnp.cumsum(onehot, axis=0) - 1, dest[:, None], axis=1)[:, 0]
-    dest_w = jnp.where(valid, dest, ep)  # invalid rows are dropped by the scatter
-    send_x = jnp.zeros((ep, capacity, hidden), x.dtype).at[dest_w, pos].set(my_x[token_of], mode="drop")
-    send_e = jnp.full((ep, capacity), num_local, jnp.int32).at[dest_w, pos].set(local_expert, mode="drop")
-    send_s = jnp.zeros((ep, capacity), jnp.int32).at[dest_w, pos].set(my_slots[token_of], mode="drop")
-
+    packed = pack_rows(x, slots, weights, experts, num_local=num_local, ep=ep)
+    capacity = packed.send_e.shape[1]
     if ep > 1:
-        recv_x, recv_e, recv_s = (jax.lax.all_to_all(a, EP, 0, 0) for a in (send_x, send_e, send_s))
+        recv_x, recv_e, recv_s = (jax.lax.all_to_all(a, EP, 0, 0) for a in packed[:3])
     else:
-        recv_x, recv_e, recv_s = send_x, send_e, send_s
+        recv_x, recv_e, recv_s = packed[:3]
     out = _expert_ffn(recv_x.reshape(-1, hidden), recv_e.reshape(-1), recv_s.reshape(-1), w_gate_up, w_down,
                       lora).reshape(ep, capacity, hidden)
     back = jax.lax.all_to_all(out, EP, 0, 0) if ep > 1 else out
-
-    rows = back[jnp.minimum(dest, ep - 1), pos]  # [A, H]
-    rows = rows * my_weights.reshape(-1)[:, None]
-    rows = jnp.where(valid[:, None], rows, 0).reshape(per_rank, top_k, hidden)
-    # Sum each token's k expert outputs in ascending expert order in the activation dtype, as HF's loop over
-    # experts does, so low-precision results round the same way (in float32 the order is immaterial).
-    order = jnp.argsort(my_experts, axis=1)
-    rows = jnp.take_along_axis(rows, order[:, :, None], axis=1)
-    y = rows[:, 0]
-    for j in range(1, top_k):
-        y = y + rows[:, j]
-    y = jax.lax.psum(y, TP)
+    y = jax.lax.psum(combine_rows(back, packed), TP)
     if ep > 1:
         y = jax.lax.all_gather(y, EP, tiled=True)
     return y[:n]

@@ -1,0 +1,259 @@
+"""Coupled vs disaggregated serving on two devices (the 2-GPU machine): decode step, adapter-count sweep, SLO rate.
+
+Modes compared (same model, same adapters, same workload):
+  coupled      both devices serve one replica (layout --coupled_mesh, default ep2), every device holds its share
+               of the base weights and of the adapter pool (the S-LoRA-style baseline);
+  disagg       "1+1": device 0 is the base instance (all base weights, KV cache), device 1 the LoRA server (all
+               adapter pages, in its role buffers); per layer the base pushes activations, routing and slots to
+               it with ppermute and gets float32 deltas back (docs/architecture/07-disaggregated.md).
+Parts (--parts):
+  decode   median engine-step time with B running requests over A rank-r adapters, and without adapters
+           (disagg without LoRA targets makes no exchange: its difference to "all targets" is the exchange cost);
+  sweep    decode step time and adapter capacity (slots the device memory holds) as A grows (--sweep);
+  slo      serviceable rate: a Poisson, Zipf(s) workload over N adapters replayed at each --rates value;
+           the highest rate whose P95 TTFT <= --slo_ttft and mean TPOT <= --slo_tpot, and the share of adapters
+           meeting the SLO (>90% of their requests do).
+Prints a table per part, writes <out>.json and <out>.png, and logs live bytes per device by role.
+
+    # the 2-GPU machine (NCCL_NVLS_ENABLE=0 is set here; never NVLink multicast)
+    python benchmarks/disagg.py --model configs/models/qwen3-30b-a3b.json --num_layers 8 --dtype bfloat16 \\
+        --rank 16 --parts decode,sweep,slo --out $OUT/disagg
+    # CPU smoke run of the script itself (tiny model, 2 fake devices)
+    python benchmarks/disagg.py --smoke --out out/disagg_smoke
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast on the shared GPU host
+os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+F = flags.FLAGS
+flags.DEFINE_string("model", None, "configs/models/*.json (random weights) or an HF dir; default: bundled tiny")
+flags.DEFINE_integer("num_layers", None, "cut a random-weight model to this many layers")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "")
+flags.DEFINE_string("coupled_mesh", "ep2", "coupled layout over the two devices (ep2, tp2, pp2, ...)")
+flags.DEFINE_string("disagg_mesh", "1+1", "disaggregated role layout")
+flags.DEFINE_list("parts", ["decode", "sweep", "slo"], "decode, sweep, slo")
+flags.DEFINE_list("modes", ["coupled", "disagg"], "")
+flags.DEFINE_integer("rank", 16, "adapter rank (and the pools' max rank)")
+flags.DEFINE_list("targets", None, "adapter targets (default: all, lora/targets.py)")
+flags.DEFINE_integer("requests", 64, "decode: running requests")
+flags.DEFINE_integer("adapters", 32, "decode: distinct adapters among them (and pool slots)")
+flags.DEFINE_integer("prompt_len", 128, "decode: prompt tokens")
+flags.DEFINE_integer("steps", 16, "decode: timed steps")
+flags.DEFINE_list("sweep", ["1", "8", "32", "64", "128"], "sweep: adapter counts (pool slots = count)")
+flags.DEFINE_integer("num_adapters", 64, "slo: registered adapters (Zipf over them)")
+flags.DEFINE_integer("max_adapters", 16, "slo: device adapter slots (coupled: per replica; disagg: LoRA server)")
+flags.DEFINE_list("rates", ["2", "4", "8", "16", "32"], "slo: request rates to try (requests/s)")
+flags.DEFINE_integer("num_requests", 256, "slo: requests per rate")
+flags.DEFINE_float("zipf", 1.2, "")
+flags.DEFINE_string("prompt_len_dist", "lognormal:256:0.8:16:1024", "slo: prompt lengths (bench/workload.py)")
+flags.DEFINE_string("output_len_dist", "lognormal:128:0.8:8:512", "slo: output lengths")
+flags.DEFINE_float("slo_ttft", 0.25, "seconds (P95)")
+flags.DEFINE_float("slo_tpot", 0.1, "seconds (mean)")
+flags.DEFINE_integer("max_num_seqs", 64, "")
+flags.DEFINE_integer("max_num_batched_tokens", 512, "")
+flags.DEFINE_integer("max_model_len", 2048, "")
+flags.DEFINE_integer("num_pages", None, "KV pages (default: the LLM's)")
+flags.DEFINE_boolean("smoke", False, "tiny CPU run of every part (2 fake CPU devices)")
+flags.DEFINE_string("out", "out/disagg", "output path prefix")
+
+
+def make_llm(mode: str, max_adapters: int, targets, max_num_seqs: int, max_model_len: int):
+    from infinilora_jax import LLM
+
+    mesh = F.disagg_mesh if mode == "disagg" else F.coupled_mesh
+    return LLM(F.model, dtype=F.dtype, mesh=mesh, mode="disaggregated" if mode == "disagg" else "coupled",
+               num_layers=F.num_layers, max_lora_rank=F.rank, lora_targets=targets, max_adapters=max_adapters,
+               max_host_adapters=max(F.num_adapters, max_adapters, 1), max_num_seqs=max_num_seqs,
+               max_num_batched_tokens=max(F.max_num_batched_tokens, max_num_seqs), max_model_len=max_model_len,
+               num_pages=F.num_pages, progress=False)
+
+
+def register(llm, count: int, targets) -> list[str]:
+    from infinilora_jax.lora.random_adapter import random_adapter
+
+    names = [f"a{k}" for k in range(count)]
+    for k, name in enumerate(names):
+        llm.runner.adapters.register_weights(random_adapter(llm.config, name, F.rank, targets, seed=k,
+                                                            dtype=llm.runner.dtype))
+    return names
+
+
+def memory(llm) -> list[dict]:
+    runner = llm.runner
+    if hasattr(runner, "bytes_by_role"):
+        return runner.bytes_by_role()
+    return [{"device": d, "role": "coupled", "live_bytes": n} for d, n in runner.live_bytes_per_device().items()]
+
+
+def decode_step(mode: str, adapters: int, with_lora: bool = True) -> dict:
+    """Median step time once B requests decode, over `adapters` distinct adapters (0: none)."""
+    from infinilora_jax import SamplingParams
+    from infinilora_jax.errors import ConfigError
+    from infinilora_jax.lora.targets import ALL_TARGETS
+
+    targets = tuple(F.targets or ALL_TARGETS) if with_lora else ()
+    try:
+        llm = make_llm(mode, max(adapters, 1), targets, F.requests, F.prompt_len + F.steps + 64)
+    except ConfigError as e:  # the pool does not fit in device memory
+        return {"mode": mode, "adapters": adapters, "error": str(e)}
+    names = register(llm, adapters, targets) if with_lora and adapters else []
+    engine, rng = llm.engine, np.random.default_rng(0)
+    params = SamplingParams(max_tokens=F.steps + 32, temperature=0.0, ignore_eos=True)
+    for i in range(F.requests):
+        engine.add_request(rng.integers(3, llm.config.vocab_size, F.prompt_len).tolist(), params,
+                           names[i % len(names)] if names else None)
+    t0 = time.perf_counter()
+    while any(len(r.output_token_ids) == 0 for r in engine.requests.values()):
+        engine.step()
+    prefill_s = time.perf_counter() - t0
+    engine.step()  # compile the decode shape
+    times = []
+    for _ in range(F.steps):
+        t = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t)
+    result = {"mode": mode, "adapters": adapters, "lora": with_lora, "step_ms": 1e3 * float(np.median(times)),
+              "tokens_per_s": F.requests / float(np.median(times)), "prefill_and_compile_s": prefill_s,
+              "memory": memory(llm)}
+    for rid in list(engine.requests):
+        engine.abort(rid)
+    del llm, engine
+    gc.collect()
+    return result
+
+
+def replay(llm, reqs, names) -> tuple[list, float]:
+    """The workload against the engine in wall-clock time (as benchmarks/serving.py)."""
+    from infinilora_jax import SamplingParams
+    from infinilora_jax.bench import metrics
+
+    engine, start, info, i = llm.engine, time.monotonic(), {}, 0
+    pending = sorted(reqs, key=lambda r: r.arrival)
+    while i < len(pending) or engine.has_unfinished():
+        now = time.monotonic() - start
+        while i < len(pending) and pending[i].arrival <= now:
+            r = pending[i]
+            adapter = None if r.adapter is None else names[r.adapter]
+            rid = engine.add_request(r.prompt, SamplingParams(max_tokens=r.max_tokens, temperature=0.0,
+                                                              ignore_eos=True), adapter, arrival_time=start + r.arrival)
+            info[rid] = adapter
+            i += 1
+        if engine.has_unfinished():
+            engine.step()
+        elif i < len(pending):
+            time.sleep(max(0.0, pending[i].arrival - (time.monotonic() - start)))
+    wall = time.monotonic() - start
+    timings = [metrics.RequestTiming(info[r.request_id], r.arrival_time - start, r.first_token_time - start,
+                                     r.finish_time - start, len(r.prompt_token_ids), len(r.output_token_ids))
+               for r in engine.pop_finished()]
+    return timings, wall
+
+
+def slo_rate(mode: str) -> dict:
+    from infinilora_jax.bench import metrics, workload
+    from infinilora_jax.lora.targets import ALL_TARGETS
+
+    targets = tuple(F.targets or ALL_TARGETS)
+    llm = make_llm(mode, F.max_adapters, targets, F.max_num_seqs, F.max_model_len)
+    names = register(llm, F.num_adapters, targets)
+    t = time.monotonic()
+    programs = llm.engine.warmup(progress=False)
+    logging.info("%s: precompiled %d shapes in %.1f s", mode, programs, time.monotonic() - t)
+    vocab, out = llm.config.vocab_size, []
+    spec = lambda rate, n, seed: workload.WorkloadSpec(n, rate, 1.0, F.num_adapters, F.zipf, 0.0,
+                                                       workload.LengthDist.parse(F.prompt_len_dist),
+                                                       workload.LengthDist.parse(F.output_len_dist), seed)
+    replay(llm, workload.generate(spec(float(F.rates[0]), max(8, F.num_requests // 8), 1), vocab), names)  # warm
+    for rate in (float(r) for r in F.rates):
+        timings, wall = replay(llm, workload.generate(spec(rate, F.num_requests, 0), vocab), names)
+        s = metrics.summarize(timings, wall, metrics.SLO(F.slo_ttft, F.slo_tpot))
+        ok = s["ttft_p95_s"] <= F.slo_ttft and s["tpot_mean_s"] <= F.slo_tpot
+        out.append({"rate": rate, "meets_slo": ok, **{k: s[k] for k in (
+            "ttft_p95_s", "tpot_mean_s", "output_tokens_per_s", "requests_meeting_slo", "adapters_meeting_slo")}})
+        print(f"  {mode:8} rate {rate:6.1f}/s  TTFT P95 {s['ttft_p95_s']:.3f} s  TPOT mean {s['tpot_mean_s']:.4f} s"
+              f"  adapters meeting SLO {s['adapters_meeting_slo']:.0%}  {'ok' if ok else 'MISSED'}", flush=True)
+    best = max([r["rate"] for r in out if r["meets_slo"]], default=0.0)
+    result = {"mode": mode, "rates": out, "serviceable_rate": best, "adapter_cache": dict(
+        llm.runner.adapters.stats.__dict__), "memory": memory(llm)}
+    del llm
+    gc.collect()
+    return result
+
+
+def main(argv):
+    del argv
+    if F.smoke:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", 2)
+        F.dtype, F.requests, F.adapters, F.prompt_len, F.steps = "float32", 4, 2, 8, 2
+        F.sweep, F.num_adapters, F.max_adapters, F.num_requests = ["1", "4"], 4, 2, 6
+        F.rates, F.max_num_seqs, F.max_model_len, F.rank = ["4"], 4, 64, 8
+        F.max_num_batched_tokens, F.prompt_len_dist, F.output_len_dist = 16, "4:12", "2:6"
+    results = {"config": {k: getattr(F, k) for k in ("model", "num_layers", "dtype", "coupled_mesh", "disagg_mesh",
+                                                      "rank", "requests", "adapters", "prompt_len")}}
+    if "decode" in F.parts:
+        rows = []
+        for mode in F.modes:
+            rows += [decode_step(mode, F.adapters), decode_step(mode, 0, with_lora=False)]
+        results["decode"] = rows
+        print(f"  {'mode':8} {'adapters':>8} {'lora':>5} {'step ms':>9} {'tokens/s':>9}")
+        for r in rows:
+            print(f"  {r['mode']:8} {r['adapters']:8d} {str(r.get('lora')):>5} {r.get('step_ms', float('nan')):9.2f} "
+                  f"{r.get('tokens_per_s', float('nan')):9.1f} {r.get('error', '')}")
+        for r in rows:
+            logging.info("%s lora=%s memory by device: %s", r["mode"], r.get("lora"), r.get("memory"))
+    if "sweep" in F.parts:
+        rows = [decode_step(mode, int(a)) for a in F.sweep for mode in F.modes]
+        results["sweep"] = rows
+        print(f"  {'mode':8} {'adapters':>8} {'step ms':>9}")
+        for r in rows:
+            print(f"  {r['mode']:8} {r['adapters']:8d} {r.get('step_ms', float('nan')):9.2f} {r.get('error', '')}")
+    if "slo" in F.parts:
+        results["slo"] = [slo_rate(mode) for mode in F.modes]
+        for r in results["slo"]:
+            print(f"  {r['mode']:8} serviceable rate {r['serviceable_rate']:.1f} req/s")
+    os.makedirs(os.path.dirname(F.out) or ".", exist_ok=True)
+    with open(F.out + ".json", "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    _plot(results, F.out + ".png")
+    logging.info("wrote %s.json and %s.png", F.out, F.out)
+
+
+def _plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for mode in F.modes:
+        sweep = [r for r in results.get("sweep", []) if r["mode"] == mode and "step_ms" in r]
+        axes[0].plot([r["adapters"] for r in sweep], [r["step_ms"] for r in sweep], marker="o", label=mode)
+        slo = next((r for r in results.get("slo", []) if r["mode"] == mode), None)
+        if slo:
+            axes[1].plot([r["rate"] for r in slo["rates"]], [r["adapters_meeting_slo"] for r in slo["rates"]],
+                         marker="o", label=mode)
+    axes[0].set(title="decode step vs adapters", xlabel="distinct adapters", ylabel="ms", xscale="log")
+    axes[1].set(title="adapters meeting SLO", xlabel="requests/s", ylabel="share", ylim=(-0.02, 1.02))
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    app.run(main)

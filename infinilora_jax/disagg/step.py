@@ -1,0 +1,123 @@
+"""The jitted disaggregated steps: one jit(shard_map) over the global role mesh per engine iteration.
+
+Inputs: the role buffers (weights, which a LoRA device reads as page arenas, and KV blocks, donated), each base
+instance's StepBatch stacked over `dp` (sharded over dp: instance d's devices see its batch), and the adapter
+slots of every instance's tokens (replicated: the LoRA server serves all instances). The same step names as
+models/step.py: `score`, `prompt_logprobs`, `sample`, `sample_loading` (layer-wise loading of one adapter into
+the LoRA devices' pages while the step runs); outputs are per instance ([dp, M, ...]).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from infinilora_jax.disagg.model import DisaggModel
+from infinilora_jax.disagg.roles import PER_DEVICE
+from infinilora_jax.engine.sampler import SamplingArrays, sample, token_logprobs
+from infinilora_jax.models.batch import StepBatch
+from meshes.axes import BASE_ROLE, DP
+
+
+def _shape_key(name: str, batch: StepBatch) -> tuple:
+    return (name, *(tuple(x.shape) for x in jax.tree.leaves(batch)))
+
+
+class DisaggStepFunctions:
+    """weights: name -> role buffer (read; donated only by steps that write adapter pages); kv: name -> role
+    buffer (donated by every step)."""
+
+    def __init__(self, forward: DisaggModel, mesh: Mesh, weight_names: list[str], kv_names: list[str],
+                 vocab_size: int):
+        self.forward, self.mesh, self.vocab_size = forward, mesh, vocab_size
+        self.layout = forward.layout
+        self.has_pool = True
+        self._compiled: dict[tuple, jax.stages.Compiled] = {}
+        w_specs = {n: PER_DEVICE for n in weight_names}
+        kv_specs = {n: PER_DEVICE for n in kv_names}
+        self.weight_names, self.kv_names = list(weight_names), list(kv_names)
+        batch_specs = PartitionSpec(DP)  # every leaf [dp, ...]
+
+        def local(weights, kv, batch, all_slots, load=None):
+            batch = jax.tree.map(lambda a: a[0], batch)
+            logits, blocks = forward.forward({**weights, **kv}, batch, all_slots, load)
+            return logits[None], {n: blocks[n] for n in weight_names}, {n: blocks[n] for n in kv_names}
+
+        def local_plain(weights, kv, batch, all_slots):  # weights are read only
+            logits, _, kv = local(weights, kv, batch, all_slots)
+            return logits, kv
+
+        self._forward = jax.shard_map(local_plain, mesh=mesh,
+                                      in_specs=(w_specs, kv_specs, batch_specs, PartitionSpec()),
+                                      out_specs=(PER_DEVICE, kv_specs), check_vma=False)
+        self._forward_loading = jax.shard_map(
+            lambda w, kv, b, s, slot, pages: local(w, kv, b, s, (slot, pages)), mesh=mesh,
+            in_specs=(w_specs, kv_specs, batch_specs, PartitionSpec(), PartitionSpec(), PER_DEVICE),
+            out_specs=(PER_DEVICE, w_specs, kv_specs), check_vma=False)
+        self.score = jax.jit(self._score, donate_argnums=(1,))
+        self.sample = jax.jit(self._sample, donate_argnums=(1,))
+        self.prompt_logprobs = jax.jit(self._prompt_logprobs, donate_argnums=(1,))
+        self.sample_loading = jax.jit(self._sample_loading, donate_argnums=(0, 1))
+
+    def _logits(self, per_device: jax.Array) -> jax.Array:
+        """[devices, M, V/ep] from the shard_map -> base instances' [dp, M, vocab] float32 logits."""
+        lay = self.layout
+        m, rows = per_device.shape[1:]
+        grid = per_device.reshape(2, lay.dp, lay.ep, m, rows)[BASE_ROLE]  # [dp, ep, M, V/ep]
+        return jnp.swapaxes(grid, 1, 2).reshape(lay.dp, m, lay.ep * rows)[:, :, : self.vocab_size]
+
+    def _score(self, weights, kv, batch: StepBatch, all_slots):
+        """-> (float32 logits [dp, M, vocab], kv)."""
+        logits, kv = self._forward(weights, kv, batch, all_slots)
+        return self._logits(logits), kv
+
+    def _sampled(self, logits, sampling: SamplingArrays):
+        dp, m, v = logits.shape
+        flat = logits.reshape(dp * m, v)
+        s = jax.tree.map(lambda a: a.reshape(dp * m), sampling)
+        tokens = sample(flat, s, self.vocab_size)
+        out = (tokens, *token_logprobs(flat, tokens, s.logprobs, self.vocab_size))
+        return tuple(a.reshape(dp, m, *a.shape[1:]) for a in out)
+
+    def _sample(self, weights, kv, batch: StepBatch, all_slots, sampling: SamplingArrays):
+        """sampling: leaves [dp, M]. -> ((tokens [dp, M], their logprobs, top ids [dp, M, K], top logprobs), kv)."""
+        logits, kv = self._forward(weights, kv, batch, all_slots)
+        return self._sampled(self._logits(logits), sampling), kv
+
+    def _sample_loading(self, weights, kv, batch: StepBatch, all_slots, sampling: SamplingArrays, slot, pages):
+        """`_sample` that also writes one adapter's pages (pinned host, per device) into `slot` layer by layer.
+        -> (as `_sample`'s first output, weights, kv)."""
+        logits, weights, kv = self._forward_loading(weights, kv, batch, all_slots, slot, pages)
+        return self._sampled(self._logits(logits), sampling), weights, kv
+
+    def _prompt_logprobs(self, weights, kv, batch: StepBatch, all_slots, targets):
+        """targets: [dp, M] -> ((logprob of targets, top ids, top logprobs), each [dp, M, ...]), kv)."""
+        logits, kv = self._forward(weights, kv, batch, all_slots)
+        logits = self._logits(logits)
+        dp, m, v = logits.shape
+        out = token_logprobs(logits.reshape(dp * m, v), targets.reshape(-1), jnp.ones(dp * m, bool), self.vocab_size)
+        return tuple(a.reshape(dp, m, *a.shape[1:]) for a in out), kv
+
+    def run(self, name: str, *args):
+        """Step `name` with (weights, kv, batch, ...): the precompiled executable for these shapes, else jit."""
+        executable = self._compiled.get(_shape_key(name, args[2]))
+        return (executable or getattr(self, name))(*args)
+
+    def precompile(self, calls: list[tuple[str, tuple]], workers: int = 8, on_done=None) -> None:
+        lowered = {}
+        for name, args in calls:
+            key = _shape_key(name, args[2])
+            if key not in self._compiled and key not in lowered:
+                lowered[key] = getattr(self, name).lower(*args)
+        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+            futures = {pool.submit(low.compile): key for key, low in lowered.items()}
+            for future in concurrent.futures.as_completed(futures):
+                self._compiled[futures[future]] = future.result()
+                if on_done is not None:
+                    on_done()
+
+
+__all__ = ["DisaggStepFunctions"]
