@@ -71,6 +71,7 @@ def main(argv):
                                  workload.LengthDist.parse(F.prompt_len), workload.LengthDist.parse(F.output_len))
     replay.replay(llm.engine, workload.generate(dataclasses.replace(spec, rate=float(F.rates[0]), seed=99),
                                                 llm.config.vocab_size), names)  # warm the caches
+    load_before = os.getloadavg()[0]
     for k, rate in enumerate(float(r) for r in F.rates):
         reqs = workload.generate(dataclasses.replace(spec, rate=rate, seed=k), llm.config.vocab_size)
         replay.replay(llm.engine, reqs, names, step_log=log)
@@ -84,7 +85,8 @@ def main(argv):
                      "slots": F.slots},
         "engine": {"max_num_seqs": F.max_num_seqs, "max_num_batched_tokens": F.max_num_batched_tokens,
                    "max_model_len": F.max_model_len, "dtype": F.dtype, "model": F.model or "bundled tiny",
-                   "num_layers": layers}})
+                   "num_layers": layers},
+        "load_average_1min": [load_before, os.getloadavg()[0]]})  # other processes may share the machine
     model = calibration.fit(points, F.name, host_ms=host_ms, provenance=provenance, rank=F.rank,
                             targets=tuple(llm.runner.pool.pool_cfg.targets), shape_config=_shape_config())
     err = calibration.residuals(model, points)

@@ -149,10 +149,12 @@ def _runner(llm, names, spec, vocab, slo):
     def run(rate: float) -> dict:
         reqs = workload.generate(dataclasses.replace(spec, rate=rate), vocab)
         before = dataclasses.replace(cache.stats)
+        load_before = os.getloadavg()[0]
         timings, wall = replay.replay(llm.engine, reqs, names)
         summary = metrics.summarize(timings, wall, slo)
         hits, misses = cache.stats.hits - before.hits, cache.stats.misses - before.misses
-        summary.update(rate=rate, hits=hits, misses=misses, hit_rate=hits / max(1, hits + misses))
+        summary.update(rate=rate, hits=hits, misses=misses, hit_rate=hits / max(1, hits + misses),
+                       load_average=(load_before, os.getloadavg()[0]))  # other processes share this machine
         return summary
 
     return run

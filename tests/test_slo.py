@@ -247,7 +247,8 @@ def _sim(rate, **kw):
 
 def test_simulator_one_request_by_hand():
     req = workload.WorkloadRequest(0.0, 0, None, 5, prompt_tokens=300)
-    cfg = simulator.ClusterConfig(step=MODEL, cache_slots=1, load_ms=40.0, max_num_batched_tokens=128)
+    cfg = simulator.ClusterConfig(step=MODEL, cache_slots=1, load_ms=40.0, max_num_batched_tokens=128,
+                                  prewarm=False)
     res = simulator.simulate([req], cfg)
     step = lambda tokens: 1.0 + 4 * (1.0 + 0.02 * tokens + 0.1)  # ms
     prefill = step(128) + 40.0 + step(128) + step(44)  # three chunks, the first waits for the cold load

@@ -13,13 +13,15 @@ Modes:
                  the replica's step by `load_ms` (times 1 - `load_overlap`); LoRA math adds to the step.
   disaggregated  replicas hold no adapters; one LoRA server holds a shared LRU cache of `cache_slots`; per layer
                  the base and LoRA work overlap (max of the two) and the activations/deltas exchange adds
-                 `exchange_ms_per_layer`; the LoRA server's work for one replica's step is its adapter term
-                 times num_replicas / lora_devices (its devices are shared by every replica); a miss stalls the
-                 replica whose request needs it by `load_ms` (the LoRA server's devices load their shards in
-                 parallel, which the caller folds into load_ms).
-Requests are routed to replicas round robin in arrival order. Unlike the engine, the KV cache is reserved in
-full at admission (prompt + max_tokens), so there is no preemption; prefetching into free slots is not modelled
-(it matters only while the cache is still filling).
+                 `exchange_ms_per_layer`; the LoRA server's work for one replica's step is the adapter term of
+                 one device times replica_devices * num_replicas / lora_devices (the step model's adapter term is
+                 per replica, i.e. already divided over its replica_devices; the server's devices are shared by
+                 every replica); a miss stalls the replica whose request needs it by `load_ms` (the LoRA
+                 server's devices load their shards in parallel, which the caller folds into load_ms).
+Requests are routed to replicas round robin in arrival order. Caches start warm (`prewarm`: the most popular
+adapters resident; workloads number adapters by popularity, bench/workload.py and bench/trace.py). Unlike the
+engine, the KV cache is reserved in full at admission (prompt + max_tokens), so there is no preemption;
+prefetching into free slots is not modelled (it matters only while a cache is still filling).
 
 Steps that only decode, with nothing to admit until the next finish or arrival, repeat identically: they are
 advanced in one jump, so a simulated hour of decoding costs a few events.
@@ -57,6 +59,9 @@ class ClusterConfig:
     lookahead: int = 16
     exchange_ms_per_layer: float = 0.0  # disaggregated: base <-> LoRA server exchange per layer
     lora_devices: int = 0  # disaggregated: LoRA-server devices
+    replica_devices: int = 1  # devices per base replica (the step model already describes the whole replica)
+    prewarm: bool = True  # start with each cache holding the most popular adapters (index 0 first), as in
+    # steady state; off, every cache starts empty and the first requests all miss
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -111,6 +116,11 @@ class LRUCache:
 
     def release(self, adapter) -> None:
         self.resident[adapter] -= 1
+
+    def prewarm(self, by_popularity: list) -> None:
+        """Hold the first `slots` adapters of the list (most popular first), the first most recently used."""
+        for adapter in reversed(by_popularity[: self.slots]):
+            self.resident[adapter] = 0
 
 
 @dataclasses.dataclass
@@ -172,6 +182,10 @@ class Simulator:
         shared = LRUCache(cfg.cache_slots) if cfg.mode == "disaggregated" else None
         replicas = [_Replica(cfg, shared or LRUCache(cfg.cache_slots), reqs[k::cfg.num_replicas])
                     for k in range(cfg.num_replicas)]
+        if cfg.prewarm:
+            adapters = {r.adapter for r in reqs if r.adapter is not None}
+            for cache in {id(r.cache): r.cache for r in replicas}.values():
+                cache.prewarm(sorted(adapters))
         finish: dict[int, float] = {}
         heap = [(rep.arrival_time(), k) for k, rep in enumerate(replicas) if rep.arrivals]
         heapq.heapify(heap)
@@ -275,7 +289,7 @@ class Simulator:
         base, lora = model.split(tokens, adapters)
         if cfg.mode == "coupled":
             return float(base + lora)
-        lora = lora * cfg.num_replicas / cfg.lora_devices  # the LoRA server's share for this replica
+        lora = lora * cfg.replica_devices * cfg.num_replicas / cfg.lora_devices  # the server's time for this step
         layers = model.layers
         per_layer_base = (base - model.host_ms) / layers
         return float(model.host_ms + layers * (max(per_layer_base, lora / layers) + cfg.exchange_ms_per_layer))
