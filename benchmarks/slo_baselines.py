@@ -62,6 +62,9 @@ flags.DEFINE_string("calibration", "configs/calibration/cpu-tiny.json", "step ca
 flags.DEFINE_string("calibration_model", "tiny-qwen3-moe", "")
 flags.DEFINE_string("compilation_cache", "out/jax_cache", "persistent compilation cache directory ('' for none)")
 flags.DEFINE_integer("seed", 0, "")
+flags.DEFINE_string("disagg_layout", "1+1", "role layout of the disaggregated row (base + LoRA-server devices)")
+flags.DEFINE_integer("cpu_devices", 0, "on CPU, split the host into this many devices (the disaggregated row "
+                     "needs at least 2)")
 flags.DEFINE_string("simulate_from", None, "an earlier run's JSON: skip the engine, redo the simulator check")
 flags.DEFINE_string("out", "out/slo_cpu", "output prefix (.json, *_<plot>.png)")
 
@@ -92,14 +95,17 @@ def _write(report: dict) -> None:
 
 
 def _measure(wanted, spec, slo) -> dict:
-    """Runs the real engine: bisection per coupled baseline, then each at the common rate. Written to --out.json
-    before anything else happens."""
+    """Runs the real engine: bisection per baseline, then each at the common rate. Written to --out.json before
+    anything else happens."""
+    if F.cpu_devices:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", F.cpu_devices)
     replay.enable_compilation_cache(F.compilation_cache)
     coupled = [b for b in wanted if b.mode == "coupled"]
     slots = {b.name: baselines.reduced_slots(F.coupled_slots) if b.reduced_cache else F.coupled_slots
              for b in coupled}
-    results: dict[str, dict] = {}
-    runs = {}
+    engines = {}  # baseline -> (llm, adapter names, configure): one engine for the coupled rows, one disaggregated
     if coupled:
         llm, names = replay.benchmark_llm(F.model, F.num_adapters, F.rank, F.pool_slots, dtype=F.dtype,
                                           num_layers=F.num_layers, max_num_seqs=F.max_num_seqs,
@@ -107,37 +113,45 @@ def _measure(wanted, spec, slo) -> dict:
                                           max_model_len=F.max_model_len)
         replay.emulate_cold_loads(llm.engine, F.emulated_load_ms / 1e3)
         limit = replay.AdapterSlotLimit(llm)
-        vocab = llm.config.vocab_size
-
-        def configure(b):
-            limit.set(slots[b.name])
-            replay.set_policy(llm.engine, b.policy)
-
         for b in coupled:
-            configure(b)
-            runs[b.name] = run = _runner(llm, names, spec, vocab, slo)
-            run(F.start_rate)  # warm: fills the cache, settles the allocator
-            search = rate_search.find_serviceable_rate(run, lambda s: metrics.meets_slo(s, slo),
-                                                       start=F.start_rate, rel_tol=F.rel_tol,
-                                                       max_probes=F.max_probes, desc=b.name)
-            results[b.name] = {"slots": slots[b.name], "policy": b.policy, "serviceable_rate": search.rate,
-                               "probes": [dataclasses.asdict(p) for p in search.probes]}
-            logging.info("%s: serviceable rate %.2f req/s", b.name, search.rate)
-        common = max(r["serviceable_rate"] for r in results.values())
-        for b in coupled:
-            configure(b)
-            results[b.name]["at_common_rate"] = runs[b.name](common) if common > 0 else None
+            def configure(b=b, llm=llm, limit=limit):
+                limit.set(slots[b.name])
+                replay.set_policy(llm.engine, b.policy)
+            engines[b.name] = (llm, names, configure)
     disagg_note = None
     if any(b.mode == "disaggregated" for b in wanted):
-        disagg_note = ("not available yet: LLM has no mode='disaggregated'"
-                       if not baselines.disaggregated_engine_available() else
-                       "LLM(mode='disaggregated') exists but is not wired into this benchmark yet")
+        if not baselines.disaggregated_engine_available():
+            disagg_note = "not available yet: LLM has no mode='disaggregated'"
+        else:  # the LoRA server holds the whole pool as its shared cache
+            d_llm, d_names = replay.benchmark_llm(F.model, F.num_adapters, F.rank, F.pool_slots, dtype=F.dtype,
+                                                  num_layers=F.num_layers, max_num_seqs=F.max_num_seqs,
+                                                  max_num_batched_tokens=F.max_num_batched_tokens,
+                                                  max_model_len=F.max_model_len, mode="disaggregated",
+                                                  mesh=F.disagg_layout)
+            replay.emulate_cold_loads(d_llm.engine, F.emulated_load_ms / 1e3)
+            slots["disaggregated"] = F.pool_slots
+            engines["disaggregated"] = (d_llm, d_names, lambda: None)
+    results: dict[str, dict] = {}
+    runs = {}
+    for name, (llm, names, configure) in engines.items():
+        configure()
+        runs[name] = run = _runner(llm, names, spec, llm.config.vocab_size, slo)
+        run(F.start_rate)  # warm: fills the cache, settles the allocator
+        search = rate_search.find_serviceable_rate(run, lambda s: metrics.meets_slo(s, slo), start=F.start_rate,
+                                                   rel_tol=F.rel_tol, max_probes=F.max_probes, desc=name)
+        results[name] = {"slots": slots[name], "policy": baselines.BASELINES[name].policy,
+                         "serviceable_rate": search.rate, "probes": [dataclasses.asdict(p) for p in search.probes]}
+        logging.info("%s: serviceable rate %.2f req/s", name, search.rate)
+    common = max((r["serviceable_rate"] for r in results.values()), default=0.0)
+    for name, (_, _, configure) in engines.items():
+        configure()
+        results[name]["at_common_rate"] = runs[name](common) if common > 0 else None
     report = {"config": {k: getattr(F, k) for k in ("model", "num_layers", "dtype", "num_adapters", "rank",
                                                    "pool_slots", "coupled_slots", "emulated_load_ms", "max_num_seqs",
                                                    "max_num_batched_tokens", "max_model_len", "num_requests",
                                                    "prompt_len", "output_len", "zipf", "burstiness", "slo_ttft",
                                                    "slo_tpot", "rel_tol", "max_probes", "seed")},
-              "common_rate": max((r["serviceable_rate"] for r in results.values()), default=0.0),
+              "common_rate": common,
               "baselines": results, "disaggregated": disagg_note, "simulator": {}}
     _write(report)
     return report
@@ -172,6 +186,9 @@ def _simulator_check(results: dict, spec, slo) -> dict:
     model = calibration.load(F.calibration)[F.calibration_model]
     out = {"calibration": F.calibration, "model": F.calibration_model}
     for name, r in results.items():
+        if baselines.BASELINES[name].mode != "coupled":
+            out[name] = {"note": "no CPU step calibration of the disaggregated engine yet"}
+            continue
         cfg = _sim_config(name, model)
 
         def sim_run(rate, cfg=cfg):

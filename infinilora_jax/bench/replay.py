@@ -163,10 +163,10 @@ def enable_compilation_cache(path: str | None) -> None:
 
 def benchmark_llm(model: str | None, num_adapters: int, rank: int, slots: int, *, targets=None, dtype="float32",
                   num_layers: int | None = None, max_num_seqs: int = 16, max_num_batched_tokens: int = 128,
-                  max_model_len: int = 256, precompile: bool = True, workers: int = 2):
+                  max_model_len: int = 256, precompile: bool = True, workers: int = 2, **llm_kwargs):
     """An LLM (bundled tiny model, or a configs/models/*.json shape with random weights) with `num_adapters`
     random rank-`rank` adapters named adapter-0.. registered, `slots` device adapter slots, every step shape
-    compiled (unless precompile=False). Returns (llm, adapter names)."""
+    compiled (unless precompile=False). llm_kwargs go to LLM (e.g. mode, mesh). Returns (llm, adapter names)."""
     from infinilora_jax import LLM
     from infinilora_jax.lora.random_adapter import random_adapter
     from infinilora_jax.lora.targets import ALL_TARGETS
@@ -174,7 +174,7 @@ def benchmark_llm(model: str | None, num_adapters: int, rank: int, slots: int, *
     targets = tuple(targets or ALL_TARGETS)
     llm = LLM(model, dtype=dtype, max_lora_rank=rank, max_adapters=slots, lora_targets=targets,
               max_host_adapters=num_adapters + slots, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=max_num_batched_tokens, num_layers=num_layers, progress=False)
+              max_num_batched_tokens=max_num_batched_tokens, num_layers=num_layers, progress=False, **llm_kwargs)
     names = [f"adapter-{k}" for k in range(num_adapters)]
     for k, name in enumerate(names):
         llm.runner.adapters.register_weights(random_adapter(llm.config, name, rank, targets, seed=k,
