@@ -69,7 +69,8 @@ flags.DEFINE_float("slo_tpot", 0.1, "")
 flags.DEFINE_float("rel_tol", 0.03, "")
 flags.DEFINE_list("baselines", list(baselines.BASELINES), "")
 flags.DEFINE_integer("seed", 0, "")
-flags.DEFINE_string("out", "out/cluster", "output prefix (.json, _<model>_<N>_{attainment,ttft}.png)")
+flags.DEFINE_string("out", "out/cluster", "output prefix (.json, .md table, _<model>_<N>_{attainment,ttft,cdf}.png, "
+                    "_cache_<N>.png)")
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -157,19 +158,28 @@ def main(argv):
                                "ttft_p95_s", "tpot_mean_s", "adapters_meeting_slo", "hit_rate")}}
                                       for p in res.probes]}
         common_rate = max(r["serviceable_rate"] for r in rows.values())
+        per_adapter = {}
         for bname, r in rows.items():
             at = runs[bname](common_rate) if common_rate > 0 else None
             r["at_common_rate"] = {k: at[k] for k in ("ttft_p95_s", "tpot_mean_s", "adapters_meeting_slo",
                                                       "hit_rate")} if at else None
+            if at and "per_adapter_attainment" in at:
+                per_adapter[bname] = at["per_adapter_attainment"]
             own = next((p for p in r["probes"] if p["ok"] and p["rate"] == r["serviceable_rate"]), None)
             r["adapters_meeting_slo_at_own_rate"] = own["adapters_meeting_slo"] if own else 0.0
         report["results"].append({"model": name, "rank": int(rank), "num_adapters": n, "common_rate": common_rate,
                                   "step_model": step.to_dict(), "baselines": rows})
         _plot(name, n, rows, slo)
+        if per_adapter:
+            plots.attainment_cdf(per_adapter, slo.attainment, f"{F.out}_{name}_{n}_cdf.png",
+                                 title=f"{name}, {n} adapters, at {common_rate:.1f} req/s (simulated)")
     os.makedirs(os.path.dirname(F.out) or ".", exist_ok=True)
     with open(F.out + ".json", "w") as f:
         json.dump(report, f, indent=1, default=float)
     print(table(report))
+    with open(F.out + ".md", "w") as f:
+        f.write(markdown(report) + "\n")
+    _plot_caches(report)
     logging.info("wrote %s.json and plots", F.out)
 
 
@@ -188,6 +198,25 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(report: dict) -> str:
+    """The table as markdown (for docs/benchmarks.md)."""
+    lines = ["| model (rank) | adapters | baseline | GPUs | adapter cache | Che hit rate | serviceable rate (req/s) | "
+             "vs coupled | adapters meeting SLO at the common rate |", "|---|---|---|---|---|---|---|---|---|"]
+    for res in report["results"]:
+        base = res["baselines"].get("coupled", {}).get("serviceable_rate", 0.0)
+        for name, r in res["baselines"].items():
+            gpus = f"{r['replicas']} x {r['devices_per_replica']}" + (f" + {r['lora_gpus']} LoRA" if "lora_gpus" in r
+                                                                      else "")
+            cache = (f"{r['server_cache']} shared ({r['server_layout']})" if "server_cache" in r
+                     else f"{r['cache_per_replica']} per replica")
+            at = r["at_common_rate"]["adapters_meeting_slo"] if r["at_common_rate"] else float("nan")
+            lines.append(f"| {res['model']} (r{res['rank']}) | {res['num_adapters']} | {name} | {gpus} | {cache} | "
+                         f"{r['che_hit_rate']:.2f} | {r['serviceable_rate']:.1f} | "
+                         f"{r['serviceable_rate'] / base if base else float('nan'):.2f}x | {at:.0%} "
+                         f"(at {res['common_rate']:.1f}) |")
+    return "\n".join(lines)
+
+
 def _plot(name: str, n: int, rows: dict, slo) -> None:
     prefix = f"{F.out}_{name}_{n}"
     plots.versus_rate({b: [(p["rate"], p["adapters_meeting_slo"] or 0.0) for p in r["probes"]]
@@ -196,6 +225,23 @@ def _plot(name: str, n: int, rows: dict, slo) -> None:
     plots.versus_rate({b: [(p["rate"], min(p["ttft_p95_s"], 1e3)) for p in r["probes"]] for b, r in rows.items()},
                       "P95 TTFT (s)", prefix + "_ttft.png", target=slo.ttft_s, logy=True,
                       title=f"{name}, {n} adapters (simulated)")
+
+
+def _plot_caches(report: dict) -> None:
+    """Che admissibility against cache size for each adapter count, with every deployment's cache marked."""
+    for n in sorted({res["num_adapters"] for res in report["results"]}):
+        pop = workload.zipf_weights(n, F.zipf)
+        sizes = sorted(set(np.unique(np.geomspace(1, n, 60).astype(int)).tolist()))
+        points = {}
+        for res in (r for r in report["results"] if r["num_adapters"] == n):
+            for b, r in res["baselines"].items():
+                cache = min(r.get("cache_per_replica", r.get("server_cache")), n)
+                points.setdefault(b, []).append((cache, r["che_hit_rate"]))
+        plots.cache_admissibility(sizes, {f"Che, Zipf {F.zipf} over {n}": [admissibility.che_hit_rate(pop, c)
+                                                                          for c in sizes]},
+                                  f"{F.out}_cache_{n}.png", points=points,
+                                  title=f"cache size vs admissibility, {n} adapters (each model's deployments)",
+                                  logx=True)
 
 
 if __name__ == "__main__":

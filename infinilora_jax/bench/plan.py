@@ -3,9 +3,11 @@
 `make_plan(PlanRequest(...))` returns the plan as a dict, `format_plan` prints it; `python -m
 infinilora_jax.bench.provision` is the CLI. Steps: the cold-load time (measured, `cold_load_s`, or adapter bytes
 over `h2d_gbps`); the hit-path TTFT distribution (simulated at `rate` with every adapter resident, from the step
-calibration, or `hit_ttft_s`); the admissibility rate the TTFT SLO needs; the cache that reaches it (Che's
-approximation, checked by an LRU simulation); the LoRA-server layouts per device count and the chosen one; and
-what a coupled replica could cache instead.
+calibration, or `hit_ttft_s`); the admissibility rate the TTFT SLO needs, per request (a miss's own delay,
+provisioning.required_admissibility) and under load (misses stall the replica for everyone: the smallest cache
+whose simulated TTFT quantile at `rate` meets the SLO, `capacity_under_load`), the larger of the two; the cache
+that reaches it (Che's approximation, checked by an LRU simulation); the LoRA-server layouts per device count
+and the chosen one; and what a coupled replica could cache instead.
 """
 
 from __future__ import annotations
@@ -76,15 +78,35 @@ def step_model(r: PlanRequest, shape: model_shapes.ModelShape, targets) -> calib
                                 r.dtype_bytes)
 
 
-def hit_path_ttft(r: PlanRequest, model: calibration.StepTimeModel) -> np.ndarray:
-    """TTFTs at r.rate with every adapter resident (no cold loads)."""
+def simulated_ttft(r: PlanRequest, model: calibration.StepTimeModel, slots: int, load_s: float) -> np.ndarray:
+    """TTFTs of one replica at r.rate with a cache of `slots` whose misses stall the step by load_s (inf for
+    requests that never finish)."""
     spec = workload.WorkloadSpec(r.num_requests, r.rate, 1.0, r.num_adapters, r.zipf, 0.0,
                                  workload.LengthDist.parse(r.prompt_len), workload.LengthDist.parse(r.output_len),
                                  r.seed)
-    cfg = simulator.ClusterConfig("coupled", 1, model, r.num_adapters, 0.0, max_num_seqs=r.max_num_seqs,
+    cfg = simulator.ClusterConfig("coupled", 1, model, slots, 1e3 * load_s, max_num_seqs=r.max_num_seqs,
                                   max_num_batched_tokens=r.max_num_batched_tokens)
     result = simulator.simulate(workload.generate(spec, None), cfg)
-    return np.array([t.ttft for t in result.timings])
+    return np.array([t.ttft for t in result.timings] + [math.inf] * result.unfinished)
+
+
+def capacity_under_load(r: PlanRequest, model: calibration.StepTimeModel, load_s: float) -> int | None:
+    """The smallest cache whose simulated TTFT quantile meets the SLO at r.rate when every miss stalls the
+    replica's step (cold loads take engine time from every running request, so at a high miss rate queues grow
+    even when one miss alone would be within the target); None when even every adapter resident does not."""
+    def ok(slots: int) -> bool:
+        return float(np.quantile(simulated_ttft(r, model, slots, load_s), r.quantile)) <= r.slo_ttft
+
+    lo, hi = 1, r.num_adapters
+    if not ok(hi):
+        return None
+    while lo < hi:  # the TTFT quantile falls as the cache grows
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def make_plan(r: PlanRequest) -> dict:
@@ -99,14 +121,23 @@ def make_plan(r: PlanRequest) -> dict:
     if r.hit_ttft_s is not None:
         hit_ttft, hit_source = np.array([r.hit_ttft_s]), "given"
     elif model is not None:
-        hit_ttft = hit_path_ttft(r, model)
+        hit_ttft = simulated_ttft(r, model, r.num_adapters, 0.0)
         hit_source = f"simulated at {r.rate} req/s with every adapter resident ({model.name}" + \
             (", extrapolated)" if model.extrapolated else ")")
     else:
         raise ValueError("give hit_ttft_s or a calibration")
     popularity = workload.zipf_weights(r.num_adapters, r.zipf)
-    need = provisioning.required_admissibility(r.slo_ttft, hit_ttft, penalty, r.quantile)
-    cache = provisioning.plan_cache(popularity, need, adapter_bytes)
+    need_request = provisioning.required_admissibility(r.slo_ttft, hit_ttft, penalty, r.quantile)
+    cache = provisioning.plan_cache(popularity, need_request, adapter_bytes)
+    load_capacity, need_load = None, 0.0
+    if model is not None and cache.reachable:
+        load_capacity = capacity_under_load(r, model, penalty)
+        if load_capacity is None:
+            cache = dataclasses.replace(cache, capacity=r.num_adapters, reachable=False)
+        elif load_capacity > cache.capacity:
+            need_load = admissibility.che_hit_rate(popularity, load_capacity)
+            cache = provisioning.CachePlan(need_load, load_capacity, load_capacity * adapter_bytes, need_load, True)
+    need = max(need_request, need_load)
     lru = admissibility.simulated_hit_rate(popularity, cache.capacity, 100_000, r.seed) if cache.capacity else 0.0
     budget = math.inf
     if model is not None:
@@ -129,7 +160,8 @@ def make_plan(r: PlanRequest) -> dict:
             "cold_load_source": "given" if r.cold_load_s is not None else f"bytes / {r.h2d_gbps} GB/s (assumed)",
             "miss_penalty_s": penalty, "hit_ttft_p50_s": float(np.percentile(hit_ttft, 50)),
             "hit_ttft_p95_s": float(np.percentile(hit_ttft, 95)), "hit_ttft_source": hit_source,
-            "required_admissibility": need, "cache": dataclasses.asdict(cache), "cache_lru_simulated": lru,
+            "required_admissibility": need, "required_admissibility_per_request": need_request,
+            "capacity_under_load": load_capacity, "cache": dataclasses.asdict(cache), "cache_lru_simulated": lru,
             "layer_budget_ms": budget, "layouts": [dataclasses.asdict(row) for row in layouts],
             "chosen": dataclasses.asdict(chosen) if chosen else None,
             "coupled": dataclasses.asdict(coupled) if coupled else None,
@@ -150,8 +182,10 @@ def format_plan(p: dict) -> str:
         lines.append(f"SLO P{p['quantile'] * 100:.0f} TTFT <= {p['slo_ttft_s']} s cannot be met: the hit path alone "
                      "misses it (add base capacity, not cache)")
     else:
+        per_request, load = p["required_admissibility_per_request"], p["capacity_under_load"]
         lines.append(f"SLO P{p['quantile'] * 100:.0f} TTFT <= {p['slo_ttft_s']} s needs immediate admissibility >= "
-                     f"{need:.3f}")
+                     f"{need:.3f}: per request (a miss's own delay) {per_request:.3f}; under load (misses stall "
+                     f"the replica) " + ("not reachable" if load is None else f"a cache of {load} (simulated)"))
         lines.append(f"adapter cache: {cache['capacity']} adapters ({cache['capacity_bytes'] / gb:.1f} GB): "
                      f"Che hit rate {cache['predicted_hit_rate']:.3f}, LRU simulation {p['cache_lru_simulated']:.3f}"
                      + ("" if cache["reachable"] else "  (not reachable even with every adapter cached)"))

@@ -60,7 +60,8 @@ def attainment_cdf(per_adapter: dict[str, dict[str, float]], threshold: float, p
 
 def cache_admissibility(capacities, curves: dict[str, list[float]], path: str, *,
                         points: dict[str, list[tuple[float, float]]] | None = None,
-                        required: float | None = None, chosen: int | None = None, title: str = "") -> None:
+                        required: float | None = None, chosen: int | None = None, title: str = "",
+                        logx: bool = False) -> None:
     """Admissibility (hit) rate against cache capacity: model curves, and measured points."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, ys in curves.items():
@@ -73,6 +74,8 @@ def cache_admissibility(capacities, curves: dict[str, list[float]], path: str, *
         ax.axvline(chosen, color="g", ls=":", label=f"planned capacity {chosen}")
     ax.set(xlabel="adapter cache capacity (adapters)", ylabel="immediate admissibility (hit rate)",
            ylim=(0, 1.02), title=title)
+    if logx:
+        ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)
