@@ -37,6 +37,7 @@ flags.DEFINE_string("output_len", "8:48", "")
 flags.DEFINE_float("zipf", 1.2, "")
 flags.DEFINE_float("emulated_load_ms", 50.0, "stall per adapter load (the cold-load time the plan is given)")
 flags.DEFINE_float("slo_ttft", 0.25, "")
+flags.DEFINE_float("slo_margin", 1.0, "plan under load against this share of the TTFT target (bench/plan.py)")
 flags.DEFINE_integer("max_num_seqs", 16, "")
 flags.DEFINE_integer("max_num_batched_tokens", 128, "")
 flags.DEFINE_integer("max_model_len", 256, "")
@@ -50,8 +51,8 @@ def main(argv):
     del argv
     request = plan.PlanRequest(
         model=BUNDLED_MODEL, rank=F.rank, targets=("all",), dtype_bytes=4, num_adapters=F.num_adapters, zipf=F.zipf,
-        rate=F.rate, slo_ttft=F.slo_ttft, cold_load_s=F.emulated_load_ms / 1e3, calibration=F.calibration,
-        calibration_model="tiny-qwen3-moe", prompt_len=F.prompt_len, output_len=F.output_len,
+        rate=F.rate, slo_ttft=F.slo_ttft, slo_margin=F.slo_margin, cold_load_s=F.emulated_load_ms / 1e3,
+        calibration=F.calibration, calibration_model="tiny-qwen3-moe", prompt_len=F.prompt_len, output_len=F.output_len,
         num_requests=F.num_requests, max_num_seqs=F.max_num_seqs, max_num_batched_tokens=F.max_num_batched_tokens,
         seed=F.seed)  # only the cache part of the plan is checked here (the LoRA-server layout needs GPUs)
     planned = plan.make_plan(request)
@@ -113,7 +114,8 @@ def main(argv):
         json.dump({"plan": planned, "rows": rows, "verdict": verdict,
                    "config": {k: getattr(F, k) for k in ("num_adapters", "rank", "pool_slots", "rate", "num_requests",
                                                          "prompt_len", "output_len", "zipf", "emulated_load_ms",
-                                                         "slo_ttft", "max_num_seqs", "max_num_batched_tokens")}},
+                                                         "slo_ttft", "slo_margin", "max_num_seqs",
+                                                         "max_num_batched_tokens")}},
                   f, indent=1, default=float)
     curve = list(range(1, F.num_adapters + 1))
     plots.cache_admissibility(curve, {"Che approximation": [admissibility.che_hit_rate(popularity, c) for c in curve]},

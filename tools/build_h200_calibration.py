@@ -10,9 +10,10 @@ The decode points fix the adapter term and (const + 64 * tokens_coef); the hf_ba
 follows from the scheduler (enumerated below), fixes tokens_coef for Mixtral. For Qwen3 no run separates the
 token term: its tokens_coef is Mixtral's scaled by active parameters per token per layer (extrapolated, marked).
 host_ms (the per-step host work that does not grow with depth) is not measured on the GPU host; the value used
-is the CPU machine's, measured for a 64-row decode step (docs/benchmarks.md, step-time calibration).
+is the CPU machine's: the median time outside the runner's jitted call of 64-row steps (docs/benchmarks.md,
+step-time calibration: calibrate_step_time.py --max_num_seqs 64 ..., 1.07 ms).
 
-    python tools/build_h200_calibration.py --host_ms 2.4
+    python tools/build_h200_calibration.py --host_ms 1.07
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from infinilora_jax.bench import calibration, model_shapes  # noqa: E402
 from infinilora_jax.lora.targets import ALL_TARGETS  # noqa: E402
 
 F = flags.FLAGS
-flags.DEFINE_float("host_ms", 2.4, "per-step host time (not scaled with depth)")
+flags.DEFINE_float("host_ms", 1.07, "per-step host time (not scaled with depth)")
 flags.DEFINE_string("out", "configs/calibration/h200.json", "")
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")

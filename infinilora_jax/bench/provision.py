@@ -29,6 +29,8 @@ flags.DEFINE_float("zipf", 1.2, "adapter popularity exponent")
 flags.DEFINE_float("rate", 4.0, "requests/s per base replica, for the hit-path TTFT")
 flags.DEFINE_float("slo_ttft", 0.25, "P95 TTFT target, s")
 flags.DEFINE_float("quantile", 0.95, "TTFT quantile the SLO constrains")
+flags.DEFINE_float("slo_margin", 1.0, "sizing under load: the simulated TTFT quantile must stay under this share "
+                   "of the target (below 1 to absorb the simulator's error)")
 flags.DEFINE_float("cold_load_s", None, "measured cold-load time of one adapter (default: bytes / h2d_gbps)")
 flags.DEFINE_float("load_overlap", 0.0, "share of a cold load hidden behind compute")
 flags.DEFINE_float("hit_ttft_s", None, "hit-path TTFT (default: simulated from the calibration)")
