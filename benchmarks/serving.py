@@ -22,9 +22,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from absl import app, flags, logging  # noqa: E402
 
-from infinilora_jax import LLM, SamplingParams  # noqa: E402
+from infinilora_jax import LLM  # noqa: E402
 from infinilora_jax.bench import metrics, workload  # noqa: E402
 from infinilora_jax.bench.compilations import CompileCounter  # noqa: E402
+from infinilora_jax.bench.replay import replay  # noqa: E402
 from infinilora_jax.lora.random_adapter import random_adapter  # noqa: E402
 from infinilora_jax.lora.targets import ALL_TARGETS  # noqa: E402
 
@@ -60,34 +61,6 @@ flags.DEFINE_integer("seed", 0, "")
 flags.DEFINE_string("out", "out/serving", "output path prefix (.json and .png are added)")
 
 
-def run(llm: LLM, reqs: list[workload.WorkloadRequest], names: list[str]) -> tuple[list[metrics.RequestTiming], float]:
-    """Replays the workload against the engine in wall-clock time; returns per-request timings and wall time."""
-    engine = llm.engine
-    start = time.monotonic()
-    pending = sorted(reqs, key=lambda r: r.arrival)
-    info = {}
-    i = 0
-    while i < len(pending) or engine.has_unfinished():
-        now = time.monotonic() - start
-        while i < len(pending) and pending[i].arrival <= now:
-            r = pending[i]
-            adapter = None if r.adapter is None else names[r.adapter]
-            rid = engine.add_request(r.prompt, SamplingParams(max_tokens=r.max_tokens, temperature=0.0,
-                                                              ignore_eos=True), adapter,
-                                     arrival_time=start + r.arrival)
-            info[rid] = adapter
-            i += 1
-        if engine.has_unfinished():
-            engine.step()
-        elif i < len(pending):
-            time.sleep(max(0.0, pending[i].arrival - (time.monotonic() - start)))
-    wall = time.monotonic() - start
-    timings = [metrics.RequestTiming(info[r.request_id], r.arrival_time - start, r.first_token_time - start,
-                                     r.finish_time - start, len(r.prompt_token_ids), len(r.output_token_ids))
-               for r in engine.pop_finished()]
-    return timings, wall
-
-
 def main(argv):
     del argv
     if F.cpu_devices:
@@ -117,10 +90,10 @@ def main(argv):
     if warmup:
         warm = workload.generate(workload.WorkloadSpec(**{**spec.__dict__, "num_requests": warmup,
                                                          "seed": F.seed + 1}), vocab)
-        run(llm, warm, names)
+        replay(llm.engine, warm, names)
     stats0 = dict(llm.runner.adapters.stats.__dict__)
     compiles = CompileCounter()
-    timings, wall = run(llm, workload.generate(spec, vocab), names)
+    timings, wall = replay(llm.engine, workload.generate(spec, vocab), names)
     result = metrics.summarize(timings, wall, metrics.SLO(F.slo_ttft, F.slo_tpot))
     result["config"] = {k: getattr(F, k) for k in ("model", "num_layers", "dtype", "mesh", "num_adapters",
                                                    "max_adapters", "rank", "num_requests", "rate", "burstiness",

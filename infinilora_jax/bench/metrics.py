@@ -1,7 +1,9 @@
 """Serving metrics from finished requests: throughput, TTFT, TPOT, and per-adapter SLO attainment.
 
 An adapter meets its SLO when more than `attainment` (90%) of its requests meet both the TTFT and TPOT targets
-(the InfiniLoRA paper's definition). TPOT is (finish - first token) / (output tokens - 1).
+(the InfiniLoRA paper's definition). TPOT is (finish - first token) / (output tokens - 1). A run as a whole meets
+the SLO (`meets_slo`, what the serviceable-rate search asks) when its P95 TTFT and its mean TPOT are within the
+targets.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def summarize(timings: list[RequestTiming], wall_seconds: float, slo: SLO = SLO(
         "requests_per_s": len(timings) / wall_seconds,
         "ttft_p50_s": float(np.percentile(ttft, 50)),
         "ttft_p95_s": float(np.percentile(ttft, 95)),
+        "ttft_p99_s": float(np.percentile(ttft, 99)),
         "tpot_mean_s": float(tpot.mean()) if tpot.size else 0.0,
         "tpot_p95_s": float(np.percentile(tpot, 95)) if tpot.size else 0.0,
         "slo": dataclasses.asdict(slo),
@@ -61,3 +64,8 @@ def summarize(timings: list[RequestTiming], wall_seconds: float, slo: SLO = SLO(
         "adapters_meeting_slo": float(np.mean([v > slo.attainment for v in per_adapter.values()])),
         "per_adapter_attainment": per_adapter,
     }
+
+
+def meets_slo(summary: dict, slo: SLO = SLO()) -> bool:
+    """P95 TTFT <= slo.ttft_s and mean TPOT <= slo.tpot_s (the paper's SLOs for the serviceable rate)."""
+    return summary["ttft_p95_s"] <= slo.ttft_s and summary["tpot_mean_s"] <= slo.tpot_s

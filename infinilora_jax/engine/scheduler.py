@@ -6,8 +6,10 @@ Per step, in order:
      request that needs a KV page when none is free preempts the most recently admitted running request
      (recompute: its pages are freed and it re-enters the queue at the front, to be prefilled again from its
      prompt plus the tokens it has generated).
-  2. waiting requests, first come first served, while the budget, `max_num_seqs` and free pages allow (keeping a
-     small watermark of pages for running requests to grow). A request whose adapter cannot get a device slot
+  2. waiting requests, first come first served (policy "fcfs"; or "sjf", shortest job first: smallest prompt +
+     max_tokens first, ties in queue order, so a long request may wait while shorter ones keep arriving),
+     while the budget, `max_num_seqs` and free pages allow (keeping a small watermark of pages for running
+     requests to grow). A request whose adapter cannot get a device slot
      (every slot pinned by running requests) is passed over for one whose adapter can, within a lookahead
      window, so one busy adapter does not block the queue; a request that does not fit in the free pages blocks
      the queue (so long prompts are not starved).
@@ -33,11 +35,22 @@ class SchedulerConfig:
     max_prefill_rows: int = 8  # rows with several new tokens (prefill chunks) per step
     lookahead: int = 16  # queued requests considered past one whose adapter cannot get a slot
     watermark: float = 0.01  # fraction of pages kept free when admitting (for running requests to grow)
+    policy: str = "fcfs"  # order of the waiting queue: "fcfs" | "sjf" (shortest job first)
 
     def __post_init__(self):
         if (self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_model_len < 2
                 or self.max_prefill_rows < 1):
             raise ConfigError(f"invalid scheduler config {self}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"scheduler policy={self.policy!r}: choose one of {POLICIES}")
+
+
+POLICIES = ("fcfs", "sjf")
+
+
+def job_size(req: Request) -> int:
+    """SJF's estimate of a request's work: prompt tokens plus the most tokens it may generate."""
+    return len(req.prompt_token_ids) + req.params.max_tokens
 
 
 @dataclasses.dataclass
@@ -75,6 +88,8 @@ class Scheduler:
                 break  # req itself was preempted: nothing after it fits either
             work.rows.append((req, n))
             budget -= n
+        if self.config.policy == "sjf":  # stable: equal sizes keep their queue order
+            self.waiting = collections.deque(sorted(self.waiting, key=job_size))
         if not work.preempted:
             self._admit(budget, work)
         self.adapters.prefetch([r.adapter for r in list(self.waiting)[: self.config.lookahead]])

@@ -1,0 +1,257 @@
+"""Serviceable rate and share of adapters meeting the SLO, per baseline, in the real engine; and the simulator's
+prediction of the same runs.
+
+Baselines (bench/baselines.py): coupled (the engine's own adapter cache of --coupled_slots), coupled+sjf,
+coupled-reduced (40% of that cache), disaggregated (taken when LLM(mode="disaggregated") exists, else reported
+as not available). For each, the serviceable rate (highest Poisson rate whose run keeps P95 TTFT and mean TPOT
+within the SLO) is found by bisection (bench/rate_search.py), each probe replaying the same seeded workload at
+that rate in wall-clock time. Then every baseline runs once more at a common rate (the best serviceable rate),
+where the share of adapters meeting the SLO is compared. The simulator (bench/simulator.py), driven by the step
+calibration --calibration (measured separately by calibrate_step_time.py), replays the same workloads, and its
+serviceable rates and P95 TTFTs are set beside the measured ones.
+
+On CPU the tiny model's adapters load in microseconds; --emulated_load_ms makes each adapter load stall its step
+as long as a real adapter's host-to-device copy would (default 50 ms: a ~2.5 GB adapter, e.g. Qwen3-30B-A3B at
+rank 32, at an assumed 50 GB/s), so that the cache size matters as it does at real sizes.
+
+    python benchmarks/slo_baselines.py --out out/slo_cpu
+    # GPU, real shapes (not run yet): no emulated loads, real adapters
+    python benchmarks/slo_baselines.py --model configs/models/qwen3-30b-a3b.json --num_layers 8 --dtype bfloat16 \\
+        --rank 32 --num_adapters 512 --pool_slots 32 --coupled_slots 24 --emulated_load_ms 0 --max_num_seqs 64 \\
+        --max_num_batched_tokens 512 --max_model_len 2048 --prompt_len burstgpt:16:1024 \\
+        --output_len burstgpt-response:1:512 --calibration $OUT/h200-qwen.json --out $OUT/slo_gpu
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from absl import app, flags, logging  # noqa: E402
+
+from infinilora_jax.bench import baselines, calibration, metrics, plots, rate_search, replay, simulator, workload  # noqa: E402,E501
+
+F = flags.FLAGS
+flags.DEFINE_string("model", None, "configs/models/*.json (random weights) or an HF dir; default: bundled tiny")
+flags.DEFINE_integer("num_layers", None, "cut the model to this many layers")
+flags.DEFINE_enum("dtype", "float32", ["bfloat16", "float32"], "")
+flags.DEFINE_integer("num_adapters", 32, "random adapters, Zipf-popular")
+flags.DEFINE_integer("rank", 8, "")
+flags.DEFINE_integer("pool_slots", 16, "device adapter slots compiled into the pool (>= coupled_slots)")
+flags.DEFINE_integer("coupled_slots", 8, "usable adapter slots of the coupled baselines")
+flags.DEFINE_float("emulated_load_ms", 50.0, "stall per adapter load (0: none)")
+flags.DEFINE_integer("max_num_seqs", 16, "")
+flags.DEFINE_integer("max_num_batched_tokens", 128, "")
+flags.DEFINE_integer("max_model_len", 256, "")
+flags.DEFINE_integer("num_requests", 200, "requests per probe")
+flags.DEFINE_string("prompt_len", "burstgpt:8:160", "")
+flags.DEFINE_string("output_len", "8:48", "")
+flags.DEFINE_float("zipf", 1.2, "")
+flags.DEFINE_float("burstiness", 1.0, "gamma shape of arrival gaps (1 = Poisson)")
+flags.DEFINE_float("slo_ttft", 0.25, "P95 TTFT target, s")
+flags.DEFINE_float("slo_tpot", 0.1, "mean TPOT target, s")
+flags.DEFINE_float("start_rate", 8.0, "first probe, requests/s")
+flags.DEFINE_float("rel_tol", 0.1, "bisection stops when the bracket is this narrow (relative)")
+flags.DEFINE_integer("max_probes", 8, "runs per baseline at most")
+flags.DEFINE_list("baselines", list(baselines.BASELINES), "")
+flags.DEFINE_string("calibration", "configs/calibration/cpu-tiny.json", "step calibration for the simulator check")
+flags.DEFINE_string("calibration_model", "tiny-qwen3-moe", "")
+flags.DEFINE_string("compilation_cache", "out/jax_cache", "persistent compilation cache directory ('' for none)")
+flags.DEFINE_integer("seed", 0, "")
+flags.DEFINE_string("disagg_layout", "1+1", "role layout of the disaggregated row (base + LoRA-server devices)")
+flags.DEFINE_integer("cpu_devices", 0, "on CPU, split the host into this many devices (the disaggregated row "
+                     "needs at least 2)")
+flags.DEFINE_string("simulate_from", None, "an earlier run's JSON: skip the engine, redo the simulator check")
+flags.DEFINE_string("out", "out/slo_cpu", "output prefix (.json, *_<plot>.png)")
+
+
+def main(argv):
+    del argv
+    slo = metrics.SLO(F.slo_ttft, F.slo_tpot)
+    spec = workload.WorkloadSpec(F.num_requests, 1.0, F.burstiness, F.num_adapters, F.zipf, 0.0,
+                                 workload.LengthDist.parse(F.prompt_len), workload.LengthDist.parse(F.output_len),
+                                 F.seed)
+    wanted = [baselines.BASELINES[name] for name in F.baselines]
+    if F.simulate_from:  # the measured part of an earlier run; redo the simulator check only
+        with open(F.simulate_from) as f:
+            report = json.load(f)
+    else:
+        report = _measure(wanted, spec, slo)
+    if report["baselines"] and os.path.exists(F.calibration):
+        report["simulator"] = _simulator_check(report["baselines"], spec, slo)
+    _write(report)
+    _print_table(report, wanted)
+    _plots(report, slo)
+
+
+def _write(report: dict) -> None:
+    os.makedirs(os.path.dirname(F.out) or ".", exist_ok=True)
+    with open(F.out + ".json", "w") as f:
+        json.dump(report, f, indent=1, default=float)
+
+
+def _measure(wanted, spec, slo) -> dict:
+    """Runs the real engine: bisection per baseline, then each at the common rate. Written to --out.json before
+    anything else happens."""
+    if F.cpu_devices:
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", F.cpu_devices)
+    replay.enable_compilation_cache(F.compilation_cache)
+    coupled = [b for b in wanted if b.mode == "coupled"]
+    slots = {b.name: baselines.reduced_slots(F.coupled_slots) if b.reduced_cache else F.coupled_slots
+             for b in coupled}
+    engines = {}  # baseline -> (llm, adapter names, configure): one engine for the coupled rows, one disaggregated
+    if coupled:
+        llm, names = replay.benchmark_llm(F.model, F.num_adapters, F.rank, F.pool_slots, dtype=F.dtype,
+                                          num_layers=F.num_layers, max_num_seqs=F.max_num_seqs,
+                                          max_num_batched_tokens=F.max_num_batched_tokens,
+                                          max_model_len=F.max_model_len)
+        replay.emulate_cold_loads(llm.engine, F.emulated_load_ms / 1e3)
+        limit = replay.AdapterSlotLimit(llm)
+        for b in coupled:
+            def configure(b=b, llm=llm, limit=limit):
+                limit.set(slots[b.name])
+                replay.set_policy(llm.engine, b.policy)
+            engines[b.name] = (llm, names, configure)
+    disagg_note = None
+    if any(b.mode == "disaggregated" for b in wanted):
+        if not baselines.disaggregated_engine_available():
+            disagg_note = "not available yet: LLM has no mode='disaggregated'"
+        else:  # the LoRA server holds the whole pool as its shared cache
+            d_llm, d_names = replay.benchmark_llm(F.model, F.num_adapters, F.rank, F.pool_slots, dtype=F.dtype,
+                                                  num_layers=F.num_layers, max_num_seqs=F.max_num_seqs,
+                                                  max_num_batched_tokens=F.max_num_batched_tokens,
+                                                  max_model_len=F.max_model_len, mode="disaggregated",
+                                                  mesh=F.disagg_layout)
+            replay.emulate_cold_loads(d_llm.engine, F.emulated_load_ms / 1e3)
+            slots["disaggregated"] = F.pool_slots
+            engines["disaggregated"] = (d_llm, d_names, lambda: None)
+    results: dict[str, dict] = {}
+    runs = {}
+    for name, (llm, names, configure) in engines.items():
+        configure()
+        runs[name] = run = _runner(llm, names, spec, llm.config.vocab_size, slo)
+        run(F.start_rate)  # warm: fills the cache, settles the allocator
+        search = rate_search.find_serviceable_rate(run, lambda s: metrics.meets_slo(s, slo), start=F.start_rate,
+                                                   rel_tol=F.rel_tol, max_probes=F.max_probes, desc=name)
+        results[name] = {"slots": slots[name], "policy": baselines.BASELINES[name].policy,
+                         "serviceable_rate": search.rate, "probes": [dataclasses.asdict(p) for p in search.probes]}
+        logging.info("%s: serviceable rate %.2f req/s", name, search.rate)
+    common = max((r["serviceable_rate"] for r in results.values()), default=0.0)
+    for name, (_, _, configure) in engines.items():
+        configure()
+        results[name]["at_common_rate"] = runs[name](common) if common > 0 else None
+    report = {"config": {k: getattr(F, k) for k in ("model", "num_layers", "dtype", "num_adapters", "rank",
+                                                   "pool_slots", "coupled_slots", "emulated_load_ms", "max_num_seqs",
+                                                   "max_num_batched_tokens", "max_model_len", "num_requests",
+                                                   "prompt_len", "output_len", "zipf", "burstiness", "slo_ttft",
+                                                   "slo_tpot", "rel_tol", "max_probes", "seed")},
+              "common_rate": common,
+              "baselines": results, "disaggregated": disagg_note, "simulator": {}}
+    _write(report)
+    return report
+
+
+def _runner(llm, names, spec, vocab, slo):
+    cache = llm.runner.adapters
+
+    def run(rate: float) -> dict:
+        reqs = workload.generate(dataclasses.replace(spec, rate=rate), vocab)
+        before = dataclasses.replace(cache.stats)
+        load_before = os.getloadavg()[0]
+        timings, wall = replay.replay(llm.engine, reqs, names)
+        summary = metrics.summarize(timings, wall, slo)
+        hits, misses = cache.stats.hits - before.hits, cache.stats.misses - before.misses
+        summary.update(rate=rate, hits=hits, misses=misses, hit_rate=hits / max(1, hits + misses),
+                       load_average=(load_before, os.getloadavg()[0]))  # other processes share this machine
+        return summary
+
+    return run
+
+
+def _sim_config(name: str, model) -> simulator.ClusterConfig:
+    b = baselines.BASELINES[name]
+    slots = baselines.reduced_slots(F.coupled_slots) if b.reduced_cache else F.coupled_slots
+    return simulator.ClusterConfig("coupled", 1, model, slots, F.emulated_load_ms, 0.0, b.policy, F.max_num_seqs,
+                                   F.max_num_batched_tokens)
+
+
+def _simulator_check(results: dict, spec, slo) -> dict:
+    """Simulate the measured probes and search the simulated serviceable rate."""
+    model = calibration.load(F.calibration)[F.calibration_model]
+    out = {"calibration": F.calibration, "model": F.calibration_model}
+    for name, r in results.items():
+        if baselines.BASELINES[name].mode != "coupled":
+            out[name] = {"note": "no CPU step calibration of the disaggregated engine yet"}
+            continue
+        cfg = _sim_config(name, model)
+
+        def sim_run(rate, cfg=cfg):
+            res = simulator.simulate(workload.generate(dataclasses.replace(spec, rate=rate), None), cfg)
+            s = metrics.summarize(res.timings, res.makespan_s, slo)
+            s.update(rate=rate, hit_rate=res.hit_rate)
+            return s
+
+        search = rate_search.find_serviceable_rate(sim_run, lambda s: metrics.meets_slo(s, slo), start=F.start_rate,
+                                                   rel_tol=F.rel_tol / 4, max_probes=20, progress=False)
+        probes = [{"rate": p["rate"], "measured_ttft_p95_s": p["summary"]["ttft_p95_s"],
+                   "simulated_ttft_p95_s": (s := sim_run(p["rate"]))["ttft_p95_s"],
+                   "measured_tpot_mean_s": p["summary"]["tpot_mean_s"], "simulated_tpot_mean_s": s["tpot_mean_s"],
+                   "measured_adapters_meeting_slo": p["summary"]["adapters_meeting_slo"],
+                   "simulated_adapters_meeting_slo": s["adapters_meeting_slo"],
+                   "measured_hit_rate": p["summary"]["hit_rate"], "simulated_hit_rate": s["hit_rate"]}
+                  for p in r["probes"]]
+        measured = r["serviceable_rate"]
+        out[name] = {"serviceable_rate": search.rate,
+                     "gap": search.rate / measured - 1 if measured > 0 else None, "probes": probes}
+    return out
+
+
+def _print_table(report: dict, wanted) -> None:
+    common = report["common_rate"]
+    print(f"\n  serviceable rate and share of adapters meeting the SLO (P95 TTFT <= {F.slo_ttft} s, mean TPOT <= "
+          f"{F.slo_tpot} s; an adapter meets it when > 90% of its requests do)")
+    print(f"  {'baseline':<17} {'slots':>5} {'rate req/s':>10} {'adapters ok @own':>16} "
+          f"{f'adapters ok @{common:.2f}':>18} {'hit rate':>8} {'sim rate':>8} {'sim gap':>8}")
+    for b in wanted:
+        r = report["baselines"].get(b.name)
+        if r is None:
+            print(f"  {b.name:<17} {report['disaggregated'] or 'not run'}")
+            continue
+        own = next((p["summary"] for p in r["probes"] if p["ok"] and p["rate"] == r["serviceable_rate"]), None)
+        at = r["at_common_rate"]
+        sim = report["simulator"].get(b.name, {})
+        gap = sim.get("gap")
+        print(f"  {b.name:<17} {r['slots']:>5} {r['serviceable_rate']:>10.2f} "
+              f"{own['adapters_meeting_slo'] if own else 0:>16.0%} "
+              f"{at['adapters_meeting_slo'] if at else 0:>18.0%} {at['hit_rate'] if at else 0:>8.2f} "
+              f"{sim.get('serviceable_rate', float('nan')):>8.2f} {gap if gap is not None else float('nan'):>+8.0%}")
+
+
+def _plots(report: dict, slo) -> None:
+    res, sim = report["baselines"], report["simulator"]
+    if not res:
+        return
+    att = {n: [(p["rate"], p["summary"]["adapters_meeting_slo"]) for p in r["probes"]] for n, r in res.items()}
+    sim_att = {n: [(p["rate"], p["simulated_adapters_meeting_slo"]) for p in s["probes"]]
+               for n, s in sim.items() if isinstance(s, dict) and "probes" in s}
+    plots.versus_rate(att, "share of adapters meeting the SLO", F.out + "_attainment.png", target=None,
+                      dashed=sim_att, title="SLO attainment vs rate (measured; simulated dashed)")
+    ttft = {n: [(p["rate"], p["summary"]["ttft_p95_s"]) for p in r["probes"]] for n, r in res.items()}
+    sim_ttft = {n: [(p["rate"], p["simulated_ttft_p95_s"]) for p in s["probes"]]
+                for n, s in sim.items() if isinstance(s, dict) and "probes" in s}
+    plots.versus_rate(ttft, "P95 TTFT (s)", F.out + "_ttft.png", target=slo.ttft_s, dashed=sim_ttft, logy=True,
+                      title="P95 TTFT vs rate (measured; simulated dashed)")
+    cdf = {n: r["at_common_rate"]["per_adapter_attainment"] for n, r in res.items() if r["at_common_rate"]}
+    plots.attainment_cdf(cdf, slo.attainment, F.out + "_cdf.png",
+                         title=f"per-adapter SLO attainment at {report['common_rate']:.2f} req/s")
+    logging.info("wrote %s.json and %s_{attainment,ttft,cdf}.png", F.out, F.out)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,184 @@
+"""Driving the real engine with a workload in wall-clock time, and the knobs the SLO baselines turn on it.
+
+    timings, wall = replay(llm.engine, requests, adapter_names)
+
+`StepLog` records every step's features and time (for calibrating the simulator); `emulate_cold_loads` makes each
+adapter load stall the step that carries it (tiny adapters load in microseconds on CPU, real ones take tens of
+milliseconds); `AdapterSlotLimit` shrinks the usable adapter cache without recompiling (the pool's extra slots
+are pinned by placeholder adapters); `set_policy` switches the scheduler between FCFS and SJF.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from infinilora_jax.bench import metrics
+from infinilora_jax.bench.workload import WorkloadRequest
+from infinilora_jax.engine.engine import LLMEngine
+from infinilora_jax.sampling import SamplingParams
+
+
+def replay(engine: LLMEngine, requests: list[WorkloadRequest], names: list[str],
+           step_log: StepLog | None = None) -> tuple[list[metrics.RequestTiming], float]:
+    """Submits each request at its arrival time (greedy, EOS ignored, max_tokens as given), steps the engine until
+    all are done; returns per-request timings (seconds from the start) and the wall time."""
+    start = time.monotonic()
+    pending = sorted(requests, key=lambda r: r.arrival)
+    info = {}
+    i = 0
+    while i < len(pending) or engine.has_unfinished():
+        now = time.monotonic() - start
+        while i < len(pending) and pending[i].arrival <= now:
+            r = pending[i]
+            adapter = None if r.adapter is None else names[r.adapter]
+            rid = engine.add_request(r.prompt, SamplingParams(max_tokens=r.max_tokens, temperature=0.0,
+                                                              ignore_eos=True), adapter,
+                                     arrival_time=start + r.arrival)
+            info[rid] = adapter
+            i += 1
+        if engine.has_unfinished():
+            if step_log is not None:
+                step_log.step(engine)
+            else:
+                engine.step()
+        elif i < len(pending):
+            time.sleep(max(0.0, pending[i].arrival - (time.monotonic() - start)))
+    wall = time.monotonic() - start
+    timings = [metrics.RequestTiming(info[r.request_id], r.arrival_time - start, r.first_token_time - start,
+                                     r.finish_time - start, len(r.prompt_token_ids), len(r.output_token_ids))
+               for r in engine.pop_finished()]
+    return timings, wall
+
+
+@dataclasses.dataclass
+class StepRecord:
+    tokens: int  # new tokens (decode + prefill chunks)
+    adapters: int  # distinct adapters among the rows
+    rows: int
+    prefill_rows: int
+    ms: float  # the whole engine.step()
+    device_ms: float  # inside runner.sample (dispatch, compute, tokens back to the host)
+
+
+class StepLog:
+    """Runs engine steps and records each one's features and time."""
+
+    def __init__(self):
+        self.records: list[StepRecord] = []
+
+    def step(self, engine: LLMEngine) -> list:
+        scheduler, runner = engine.scheduler, engine.runner
+        captured, device = [], [0.0]
+        schedule, sample = scheduler.schedule, runner.sample
+
+        def schedule_and_keep():
+            work = schedule()
+            captured.append(work)
+            return work
+
+        def timed_sample(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return sample(*args, **kwargs)
+            finally:
+                device[0] += time.perf_counter() - t
+
+        scheduler.schedule, runner.sample = schedule_and_keep, timed_sample
+        t = time.perf_counter()
+        try:
+            out = engine.step()
+        finally:
+            del scheduler.schedule, runner.sample  # back to the class methods
+        ms = 1e3 * (time.perf_counter() - t)
+        work = captured[0]
+        if work.rows:
+            self.records.append(StepRecord(sum(n for _, n in work.rows),
+                                           len({r.adapter for r, _ in work.rows if r.adapter is not None}),
+                                           len(work.rows), sum(n > 1 for _, n in work.rows), ms, 1e3 * device[0]))
+        return out
+
+
+def emulate_cold_loads(engine: LLMEngine, seconds: float) -> None:
+    """From now on, each adapter load into a device slot stalls the step that carries it by `seconds` (a host
+    sleep before the step runs, so nothing overlaps it: an eager load)."""
+    cache = engine.runner.adapters
+    take_load = cache.take_load
+    seen = [cache.stats.loads]
+
+    def stalled(needed_slots):
+        new = cache.stats.loads - seen[0]
+        seen[0] = cache.stats.loads
+        if new > 0 and seconds > 0:
+            time.sleep(new * seconds)
+        return take_load(needed_slots)
+
+    cache.take_load = stalled
+
+
+class AdapterSlotLimit:
+    """Shrinks the usable device adapter slots without recompiling: the pool's other slots are taken by
+    placeholder adapters pinned for good (never evicted, so the LRU works over the remaining slots; the pool
+    keeps its shape). `set` on an idle engine, before measuring."""
+
+    def __init__(self, llm):
+        self.llm, self.placeholders = llm, []
+
+    def set(self, slots: int) -> None:
+        from infinilora_jax.lora.random_adapter import random_adapter
+
+        cache = self.llm.runner.adapters
+        if not 1 <= slots <= cache.max_adapters:
+            raise ValueError(f"slots={slots} must be within 1..{cache.max_adapters} (the pool's slots)")
+        for name in self.placeholders:  # give the previous placeholders' slots back
+            cache.release(name)
+            cache.unregister(name)
+        self.placeholders = []
+        for k in range(cache.max_adapters - slots):
+            name = f"placeholder-{k}"
+            cache.register_weights(random_adapter(self.llm.config, name, 1, ("q",), seed=10_000 + k,
+                                                  dtype=self.llm.runner.dtype))
+            if cache.acquire(name) is None:
+                raise RuntimeError("no free adapter slot for a placeholder: is the engine idle?")
+            self.placeholders.append(name)
+        cache.flush()
+
+
+def set_policy(engine: LLMEngine, policy: str) -> None:
+    """Switch the waiting queue's order ("fcfs" | "sjf") between runs."""
+    config = dataclasses.replace(engine.scheduler.config, policy=policy)
+    engine.scheduler.config = engine.config = config
+
+
+def enable_compilation_cache(path: str | None) -> None:
+    """Keep compiled programs on disk (jax's persistent cache), so a benchmark's second run skips compiling."""
+    if not path:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def benchmark_llm(model: str | None, num_adapters: int, rank: int, slots: int, *, targets=None, dtype="float32",
+                  num_layers: int | None = None, max_num_seqs: int = 16, max_num_batched_tokens: int = 128,
+                  max_model_len: int = 256, precompile: bool = True, workers: int = 2, **llm_kwargs):
+    """An LLM (bundled tiny model, or a configs/models/*.json shape with random weights) with `num_adapters`
+    random rank-`rank` adapters named adapter-0.. registered, `slots` device adapter slots, every step shape
+    compiled (unless precompile=False). llm_kwargs go to LLM (e.g. mode, mesh). Returns (llm, adapter names)."""
+    from infinilora_jax import LLM
+    from infinilora_jax.lora.random_adapter import random_adapter
+    from infinilora_jax.lora.targets import ALL_TARGETS
+
+    targets = tuple(targets or ALL_TARGETS)
+    llm = LLM(model, dtype=dtype, max_lora_rank=rank, max_adapters=slots, lora_targets=targets,
+              max_host_adapters=num_adapters + slots, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+              max_num_batched_tokens=max_num_batched_tokens, num_layers=num_layers, progress=False, **llm_kwargs)
+    names = [f"adapter-{k}" for k in range(num_adapters)]
+    for k, name in enumerate(names):
+        llm.runner.adapters.register_weights(random_adapter(llm.config, name, rank, targets, seed=k,
+                                                            dtype=llm.runner.dtype))
+    if precompile:
+        llm.engine.warmup(progress=False, workers=workers)
+    return llm, names

@@ -1,0 +1,419 @@
+"""SLO evaluation harness: workloads, trace loading, rate search, admissibility model, SJF, simulator, calibration,
+provisioning."""
+
+import dataclasses
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from infinilora_jax.bench import (
+    admissibility,
+    calibration,
+    extrapolation,
+    metrics,
+    model_shapes,
+    provisioning,
+    rate_search,
+    simulator,
+    trace,
+    workload,
+)
+from infinilora_jax.engine.kv_cache import CacheConfig
+from infinilora_jax.engine.request import Request
+from infinilora_jax.engine.scheduler import Scheduler, SchedulerConfig
+from infinilora_jax.errors import ConfigError
+from infinilora_jax.sampling import SamplingParams
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+# ---- workloads ----
+
+def test_gamma_arrivals_have_the_asked_cv():
+    for cv in (1.0, 2.0, 3.0):
+        spec = workload.WorkloadSpec(num_requests=20000, rate=5.0, burstiness=workload.gamma_shape_for_cv(cv))
+        gaps = np.diff([r.arrival for r in workload.generate(spec, None)])
+        assert abs(gaps.mean() - 0.2) < 0.02 * (1 + cv)
+        assert abs(gaps.std() / gaps.mean() - cv) < 0.08 * cv
+    with pytest.raises(ValueError):
+        workload.gamma_shape_for_cv(0)
+
+
+def test_burstgpt_length_fits():
+    rng = np.random.default_rng(0)
+    prompts = workload.LengthDist.parse("burstgpt").sample(rng, 40000)
+    assert prompts.min() >= 16 and prompts.max() <= 4096
+    assert 150 < np.median(prompts) < 200 and 550 < prompts.mean() < 660  # documented: ~175, ~600
+    assert 2500 < np.percentile(prompts, 95) < 3200  # documented: ~2,860
+    resp = workload.LengthDist.parse("burstgpt-response:1:20000")
+    for p, mean in ((250, 150), (2000, 450)):  # the conversation-log summary the fit follows
+        x = resp.sample(rng, 40000, np.full(40000, p))
+        assert abs(x.mean() / mean - 1) < 0.06
+    x = resp.sample(rng, 40000, np.full(40000, 382))  # mid-band: 5-95% roughly 20..700
+    assert 15 < np.percentile(x, 5) < 30 and 550 < np.percentile(x, 95) < 850
+    with pytest.raises(ValueError, match="given the prompt"):
+        resp.sample(rng, 3)
+    with pytest.raises(ValueError, match="bad length"):
+        workload.LengthDist.parse("zipf:x:1:2")
+
+
+def test_workload_without_vocabulary_has_the_same_requests():
+    spec = workload.WorkloadSpec(num_requests=50, rate=3.0, num_adapters=8,
+                                 prompt_len=workload.LengthDist.parse("burstgpt:8:64"),
+                                 output_len=workload.LengthDist.parse("burstgpt-response:1:64"))
+    a, b = workload.generate(spec, 512), workload.generate(spec, None)
+    assert [(r.arrival, r.adapter, r.prompt_tokens, r.max_tokens) for r in a] == \
+        [(r.arrival, r.adapter, r.prompt_tokens, r.max_tokens) for r in b]
+    assert all(r.prompt is None for r in b) and all(len(r.prompt) == r.prompt_tokens for r in a)
+
+
+# ---- traces ----
+
+def test_trace_csv_and_jsonl(tmp_path):
+    csv_path = tmp_path / "t.csv"
+    csv_path.write_text("timestamp,adapter,prompt_tokens,output_tokens,extra\n"
+                        "10.0,b,5,3,x\n8.0,a,7,2,y\n12.5,,4,1,z\n14.0,b,9,9,w\n")
+    recs = trace.read_trace(str(csv_path))
+    assert [r.timestamp for r in recs] == [8.0, 10.0, 12.5, 14.0]  # sorted
+    assert [r.adapter for r in recs] == ["a", "b", None, "b"] and recs[0].line == 3
+    reqs, names = trace.to_requests(recs, vocab_size=100)
+    assert names == ["b", "a"]  # most requested first
+    assert [r.adapter for r in reqs] == [1, 0, None, 0]
+    assert [r.arrival for r in reqs] == [0.0, 2.0, 4.5, 6.0] and [len(r.prompt) for r in reqs] == [7, 5, 4, 9]
+    fast, _ = trace.to_requests(recs, rate=1.0)  # 3 gaps over 6 s = 0.5 req/s; at 1 req/s the span halves
+    assert fast[-1].arrival == pytest.approx(3.0)
+    jl = tmp_path / "t.jsonl"
+    jl.write_text('{"timestamp": 1, "adapter": "x", "prompt_tokens": 3, "output_tokens": 4}\n\n'
+                  '{"Timestamp": 2, "Model": null, "Request tokens": 5, "Response tokens": 6}\n')
+    recs = trace.read_trace(str(jl))
+    assert [(r.adapter, r.prompt_tokens, r.output_tokens, r.line) for r in recs] == [("x", 3, 4, 1),
+                                                                                     (None, 5, 6, 3)]
+
+
+@pytest.mark.parametrize("name,text,where,what", [
+    ("a.csv", "timestamp,adapter,prompt_tokens\n1,a,3\n", ":1:", "output_tokens"),
+    ("b.csv", "timestamp,adapter,prompt_tokens,output_tokens\n1,a,3,4\n2,a,three,4\n", ":3:", "prompt_tokens"),
+    ("c.csv", "timestamp,adapter,prompt_tokens,output_tokens\n1,a,3,4\n\n2,a,3,0\n", ":4:", "at least 1"),
+    ("d.csv", "timestamp,adapter,prompt_tokens,output_tokens\n1,a,3,4,5\n", ":2:", "cells"),
+    ("e.csv", "timestamp,adapter,prompt_tokens,output_tokens\nnan,a,3,4\n", ":2:", "not finite"),
+    ("f.jsonl", '{"timestamp": 1, "prompt_tokens": 2, "output_tokens": 3}\n{"timestamp": 2,\n', ":2:", "JSON"),
+    ("g.jsonl", '{"timestamp": 1, "prompt_tokens": 2}\n', ":1:", "output_tokens"),
+    ("h.jsonl", '[1, 2]\n', ":1:", "object"),
+    ("i.jsonl", '{"timestamp": 1, "adapter": 7, "prompt_tokens": 2, "output_tokens": 3}\n', ":1:", "adapter"),
+    ("j.jsonl", '{"timestamp": 1, "prompt_tokens": 2.5, "output_tokens": 3}\n', ":1:", "integer"),
+    ("k.jsonl", "\n", "", "no records"),
+])
+def test_trace_errors_name_the_line(tmp_path, name, text, where, what):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(trace.TraceError, match=what) as e:
+        trace.read_trace(str(path))
+    assert str(e.value).startswith(str(path) + where)
+
+
+def test_trace_missing_file():
+    with pytest.raises(trace.TraceError, match="no such file"):
+        trace.read_trace("/nonexistent/trace.csv")
+
+
+# ---- rate search ----
+
+def test_bisection_finds_the_threshold_of_a_monotone_function():
+    calls = []
+
+    def run(rate):
+        calls.append(rate)
+        return {"ttft_p95_s": 0.01 * rate, "tpot_mean_s": 0.0}  # meets a 0.137 s SLO up to rate 13.7
+
+    meets = lambda s: metrics.meets_slo(s, metrics.SLO(ttft_s=0.137))
+    res = rate_search.find_serviceable_rate(run, meets, start=1.0, rel_tol=0.01, max_probes=30, progress=False)
+    assert res.rate <= 13.7 < res.failing_rate and (res.failing_rate - res.rate) <= 0.01 * res.rate
+    assert calls[:5] == [1, 2, 4, 8, 16] and len(res.probes) == len(calls) < 30
+    assert res.best_summary()["ttft_p95_s"] == pytest.approx(0.01 * res.rate)
+    down = rate_search.find_serviceable_rate(run, meets, start=100.0, rel_tol=0.05, progress=False)
+    assert down.rate <= 13.7 < down.failing_rate and down.probes[1].rate == 50.0
+    never = rate_search.find_serviceable_rate(lambda r: {"ttft_p95_s": 9, "tpot_mean_s": 0}, start=1.0,
+                                              min_rate=0.1, progress=False)
+    assert never.rate == 0.0 and never.failing_rate == pytest.approx(0.1)  # halved down to min_rate
+    always = rate_search.find_serviceable_rate(lambda r: {"ttft_p95_s": 0, "tpot_mean_s": 0}, start=1.0,
+                                               max_rate=64.0, progress=False)
+    assert always.rate == 64.0 and always.failing_rate is None
+    capped = rate_search.find_serviceable_rate(run, meets, start=1.0, max_probes=3, progress=False)
+    assert len(capped.probes) == 3 and capped.rate == 4.0
+
+
+# ---- admissibility ----
+
+@pytest.mark.parametrize("n,s,c", [(32, 1.2, 4), (512, 1.2, 32), (512, 1.2, 128), (1024, 1.2, 64), (64, 0.8, 16)])
+def test_che_approximation_matches_lru_simulation(n, s, c):
+    p = workload.zipf_weights(n, s)
+    assert abs(admissibility.che_hit_rate(p, c) - admissibility.simulated_hit_rate(p, c, 40_000, seed=1)) < 0.015
+
+
+def test_cache_capacity_for_a_hit_rate():
+    p = workload.zipf_weights(512, 1.2)
+    c = admissibility.capacity_for_hit_rate(p, 0.8)
+    assert admissibility.che_hit_rate(p, c) >= 0.8 > admissibility.che_hit_rate(p, c - 1)
+    assert admissibility.capacity_for_hit_rate(p, 0.0) == 0 and admissibility.capacity_for_hit_rate(p, 1.0) == 512
+    assert admissibility.che_hit_rate(p, 512) == pytest.approx(1.0) and admissibility.che_hit_rate(p, 0) == 0.0
+    hits = admissibility.lru_hits([1, 2, 1, 3, 2, 1, 1], 2)
+    assert hits.tolist() == [False, False, True, False, False, False, True]
+
+
+def test_engine_adapter_cache_is_the_lru_che_predicts():
+    """The engine's measured hits, request by request, equal an exact LRU's on the same adapter sequence, and
+    their rate is within sampling error of Che's approximation."""
+    from infinilora_jax import LLM
+    from infinilora_jax.lora.random_adapter import random_adapter
+
+    n, slots = 16, 4
+    llm = LLM(None, dtype="float32", max_lora_rank=4, max_adapters=slots, lora_targets=("q", "v"),
+              max_host_adapters=n, max_model_len=64, max_num_seqs=1, max_num_batched_tokens=16, progress=False)
+    cache = llm.runner.adapters
+    for k in range(n):
+        cache.register_weights(random_adapter(llm.config, f"a{k}", 4, ("q", "v"), seed=k, dtype=llm.runner.dtype))
+    p = workload.zipf_weights(n, 1.2)
+    seq = np.random.default_rng(3).choice(n, 400, p=p).tolist()
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    hits = []
+    for k in seq:  # one at a time: the queue is empty when the scheduler prefetches, so nothing is prefetched
+        before = cache.stats.hits
+        llm.engine.add_request([5, 6, 7, 8], params, f"a{k}")
+        while llm.engine.has_unfinished():
+            llm.engine.step()
+        hits.append(cache.stats.hits > before)
+    llm.engine.pop_finished()
+    assert hits == admissibility.lru_hits(seq, slots).tolist()
+    measured = np.mean(hits[40:])
+    assert abs(measured - admissibility.che_hit_rate(p, slots)) < 0.07, measured
+
+
+# ---- SJF ----
+
+class _NoAdapters:
+    def acquire(self, name):
+        return 0
+
+    def release(self, name):
+        pass
+
+    def prefetch(self, names):
+        pass
+
+
+def _admission_order(policy: str) -> list[str]:
+    sched = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64, max_model_len=128, policy=policy),
+                      CacheConfig(16, 64), _NoAdapters())
+    sizes = {"a": (30, 20), "b": (5, 5), "c": (20, 5), "d": (5, 5), "e": (2, 40)}  # prompt, max_tokens
+    for rid, (prompt, out) in sizes.items():
+        sched.add(Request(rid, [3] * prompt, SamplingParams(max_tokens=out), None, 0))
+    order = []
+    while sched.waiting:
+        work = sched.schedule()
+        (req, _), = [(r, n) for r, n in work.rows if r.request_id not in order]
+        order.append(req.request_id)
+        sched.finish(req, "length")
+    return order
+
+
+def test_sjf_admits_the_shortest_job_first():
+    assert _admission_order("fcfs") == ["a", "b", "c", "d", "e"]
+    assert _admission_order("sjf") == ["b", "d", "c", "e", "a"]  # sizes 10, 10, 25, 42, 50; ties keep order
+    assert SchedulerConfig().policy == "fcfs"
+    with pytest.raises(ConfigError, match="policy"):
+        SchedulerConfig(policy="lifo")
+
+
+# ---- simulator ----
+
+MODEL = calibration.StepTimeModel("toy", 4, 1.0, 0.02, 0.1, 1.0)
+
+
+def _spec(rate, n=600):
+    return workload.WorkloadSpec(n, rate, 1.0, 32, 1.2, 0.1, workload.LengthDist.parse("burstgpt:8:256"),
+                                 workload.LengthDist.parse("8:64"), seed=4)
+
+
+def _sim(rate, **kw):
+    cfg = simulator.ClusterConfig(**{"step": MODEL, "cache_slots": 8, "load_ms": 30.0, **kw})
+    res = simulator.simulate(workload.generate(_spec(rate), None), cfg)
+    return res, metrics.summarize(res.timings, res.makespan_s)
+
+
+def test_simulator_one_request_by_hand():
+    req = workload.WorkloadRequest(0.0, 0, None, 5, prompt_tokens=300)
+    cfg = simulator.ClusterConfig(step=MODEL, cache_slots=1, load_ms=40.0, max_num_batched_tokens=128,
+                                  prewarm=False)
+    res = simulator.simulate([req], cfg)
+    step = lambda tokens: 1.0 + 4 * (1.0 + 0.02 * tokens + 0.1)  # ms
+    prefill = step(128) + 40.0 + step(128) + step(44)  # three chunks, the first waits for the cold load
+    (t,) = res.timings
+    assert t.ttft == pytest.approx(prefill / 1e3) and t.finish == pytest.approx((prefill + 4 * step(1)) / 1e3)
+    assert (res.hits, res.misses, res.steps) == (0, 1, 7)
+
+
+def test_simulator_jumps_change_nothing():
+    """Runs of identical decode steps are advanced in one jump: the result equals stepping one at a time."""
+    for mode, policy in (("coupled", "fcfs"), ("coupled", "sjf"), ("disaggregated", "fcfs")):
+        kw = dict(mode=mode, policy=policy, num_replicas=3, lora_devices=2, exchange_ms_per_layer=0.05,
+                  kv_tokens=4000)
+        cfg = simulator.ClusterConfig(step=MODEL, cache_slots=8, load_ms=30.0, **kw)
+        reqs = workload.generate(_spec(12.0, 300), None)
+        a = simulator.Simulator(cfg).run(reqs)
+        sim = simulator.Simulator(cfg)
+        sim.jump = False
+        b = sim.run(reqs)
+        assert a.steps == b.steps and (a.hits, a.misses) == (b.hits, b.misses)
+        assert [x for t in a.timings for x in (t.first_token, t.finish)] == pytest.approx(
+            [x for t in b.timings for x in (t.first_token, t.finish)])
+
+
+def test_simulator_sanity():
+    ttft = [_sim(rate)[1]["ttft_p95_s"] for rate in (2, 8, 16, 32)]
+    assert ttft == sorted(ttft) and ttft[-1] > 5 * ttft[0]  # latency grows with load
+    hit = [_sim(8, cache_slots=c)[0].hit_rate for c in (2, 8, 24)]
+    assert hit == sorted(hit) and hit[-1] > hit[0] + 0.3  # more cache, more hits
+    assert _sim(16, cache_slots=24)[1]["ttft_p95_s"] < _sim(16, cache_slots=2)[1]["ttft_p95_s"]
+    res, _ = _sim(4, cache_slots=8, num_replicas=1)
+    p = workload.zipf_weights(32, 1.2)
+    assert abs(res.hit_rate - admissibility.che_hit_rate(p, 8)) < 0.06  # light load: near plain LRU
+    short = [t for t in _sim(20, policy="sjf")[0].timings if t.prompt_tokens + t.output_tokens < 60]
+    fcfs = [t for t in _sim(20)[0].timings if t.prompt_tokens + t.output_tokens < 60]
+    assert np.median([t.ttft for t in short]) < np.median([t.ttft for t in fcfs])  # SJF favours short jobs
+    many = simulator.simulate(workload.generate(_spec(16), None),
+                              simulator.ClusterConfig("disaggregated", 4, MODEL, 32, 30.0, lora_devices=4))
+    few = simulator.simulate(workload.generate(_spec(16), None),
+                             simulator.ClusterConfig("coupled", 4, MODEL, 8, 30.0))
+    assert many.hit_rate > few.hit_rate  # one shared cache of 32 beats four of 8
+    with pytest.raises(ValueError, match="lora_devices"):
+        simulator.ClusterConfig("disaggregated", 2, MODEL)
+    big = workload.WorkloadRequest(0.0, None, None, 50, prompt_tokens=100)
+    out = simulator.simulate([big], simulator.ClusterConfig(step=MODEL, kv_tokens=120))
+    assert out.unfinished == 1 and not out.timings
+
+
+# ---- calibration and extrapolation ----
+
+def test_calibration_fit_recovers_known_parameters(tmp_path):
+    rng = np.random.default_rng(0)
+    true = calibration.StepTimeModel("x", 8, 0.5, 0.01, 0.05, 2.0)
+    pts = [calibration.StepPoint(int(t), int(a), float(true.step_ms(t, a) * rng.normal(1, 0.02)), 8)
+           for t, a in zip(rng.integers(1, 512, 400), rng.integers(0, 33, 400))]
+    got = calibration.fit(pts, "x", host_ms=2.0, provenance={"date": "today"}, rank=16, targets=("q",))
+    for field in ("const", "tokens_coef", "adapters_coef"):
+        assert getattr(got, field) == pytest.approx(getattr(true, field), rel=0.05), field
+    assert np.median(np.abs(calibration.residuals(got, pts))) < 0.03
+    path = str(tmp_path / "c.json")
+    calibration.save(path, {"x": got})
+    back = calibration.load(path)["x"]
+    assert back == got and back.points[0]["tokens"] == pts[0].tokens and back.provenance == {"date": "today"}
+    with pytest.raises(ValueError, match="several depths"):
+        calibration.fit(pts[:3] + [dataclasses.replace(pts[3], layers=4)], "x")
+
+
+def test_stored_calibrations_have_provenance():
+    for name in ("cpu-tiny.json", "h200.json"):
+        models = calibration.load(os.path.join(ROOT, "configs", "calibration", name))
+        for m in models.values():
+            assert {"date", "machine", "command"} <= set(m.provenance), (name, m.name)
+            assert m.points and m.rank and m.targets and m.shape_config and not m.extrapolated
+            assert all(v > 0 for v in (m.const, m.tokens_coef, m.adapters_coef))
+
+
+def test_extrapolation_keeps_measured_terms_and_marks_derived_ones():
+    h200 = calibration.load(os.path.join(ROOT, "configs", "calibration", "h200.json"))
+    mixtral = model_shapes.load(os.path.join(ROOT, "configs", "models", "mixtral-8x7b.json"))
+    m = extrapolation.derive(mixtral, 16, h200["mixtral-8x7b"].targets, h200)
+    ref = h200["mixtral-8x7b"]
+    assert m.extrapolated and m.layers == 32 and m.const == ref.const and m.tokens_coef == ref.tokens_coef
+    assert m.adapters_coef == pytest.approx(ref.adapters_coef, rel=0.1)  # same rank: close to its own
+    r64 = extrapolation.derive(mixtral, 64, h200["mixtral-8x7b"].targets, h200, devices=2)
+    assert r64.adapters_coef == pytest.approx(2 * m.adapters_coef, rel=0.01)  # 4x the bytes on 2 devices
+    dbrx = extrapolation.derive(model_shapes.load(os.path.join(ROOT, "configs", "models", "dbrx.json")), 64,
+                                model_shapes.DEFAULT_TARGETS, h200)
+    assert "derived from" in dbrx.provenance["method"] and dbrx.step_ms(64, 8) > 0
+
+
+# ---- model shapes and provisioning ----
+
+def test_model_shapes_match_published_sizes():
+    published = {"mixtral-8x7b": 46.7e9, "qwen3-30b-a3b": 30.5e9, "gpt-oss-20b": 20.9e9, "dbrx": 131.6e9}
+    for name, params in published.items():
+        shape = model_shapes.load(os.path.join(ROOT, "configs", "models", f"{name}.json"))
+        assert abs(shape.total_params() / params - 1) < 0.01, name
+
+
+def test_adapter_bytes_match_the_engine_pages():
+    from infinilora_jax.llm import BUNDLED_MODEL
+    from infinilora_jax.lora.random_adapter import random_adapter
+    from infinilora_jax.lora.targets import ALL_TARGETS
+    from infinilora_jax.models.config import ModelConfig
+
+    cfg = ModelConfig.from_hf_dir(BUNDLED_MODEL)
+    shape = model_shapes.load(BUNDLED_MODEL)
+    for targets in (ALL_TARGETS, ("q", "o", "expert_down"), ("gate", "router")):
+        weights = random_adapter(cfg, "x", 8, targets, seed=0)
+        assert shape.adapter_bytes(8, targets, dtype_bytes=4) == weights.nbytes
+
+
+def test_required_admissibility():
+    assert provisioning.required_admissibility(0.25, 0.1, 0.1) == 0.0  # a miss still meets the target
+    assert provisioning.required_admissibility(0.25, 0.1, 0.2) == pytest.approx(0.95)  # every miss violates
+    assert provisioning.required_admissibility(0.25, 0.3, 0.0) == float("inf")  # the hit path alone fails
+    t = np.linspace(0.0, 0.2, 101)  # hits never violate; misses (+0.1 s) violate for t > 0.15: ~25%
+    assert provisioning.required_admissibility(0.25, t, 0.1) == pytest.approx((0.25 - 0.05) / 0.25, abs=0.02)
+
+
+def test_layer_partition_is_optimal():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        costs = rng.integers(1, 20, rng.integers(2, 9)).astype(float).tolist()
+        stages = int(rng.integers(1, len(costs) + 1))
+        best, bounds = provisioning.partition_layers(costs, stages)
+        assert len(bounds) == stages and bounds[0][0] == 0 and bounds[-1][1] == len(costs)
+        assert max(sum(costs[a:b]) for a, b in bounds) == best
+        brute = min(max(sum(costs[a:b]) for a, b in zip((0,) + cuts, cuts + (len(costs),)))
+                    for cuts in itertools.combinations(range(1, len(costs)), stages - 1))
+        assert best == brute
+
+
+def test_lora_server_plan():
+    shape = model_shapes.load(os.path.join(ROOT, "configs", "models", "qwen3-30b-a3b.json"))
+    dev = provisioning.Device()
+    rows = provisioning.plan_lora_server(shape, 32, dev, 300, max_devices=8, step_adapters=64, layer_budget_ms=0.8)
+    caps = [r.capacity for r in rows]
+    assert [r.devices for r in rows] == list(range(1, 9)) and caps == sorted(caps) and caps[-1] > 6 * caps[0]
+    for r in rows:
+        assert r.ep * r.pp == r.devices and shape.num_experts % r.ep == 0
+        assert r.capacity * r.adapter_bytes_per_device <= dev.usable_bytes
+    chosen = provisioning.choose(rows)
+    assert chosen.feasible and chosen.capacity >= 300 and all(not r.feasible for r in rows[: chosen.devices - 1])
+    cc = provisioning.coupled_cache(shape, shape.adapter_bytes(32), dev, 0.8)
+    assert cc.devices == 1 and 0 < cc.capacity < chosen.capacity
+
+
+def test_provision_cli_prints_a_plan(tmp_path):
+    out = tmp_path / "plan.json"
+    cmd = [sys.executable, "-m", "infinilora_jax.bench.provision", "--model", "configs/models/qwen3-30b-a3b.json",
+           "--rank", "32", "--num_adapters", "512", "--rate", "2", "--calibration", "configs/calibration/h200.json",
+           "--num_requests", "300", "--out", str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "needs immediate admissibility" in res.stdout or "cannot be met" in res.stdout
+    assert "LoRA-server layouts" in res.stdout and "coupled instead" in res.stdout
+    plan = json.loads(out.read_text())
+    assert plan["model"] == "qwen3-30b-a3b" and len(plan["layouts"]) == 8
+
+
+def test_metrics_p99_and_meets_slo():
+    t = [metrics.RequestTiming("a", 0.0, 0.01 * i, 0.01 * i + 1.0, 5, 11) for i in range(100)]
+    s = metrics.summarize(t, 10.0)
+    assert s["ttft_p99_s"] == pytest.approx(np.percentile([0.01 * i for i in range(100)], 99))
+    assert not metrics.meets_slo(s, metrics.SLO(ttft_s=0.9)) and metrics.meets_slo(s, metrics.SLO(ttft_s=0.95))
+    assert s["per_adapter_attainment"] == {"a": pytest.approx(0.26)}  # TTFT <= 0.25 s for i <= 25
