@@ -72,25 +72,21 @@ def main(argv):
     warm = workload.generate(dataclasses.replace(spec, num_requests=F.num_requests // 3, seed=F.seed + 1),
                              llm.config.vocab_size)
     popularity = workload.zipf_weights(F.num_adapters, F.zipf)
-    cache = llm.runner.adapters
     step = plan.step_model(request, model_shapes.load(BUNDLED_MODEL), planned["targets"])
     rows = []
     for c in sizes:
         limit.set(c)
         replay.replay(llm.engine, warm, names)  # fill this cache size's LRU with the workload's adapters
-        before = dataclasses.replace(cache.stats)
-        timings, wall = replay.replay(llm.engine, reqs, names)
-        s = metrics.summarize(timings, wall, metrics.SLO(F.slo_ttft))
-        hits, misses = cache.stats.hits - before.hits, cache.stats.misses - before.misses
+        s = replay.measured(llm.engine, reqs, names, metrics.SLO(F.slo_ttft))
         sim = simulator.simulate(workload.generate(spec, None), simulator.ClusterConfig(
             step=step, cache_slots=c, load_ms=F.emulated_load_ms, max_num_seqs=F.max_num_seqs,
-            max_num_batched_tokens=F.max_num_batched_tokens))
-        sim_s = metrics.summarize(sim.timings, sim.makespan_s, metrics.SLO(F.slo_ttft))
-        rows.append({"capacity": c, "measured_hit_rate": hits / max(1, hits + misses),
+            max_num_batched_tokens=F.max_num_batched_tokens)).summary(metrics.SLO(F.slo_ttft))
+        rows.append({"capacity": c, "measured_hit_rate": s["hit_rate"],
                      "che_hit_rate": admissibility.che_hit_rate(popularity, c),
                      "lru_simulated_hit_rate": admissibility.simulated_hit_rate(popularity, c, 50_000, F.seed),
-                     "simulator_hit_rate": sim.hit_rate, "measured_ttft_p95_s": s["ttft_p95_s"],
-                     "simulated_ttft_p95_s": sim_s["ttft_p95_s"], "meets_ttft_slo": s["ttft_p95_s"] <= F.slo_ttft})
+                     "simulator_hit_rate": sim["hit_rate"], "measured_ttft_p95_s": s["ttft_p95_s"],
+                     "simulated_ttft_p95_s": sim["ttft_p95_s"], "meets_ttft_slo": s["ttft_p95_s"] <= F.slo_ttft,
+                     "load_average": s["load_average"]})
         logging.info("capacity %d: %s", c, rows[-1])
     need = planned["required_admissibility"]
     print(f"\n  {'capacity':>8} {'Che':>6} {'LRU sim':>7} {'engine':>6} {'simulator':>9} {'P95 TTFT':>8} "

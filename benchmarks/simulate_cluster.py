@@ -61,7 +61,9 @@ flags.DEFINE_float("reserve", 0.1, "")
 flags.DEFINE_string("prompt_len", "burstgpt:16:512", "BurstGPT-like, cut at 512 tokens: longer prompts (P95 ~800 at "
                     "1024) take more than the 0.25 s TTFT to prefill with the measured Mixtral step time")
 flags.DEFINE_string("output_len", "burstgpt-response:1:512", "")
-flags.DEFINE_integer("num_requests", 3000, "per simulated run")
+flags.DEFINE_integer("num_requests", 2000, "per simulated run at least")
+flags.DEFINE_float("duration_s", 120.0, "each run has rate * duration_s requests (at least --num_requests): short "
+                   "runs at high rates end before the queue shows that it grows")
 flags.DEFINE_integer("max_num_seqs", 64, "")
 flags.DEFINE_integer("max_num_batched_tokens", 512, "")
 flags.DEFINE_float("slo_ttft", 0.25, "")
@@ -120,11 +122,9 @@ def deployments(shape, rank: int, num_adapters: int, spec, measured) -> tuple[di
 
 def search(cfg, spec, slo):
     def run(rate):
-        res = simulator.simulate(workload.generate(dataclasses.replace(spec, rate=rate), None), cfg)
-        s = metrics.summarize(res.timings, res.makespan_s, slo) if res.timings else {
-            "ttft_p95_s": float("inf"), "tpot_mean_s": float("inf")}
-        s.update(rate=rate, hit_rate=res.hit_rate, unfinished=res.unfinished)
-        return s
+        n = max(F.num_requests, int(rate * F.duration_s))
+        res = simulator.simulate(workload.generate(dataclasses.replace(spec, rate=rate, num_requests=n), None), cfg)
+        return {**res.summary(slo), "rate": rate, "requests": n}
 
     ok = lambda s: s["unfinished"] == 0 and metrics.meets_slo(s, slo)
     return rate_search.find_serviceable_rate(run, ok, start=4.0, rel_tol=F.rel_tol, max_probes=24,
@@ -139,8 +139,9 @@ def main(argv):
     report = {"config": {k: getattr(F, k) for k in ("models", "num_adapters", "zipf", "gpus", "coupled_gpus",
                                                    "base_gpus",
                                                    "calibration", "exchange_us", "h2d_gbps", "memory_gb", "reserve",
-                                                   "prompt_len", "output_len", "num_requests", "max_num_seqs",
-                                                   "max_num_batched_tokens", "slo_ttft", "slo_tpot", "seed")},
+                                                   "prompt_len", "output_len", "num_requests", "duration_s",
+                                                   "max_num_seqs", "max_num_batched_tokens", "slo_ttft", "slo_tpot",
+                                                   "seed")},
               "results": []}
     jobs = [(m, int(n)) for m in F.models for n in F.num_adapters]
     for item, n in tqdm(jobs, desc="models", unit="setting"):

@@ -158,18 +158,9 @@ def _measure(wanted, spec, slo) -> dict:
 
 
 def _runner(llm, names, spec, vocab, slo):
-    cache = llm.runner.adapters
-
     def run(rate: float) -> dict:
         reqs = workload.generate(dataclasses.replace(spec, rate=rate), vocab)
-        before = dataclasses.replace(cache.stats)
-        load_before = os.getloadavg()[0]
-        timings, wall = replay.replay(llm.engine, reqs, names)
-        summary = metrics.summarize(timings, wall, slo)
-        hits, misses = cache.stats.hits - before.hits, cache.stats.misses - before.misses
-        summary.update(rate=rate, hits=hits, misses=misses, hit_rate=hits / max(1, hits + misses),
-                       load_average=(load_before, os.getloadavg()[0]))  # other processes share this machine
-        return summary
+        return {**replay.measured(llm.engine, reqs, names, slo), "rate": rate}
 
     return run
 
@@ -193,9 +184,7 @@ def _simulator_check(results: dict, spec, slo) -> dict:
 
         def sim_run(rate, cfg=cfg):
             res = simulator.simulate(workload.generate(dataclasses.replace(spec, rate=rate), None), cfg)
-            s = metrics.summarize(res.timings, res.makespan_s, slo)
-            s.update(rate=rate, hit_rate=res.hit_rate)
-            return s
+            return {**res.summary(slo), "rate": rate}
 
         search = rate_search.find_serviceable_rate(sim_run, lambda s: metrics.meets_slo(s, slo), start=F.start_rate,
                                                    rel_tol=F.rel_tol / 4, max_probes=20, progress=False)

@@ -11,6 +11,7 @@ are pinned by placeholder adapters); `set_policy` switches the scheduler between
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 from infinilora_jax.bench import metrics
@@ -49,6 +50,20 @@ def replay(engine: LLMEngine, requests: list[WorkloadRequest], names: list[str],
                                      r.finish_time - start, len(r.prompt_token_ids), len(r.output_token_ids))
                for r in engine.pop_finished()]
     return timings, wall
+
+
+def measured(engine: LLMEngine, requests: list[WorkloadRequest], names: list[str],
+             slo: metrics.SLO) -> dict:
+    """replay, summarised (metrics.summarize), with the adapter cache's hits and misses during the run and the
+    machine's 1-minute load average before and after (other processes may share it)."""
+    cache = engine.runner.adapters
+    before, load = dataclasses.replace(cache.stats), os.getloadavg()[0]
+    timings, wall = replay(engine, requests, names)
+    summary = metrics.summarize(timings, wall, slo)
+    hits, misses = cache.stats.hits - before.hits, cache.stats.misses - before.misses
+    summary.update(hits=hits, misses=misses, hit_rate=hits / max(1, hits + misses),
+                   load_average=(load, os.getloadavg()[0]))
+    return summary
 
 
 @dataclasses.dataclass

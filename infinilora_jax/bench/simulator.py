@@ -36,7 +36,7 @@ import heapq
 import math
 
 from infinilora_jax.bench.calibration import StepTimeModel
-from infinilora_jax.bench.metrics import RequestTiming
+from infinilora_jax.bench.metrics import SLO, RequestTiming, summarize
 from infinilora_jax.bench.workload import WorkloadRequest
 
 MODES = ("coupled", "disaggregated")
@@ -88,6 +88,14 @@ class SimResult:
     @property
     def hit_rate(self) -> float:
         return self.hits / max(1, self.hits + self.misses)
+
+    def summary(self, slo: SLO) -> dict:
+        """metrics.summarize of the finished requests, with the cache's hits and the unfinished count (a run where
+        none finished has infinite latencies)."""
+        s = summarize(self.timings, self.makespan_s, slo) if self.timings else {
+            "ttft_p95_s": math.inf, "tpot_mean_s": math.inf, "adapters_meeting_slo": 0.0}
+        s.update(hits=self.hits, misses=self.misses, hit_rate=self.hit_rate, unfinished=self.unfinished)
+        return s
 
 
 class LRUCache:

@@ -9,10 +9,10 @@ Per step, in order:
   2. waiting requests, first come first served (policy "fcfs"; or "sjf", shortest job first: smallest prompt +
      max_tokens first, ties in queue order, so a long request may wait while shorter ones keep arriving),
      while the budget, `max_num_seqs` and free pages allow (keeping a small watermark of pages for running
-     requests to grow). A request whose adapter cannot get a device slot
-     (every slot pinned by running requests) is passed over for one whose adapter can, within a lookahead
-     window, so one busy adapter does not block the queue; a request that does not fit in the free pages blocks
-     the queue (so long prompts are not starved).
+     requests to grow). A request whose adapter cannot get a device slot (every slot pinned by running
+     requests) is passed over for one whose adapter can, within a lookahead window, so one busy adapter does
+     not block the queue; a request that does not fit in the free pages blocks the queue (so long prompts are
+     not starved).
 The adapters of the next queued requests are prefetched after each schedule.
 """
 
