@@ -134,35 +134,9 @@ def decode_step(mode: str, adapters: int, with_lora: bool = True) -> dict:
     return result
 
 
-def replay(llm, reqs, names) -> tuple[list, float]:
-    """The workload against the engine in wall-clock time (as benchmarks/serving.py)."""
-    from infinilora_jax import SamplingParams
-    from infinilora_jax.bench import metrics
-
-    engine, start, info, i = llm.engine, time.monotonic(), {}, 0
-    pending = sorted(reqs, key=lambda r: r.arrival)
-    while i < len(pending) or engine.has_unfinished():
-        now = time.monotonic() - start
-        while i < len(pending) and pending[i].arrival <= now:
-            r = pending[i]
-            adapter = None if r.adapter is None else names[r.adapter]
-            rid = engine.add_request(r.prompt, SamplingParams(max_tokens=r.max_tokens, temperature=0.0,
-                                                              ignore_eos=True), adapter, arrival_time=start + r.arrival)
-            info[rid] = adapter
-            i += 1
-        if engine.has_unfinished():
-            engine.step()
-        elif i < len(pending):
-            time.sleep(max(0.0, pending[i].arrival - (time.monotonic() - start)))
-    wall = time.monotonic() - start
-    timings = [metrics.RequestTiming(info[r.request_id], r.arrival_time - start, r.first_token_time - start,
-                                     r.finish_time - start, len(r.prompt_token_ids), len(r.output_token_ids))
-               for r in engine.pop_finished()]
-    return timings, wall
-
-
 def slo_rate(mode: str) -> dict:
     from infinilora_jax.bench import metrics, workload
+    from infinilora_jax.bench.replay import replay
     from infinilora_jax.lora.targets import ALL_TARGETS
 
     targets = tuple(F.targets or ALL_TARGETS)
@@ -175,9 +149,10 @@ def slo_rate(mode: str) -> dict:
     spec = lambda rate, n, seed: workload.WorkloadSpec(n, rate, 1.0, F.num_adapters, F.zipf, 0.0,
                                                        workload.LengthDist.parse(F.prompt_len_dist),
                                                        workload.LengthDist.parse(F.output_len_dist), seed)
-    replay(llm, workload.generate(spec(float(F.rates[0]), max(8, F.num_requests // 8), 1), vocab), names)  # warm
+    warm = workload.generate(spec(float(F.rates[0]), max(8, F.num_requests // 8), 1), vocab)
+    replay(llm.engine, warm, names)
     for rate in (float(r) for r in F.rates):
-        timings, wall = replay(llm, workload.generate(spec(rate, F.num_requests, 0), vocab), names)
+        timings, wall = replay(llm.engine, workload.generate(spec(rate, F.num_requests, 0), vocab), names)
         s = metrics.summarize(timings, wall, metrics.SLO(F.slo_ttft, F.slo_tpot))
         ok = s["ttft_p95_s"] <= F.slo_ttft and s["tpot_mean_s"] <= F.slo_tpot
         out.append({"rate": rate, "meets_slo": ok, **{k: s[k] for k in (

@@ -9,8 +9,6 @@ the LoRA devices' pages while the step runs); outputs are per instance ([dp, M, 
 
 from __future__ import annotations
 
-import concurrent.futures
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
@@ -19,14 +17,11 @@ from infinilora_jax.disagg.model import DisaggModel
 from infinilora_jax.disagg.roles import PER_DEVICE
 from infinilora_jax.engine.sampler import SamplingArrays, sample, token_logprobs
 from infinilora_jax.models.batch import StepBatch
+from infinilora_jax.models.precompiled import PrecompiledSteps
 from meshes.axes import BASE_ROLE, DP
 
 
-def _shape_key(name: str, batch: StepBatch) -> tuple:
-    return (name, *(tuple(x.shape) for x in jax.tree.leaves(batch)))
-
-
-class DisaggStepFunctions:
+class DisaggStepFunctions(PrecompiledSteps):
     """weights: name -> role buffer (read; donated only by steps that write adapter pages); kv: name -> role
     buffer (donated by every step)."""
 
@@ -35,7 +30,7 @@ class DisaggStepFunctions:
         self.forward, self.mesh, self.vocab_size = forward, mesh, vocab_size
         self.layout = forward.layout
         self.has_pool = True
-        self._compiled: dict[tuple, jax.stages.Compiled] = {}
+        super().__init__()
         w_specs = {n: PER_DEVICE for n in weight_names}
         kv_specs = {n: PER_DEVICE for n in kv_names}
         self.weight_names, self.kv_names = list(weight_names), list(kv_names)
@@ -101,23 +96,7 @@ class DisaggStepFunctions:
         out = token_logprobs(logits.reshape(dp * m, v), targets.reshape(-1), jnp.ones(dp * m, bool), self.vocab_size)
         return tuple(a.reshape(dp, m, *a.shape[1:]) for a in out), kv
 
-    def run(self, name: str, *args):
-        """Step `name` with (weights, kv, batch, ...): the precompiled executable for these shapes, else jit."""
-        executable = self._compiled.get(_shape_key(name, args[2]))
-        return (executable or getattr(self, name))(*args)
 
-    def precompile(self, calls: list[tuple[str, tuple]], workers: int = 8, on_done=None) -> None:
-        lowered = {}
-        for name, args in calls:
-            key = _shape_key(name, args[2])
-            if key not in self._compiled and key not in lowered:
-                lowered[key] = getattr(self, name).lower(*args)
-        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-            futures = {pool.submit(low.compile): key for key, low in lowered.items()}
-            for future in concurrent.futures.as_completed(futures):
-                self._compiled[futures[future]] = future.result()
-                if on_done is not None:
-                    on_done()
 
 
 __all__ = ["DisaggStepFunctions"]

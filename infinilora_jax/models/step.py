@@ -10,8 +10,6 @@ into the donated pool, so layer l waits only for its own copy and the copies ove
 
 from __future__ import annotations
 
-import concurrent.futures
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -21,6 +19,7 @@ from infinilora_jax.engine.sampler import SamplingArrays, sample, token_logprobs
 from infinilora_jax.lora.pool import LoraPool
 from infinilora_jax.models.batch import QueryBlock, StepBatch
 from infinilora_jax.models.params import partition_specs
+from infinilora_jax.models.precompiled import PrecompiledSteps
 from infinilora_jax.models.transformer import CausalLM
 from meshes.axes import MODEL_AXES, logical_spec
 
@@ -39,9 +38,6 @@ def allocate_kv_cache(model: CausalLM, mesh: Mesh, num_pages: int, page_size: in
     make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
     return [tuple(make() for _ in range(model.kv_cache_arrays)) for _ in range(model.plan.layers_per_stage)]
 
-
-def _shape_key(name: str, batch: StepBatch) -> tuple:
-    return (name, *(tuple(x.shape) for x in jax.tree.leaves(batch)))
 
 
 def incoming_page_specs(pool_specs: dict) -> dict:
@@ -63,13 +59,13 @@ def write_incoming(layer_pages: dict, slot, incoming: dict) -> dict:
     return jax.tree.map(write, layer_pages, incoming)
 
 
-class StepFunctions:
+class StepFunctions(PrecompiledSteps):
     """jit(shard_map(local forward)) for one model + adapter pool on one mesh; the KV cache is donated."""
 
     def __init__(self, model: CausalLM, pool: LoraPool | None, mesh: Mesh):
         self.vocab_size = model.cfg.vocab_size
         self.has_pool = pool is not None and bool(jax.tree.leaves(nnx.state(pool)))  # a pool with no targets: none
-        self._compiled: dict[tuple, jax.stages.Compiled] = {}  # (step name, batch shapes) -> executable
+        super().__init__()
         model_graph, model_state = nnx.split(model)
         pool_graph, pool_state = nnx.split(pool) if pool is not None else (None, None)
         # Parameters travel as pure dicts (nnx.to_pure_dict); each device rebuilds its local modules.
@@ -111,27 +107,7 @@ class StepFunctions:
         logits, kv = self._forward(model_state, pool_state, batch, kv)
         return logits[:, : self.vocab_size], kv
 
-    def run(self, name: str, *args):
-        """Call step `name` ("score" | "prompt_logprobs" | "sample" | "sample_loading") with (model_state,
-        pool_state, batch, ...): through the executable `precompile` made for this batch's shapes if there is
-        one, else through jit."""
-        executable = self._compiled.get(_shape_key(name, args[2]))
-        return (executable or getattr(self, name))(*args)
 
-    def precompile(self, calls: list[tuple[str, tuple]], workers: int = 8, on_done=None) -> None:
-        """Compile the steps for these (name, args) calls ahead of time: traced one after another, compiled
-        by `workers` threads at once (XLA compiles outside the GIL). Nothing runs on the device."""
-        lowered = {}
-        for name, args in calls:
-            key = _shape_key(name, args[2])
-            if key not in self._compiled and key not in lowered:
-                lowered[key] = getattr(self, name).lower(*args)
-        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-            futures = {pool.submit(low.compile): key for key, low in lowered.items()}
-            for future in concurrent.futures.as_completed(futures):
-                self._compiled[futures[future]] = future.result()
-                if on_done is not None:
-                    on_done()
 
     def _sample_loading(self, model_state, pool_state, batch: StepBatch, kv, sampling: SamplingArrays, slot, pages):
         """-> (as `_sample`'s first output, pool with `pages` written into `slot`, kv)."""
