@@ -85,15 +85,19 @@ def _kernel_apply(backend, ys, x, slots, experts, pairs, *, num_experts, slot_ra
         b_rows.append(b_rows_from_pool(b, 2 if experts is not None else 1, rb))
         sr = None if sr is None else jnp.minimum(jnp.asarray(sr, jnp.int32), rank)
         tables.append(PageTable.padded(b.shape[0], num_experts, padded_rank(rank, rb), rb, sr))
-    if experts is None:
-        keys, active = slots.astype(jnp.int32), slots > 0
-    else:
-        valid = (experts >= 0) & (experts < num_experts)
-        keys = slots.astype(jnp.int32) * num_experts + jnp.where(valid, experts, 0).astype(jnp.int32)
-        active = valid & (slots > 0)
+    keys, active = _group_keys(slots, experts, num_experts)
     interpret = pltpu.InterpretParams() if backend is LoraBackend.TPU_INTERPRET else False
     return lora_apply(tuple(ys), x, keys, active, tuple(a_rows), tuple(b_rows), tuple(tables),
                       num_experts=num_experts, blocks=blocks, interpret=interpret)
+
+
+def _group_keys(slots, experts, num_experts: int):
+    """(group key per row: its slot, or slot * E + expert; whether the row has any LoRA work)."""
+    if experts is None:
+        return slots.astype(jnp.int32), slots > 0
+    valid = (experts >= 0) & (experts < num_experts)
+    keys = slots.astype(jnp.int32) * num_experts + jnp.where(valid, experts, 0).astype(jnp.int32)
+    return keys, valid & (slots > 0)
 
 
 def _out_shape(lora_b: jax.Array, expert: bool) -> tuple[int, ...]:
@@ -145,12 +149,7 @@ def paged_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array | None, 
     if blocks is None:
         blocks = _blocks(chosen, x, [b_rows.shape[1]], table.max_blocks * table.rank_block)
         blocks = dataclasses.replace(blocks, rank_block=table.rank_block)
-    if experts is None:
-        keys, active = slots.astype(jnp.int32), slots > 0
-    else:
-        valid = (experts >= 0) & (experts < num_experts)
-        keys = slots.astype(jnp.int32) * num_experts + jnp.where(valid, experts, 0).astype(jnp.int32)
-        active = valid & (slots > 0)
+    keys, active = _group_keys(slots, experts, num_experts)
     interpret = pltpu.InterpretParams() if chosen is LoraBackend.TPU_INTERPRET else False
     zeros = jnp.zeros((x.shape[0], b_rows.shape[1]), jnp.float32)
     (delta,) = lora_apply((zeros,), x, keys, active, (a_rows,), (b_rows,), (table,), num_experts=num_experts,

@@ -76,12 +76,13 @@ class ModelRunner:
         """Compile ahead of time every program `sample` (with and without a carried adapter load), `score` and
         `prompt_logprobs` may run for these batches' shapes. Returns the number of programs."""
         m, pool, kv = self.model_state, self.adapters.pool_state, self._kv_shapes
+        load = self.adapters.warmup_load() if self.steps.has_pool else None  # one no-op load serves every shape
         calls = []
         for batch in batches:
             sampling = SamplingArrays.build([], [], [], len(batch.logits_indices))
             calls.append(("sample", (m, pool, batch, kv, sampling)))
-            if self.steps.has_pool:
-                slot, pages = self.adapters.warmup_load()
+            if load is not None:
+                slot, pages = load
                 calls.append(("sample_loading", (m, pool, batch, kv, sampling, np.int32(slot), pages)))
         for batch in score_batches:
             calls.append(("score", (m, pool, batch, kv)))
