@@ -1,15 +1,20 @@
 """One entry point for multi-LoRA math: picks the implementation by platform and shape.
 
     TPU            -> the Mosaic TPU kernels (pallas_kernels/tpu/); decode or prefill variant by row count
-    GPU            -> the pure-JAX reference FOR NOW: the Mosaic GPU kernels come next (issue 3, GPU half)
+    GPU            -> the pure-JAX reference by default, until the Mosaic GPU kernels (pallas_kernels/gpu/) are
+                      confirmed on an H200; opt in with backend="gpu" or INFINILORA_LORA_BACKEND=gpu
     CPU            -> the pure-JAX reference
     TPU_INTERPRET  -> the TPU kernels run by the Pallas TPU interpreter on CPU (tests; asked for explicitly)
+    GPU_INTERPRET  -> the GPU kernels run by the Mosaic GPU interpreter on CPU (tests; asked for explicitly)
 
-The choice is made at trace time: pass `backend=`, or wrap tracing in `with use_backend(...)`, or leave both
-out for the platform default. `lora_delta` / `expert_lora_delta` have the reference's signatures and return the
-float32 delta; `add_lora`, `add_expert_lora` and `add_lora_fused` return y + delta summed in float32 and rounded
-once (`reference.add_delta`), which is what the model does with every delta: on TPU the kernels add it into y
-in place, for several outputs of one input in one launch (q/k/v, gate/up).
+The choice is made at trace time: pass `backend=`, or wrap tracing in `with use_backend(...)`, or set the
+environment variable INFINILORA_LORA_BACKEND (reference, tpu, gpu, ...), or leave all out for the platform
+default. The GPU kernels take 16-bit activations and pages; other dtypes run the reference.
+
+`lora_delta` / `expert_lora_delta` have the reference's signatures and return the float32 delta; `add_lora`,
+`add_expert_lora` and `add_lora_fused` return y + delta summed in float32 and rounded once
+(`reference.add_delta`), which is what the model does with every delta: on TPU the kernels add it into y in
+place, for several outputs of one input in one launch (q/k/v, gate/up).
 
 Pages come in the pool's layout (A [S, (E,) D_in, R], B [S, (E,) R, *out]). The TPU kernels read rank-major A
 rows, so A is transposed per call unless `a_rank_major=True` says it is already stored as [S, (E,) R, D_in]
@@ -25,12 +30,15 @@ import contextvars
 import dataclasses
 import enum
 import math
+import os
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
 from infinilora_jax.lora import reference
+from pallas_kernels.gpu import ops as gpu_ops
 from pallas_kernels.layout import PageTable, a_rows_from_pool, b_rows_from_pool, padded_rank
 from pallas_kernels.tpu.block_tables import blocks_for, device_key
 from pallas_kernels.tpu.ops import Blocks, lora_apply
@@ -40,6 +48,12 @@ class LoraBackend(enum.Enum):
     REFERENCE = "reference"
     TPU = "tpu"
     TPU_INTERPRET = "tpu_interpret"
+    GPU = "gpu"
+    GPU_INTERPRET = "gpu_interpret"
+
+
+ENV_VAR = "INFINILORA_LORA_BACKEND"
+_GPU_BACKENDS = (LoraBackend.GPU, LoraBackend.GPU_INTERPRET)
 
 
 _BACKEND: contextvars.ContextVar[LoraBackend | None] = contextvars.ContextVar("lora_backend", default=None)
@@ -56,12 +70,14 @@ def use_backend(backend: LoraBackend | str):
 
 
 def select_backend(backend: LoraBackend | str | None = None, platform: str | None = None) -> LoraBackend:
-    """Explicit argument, else the `use_backend` context, else by platform (TPU: kernels; GPU, CPU: reference,
-    until the Mosaic GPU kernels land)."""
+    """Explicit argument, else the `use_backend` context, else $INFINILORA_LORA_BACKEND, else by platform
+    (TPU: kernels; GPU, CPU: reference, until the GPU kernels are confirmed on an H200)."""
     if backend is not None:
         return LoraBackend(backend)
     if _BACKEND.get() is not None:
         return _BACKEND.get()
+    if os.environ.get(ENV_VAR):
+        return LoraBackend(os.environ[ENV_VAR].lower())
     platform = platform or jax.default_backend()
     return LoraBackend.TPU if platform == "tpu" else LoraBackend.REFERENCE
 
@@ -72,8 +88,11 @@ def _blocks(backend: LoraBackend, x: jax.Array, out_widths, max_rank: int) -> Bl
 
 
 def _kernel_apply(backend, ys, x, slots, experts, pairs, *, num_experts, slot_ranks, a_rank_major, blocks):
-    """ys[i] (flat [M, N_i]) + delta of pair i, through the TPU kernels."""
+    """ys[i] (flat [M, N_i]) + delta of pair i, through the TPU or GPU kernels."""
     ranks = [b.shape[2 if experts is not None else 1] for _, b in pairs]
+    if backend in _GPU_BACKENDS:
+        return _gpu_apply(backend, ys, x, slots, experts, pairs, ranks, num_experts=num_experts,
+                          slot_ranks=slot_ranks, a_rank_major=a_rank_major)
     if blocks is None:
         blocks = _blocks(backend, x, [y.shape[1] for y in ys], max(ranks))
     rb = blocks.rank_block
@@ -89,6 +108,40 @@ def _kernel_apply(backend, ys, x, slots, experts, pairs, *, num_experts, slot_ra
     interpret = pltpu.InterpretParams() if backend is LoraBackend.TPU_INTERPRET else False
     return lora_apply(tuple(ys), x, keys, active, tuple(a_rows), tuple(b_rows), tuple(tables),
                       num_experts=num_experts, blocks=blocks, interpret=interpret)
+
+
+def gpu_supports(x: jax.Array, pairs, widths) -> bool:
+    """The GPU kernels multiply 16-bit activations by pages of the same dtype (wgmma), in 64-wide blocks of
+    D_in and of each (flattened) output width."""
+    return (x.dtype in (jnp.bfloat16, jnp.float16) and x.shape[-1] % 64 == 0
+            and all(a.dtype == x.dtype and b.dtype == x.dtype for a, b in pairs)
+            and all(w % 64 == 0 for w in widths))
+
+
+def _gpu_apply(backend, ys, x, slots, experts, pairs, ranks, *, num_experts, slot_ranks, a_rank_major):
+    """Through the Mosaic GPU kernels: one page = one rank block of the pool rank (padded to 16, the wgmma K
+    step), so `slot_ranks` only tells which slots are empty (rank 0)."""
+    if not gpu_supports(x, pairs, [y.shape[1] for y in ys]):
+        return tuple(reference.add_delta(y, delta) for y, delta in zip(
+            ys, _reference_deltas(x, slots, experts, pairs, a_rank_major)))
+    if slot_ranks is None or not isinstance(slot_ranks, (tuple, list)):
+        slot_ranks = (slot_ranks,) * len(pairs)
+    a_rows, b_rows, tables = [], [], []
+    for (a, b), rank, sr in zip(pairs, ranks, slot_ranks):
+        rb = padded_rank(rank, 16)
+        a_rows.append(a_rows_from_pool(a, rb, rank_major=a_rank_major))
+        b_rows.append(b_rows_from_pool(b, 2 if experts is not None else 1, rb))
+        sr = None if sr is None else jnp.minimum(jnp.asarray(sr, jnp.int32), rank)
+        tables.append(PageTable.padded(b.shape[0], num_experts, rb, rb, sr))
+    keys, active = _group_keys(slots, experts, num_experts)
+    interpret = plgpu.InterpretGPUParams() if backend is LoraBackend.GPU_INTERPRET else None
+    return gpu_ops.lora_apply(tuple(ys), x, keys, active, tuple(a_rows), tuple(b_rows), tuple(tables),
+                              num_experts=num_experts, interpret=interpret)
+
+
+def _reference_deltas(x, slots, experts, pairs, a_rank_major):
+    return [reference.expert_lora_delta(x, slots, experts, _rank_minor(a, a_rank_major), b) if experts is not None
+            else reference.lora_delta(x, slots, _rank_minor(a, a_rank_major), b) for a, b in pairs]
 
 
 def _group_keys(slots, experts, num_experts: int):
@@ -141,17 +194,24 @@ def paged_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array | None, 
     On TPU the kernels read the arenas directly; they address A and B with one table, so `b_table` (B pages
     placed at other rows than A's) runs on the reference only."""
     chosen = select_backend(backend)
-    if chosen is LoraBackend.REFERENCE:
+    width = table.max_blocks * table.rank_block
+    gpu_ok = gpu_supports(x, [(a_rows, b_rows)], [b_rows.shape[1]]) and width % 16 == 0
+    if chosen is LoraBackend.REFERENCE or (chosen in _GPU_BACKENDS and not gpu_ok):
         return reference.paged_lora_delta(x, slots, experts, a_rows, b_rows, table, num_experts, b_table)
     if b_table is not None:
-        raise NotImplementedError("the TPU kernels address A and B pages with one page table; place both at the "
+        raise NotImplementedError("the kernels address A and B pages with one page table; place both at the "
                                   "same rows (or use the reference backend)")
-    if blocks is None:
-        blocks = _blocks(chosen, x, [b_rows.shape[1]], table.max_blocks * table.rank_block)
+    if blocks is None and chosen not in _GPU_BACKENDS:
+        blocks = _blocks(chosen, x, [b_rows.shape[1]], width)
         blocks = dataclasses.replace(blocks, rank_block=table.rank_block)
     keys, active = _group_keys(slots, experts, num_experts)
-    interpret = pltpu.InterpretParams() if chosen is LoraBackend.TPU_INTERPRET else False
     zeros = jnp.zeros((x.shape[0], b_rows.shape[1]), jnp.float32)
+    if chosen in _GPU_BACKENDS:  # pages of `width` rows; columns past a page's own blocks are masked
+        interpret = plgpu.InterpretGPUParams() if chosen is LoraBackend.GPU_INTERPRET else None
+        (delta,) = gpu_ops.lora_apply((zeros,), x, keys, active, (a_rows,), (b_rows,), (table,),
+                                      num_experts=num_experts, interpret=interpret)
+        return delta
+    interpret = pltpu.InterpretParams() if chosen is LoraBackend.TPU_INTERPRET else False
     (delta,) = lora_apply((zeros,), x, keys, active, (a_rows,), (b_rows,), (table,), num_experts=num_experts,
                           blocks=blocks, interpret=interpret)
     return delta

@@ -1,0 +1,74 @@
+"""LoRA expand on Hopper (Mosaic GPU): d = s @ B[page] for every work unit (units.py), in float32.
+
+    s_hi, s_lo [Mx, R] 16-bit   the float32 shrink output split in two 16-bit parts (s ~= s_hi + s_lo)
+    B          [P, N]           B arena (rank rows, scaling folded in)
+    d          [Mx, N] f32      delta rows in sorted order; rows of no unit are left unwritten
+
+One CTA per (unit, column tile of BN columns): it loads the unit's s window [64, R] (both parts) and the page's
+[R, BN] block of B, and accumulates s_hi @ B + s_lo @ B with two wgmmas: s carried to ~16 mantissa bits, as
+the reference's float32 expand (a single 16-bit s would lose ~3 decimal digits). Only the unit's rows are stored.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.gpu.common import check_operands, compiler_params, store_rows
+from pallas_kernels.gpu.units import TILE_ROWS, Units, window
+
+BN = 128  # output columns per CTA (<= 256: one TMA box)
+
+
+def split_hi_lo(s: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    hi = s.astype(dtype)
+    return hi, (s - hi.astype(jnp.float32)).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def expand(s_hi: jax.Array, s_lo: jax.Array, b_rows: jax.Array, units: Units, *, interpret=None) -> jax.Array:
+    """[Mx, N] float32 delta rows (sorted order); see the module docstring."""
+    mx, rank = s_hi.shape
+    n = b_rows.shape[1]
+    check_operands("expand", s_hi, s_lo, b_rows)
+    if s_lo.shape != s_hi.shape or s_hi.dtype != b_rows.dtype or s_lo.dtype != b_rows.dtype:
+        raise ValueError(f"s parts {s_hi.shape} {s_hi.dtype} / {s_lo.shape} {s_lo.dtype} must match, in B's "
+                         f"dtype {b_rows.dtype}")
+    if rank % 16 or not 16 <= rank <= 256:
+        raise ValueError(f"rank {rank} must be a multiple of 16 in [16, 256] (wgmma K of 16-bit operands)")
+    bn = BN if n % BN == 0 else 64
+    if n % bn:
+        raise ValueError(f"output width {n} must be a multiple of 64")
+
+    def body(row0_ref, size_ref, page_ref, count_ref, hi_ref, lo_ref, b_ref, o_ref):
+        u, j = jax.lax.axis_index("unit"), jax.lax.axis_index("col")
+
+        @pl.when(u < count_ref[0])
+        def _unit():
+            row0 = row0_ref[u]
+            base, off, page = window(row0, page_ref[u])
+
+            def acc_scope(acc_ref):
+                def step(_, hi_smem, lo_smem, b_smem):
+                    plgpu.wgmma(acc_ref, hi_smem, b_smem)
+                    plgpu.wgmma(acc_ref, lo_smem, b_smem)
+
+                s_spec = plgpu.BlockSpec((pl.Element(TILE_ROWS), rank), lambda _: (base, 0))
+                plgpu.emit_pipeline(
+                    step, grid=(1,), max_concurrent_steps=1,
+                    in_specs=[s_spec, s_spec, plgpu.BlockSpec((pl.Element(rank), bn), lambda _: (page, j))],
+                )(hi_ref, lo_ref, b_ref)
+                return acc_ref[...]
+
+            acc = pl.run_scoped(acc_scope, plgpu.ACC((TILE_ROWS, bn)))
+            store_rows(acc, o_ref, row0, off, size_ref[u], j * bn, bn)
+
+    kernel = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((mx, n), jnp.float32),
+        grid=(units.bound, n // bn), grid_names=("unit", "col"), compiler_params=compiler_params(),
+        interpret=interpret)
+    return kernel(units.row0, units.size, units.page_row, units.count, s_hi, s_lo, b_rows)

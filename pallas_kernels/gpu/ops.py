@@ -1,0 +1,72 @@
+"""Multi-LoRA on Hopper: group rows, build work units, shrink, expand; decode and prefill variants.
+
+    decode  (BGMV-like: few rows per adapter, rows <= DECODE_ROWS): the shrink splits D_in over KSPLIT CTAs
+            per unit, so a handful of adapters still keeps every SM streaming its pages.
+    prefill (SGMV-like: long runs per adapter): one CTA per (unit, D_in), units of up to 64 rows per group.
+Both sort rows by (slot, expert) once (a gather of x), run one shrink and one expand launch per target, and add
+the delta into y in float32 (one rounding) at the rows' original positions; rows with no work (slot 0, padding
+experts, rank-0 targets) keep y bit-identical. Each page is read once per 64-row chunk of its group.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gpu.expand import expand, split_hi_lo
+from pallas_kernels.gpu.shrink import BK, shrink
+from pallas_kernels.gpu.units import TILE_ROWS, build_units
+from pallas_kernels.grouping import group_rows
+from pallas_kernels.layout import PageTable
+
+DECODE_ROWS = 512
+KSPLIT = 4  # decode: D_in slices per unit (each slice >= 1024 columns at H = 4096)
+
+
+def pick_ksplit(rows: int, d_in: int) -> int:
+    """Decode splits D_in (while the slices stay whole BK blocks); prefill does not."""
+    if rows > DECODE_ROWS:
+        return 1
+    k = KSPLIT
+    while k > 1 and d_in % (BK * k):
+        k //= 2
+    return k
+
+
+@functools.partial(jax.jit, static_argnames=("num_experts", "ksplit", "interpret"))
+def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active: jax.Array,
+               a_rows: tuple[jax.Array, ...], b_rows: tuple[jax.Array, ...], tables: tuple[PageTable, ...], *,
+               num_experts: int, ksplit: int | None = None, interpret=None) -> tuple[jax.Array, ...]:
+    """ys[i] + delta_i (float32 sum, one rounding) for LoRA targets i sharing the input x.
+
+    Args:
+      ys: per target [M, N_i] base outputs (float32 zeros to get the plain delta).
+      x: [M, D_in] bf16 rows (tokens, or (token, expert) assignments).
+      keys: [M] int32 slot * num_experts + expert; active: [M] bool rows with an adapter and a real expert.
+      a_rows, b_rows: per target its A arena [P_i, D_in] and B arena [P_i, N_i] (layout.py), x's dtype.
+      tables: per target its PageTable; the kernels fetch max_blocks * rank_block rows per page (the rank).
+      ksplit: D_in slices of the shrink (None: by variant, pick_ksplit).
+      interpret: None on a GPU; a `plgpu.InterpretGPUParams` to run in the Mosaic GPU interpreter on CPU.
+    """
+    m = x.shape[0]
+    ksplit = pick_ksplit(m, x.shape[1]) if ksplit is None else ksplit
+    grouping = group_rows(keys, active, num_keys=tables[0].num_slots * num_experts)
+    # Padding rows keep every 64-row window in bounds; they read row 0 and are never stored.
+    order = jnp.concatenate([grouping.order, jnp.zeros((TILE_ROWS,), jnp.int32)])
+    x_sorted = x[order]
+    out = []
+    for y, a, b, table in zip(ys, a_rows, b_rows, tables):
+        rank = table.max_blocks * table.rank_block
+        units = build_units(grouping, table, num_experts=num_experts)
+        s = shrink(x_sorted, a, units, rank=rank, ksplit=ksplit, interpret=interpret).sum(0)[:m]
+        # Rows of no unit were never written; columns past a page's rank may hold a neighbouring page's rows.
+        used = jnp.arange(rank)[None, :] < units.row_rank[:, None]
+        s = jnp.where(used, s, 0.0)
+        s = jnp.concatenate([s, jnp.zeros((TILE_ROWS, rank), jnp.float32)])
+        hi, lo = split_hi_lo(s, b.dtype)
+        d = expand(hi, lo, b, units, interpret=interpret)[grouping.inverse]
+        work = (units.row_rank > 0)[grouping.inverse]
+        out.append(jnp.where(work[:, None], (y.astype(jnp.float32) + d).astype(y.dtype), y))
+    return tuple(out)

@@ -1,0 +1,72 @@
+"""LoRA shrink on Hopper (Mosaic GPU): s = x @ A[page]^T for every work unit (units.py).
+
+    x      [Mx, D_in]            rows sorted by group, padded by TILE_ROWS rows (windows never run off the end)
+    A      [P, D_in]             A arena (rank rows, layout.py)
+    s      [ksplit, Mx, R] f32   partial sums over ksplit slices of D_in; rows of no unit are left unwritten
+
+One CTA per (unit, D_in slice). It streams its slice of the unit's x window [64, D_in] and of its page
+[R, D_in] through SMEM in (64 | R, bk) blocks (TMA, `STAGES` in flight) and accumulates the [64, R] product
+with wgmma (A block read transposed, K-major, as wgmma wants it). Only the unit's `size` rows are stored.
+Decode splits D_in (ksplit > 1) so a few adapters still occupy every SM; prefill has enough units and keeps
+ksplit = 1. Pages are fetched whole (R rows): use rank blocks of R, or mask columns past a page's rank.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.gpu.common import STAGES, check_operands, compiler_params, store_rows
+from pallas_kernels.gpu.units import TILE_ROWS, Units, window
+
+BK = 64  # 128 bytes of 16-bit values: one swizzle row
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "ksplit", "interpret"))
+def shrink(x: jax.Array, a_rows: jax.Array, units: Units, *, rank: int, ksplit: int = 1,
+           interpret=None) -> jax.Array:
+    """[ksplit, Mx, rank] float32 partial shrink outputs (sum over axis 0); see the module docstring."""
+    mx, d_in = x.shape
+    check_operands("shrink", x, a_rows)
+    if a_rows.ndim != 2 or a_rows.shape[1] != d_in:
+        raise ValueError(f"A arena {a_rows.shape} must be [P, {d_in}]")
+    if rank % 8 or not 8 <= rank <= 256:
+        raise ValueError(f"rank {rank} must be a multiple of 8 in [8, 256] (wgmma N)")
+    if d_in % (BK * ksplit):
+        raise ValueError(f"D_in {d_in} must be a multiple of {BK} * ksplit={ksplit}")
+    steps = d_in // BK // ksplit
+
+    def body(row0_ref, size_ref, page_ref, count_ref, x_ref, a_ref, o_ref):
+        u, kk = jax.lax.axis_index("unit"), jax.lax.axis_index("k")
+
+        @pl.when(u < count_ref[0])
+        def _unit():
+            row0 = row0_ref[u]
+            base, off, page = window(row0, page_ref[u])
+
+            def acc_scope(acc_ref):
+                plgpu.emit_pipeline(
+                    lambda _, x_smem, a_smem: plgpu.wgmma(acc_ref, x_smem, a_smem.T),
+                    grid=(steps,),
+                    in_specs=[
+                        plgpu.BlockSpec((pl.Element(TILE_ROWS), BK), lambda k: (base, kk * steps + k),
+                                        delay_release=1),
+                        plgpu.BlockSpec((pl.Element(rank), BK), lambda k: (page, kk * steps + k),
+                                        delay_release=1),
+                    ],
+                    max_concurrent_steps=min(STAGES, max(steps, 2)),
+                )(x_ref, a_ref)
+                return acc_ref[...]
+
+            acc = pl.run_scoped(acc_scope, plgpu.ACC((TILE_ROWS, rank)))
+            store_rows(acc, o_ref.at[kk], row0, off, size_ref[u], 0, rank)
+
+    kernel = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((ksplit, mx, rank), jnp.float32),
+        grid=(units.bound, ksplit), grid_names=("unit", "k"), compiler_params=compiler_params(),
+        interpret=interpret)
+    return kernel(units.row0, units.size, units.page_row, units.count, x, a_rows)

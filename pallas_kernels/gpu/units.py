@@ -1,0 +1,69 @@
+"""Work units of the GPU LoRA kernels: one unit per (group, chunk of up to UNIT_ROWS rows of the group).
+
+Rows are sorted by group (grouping.py), so a group's rows are one contiguous run of sorted positions. A unit
+covers rows [row0, row0 + size) of that run and the page of its (slot, expert): arena rows [page_row,
+page_row + R). The kernels read a window of TILE_ROWS (the wgmma M of one warpgroup) rows starting at row0
+rounded down to a multiple of 8 (Mosaic GPU's TMA into tiled SMEM needs 8-row aligned offsets), so a unit has
+at most TILE_ROWS - 8 rows: they sit at window offset row0 % 8. Groups with no work (slot 0, a rank-0 target) get no
+unit, so they cost nothing. The number of units is data-dependent; arrays have the static bound
+rows // UNIT_ROWS + groups (each group adds at most one partial chunk), and the kernels skip units past `count`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.grouping import Grouping
+from pallas_kernels.layout import PageTable
+from pallas_kernels.tpu.schedule import _expand_items as expand_items
+
+TILE_ROWS = 64  # wgmma M of one warpgroup: rows of the window a unit reads
+ALIGN = 8  # row alignment of a window start
+UNIT_ROWS = TILE_ROWS - ALIGN  # rows of one unit
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Units:
+    row0: jax.Array  # [U] int32 first sorted row of the unit (0 for unused units)
+    size: jax.Array  # [U] int32 rows of the unit, 1..UNIT_ROWS (0 for unused units)
+    page_row: jax.Array  # [U] int32 first arena row of the unit's page
+    count: jax.Array  # [1] int32 units in use (entries [0, count))
+    row_rank: jax.Array  # [M] int32 per SORTED row: rank rows of its page that hold data (0: no work)
+
+    @property
+    def bound(self) -> int:
+        return self.row0.shape[0]
+
+
+def window(row0, page_row):
+    """In a kernel: (window start, the unit's offset in it, page row), with the divisibility Mosaic GPU needs."""
+    base = row0 - row0 % ALIGN
+    return pl.multiple_of(base, ALIGN), row0 - base, pl.multiple_of(page_row, ALIGN)
+
+
+def build_units(grouping: Grouping, table: PageTable, *, num_experts: int) -> Units:
+    """Units for one target. Keys of the grouping are slot * num_experts + expert."""
+    m = grouping.order.shape[0]
+    num_groups = grouping.group_key.shape[0]
+    live = jnp.arange(num_groups) < grouping.num_groups
+    slot = jnp.clip(grouping.group_key // num_experts, 0, table.num_slots - 1)
+    expert = grouping.group_key % num_experts
+    nb = jnp.where(live, table.nblocks[slot], 0)
+    size = jnp.where(nb > 0, grouping.group_size, 0)
+    chunks = (size + UNIT_ROWS - 1) // UNIT_ROWS
+    bound = m // UNIT_ROWS + num_groups
+    ug, uw, ok, count = expand_items(chunks.astype(jnp.int32), bound)
+    row0 = grouping.group_start[ug] + uw * UNIT_ROWS
+    page_row = (table.start[slot] + expert * table.stride[slot]) * table.rank_block
+    # rank rows with data, per sorted row (inactive rows sort last and have group -1)
+    sorted_group = grouping.row_group[grouping.order]
+    row_rank = jnp.where(sorted_group >= 0, nb[jnp.maximum(sorted_group, 0)], 0) * table.rank_block
+    return Units(row0=jnp.where(ok, row0, 0).astype(jnp.int32),
+                 size=jnp.where(ok, jnp.minimum(UNIT_ROWS, size[ug] - uw * UNIT_ROWS), 0).astype(jnp.int32),
+                 page_row=jnp.where(ok, page_row[ug], 0).astype(jnp.int32),
+                 count=jnp.reshape(count, (1,)).astype(jnp.int32), row_rank=row_rank.astype(jnp.int32))

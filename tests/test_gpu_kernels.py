@@ -1,0 +1,182 @@
+"""The Mosaic GPU LoRA kernels (pallas_kernels/gpu/), on CPU.
+
+Two checks, since no GPU is here:
+  * numerics: every kernel runs in jax's Mosaic GPU interpreter (`plgpu.InterpretGPUParams`: simulated GMEM and
+    SMEM, TMA copies, barriers and wgmma; fresh buffers are NaN, out-of-bounds reads raise), through the
+    dispatcher's GPU_INTERPRET backend, against the pure-JAX reference on fresh random inputs;
+  * lowering: the same kernels lowered for CUDA (`lower(lowering_platforms=("cuda",))`), which runs Pallas ->
+    Mosaic GPU lowering and Mosaic GPU's layout inference (SMEM tiling/swizzle, TMA alignment, wgmma shapes).
+    What only a GPU checks: PTX compilation, timing, real hardware races. tools/gpu_lora_kernel_check.py does.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from infinilora_jax.lora import reference
+from pallas_kernels import dispatch
+from pallas_kernels.gpu import ops as gpu_ops
+from pallas_kernels.gpu.units import UNIT_ROWS, build_units
+from pallas_kernels.grouping import group_rows
+from pallas_kernels.layout import PageTable, a_rows_from_pool, b_rows_from_pool, total_blocks
+
+GPU = dispatch.LoraBackend.GPU_INTERPRET
+BF = jnp.bfloat16
+
+
+def rel_err(got, want) -> float:
+    want = np.asarray(want, np.float64)
+    return float(np.linalg.norm(np.asarray(got, np.float64) - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def make_pages(rng, ranks, d_in, out, experts=None):
+    """bf16 pool pages (A [S, (E,) D_in, R], B [S, (E,) R, out]), zero above each slot's rank; slot 0 zero."""
+    r = max(ranks)
+    lead = (len(ranks),) if experts is None else (len(ranks), experts)
+    a = rng.normal(size=(*lead, d_in, r)).astype(np.float32) / np.sqrt(d_in)
+    b = rng.normal(size=(*lead, r, out)).astype(np.float32)
+    for s, rank in enumerate(ranks):
+        a[s, ..., rank:] = 0
+        b[s, ..., rank:, :] = 0
+    return jnp.asarray(a, BF), jnp.asarray(b, BF)
+
+
+def test_units_cover_each_group_in_chunks():
+    """Every active row is in exactly one unit of its group; slot-0 and rank-0 groups have none."""
+    slots = jnp.asarray([3, 0, 3, 1] + [2] * (UNIT_ROWS + 5) + [0], jnp.int32)
+    table = PageTable.padded(4, 1, 16, 16, jnp.asarray([0, 16, 0, 16]))  # slot 2: rank 0
+    grouping = group_rows(slots, slots > 0, num_keys=4)
+    units = build_units(grouping, table, num_experts=1)
+    count = int(units.count[0])
+    covered = np.zeros(slots.shape[0], int)
+    for u in range(count):
+        r0, size = int(units.row0[u]), int(units.size[u])
+        assert 1 <= size <= UNIT_ROWS
+        covered[np.asarray(grouping.order)[r0:r0 + size]] += 1
+        assert int(units.page_row[u]) in (16, 48)  # slots 1 and 3 only
+    want = np.isin(np.asarray(slots), [1, 3]).astype(int)
+    np.testing.assert_array_equal(covered, want)
+
+
+@pytest.mark.parametrize("ksplit", [1, 2])  # prefill (whole D_in per unit) and decode (D_in split)
+@pytest.mark.parametrize("m", [1, 17, 130])
+def test_dense_delta_matches_reference(rng, m, ksplit):
+    """Ragged, unaligned T (130 rows of one slot: a group spans three units); mixed ranks in a rank-32 pool."""
+    num_slots, d_in, out = 5, 128, 192
+    ranks = [0, 32, 8, 16, 32]
+    a, b = make_pages(rng, ranks, d_in, out)
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    slots = rng.integers(0, num_slots, size=m).astype(np.int32)
+    if m == 130:
+        slots[:100] = 2
+    slots = jnp.asarray(slots)
+    keys, active = slots, slots > 0
+    tables = (PageTable.padded(num_slots, 1, 32, 32),)
+    (got,) = gpu_ops.lora_apply((jnp.zeros((m, out), jnp.float32),), x, keys, active,
+                                (a_rows_from_pool(a, 32),), (b_rows_from_pool(b, 1, 32),), tables,
+                                num_experts=1, ksplit=ksplit, interpret=plgpu.InterpretGPUParams())
+    want = reference.lora_delta(x, slots, a, b)
+    assert rel_err(got, want) < 1e-5
+    np.testing.assert_array_equal(np.asarray(got)[np.asarray(slots) == 0], 0)
+
+
+def test_expert_delta_matches_reference(rng):
+    """(token, k) rows with adapter slots and experts; padding rows (expert == E); empty (slot, expert) groups."""
+    m, num_slots, num_experts, d_in, out = 90, 4, 5, 64, 128
+    a, b = make_pages(rng, [0, 16, 16, 16], d_in, out, experts=num_experts)
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    slots = jnp.asarray(rng.integers(0, num_slots, size=m), jnp.int32)
+    experts = jnp.asarray(rng.integers(0, num_experts + 1, size=m), jnp.int32)
+    got = dispatch.expert_lora_delta(x, slots, experts, a, b, backend=GPU)
+    want = reference.expert_lora_delta(x, slots, experts, a, b)
+    assert rel_err(got, want) < 1e-5
+    assert np.all(np.asarray(got)[np.asarray(experts) == num_experts] == 0)
+
+
+@pytest.mark.parametrize("rank", [8, 16, 64, 128])
+def test_every_rank(rng, rank):
+    """Rank 8 is zero-padded to 16 (the wgmma K step of 16-bit operands); up to 128."""
+    m, d_in, out = 20, 64, 128
+    a, b = make_pages(rng, [0, rank], d_in, out)
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    slots = jnp.asarray(rng.integers(0, 2, size=m), jnp.int32)
+    got = dispatch.lora_delta(x, slots, a, b, backend=GPU)
+    assert rel_err(got, reference.lora_delta(x, slots, a, b)) < 1e-5
+
+
+def test_all_slot_zero_and_poisoned_rows_untouched(rng):
+    """All-slot-0 batch: y bit-identical. Mixed batch: NaN-poisoned slot-0 rows of y stay NaN, the others get
+    add_delta(y, reference delta) (bf16, one rounding)."""
+    m, d_in, out = 45, 64, 128
+    a, b = make_pages(rng, [0, 16, 16], d_in, out)
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    y = jnp.asarray(rng.normal(size=(m, out)), BF)
+    got = dispatch.add_lora(y, x, jnp.zeros((m,), jnp.int32), a, b, backend=GPU)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(y, np.float32))
+    slots = rng.integers(0, 3, size=m).astype(np.int32)
+    y = np.asarray(y, np.float32)
+    y[slots == 0] = np.nan
+    y, slots = jnp.asarray(y, BF), jnp.asarray(slots)
+    got = np.asarray(dispatch.add_lora(y, x, slots, a, b, backend=GPU), np.float32)
+    zero = np.asarray(slots) == 0
+    assert np.all(np.isnan(got[zero])) and np.all(np.isfinite(got[~zero]))
+    want = np.asarray(reference.add_delta(y, reference.lora_delta(x, slots, a, b)), np.float32)
+    assert rel_err(got[~zero], want[~zero]) < 1e-2
+
+
+def test_packed_arena_through_paged_delta(rng):
+    """A packed arena (each page only its own rank rows, ranks 16/32/48 in 16-row blocks): the kernels read
+    max-rank windows and mask the columns past each page's blocks."""
+    m, d_in, out, num_experts = 60, 64, 64, 2
+    ranks = [0, 16, 48, 32]
+    table = PageTable.packed(ranks, num_experts, 16, 48)
+    rows = total_blocks(table, num_experts) * 16 + 48  # + one page of slack: windows stay inside the arena
+    a_rows = jnp.asarray(rng.normal(size=(rows, d_in)) / np.sqrt(d_in), BF)
+    b_rows = jnp.asarray(rng.normal(size=(rows, out)), BF)
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    slots = jnp.asarray(rng.integers(0, len(ranks), size=m), jnp.int32)
+    experts = jnp.asarray(rng.integers(0, num_experts, size=m), jnp.int32)
+    got = dispatch.paged_lora_delta(x, slots, experts, a_rows, b_rows, table, num_experts=num_experts,
+                                    backend=GPU)
+    want = reference.paged_lora_delta(x, slots, experts, a_rows, b_rows, table, num_experts)
+    assert rel_err(got, want) < 1e-5
+
+
+def test_backend_choice(monkeypatch):
+    assert dispatch.select_backend(platform="gpu") is dispatch.LoraBackend.REFERENCE  # default until confirmed
+    monkeypatch.setenv(dispatch.ENV_VAR, "gpu")
+    assert dispatch.select_backend(platform="gpu") is dispatch.LoraBackend.GPU
+    assert dispatch.select_backend("reference") is dispatch.LoraBackend.REFERENCE
+
+
+def test_float32_falls_back_to_reference(rng):
+    a, b = make_pages(rng, [0, 16], 64, 64)
+    x = jnp.asarray(rng.normal(size=(5, 64)), jnp.float32)
+    slots = jnp.asarray([0, 1, 1, 0, 1], jnp.int32)
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    got = dispatch.lora_delta(x, slots, a, b, backend=dispatch.LoraBackend.GPU)
+    np.testing.assert_allclose(got, reference.lora_delta(x, slots, a, b), rtol=1e-6)
+
+
+@pytest.mark.parametrize("variant,m", [("decode", 256), ("prefill", 4096)])
+@pytest.mark.parametrize("expert", [False, True])
+def test_kernels_lower_for_cuda(variant, m, expert):
+    """Pallas -> Mosaic GPU lowering on CPU for an H200-sized problem: H = 4096, rank 64, bf16; decode splits
+    D_in (ksplit 4), prefill does not. Two Mosaic GPU kernels per target (shrink, expand)."""
+    num_slots, num_experts, h, r = 64, (8 if expert else None), 4096, 64
+    lead = (num_slots,) if not expert else (num_slots, num_experts)
+    sds = jax.ShapeDtypeStruct
+    x, y = sds((m, h), BF), sds((m, h), BF)
+    a, b = sds((*lead, h, r), BF), sds((*lead, r, h), BF)
+    slots, experts = sds((m,), jnp.int32), sds((m,), jnp.int32)
+    if expert:
+        step = lambda y, x, s, e, a, b: dispatch.add_expert_lora(y, x, s, e, a, b, backend=dispatch.LoraBackend.GPU)
+        args = (y, x, slots, experts, a, b)
+    else:
+        step = lambda y, x, s, a, b: dispatch.add_lora(y, x, s, a, b, backend=dispatch.LoraBackend.GPU)
+        args = (y, x, slots, a, b)
+    text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 2
+    assert gpu_ops.pick_ksplit(m, h) == (4 if variant == "decode" else 1)
