@@ -6,10 +6,11 @@ For the GPU machine (not run yet; a --smoke run on CPU checks the script only). 
 x, so nothing is hoisted), the median over repeats of:
   shrink  x[T, H] . A[slot][H, r] -> [T, r] float32:
             gather+einsum (the reference's shrink), one-hot (x @ every slot's A, then select),
-            ragged_dot (rows sorted by slot)
+            ragged_dot (rows sorted by slot), gpu-kernel (pallas_kernels/gpu/, on GPU only)
   delta   (x . A[slot]) . B[slot] -> [T, H] float32:
             reference (lora/reference.py), dispatch (pallas_kernels.dispatch.lora_delta: on GPU the reference
-            until the Mosaic GPU kernels land; on TPU the Mosaic TPU kernels), one-hot, ragged_dot
+            unless INFINILORA_LORA_BACKEND=gpu; on TPU the Mosaic TPU kernels), one-hot, ragged_dot,
+            gpu-kernel (the Mosaic GPU kernels through the dispatcher, on GPU only)
 and the ceilings measured in the same run: device copy bandwidth (read + write of a large buffer) and bf16
 matmul throughput. `floor us` is the bytes each case must move (x, the distinct adapters' pages, outputs)
 at the measured copy bandwidth. Every variant's output is checked against the reference (relative error).
@@ -35,6 +36,8 @@ from absl import app, flags  # noqa: E402
 
 from infinilora_jax.lora import reference  # noqa: E402
 from pallas_kernels import dispatch  # noqa: E402
+from pallas_kernels.gpu import ops as gpu_ops  # noqa: E402
+from pallas_kernels.layout import PageTable, a_rows_from_pool, padded_rank  # noqa: E402
 
 F = flags.FLAGS
 flags.DEFINE_list("cases", ["64,32,16", "256,64,16", "256,64,64", "4096,64,64"], "T,adapters,rank per case")
@@ -84,9 +87,26 @@ def delta_ragged(x, slots, a, b):
     return _ragged(s.astype(b.dtype), slots, b, a.shape[0])
 
 
+def shrink_gpu_kernel(x, slots, a, b):
+    """The Mosaic GPU shrink (pallas_kernels/gpu/); the A arena is built per call here (one transpose), where the
+    pool should keep A rank-major (tools/gpu_lora_kernel_check.py times it without that copy)."""
+    del b
+    rank = a.shape[-1]
+    rb = padded_rank(rank, 16)
+    table = PageTable.padded(a.shape[0], 1, rb, rb)
+    return gpu_ops.lora_shrink(x, slots, slots > 0, a_rows_from_pool(a, rb), table, num_experts=1)[:, :rank]
+
+
+def delta_gpu_kernel(x, slots, a, b):
+    return dispatch.lora_delta(x, slots, a, b, backend=dispatch.LoraBackend.GPU)
+
+
 SHRINK = {"gather+einsum": shrink_gather, "one-hot": shrink_onehot, "ragged_dot": shrink_ragged}
 DELTA = {"reference": reference.lora_delta, "dispatch": dispatch.lora_delta, "one-hot": delta_onehot,
          "ragged_dot": delta_ragged}
+if jax.default_backend() == "gpu":  # Mosaic GPU kernels: Hopper only
+    SHRINK["gpu-kernel"] = shrink_gpu_kernel
+    DELTA["gpu-kernel"] = delta_gpu_kernel
 
 
 def timed(fn, *args) -> float:
@@ -154,8 +174,15 @@ def main(argv):
                                             ("delta", DELTA, delta_bytes, want_d)):
             floor_us = 1e6 * n_bytes / copy_bw
             for name, fn in variants.items():
-                err = rel_err(jax.jit(fn)(x, slots, a, b), want)
-                us = 1e6 * timed(fn, x, slots, a, b)
+                try:
+                    err = rel_err(jax.jit(fn)(x, slots, a, b), want)
+                    us = 1e6 * timed(fn, x, slots, a, b)
+                except Exception as e:  # noqa: BLE001 - a failing variant (a new kernel) must not stop the rest
+                    print(f"  {op:6s} T={tokens:5d} adapters={adapters:3d} r={rank:3d}  {name:14s} FAILED: "
+                          f"{type(e).__name__}: {e}")
+                    rows.append(dict(op=op, tokens=tokens, adapters=adapters, rank=rank, variant=name,
+                                     error=f"{type(e).__name__}: {e}"))
+                    continue
                 rows.append(dict(op=op, tokens=tokens, adapters=adapters, rank=rank, variant=name, us=us,
                                  floor_us=floor_us, bytes=n_bytes, rel_err=err))
                 print(f"  {op:6s} T={tokens:5d} adapters={adapters:3d} r={rank:3d}  {name:14s} {us:9.1f} us  "

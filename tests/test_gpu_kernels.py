@@ -180,3 +180,15 @@ def test_kernels_lower_for_cuda(variant, m, expert):
     text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 2
     assert gpu_ops.pick_ksplit(m, h) == (4 if variant == "decode" else 1)
+
+
+def test_shrink_alone_matches_gather_einsum(rng):
+    """gpu_ops.lora_shrink (what the H200 script times against ragged_dot) in original row order."""
+    m, d_in, rank = 30, 128, 16
+    a, _ = make_pages(rng, [0, rank, rank], d_in, 64)
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    slots = jnp.asarray(rng.integers(0, 3, size=m), jnp.int32)
+    got = gpu_ops.lora_shrink(x, slots, slots > 0, a_rows_from_pool(a, rank), PageTable.padded(3, 1, rank, rank),
+                              num_experts=1, interpret=plgpu.InterpretGPUParams())
+    want = jnp.einsum("ni,nir->nr", x, a[slots], preferred_element_type=jnp.float32)
+    assert rel_err(got, want) < 1e-5

@@ -70,3 +70,18 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
         work = (units.row_rank > 0)[grouping.inverse]
         out.append(jnp.where(work[:, None], (y.astype(jnp.float32) + d).astype(y.dtype), y))
     return tuple(out)
+
+
+@functools.partial(jax.jit, static_argnames=("num_experts", "ksplit", "interpret"))
+def lora_shrink(x: jax.Array, keys: jax.Array, active: jax.Array, a_rows: jax.Array, table: PageTable, *,
+                num_experts: int, ksplit: int | None = None, interpret=None) -> jax.Array:
+    """[M, R] float32 shrink alone (x @ A[page]^T per row; 0 for rows with no work): for benchmarks."""
+    m = x.shape[0]
+    ksplit = pick_ksplit(m, x.shape[1]) if ksplit is None else ksplit
+    grouping = group_rows(keys, active, num_keys=table.num_slots * num_experts)
+    x_sorted = x[jnp.concatenate([grouping.order, jnp.zeros((TILE_ROWS,), jnp.int32)])]
+    rank = table.max_blocks * table.rank_block
+    units = build_units(grouping, table, num_experts=num_experts)
+    s = shrink(x_sorted, a_rows, units, rank=rank, ksplit=ksplit, interpret=interpret).sum(0)[:m]
+    s = jnp.where(jnp.arange(rank)[None, :] < units.row_rank[:, None], s, 0.0)
+    return s[grouping.inverse]
