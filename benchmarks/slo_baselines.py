@@ -1,25 +1,34 @@
 """Serviceable rate and share of adapters meeting the SLO, per baseline, in the real engine; and the simulator's
 prediction of the same runs.
 
-Baselines (bench/baselines.py): coupled (the engine's own adapter cache of --coupled_slots), coupled+sjf,
-coupled-reduced (40% of that cache), disaggregated (taken when LLM(mode="disaggregated") exists, else reported
-as not available). For each, the serviceable rate (highest Poisson rate whose run keeps P95 TTFT and mean TPOT
-within the SLO) is found by bisection (bench/rate_search.py), each probe replaying the same seeded workload at
-that rate in wall-clock time. Then every baseline runs once more at a common rate (the best serviceable rate),
-where the share of adapters meeting the SLO is compared. The simulator (bench/simulator.py), driven by the step
-calibration --calibration (measured separately by calibrate_step_time.py), replays the same workloads, and its
+Baselines (bench/baselines.py), all on the same devices: coupled (one replica over --coupled_mesh, the engine's
+own adapter cache of --coupled_slots), coupled+sjf, coupled-reduced (40% of that cache), disaggregated (the role
+layout --disagg_layout: base instance(s) and a LoRA server whose shared cache has --disagg_slots). By default the
+coupled replica spans as many devices as the disaggregated layout (1+1 <-> ep2, 2+2 <-> ep4, 4+4 <-> ep8), so
+both use the same hardware; every row compiles the same --pool_slots pool and placeholder adapters pin the slots
+it does not use, and the disaggregated row gets as many usable slots as coupled
+(docs/architecture/08-slo-provisioning.md says why).
+For each, the serviceable rate (highest Poisson rate whose run keeps P95 TTFT and mean TPOT within the SLO) is
+found by bisection (bench/rate_search.py), each probe replaying the same seeded workload at that rate in
+wall-clock time (bench/replay.py `measured`, which also counts the engine steps over every base instance). Then
+every baseline runs once more at a common rate (the best serviceable rate), where the share of adapters meeting
+the SLO is compared. The simulator (bench/simulator.py), driven by the step calibration --calibration (measured
+separately by calibrate_step_time.py, on one device), replays the same workloads for the coupled rows, and its
 serviceable rates and P95 TTFTs are set beside the measured ones.
 
 On CPU the tiny model's adapters load in microseconds; --emulated_load_ms makes each adapter load stall its step
 as long as a real adapter's host-to-device copy would (default 50 ms: a ~2.5 GB adapter, e.g. Qwen3-30B-A3B at
-rank 32, at an assumed 50 GB/s), so that the cache size matters as it does at real sizes.
+rank 32, at an assumed 50 GB/s), so that the cache size matters as it does at real sizes. On CPU the host is
+split into as many devices as the layouts need (--cpu_devices, default: that many).
 
     python benchmarks/slo_baselines.py --out out/slo_cpu
-    # GPU, real shapes (not run yet): no emulated loads, real adapters
+    # the 2-GPU machine, real shapes: coupled ep2 vs disaggregated 1+1 on the same two GPUs, real adapter loads
+    # (docs/benchmarks.md: "On the GPU machine")
     python benchmarks/slo_baselines.py --model configs/models/qwen3-30b-a3b.json --num_layers 8 --dtype bfloat16 \\
-        --rank 32 --num_adapters 512 --pool_slots 32 --coupled_slots 24 --emulated_load_ms 0 --max_num_seqs 64 \\
-        --max_num_batched_tokens 512 --max_model_len 2048 --prompt_len burstgpt:16:1024 \\
-        --output_len burstgpt-response:1:512 --calibration $OUT/h200-qwen.json --out $OUT/slo_gpu
+        --rank 32 --num_adapters 64 --pool_slots 24 --coupled_slots 16 --emulated_load_ms 0 --max_num_seqs 64 \\
+        --max_num_batched_tokens 512 --max_model_len 2048 --prompt_len burstgpt:16:512 \\
+        --output_len burstgpt-response:1:256 --disagg_layout 1+1 --coupled_mesh ep2 --num_requests 120 \\
+        --max_probes 4 --rel_tol 0.2 --calibration '' --out $OUT/slo_gpu
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ import json
 import os
 import sys
 
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # never NVLink multicast on the shared GPU host
+os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from absl import app, flags, logging  # noqa: E402
@@ -62,9 +73,15 @@ flags.DEFINE_string("calibration", "configs/calibration/cpu-tiny.json", "step ca
 flags.DEFINE_string("calibration_model", "tiny-qwen3-moe", "")
 flags.DEFINE_string("compilation_cache", "out/jax_cache", "persistent compilation cache directory ('' for none)")
 flags.DEFINE_integer("seed", 0, "")
-flags.DEFINE_string("disagg_layout", "1+1", "role layout of the disaggregated row (base + LoRA-server devices)")
-flags.DEFINE_integer("cpu_devices", 0, "on CPU, split the host into this many devices (the disaggregated row "
-                     "needs at least 2)")
+flags.DEFINE_string("disagg_layout", "1+1", "role layout of the disaggregated row (meshes/layouts.py "
+                    "ROLE_LAYOUTS: base + LoRA-server devices)")
+flags.DEFINE_string("coupled_mesh", None, "layout of the coupled replica (meshes/layouts.py LAYOUTS); default: "
+                    "ep<N> over the N devices of --disagg_layout when the disaggregated row runs, else one device")
+flags.DEFINE_integer("disagg_slots", None, "usable adapter slots of the LoRA server (default: --coupled_slots)")
+flags.DEFINE_integer("disagg_num_pages", None, "KV pages of the disaggregated engine (its LoRA devices' adapter "
+                     "arenas are their weight and KV blocks; default: the LLM's, doubled until the pool fits)")
+flags.DEFINE_integer("cpu_devices", None, "split the CPU host into this many devices (default: the devices the "
+                     "layouts use; only the CPU backend is affected)")
 flags.DEFINE_string("simulate_from", None, "an earlier run's JSON: skip the engine, redo the simulator check")
 flags.DEFINE_string("out", "out/slo_cpu", "output prefix (.json, *_<plot>.png)")
 
@@ -94,23 +111,70 @@ def _write(report: dict) -> None:
         json.dump(report, f, indent=1, default=float)
 
 
+def _layouts(wanted) -> tuple[str | None, str | None]:
+    """(coupled mesh, disaggregated layout) of this run; the coupled replica spans the disaggregated layout's
+    devices unless --coupled_mesh says otherwise."""
+    from meshes.layouts import resolve_role_layout
+
+    disagg = F.disagg_layout if any(b.mode == "disaggregated" for b in wanted) else None
+    coupled = F.coupled_mesh
+    if coupled is None and disagg is not None:
+        n = resolve_role_layout(disagg).num_devices
+        coupled = f"ep{n}" if n > 1 else None
+    return coupled, disagg
+
+
+def _devices(coupled: str | None, disagg: str | None) -> int:
+    from meshes.layouts import resolve_layout, resolve_role_layout
+
+    return max(resolve_layout(coupled).num_devices, resolve_role_layout(disagg).num_devices if disagg else 1)
+
+
+def _disagg_llm(pool_slots: int, share_from=None):
+    """The disaggregated LLM. Its LoRA devices keep adapter pages in their weight and KV blocks: when the pool
+    does not fit there, the KV page count (hence the blocks) is doubled, up to 4 times."""
+    from infinilora_jax.errors import ConfigError
+
+    num_pages = F.disagg_num_pages
+    for attempt in range(5):
+        try:
+            return replay.benchmark_llm(F.model, F.num_adapters, F.rank, pool_slots, dtype=F.dtype,
+                                        num_layers=F.num_layers, max_num_seqs=F.max_num_seqs,
+                                        max_num_batched_tokens=F.max_num_batched_tokens,
+                                        max_model_len=F.max_model_len, mode="disaggregated",
+                                        mesh=F.disagg_layout, num_pages=num_pages, share_from=share_from)
+        except ConfigError as e:
+            if "role buffers hold pages" not in str(e) or attempt == 4:
+                raise
+            page_size = 16
+            base = num_pages or min(65536, F.max_num_seqs * -(-F.max_model_len // page_size) + 1)
+            num_pages = 2 * base
+            logging.warning("%s; retrying with num_pages=%d", e, num_pages)
+            import gc
+
+            gc.collect()
+
+
 def _measure(wanted, spec, slo) -> dict:
     """Runs the real engine: bisection per baseline, then each at the common rate. Written to --out.json before
     anything else happens."""
-    if F.cpu_devices:
+    coupled_mesh, disagg_layout = _layouts(wanted)
+    devices = F.cpu_devices if F.cpu_devices is not None else _devices(coupled_mesh, disagg_layout)
+    if devices > 1:
         import jax
 
-        jax.config.update("jax_num_cpu_devices", F.cpu_devices)
+        jax.config.update("jax_num_cpu_devices", devices)  # the CPU backend only; before any backend starts
     replay.enable_compilation_cache(F.compilation_cache)
     coupled = [b for b in wanted if b.mode == "coupled"]
     slots = {b.name: baselines.reduced_slots(F.coupled_slots) if b.reduced_cache else F.coupled_slots
              for b in coupled}
     engines = {}  # baseline -> (llm, adapter names, configure): one engine for the coupled rows, one disaggregated
+    layouts = {}
     if coupled:
         llm, names = replay.benchmark_llm(F.model, F.num_adapters, F.rank, F.pool_slots, dtype=F.dtype,
                                           num_layers=F.num_layers, max_num_seqs=F.max_num_seqs,
                                           max_num_batched_tokens=F.max_num_batched_tokens,
-                                          max_model_len=F.max_model_len)
+                                          max_model_len=F.max_model_len, mesh=coupled_mesh)
         replay.emulate_cold_loads(llm.engine, F.emulated_load_ms / 1e3)
         limit = replay.AdapterSlotLimit(llm)
         for b in coupled:
@@ -118,41 +182,50 @@ def _measure(wanted, spec, slo) -> dict:
                 limit.set(slots[b.name])
                 replay.set_policy(llm.engine, b.policy)
             engines[b.name] = (llm, names, configure)
+            layouts[b.name] = coupled_mesh or "single"
     disagg_note = None
-    if any(b.mode == "disaggregated" for b in wanted):
+    if disagg_layout is not None:
         if not baselines.disaggregated_engine_available():
             disagg_note = "not available yet: LLM has no mode='disaggregated'"
-        else:  # the LoRA server holds the whole pool as its shared cache
-            d_llm, d_names = replay.benchmark_llm(F.model, F.num_adapters, F.rank, F.pool_slots, dtype=F.dtype,
-                                                  num_layers=F.num_layers, max_num_seqs=F.max_num_seqs,
-                                                  max_num_batched_tokens=F.max_num_batched_tokens,
-                                                  max_model_len=F.max_model_len, mode="disaggregated",
-                                                  mesh=F.disagg_layout)
+        else:  # the LoRA server's shared cache: as many usable slots as coupled unless --disagg_slots
+            d_llm, d_names = _disagg_llm(F.pool_slots, engines[coupled[0].name][0] if coupled else None)
             replay.emulate_cold_loads(d_llm.engine, F.emulated_load_ms / 1e3)
-            slots["disaggregated"] = F.pool_slots
-            engines["disaggregated"] = (d_llm, d_names, lambda: None)
+            slots["disaggregated"] = F.disagg_slots or F.coupled_slots
+            d_limit = replay.AdapterSlotLimit(d_llm)
+
+            def configure_disagg(llm=d_llm, limit=d_limit):
+                limit.set(slots["disaggregated"])
+                replay.set_policy(llm.engine, "fcfs")
+            engines["disaggregated"] = (d_llm, d_names, configure_disagg)
+            layouts["disaggregated"] = disagg_layout
     results: dict[str, dict] = {}
     runs = {}
+
+    def make_report(common: float) -> dict:
+        return {"config": {k: getattr(F, k) for k in (
+                    "model", "num_layers", "dtype", "num_adapters", "rank", "pool_slots", "coupled_slots",
+                    "emulated_load_ms", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_requests",
+                    "prompt_len", "output_len", "zipf", "burstiness", "slo_ttft", "slo_tpot", "rel_tol",
+                    "max_probes", "seed", "disagg_layout", "coupled_mesh", "disagg_slots", "disagg_num_pages")},
+                "layouts": {"coupled": coupled_mesh or "single", "disaggregated": disagg_layout},
+                "common_rate": common, "baselines": results, "disaggregated": disagg_note, "simulator": {}}
+
     for name, (llm, names, configure) in engines.items():
         configure()
         runs[name] = run = _runner(llm, names, spec, llm.config.vocab_size, slo)
         run(F.start_rate)  # warm: fills the cache, settles the allocator
         search = rate_search.find_serviceable_rate(run, lambda s: metrics.meets_slo(s, slo), start=F.start_rate,
                                                    rel_tol=F.rel_tol, max_probes=F.max_probes, desc=name)
-        results[name] = {"slots": slots[name], "policy": baselines.BASELINES[name].policy,
+        results[name] = {"slots": slots[name], "policy": baselines.BASELINES[name].policy, "layout": layouts[name],
+                         "devices": len(llm.runner.mesh.devices.flat),
                          "serviceable_rate": search.rate, "probes": [dataclasses.asdict(p) for p in search.probes]}
         logging.info("%s: serviceable rate %.2f req/s", name, search.rate)
+        _write(make_report(0.0))  # so far (a run cut short still leaves its searches)
     common = max((r["serviceable_rate"] for r in results.values()), default=0.0)
     for name, (_, _, configure) in engines.items():
         configure()
         results[name]["at_common_rate"] = runs[name](common) if common > 0 else None
-    report = {"config": {k: getattr(F, k) for k in ("model", "num_layers", "dtype", "num_adapters", "rank",
-                                                   "pool_slots", "coupled_slots", "emulated_load_ms", "max_num_seqs",
-                                                   "max_num_batched_tokens", "max_model_len", "num_requests",
-                                                   "prompt_len", "output_len", "zipf", "burstiness", "slo_ttft",
-                                                   "slo_tpot", "rel_tol", "max_probes", "seed")},
-              "common_rate": common,
-              "baselines": results, "disaggregated": disagg_note, "simulator": {}}
+    report = make_report(common)
     _write(report)
     return report
 
@@ -175,10 +248,12 @@ def _sim_config(name: str, model) -> simulator.ClusterConfig:
 def _simulator_check(results: dict, spec, slo) -> dict:
     """Simulate the measured probes and search the simulated serviceable rate."""
     model = calibration.load(F.calibration)[F.calibration_model]
-    out = {"calibration": F.calibration, "model": F.calibration_model}
+    out = {"calibration": F.calibration, "model": F.calibration_model,
+           "note": "the calibration's step times are of the engine it was measured on (configs/calibration: one "
+                   "device); the coupled rows ran on " + str(report_layout(results))}
     for name, r in results.items():
         if baselines.BASELINES[name].mode != "coupled":
-            out[name] = {"note": "no CPU step calibration of the disaggregated engine yet"}
+            out[name] = {"note": "no step calibration of the disaggregated engine yet"}
             continue
         cfg = _sim_config(name, model)
 
@@ -201,11 +276,16 @@ def _simulator_check(results: dict, spec, slo) -> dict:
     return out
 
 
+def report_layout(results: dict) -> str:
+    return ", ".join(sorted({r.get("layout", "single") for n, r in results.items()
+                             if baselines.BASELINES[n].mode == "coupled"}))
+
+
 def _print_table(report: dict, wanted) -> None:
     common = report["common_rate"]
     print(f"\n  serviceable rate and share of adapters meeting the SLO (P95 TTFT <= {F.slo_ttft} s, mean TPOT <= "
           f"{F.slo_tpot} s; an adapter meets it when > 90% of its requests do)")
-    print(f"  {'baseline':<17} {'slots':>5} {'rate req/s':>10} {'adapters ok @own':>16} "
+    print(f"  {'baseline':<17} {'layout':>7} {'slots':>5} {'rate req/s':>10} {'adapters ok @own':>16} "
           f"{f'adapters ok @{common:.2f}':>18} {'hit rate':>8} {'sim rate':>8} {'sim gap':>8}")
     for b in wanted:
         r = report["baselines"].get(b.name)
@@ -213,10 +293,10 @@ def _print_table(report: dict, wanted) -> None:
             print(f"  {b.name:<17} {report['disaggregated'] or 'not run'}")
             continue
         own = next((p["summary"] for p in r["probes"] if p["ok"] and p["rate"] == r["serviceable_rate"]), None)
-        at = r["at_common_rate"]
+        at = r.get("at_common_rate")
         sim = report["simulator"].get(b.name, {})
         gap = sim.get("gap")
-        print(f"  {b.name:<17} {r['slots']:>5} {r['serviceable_rate']:>10.2f} "
+        print(f"  {b.name:<17} {r.get('layout', ''):>7} {r['slots']:>5} {r['serviceable_rate']:>10.2f} "
               f"{own['adapters_meeting_slo'] if own else 0:>16.0%} "
               f"{at['adapters_meeting_slo'] if at else 0:>18.0%} {at['hit_rate'] if at else 0:>8.2f} "
               f"{sim.get('serviceable_rate', float('nan')):>8.2f} {gap if gap is not None else float('nan'):>+8.0%}")
@@ -236,7 +316,7 @@ def _plots(report: dict, slo) -> None:
                 for n, s in sim.items() if isinstance(s, dict) and "probes" in s}
     plots.versus_rate(ttft, "P95 TTFT (s)", F.out + "_ttft.png", target=slo.ttft_s, dashed=sim_ttft, logy=True,
                       title="P95 TTFT vs rate (measured; simulated dashed)")
-    cdf = {n: r["at_common_rate"]["per_adapter_attainment"] for n, r in res.items() if r["at_common_rate"]}
+    cdf = {n: r["at_common_rate"]["per_adapter_attainment"] for n, r in res.items() if r.get("at_common_rate")}
     plots.attainment_cdf(cdf, slo.attainment, F.out + "_cdf.png",
                          title=f"per-adapter SLO attainment at {report['common_rate']:.2f} req/s")
     logging.info("wrote %s.json and %s_{attainment,ttft,cdf}.png", F.out, F.out)

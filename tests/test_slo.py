@@ -417,3 +417,46 @@ def test_metrics_p99_and_meets_slo():
     assert s["ttft_p99_s"] == pytest.approx(np.percentile([0.01 * i for i in range(100)], 99))
     assert not metrics.meets_slo(s, metrics.SLO(ttft_s=0.9)) and metrics.meets_slo(s, metrics.SLO(ttft_s=0.95))
     assert s["per_adapter_attainment"] == {"a": pytest.approx(0.26)}  # TTFT <= 0.25 s for i <= 25
+
+
+# ---- the measurement hooks on the disaggregated engine ----
+
+def test_disaggregated_replay_sees_every_instance():
+    """bench.replay on a disaggregated InstanceGroup (two base instances sharing one LoRA server, 2+2_dp2): every
+    request comes back with all its tokens, StepLog sees both instances' schedulers and the runner's
+    sample_instances (new tokens over all steps = prompt + output - 1 per request), the shared cache's hits and
+    misses count each adapter request once, emulated cold loads stall the step, and the knobs the baselines turn
+    (slot limit, policy) reach every instance."""
+    from infinilora_jax.bench import replay
+
+    llm, names = replay.benchmark_llm(None, 6, 4, 4, targets=("q", "v"), max_num_seqs=4, max_num_batched_tokens=32,
+                                      max_model_len=64, precompile=False, mode="disaggregated", mesh="2+2_dp2")
+    engine = llm.engine
+    assert len(replay.base_instances(engine)) == 2 and not hasattr(engine, "sample")
+    replay.AdapterSlotLimit(llm).set(2)
+    replay.set_policy(engine, "sjf")
+    assert [i.scheduler.config.policy for i in engine.instances] == ["sjf", "sjf"]
+    replay.set_policy(engine, "fcfs")
+    assert [i.scheduler.config.policy for i in engine.instances] == ["fcfs", "fcfs"]
+    replay.emulate_cold_loads(engine, 0.02)
+    spec = workload.WorkloadSpec(10, 1000.0, 1.0, len(names), 1.2, 0.2, workload.LengthDist.parse("8"),
+                                 workload.LengthDist.parse("3"), seed=1)
+    reqs = workload.generate(spec, llm.config.vocab_size)
+    log = replay.StepLog()
+    timings, _ = replay.replay(engine, reqs, names, step_log=log)
+    assert len(timings) == len(reqs) and all(t.output_tokens == 3 for t in timings)
+    assert sorted(str(t.adapter) for t in timings) == sorted(
+        str(None if r.adapter is None else names[r.adapter]) for r in reqs)
+    assert sum(r.tokens for r in log.records) == sum(r.prompt_tokens + r.max_tokens - 1 for r in reqs)
+    assert max(r.instances for r in log.records) == 2  # instance 1's scheduler is seen too
+    assert all(r.device_ms > 0 and r.ms >= r.device_ms for r in log.records)
+
+    reqs = workload.generate(dataclasses.replace(spec, seed=2), llm.config.vocab_size)
+    stats = dataclasses.replace(llm.runner.adapters.stats)
+    s = replay.measured(engine, reqs, names, metrics.SLO())
+    assert s["requests"] == len(reqs) and s["output_tokens"] == 3 * len(reqs)
+    assert s["steps"] > 0 and s["step_tokens"] == sum(r.prompt_tokens + r.max_tokens - 1 for r in reqs)
+    assert s["hits"] + s["misses"] == sum(r.adapter is not None for r in reqs)
+    assert s["loads"] == llm.runner.adapters.stats.loads - stats.loads > 0
+    assert s["wall_s"] >= 0.02 * s["loads"]  # each load stalled its step
+    assert not engine.has_unfinished() and engine.pop_finished() == []

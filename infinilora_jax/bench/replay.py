@@ -6,6 +6,11 @@
 adapter load stall the step that carries it (tiny adapters load in microseconds on CPU, real ones take tens of
 milliseconds); `AdapterSlotLimit` shrinks the usable adapter cache without recompiling (the pool's extra slots
 are pinned by placeholder adapters); `set_policy` switches the scheduler between FCFS and SJF.
+
+Every hook works on both engines: an `LLMEngine` (coupled, or disaggregated with one base instance, whose
+runner's `sample` is the disaggregated step for one instance) and a disaggregated `InstanceGroup` (several base
+instances, each an `LLMEngine` with its own scheduler, stepped together by the runner's `sample_instances`; one
+shared adapter cache). `base_instances` says which schedulers a step runs.
 """
 
 from __future__ import annotations
@@ -52,65 +57,90 @@ def replay(engine: LLMEngine, requests: list[WorkloadRequest], names: list[str],
     return timings, wall
 
 
+def base_instances(engine) -> list[LLMEngine]:
+    """The LLMEngines a step of `engine` schedules: the engine itself, or an InstanceGroup's instances."""
+    return list(getattr(engine, "instances", None) or [engine])
+
+
 def measured(engine: LLMEngine, requests: list[WorkloadRequest], names: list[str],
              slo: metrics.SLO) -> dict:
-    """replay, summarised (metrics.summarize), with the adapter cache's hits and misses during the run and the
-    machine's 1-minute load average before and after (other processes may share it)."""
+    """replay, summarised (metrics.summarize), with the adapter cache's hits and misses during the run, the engine
+    steps that ran (`steps`: steps that did work; `step_tokens`: new tokens over all of them and all base
+    instances; `step_ms_mean`) and the machine's 1-minute load average before and after (other processes may
+    share it)."""
     cache = engine.runner.adapters
     before, load = dataclasses.replace(cache.stats), os.getloadavg()[0]
-    timings, wall = replay(engine, requests, names)
+    log = StepLog()
+    timings, wall = replay(engine, requests, names, step_log=log)
     summary = metrics.summarize(timings, wall, slo)
     hits, misses = cache.stats.hits - before.hits, cache.stats.misses - before.misses
-    summary.update(hits=hits, misses=misses, hit_rate=hits / max(1, hits + misses),
+    summary.update(hits=hits, misses=misses, hit_rate=hits / max(1, hits + misses), loads=cache.stats.loads -
+                   before.loads, steps=len(log.records), step_tokens=sum(r.tokens for r in log.records),
+                   step_ms_mean=sum(r.ms for r in log.records) / max(1, len(log.records)),
                    load_average=(load, os.getloadavg()[0]))
     return summary
 
 
 @dataclasses.dataclass
 class StepRecord:
-    tokens: int  # new tokens (decode + prefill chunks)
+    tokens: int  # new tokens (decode + prefill chunks), over every base instance
     adapters: int  # distinct adapters among the rows
     rows: int
     prefill_rows: int
     ms: float  # the whole engine.step()
-    device_ms: float  # inside runner.sample (dispatch, compute, tokens back to the host)
+    device_ms: float  # inside the runner's step (dispatch, compute, tokens back to the host)
+    instances: int = 1  # base instances with work in this step (InstanceGroup: up to dp)
 
 
 class StepLog:
-    """Runs engine steps and records each one's features and time."""
+    """Runs engine steps and records each one's features and time. It wraps, for the duration of one step, every
+    base instance's `scheduler.schedule` (what each scheduled) and the runner method the engine calls (`sample`
+    for an LLMEngine, `sample_instances` for an InstanceGroup: the time spent in the step program)."""
 
     def __init__(self):
         self.records: list[StepRecord] = []
 
-    def step(self, engine: LLMEngine) -> list:
-        scheduler, runner = engine.scheduler, engine.runner
-        captured, device = [], [0.0]
-        schedule, sample = scheduler.schedule, runner.sample
+    def step(self, engine) -> list:
+        instances = base_instances(engine)
+        runner = engine.runner
+        entry = "sample_instances" if hasattr(engine, "instances") else "sample"
+        captured, device, calls = [], [0.0], [0]
+        for inst in instances:
+            schedule = inst.scheduler.schedule
 
-        def schedule_and_keep():
-            work = schedule()
-            captured.append(work)
-            return work
+            def schedule_and_keep(schedule=schedule):
+                work = schedule()
+                captured.append(work)
+                return work
 
-        def timed_sample(*args, **kwargs):
+            inst.scheduler.schedule = schedule_and_keep
+        run = getattr(runner, entry)
+
+        def timed(*args, **kwargs):
             t = time.perf_counter()
+            calls[0] += 1
             try:
-                return sample(*args, **kwargs)
+                return run(*args, **kwargs)
             finally:
                 device[0] += time.perf_counter() - t
 
-        scheduler.schedule, runner.sample = schedule_and_keep, timed_sample
+        setattr(runner, entry, timed)
         t = time.perf_counter()
         try:
             out = engine.step()
         finally:
-            del scheduler.schedule, runner.sample  # back to the class methods
+            for inst in instances:
+                del inst.scheduler.schedule  # back to the class methods
+            delattr(runner, entry)
         ms = 1e3 * (time.perf_counter() - t)
-        work = captured[0]
-        if work.rows:
-            self.records.append(StepRecord(sum(n for _, n in work.rows),
-                                           len({r.adapter for r, _ in work.rows if r.adapter is not None}),
-                                           len(work.rows), sum(n > 1 for _, n in work.rows), ms, 1e3 * device[0]))
+        rows = [(r, n) for work in captured for r, n in work.rows]
+        if rows:
+            if not calls[0]:
+                raise RuntimeError(f"StepLog: the engine scheduled work but never called runner.{entry}")
+            self.records.append(StepRecord(sum(n for _, n in rows),
+                                           len({r.adapter for r, _ in rows if r.adapter is not None}),
+                                           len(rows), sum(n > 1 for _, n in rows), ms, 1e3 * device[0],
+                                           sum(1 for work in captured if work.rows)))
         return out
 
 
@@ -161,8 +191,10 @@ class AdapterSlotLimit:
 
 def set_policy(engine: LLMEngine, policy: str) -> None:
     """Switch the waiting queue's order ("fcfs" | "sjf") between runs."""
-    config = dataclasses.replace(engine.scheduler.config, policy=policy)
-    engine.scheduler.config = engine.config = config
+    for inst in base_instances(engine):  # an InstanceGroup: every instance's scheduler
+        config = dataclasses.replace(inst.scheduler.config, policy=policy)
+        inst.scheduler.config = inst.config = config
+    engine.config = config
 
 
 def enable_compilation_cache(path: str | None) -> None:
@@ -178,10 +210,13 @@ def enable_compilation_cache(path: str | None) -> None:
 
 def benchmark_llm(model: str | None, num_adapters: int, rank: int, slots: int, *, targets=None, dtype="float32",
                   num_layers: int | None = None, max_num_seqs: int = 16, max_num_batched_tokens: int = 128,
-                  max_model_len: int = 256, precompile: bool = True, workers: int = 2, **llm_kwargs):
+                  max_model_len: int = 256, precompile: bool = True, workers: int = 2, share_from=None,
+                  **llm_kwargs):
     """An LLM (bundled tiny model, or a configs/models/*.json shape with random weights) with `num_adapters`
     random rank-`rank` adapters named adapter-0.. registered, `slots` device adapter slots, every step shape
-    compiled (unless precompile=False). llm_kwargs go to LLM (e.g. mode, mesh). Returns (llm, adapter names)."""
+    compiled (unless precompile=False). llm_kwargs go to LLM (e.g. mode, mesh). `share_from`: an earlier
+    benchmark LLM of the same model whose adapters are registered here as they are (the same host arrays: no
+    second copy, no second generation; at real sizes each adapter is hundreds of MB). Returns (llm, names)."""
     from infinilora_jax import LLM
     from infinilora_jax.lora.random_adapter import random_adapter
     from infinilora_jax.lora.targets import ALL_TARGETS
@@ -192,8 +227,10 @@ def benchmark_llm(model: str | None, num_adapters: int, rank: int, slots: int, *
               max_num_batched_tokens=max_num_batched_tokens, num_layers=num_layers, progress=False, **llm_kwargs)
     names = [f"adapter-{k}" for k in range(num_adapters)]
     for k, name in enumerate(names):
-        llm.runner.adapters.register_weights(random_adapter(llm.config, name, rank, targets, seed=k,
-                                                            dtype=llm.runner.dtype))
+        weights = share_from.runner.adapters.info(name) if share_from is not None else None
+        if weights is None or weights.rank != rank:
+            weights = random_adapter(llm.config, name, rank, targets, seed=k, dtype=llm.runner.dtype)
+        llm.runner.adapters.register_weights(weights)
     if precompile:
         llm.engine.warmup(progress=False, workers=workers)
     return llm, names
