@@ -195,7 +195,9 @@ def paged_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array | None, 
     placed at other rows than A's) runs on the reference only."""
     chosen = select_backend(backend)
     width = table.max_blocks * table.rank_block
-    gpu_ok = gpu_supports(x, [(a_rows, b_rows)], [b_rows.shape[1]]) and width % 16 == 0
+    # the GPU kernels read arena rows in 8-row SMEM tiles (layout.py rank blocks are multiples of 8)
+    gpu_ok = (gpu_supports(x, [(a_rows, b_rows)], [b_rows.shape[1]]) and width % 16 == 0
+              and a_rows.shape[0] % 8 == 0 and b_rows.shape[0] % 8 == 0)
     if chosen is LoraBackend.REFERENCE or (chosen in _GPU_BACKENDS and not gpu_ok):
         return reference.paged_lora_delta(x, slots, experts, a_rows, b_rows, table, num_experts, b_table)
     if b_table is not None:

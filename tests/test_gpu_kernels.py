@@ -5,8 +5,10 @@ Two checks, since no GPU is here:
     SMEM, TMA copies, barriers and wgmma; fresh buffers are NaN, out-of-bounds reads raise), through the
     dispatcher's GPU_INTERPRET backend, against the pure-JAX reference on fresh random inputs;
   * lowering: the same kernels lowered for CUDA (`lower(lowering_platforms=("cuda",))`), which runs Pallas ->
-    Mosaic GPU lowering and Mosaic GPU's layout inference (SMEM tiling/swizzle, TMA alignment, wgmma shapes).
-    What only a GPU checks: PTX compilation, timing, real hardware races. tools/gpu_lora_kernel_check.py does.
+    Mosaic GPU lowering, layout inference and the dialect lowering that builds the TMA copies (gmem tiling,
+    strides, boxes), at T not a multiple of 8 too.
+    What only a GPU checks: PTX compilation, SMEM addresses of dynamic slices (common.py asserts them at trace
+    time), timing, real hardware races. tools/gpu_lora_kernel_check.py does.
 """
 
 import jax
@@ -160,12 +162,16 @@ def test_float32_falls_back_to_reference(rng):
     np.testing.assert_allclose(got, reference.lora_delta(x, slots, a, b), rtol=1e-6)
 
 
-@pytest.mark.parametrize("variant,m", [("decode", 256), ("prefill", 4096)])
+@pytest.mark.parametrize("variant,m,r", [("decode", 37, 8), ("decode", 256, 64), ("prefill", 1500, 16),
+                                         ("prefill", 4096, 64)])
 @pytest.mark.parametrize("expert", [False, True])
-def test_kernels_lower_for_cuda(variant, m, expert):
-    """Pallas -> Mosaic GPU lowering on CPU for an H200-sized problem: H = 4096, rank 64, bf16; decode splits
-    D_in (ksplit 4), prefill does not. Two Mosaic GPU kernels per target (shrink, expand)."""
-    num_slots, num_experts, h, r = 64, (8 if expert else None), 4096, 64
+def test_kernels_lower_for_cuda(variant, m, r, expert):
+    """Pallas -> Mosaic GPU lowering on CPU, down to Mosaic GPU's dialect lowering (`lower_mgpu_dialect`, which
+    builds the TMA copies and checks gmem tiling, strides and boxes: the same code the H200 runs before PTX),
+    H = 4096, bf16; T = 37 and 1500 (not multiples of 8: the H200 run failed there, "dimension 0 must have size
+    smaller or a multiple of its tiling 8"), ranks 8 / 16 (shrink rows staged as 32 float32 columns) and 64;
+    decode splits D_in (ksplit 4), prefill does not. Two Mosaic GPU kernels per target (shrink, expand)."""
+    num_slots, num_experts, h = 64, (8 if expert else None), 4096
     lead = (num_slots,) if not expert else (num_slots, num_experts)
     sds = jax.ShapeDtypeStruct
     x, y = sds((m, h), BF), sds((m, h), BF)
@@ -180,6 +186,48 @@ def test_kernels_lower_for_cuda(variant, m, expert):
     text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 2
     assert gpu_ops.pick_ksplit(m, h) == (4 if variant == "decode" else 1)
+
+
+def test_unaligned_rows_hit_the_mosaic_gpu_tiling_check_on_cpu():
+    """The check that failed on the H200 runs on CPU too: a gmem operand whose row count is not a multiple of 8,
+    read into tiled SMEM, fails in Mosaic GPU's dialect lowering; our trace-time check names it first."""
+    from pallas_kernels.gpu import shrink as gpu_shrink
+    from pallas_kernels.gpu.units import Units
+    u = 4
+    units = Units(*(jax.ShapeDtypeStruct((u,), jnp.int32) for _ in range(3)), jax.ShapeDtypeStruct((1,), jnp.int32),
+                  jax.ShapeDtypeStruct((101,), jnp.int32))
+    sds = jax.ShapeDtypeStruct
+    with pytest.raises(ValueError, match="x \\(sorted rows\\).*multiple of 8"):
+        gpu_shrink.shrink.trace(sds((101, 256), BF), sds((64, 256), BF), units, rank=16).lower(
+            lowering_platforms=("cuda",))
+    with pytest.raises(ValueError, match="A arena.*multiple of 8"):
+        gpu_shrink.shrink.trace(sds((104, 256), BF), sds((60, 256), BF), units, rank=16).lower(
+            lowering_platforms=("cuda",))
+
+
+def test_tma_alignment_rules():
+    """Rows staged in SMEM and stored by TMA from a dynamic row are 128-byte multiples (rank 8/16 shrink rows:
+    32 float32 columns); sorted-row buffers are padded to a multiple of 8 plus one window."""
+    from pallas_kernels.gpu import common
+    assert [common.out_width(r, jnp.float32) for r in (8, 16, 32, 48, 64, 128)] == [32, 32, 32, 64, 64, 128]
+    assert common.out_width(128, jnp.float32) == 128
+    assert [common.padded_rows(m) for m in (1, 37, 200, 1500)] == [72, 104, 264, 1568]
+    with pytest.raises(ValueError, match="row of 20 bytes"):
+        common.check_tma_array("k", "B", (64, 10), BF, 10)
+
+
+def test_unaligned_arena_falls_back(rng):
+    """An arena view whose row count is not a multiple of 8 runs the reference, not the kernels."""
+    m, d_in, out, num_experts = 20, 64, 64, 1
+    table = PageTable.packed([0, 16, 16], num_experts, 16, 16)
+    rows = total_blocks(table, num_experts) * 16 + 4
+    a_rows = jnp.asarray(rng.normal(size=(rows, d_in)), BF)
+    b_rows = jnp.asarray(rng.normal(size=(rows, out)), BF)
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    slots = jnp.asarray(rng.integers(0, 3, size=m), jnp.int32)
+    got = dispatch.paged_lora_delta(x, slots, None, a_rows, b_rows, table, backend=dispatch.LoraBackend.GPU)
+    want = reference.paged_lora_delta(x, slots, None, a_rows, b_rows, table, 1)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_shrink_alone_matches_gather_einsum(rng):

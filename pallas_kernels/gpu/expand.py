@@ -1,7 +1,8 @@
 """LoRA expand on Hopper (Mosaic GPU): d = s @ B[page] for every work unit (units.py), in float32.
 
-    s_hi, s_lo [Mx, R] 16-bit   the float32 shrink output split in two 16-bit parts (s ~= s_hi + s_lo)
-    B          [P, N]           B arena (rank rows, scaling folded in)
+    s_hi, s_lo [Mx, R] 16-bit   the float32 shrink output split in two 16-bit parts (s ~= s_hi + s_lo);
+                                Mx a multiple of 8 with a window of slack (common.padded_rows)
+    B          [P, N]           B arena (rank rows, scaling folded in), P a multiple of 8
     d          [Mx, N] f32      delta rows in sorted order; rows of no unit are left unwritten
 
 One CTA per (unit, column tile of BN columns): it loads the unit's s window [64, R] (both parts) and the page's
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.gpu.common import check_operands, compiler_params, store_rows
+from pallas_kernels.gpu.common import check_operands, check_tma_array, compiler_params, out_width, store_rows
 from pallas_kernels.gpu.units import TILE_ROWS, Units, window
 
 BN = 128  # output columns per CTA (<= 256: one TMA box)
@@ -43,6 +44,9 @@ def expand(s_hi: jax.Array, s_lo: jax.Array, b_rows: jax.Array, units: Units, *,
     bn = BN if n % BN == 0 else 64
     if n % bn:
         raise ValueError(f"output width {n} must be a multiple of 64")
+    check_tma_array("expand", "s_hi (sorted rows)", s_hi.shape, s_hi.dtype, rank)
+    check_tma_array("expand", "B arena", b_rows.shape, b_rows.dtype, bn)
+    assert out_width(bn, jnp.float32) == bn  # rows of the staged output are 128-byte multiples
 
     def body(row0_ref, size_ref, page_ref, count_ref, hi_ref, lo_ref, b_ref, o_ref):
         u, j = jax.lax.axis_index("unit"), jax.lax.axis_index("col")

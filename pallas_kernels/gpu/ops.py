@@ -15,9 +15,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.gpu.common import padded_rows
 from pallas_kernels.gpu.expand import expand, split_hi_lo
 from pallas_kernels.gpu.shrink import BK, shrink
-from pallas_kernels.gpu.units import TILE_ROWS, build_units
+from pallas_kernels.gpu.units import build_units
 from pallas_kernels.grouping import group_rows
 from pallas_kernels.layout import PageTable
 
@@ -53,18 +54,19 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
     m = x.shape[0]
     ksplit = pick_ksplit(m, x.shape[1]) if ksplit is None else ksplit
     grouping = group_rows(keys, active, num_keys=tables[0].num_slots * num_experts)
-    # Padding rows keep every 64-row window in bounds; they read row 0 and are never stored.
-    order = jnp.concatenate([grouping.order, jnp.zeros((TILE_ROWS,), jnp.int32)])
-    x_sorted = x[order]
+    # Padding rows (to a multiple of 8, plus one window) keep every 64-row window in bounds and the row count a
+    # multiple of the 8-row SMEM tile; they read row 0 and are never stored.
+    mx = padded_rows(m)
+    x_sorted = x[jnp.concatenate([grouping.order, jnp.zeros((mx - m,), jnp.int32)])]
     out = []
     for y, a, b, table in zip(ys, a_rows, b_rows, tables):
         rank = table.max_blocks * table.rank_block
         units = build_units(grouping, table, num_experts=num_experts)
-        s = shrink(x_sorted, a, units, rank=rank, ksplit=ksplit, interpret=interpret).sum(0)[:m]
+        s = shrink(x_sorted, a, units, rank=rank, ksplit=ksplit, interpret=interpret).sum(0)[:m, :rank]
         # Rows of no unit were never written; columns past a page's rank may hold a neighbouring page's rows.
         used = jnp.arange(rank)[None, :] < units.row_rank[:, None]
         s = jnp.where(used, s, 0.0)
-        s = jnp.concatenate([s, jnp.zeros((TILE_ROWS, rank), jnp.float32)])
+        s = jnp.concatenate([s, jnp.zeros((mx - m, rank), jnp.float32)])
         hi, lo = split_hi_lo(s, b.dtype)
         d = expand(hi, lo, b, units, interpret=interpret)[grouping.inverse]
         work = (units.row_rank > 0)[grouping.inverse]
@@ -79,9 +81,9 @@ def lora_shrink(x: jax.Array, keys: jax.Array, active: jax.Array, a_rows: jax.Ar
     m = x.shape[0]
     ksplit = pick_ksplit(m, x.shape[1]) if ksplit is None else ksplit
     grouping = group_rows(keys, active, num_keys=table.num_slots * num_experts)
-    x_sorted = x[jnp.concatenate([grouping.order, jnp.zeros((TILE_ROWS,), jnp.int32)])]
+    x_sorted = x[jnp.concatenate([grouping.order, jnp.zeros((padded_rows(m) - m,), jnp.int32)])]
     rank = table.max_blocks * table.rank_block
     units = build_units(grouping, table, num_experts=num_experts)
-    s = shrink(x_sorted, a_rows, units, rank=rank, ksplit=ksplit, interpret=interpret).sum(0)[:m]
+    s = shrink(x_sorted, a_rows, units, rank=rank, ksplit=ksplit, interpret=interpret).sum(0)[:m, :rank]
     s = jnp.where(jnp.arange(rank)[None, :] < units.row_rank[:, None], s, 0.0)
     return s[grouping.inverse]

@@ -1,8 +1,11 @@
 """LoRA shrink on Hopper (Mosaic GPU): s = x @ A[page]^T for every work unit (units.py).
 
-    x      [Mx, D_in]            rows sorted by group, padded by TILE_ROWS rows (windows never run off the end)
-    A      [P, D_in]             A arena (rank rows, layout.py)
-    s      [ksplit, Mx, R] f32   partial sums over ksplit slices of D_in; rows of no unit are left unwritten
+    x      [Mx, D_in]            rows sorted by group; Mx = common.padded_rows(M): a multiple of 8 (TMA into
+                                 8-row tiled SMEM) with one window of slack (windows never run off the end)
+    A      [P, D_in]             A arena (rank rows, layout.py), P a multiple of 8
+    s      [ksplit, Mx, Ro] f32  partial sums over ksplit slices of D_in, Ro = R rounded up to 32 columns (rows
+                                 of 128 bytes: TMA stores from SMEM at any row); columns past R are zero;
+                                 rows of no unit are left unwritten
 
 One CTA per (unit, D_in slice). It streams its slice of the unit's x window [64, D_in] and of its page
 [R, D_in] through SMEM in (64 | R, bk) blocks (TMA, `STAGES` in flight) and accumulates the [64, R] product
@@ -20,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.gpu.common import STAGES, check_operands, compiler_params, store_rows
+from pallas_kernels.gpu.common import STAGES, check_operands, check_tma_array, compiler_params, out_width, store_rows
 from pallas_kernels.gpu.units import TILE_ROWS, Units, window
 
 BK = 64  # 128 bytes of 16-bit values: one swizzle row
@@ -29,7 +32,8 @@ BK = 64  # 128 bytes of 16-bit values: one swizzle row
 @functools.partial(jax.jit, static_argnames=("rank", "ksplit", "interpret"))
 def shrink(x: jax.Array, a_rows: jax.Array, units: Units, *, rank: int, ksplit: int = 1,
            interpret=None) -> jax.Array:
-    """[ksplit, Mx, rank] float32 partial shrink outputs (sum over axis 0); see the module docstring."""
+    """[ksplit, Mx, out_width(rank)] float32 partial shrink outputs (sum over axis 0, take [:, :rank]); see the
+    module docstring."""
     mx, d_in = x.shape
     check_operands("shrink", x, a_rows)
     if a_rows.ndim != 2 or a_rows.shape[1] != d_in:
@@ -39,6 +43,9 @@ def shrink(x: jax.Array, a_rows: jax.Array, units: Units, *, rank: int, ksplit: 
     if d_in % (BK * ksplit):
         raise ValueError(f"D_in {d_in} must be a multiple of {BK} * ksplit={ksplit}")
     steps = d_in // BK // ksplit
+    check_tma_array("shrink", "x (sorted rows)", x.shape, x.dtype, BK)
+    check_tma_array("shrink", "A arena", a_rows.shape, a_rows.dtype, BK)
+    ro = out_width(rank, jnp.float32)
 
     def body(row0_ref, size_ref, page_ref, count_ref, x_ref, a_ref, o_ref):
         u, kk = jax.lax.axis_index("unit"), jax.lax.axis_index("k")
@@ -63,10 +70,10 @@ def shrink(x: jax.Array, a_rows: jax.Array, units: Units, *, rank: int, ksplit: 
                 return acc_ref[...]
 
             acc = pl.run_scoped(acc_scope, plgpu.ACC((TILE_ROWS, rank)))
-            store_rows(acc, o_ref.at[kk], row0, off, size_ref[u], 0, rank)
+            store_rows(acc, o_ref.at[kk], row0, off, size_ref[u], 0, ro)
 
     kernel = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((ksplit, mx, rank), jnp.float32),
+        body, out_type=jax.ShapeDtypeStruct((ksplit, mx, ro), jnp.float32),
         grid=(units.bound, ksplit), grid_names=("unit", "k"), compiler_params=compiler_params(),
         interpret=interpret)
     return kernel(units.row0, units.size, units.page_row, units.count, x, a_rows)
