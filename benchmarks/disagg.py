@@ -3,6 +3,8 @@
 Modes compared (same model, same adapters, same workload):
   coupled      both devices serve one replica (layout --coupled_mesh, default ep2), every device holds its share
                of the base weights and of the adapter pool (the S-LoRA-style baseline);
+  coupled1     one replica on device 0 alone: one of the two instances the 2-GPU coupled deployment would run
+               (each with its own adapter cache), so "disagg vs coupled1" compares equal batches per base instance;
   disagg       "1+1": device 0 is the base instance (all base weights, KV cache), device 1 the LoRA server (all
                adapter pages, in its role buffers); per layer the base pushes activations, routing and slots to
                it with ppermute and gets float32 deltas back (docs/architecture/07-disaggregated.md).
@@ -24,6 +26,7 @@ Prints a table per part, writes <out>.json and <out>.png, and logs live bytes pe
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -44,7 +47,7 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "")
 flags.DEFINE_string("coupled_mesh", "ep2", "coupled layout over the two devices (ep2, tp2, pp2, ...)")
 flags.DEFINE_string("disagg_mesh", "1+1", "disaggregated role layout")
 flags.DEFINE_list("parts", ["decode", "sweep", "slo"], "decode, sweep, slo")
-flags.DEFINE_list("modes", ["coupled", "disagg"], "")
+flags.DEFINE_list("modes", ["coupled", "disagg"], "coupled (--coupled_mesh), coupled1 (one device), disagg")
 flags.DEFINE_integer("rank", 16, "adapter rank (and the pools' max rank)")
 flags.DEFINE_list("targets", None, "adapter targets (default: all, lora/targets.py)")
 flags.DEFINE_integer("requests", 64, "decode: running requests")
@@ -68,11 +71,13 @@ flags.DEFINE_integer("num_pages", None, "KV pages (default: the LLM's)")
 flags.DEFINE_boolean("smoke", False, "tiny CPU run of every part (2 fake CPU devices)")
 flags.DEFINE_string("out", "out/disagg", "output path prefix")
 
+DISTINCT = 4  # adapters with their own random pages
+
 
 def make_llm(mode: str, max_adapters: int, targets, max_num_seqs: int, max_model_len: int):
     from infinilora_jax import LLM
 
-    mesh = F.disagg_mesh if mode == "disagg" else F.coupled_mesh
+    mesh = {"disagg": F.disagg_mesh, "coupled": F.coupled_mesh, "coupled1": "single"}[mode]
     return LLM(F.model, dtype=F.dtype, mesh=mesh, mode="disaggregated" if mode == "disagg" else "coupled",
                num_layers=F.num_layers, max_lora_rank=F.rank, lora_targets=targets, max_adapters=max_adapters,
                max_host_adapters=max(F.num_adapters, max_adapters, 1), max_num_seqs=max_num_seqs,
@@ -83,10 +88,16 @@ def make_llm(mode: str, max_adapters: int, targets, max_num_seqs: int, max_model
 def register(llm, count: int, targets) -> list[str]:
     from infinilora_jax.lora.random_adapter import random_adapter
 
-    names = [f"a{k}" for k in range(count)]
+    # Host RNG at real widths takes seconds per adapter; contents do not change step times, so adapters past the
+    # first DISTINCT share pages (each is still its own adapter: own name, own host entry, own device slot).
+    names, distinct = [f"a{k}" for k in range(count)], []
     for k, name in enumerate(names):
-        llm.runner.adapters.register_weights(random_adapter(llm.config, name, F.rank, targets, seed=k,
-                                                            dtype=llm.runner.dtype))
+        if k < DISTINCT:
+            distinct.append(random_adapter(llm.config, name, F.rank, targets, seed=k, dtype=llm.runner.dtype))
+            weights = distinct[-1]
+        else:
+            weights = dataclasses.replace(distinct[k % DISTINCT], name=name)
+        llm.runner.adapters.register_weights(weights)
     return names
 
 

@@ -78,7 +78,8 @@ class LLM:
             max_host_adapters: converted adapters kept in host memory; more may be registered than either.
           max_model_len: context limit (prompt + generated); defaults to the model's max_position_embeddings.
           page_size, num_pages: the paged KV cache (num_pages defaults to enough for max_num_seqs full-length
-            sequences, at most 65536); max_num_seqs, max_num_batched_tokens: the scheduler's per-step limits.
+            sequences, at most 65536; in disaggregated mode, grown until the LoRA server's role buffers hold
+            max_adapters); max_num_seqs, max_num_batched_tokens: the scheduler's per-step limits.
           mode: "coupled" (every device holds base weights and adapter pages) or "disaggregated" (base instances
             and a LoRA server on separate devices of one role mesh; docs/architecture/07-disaggregated.md).
         """
@@ -118,6 +119,8 @@ class LLM:
                                  self.config.max_position_embeddings)
         if num_pages is None:
             num_pages = min(65536, max_num_seqs * -(-self.max_model_len // page_size) + 1)
+            if mode == "disaggregated":  # the LoRA devices' KV blocks are their adapter arenas
+                num_pages = self.runner.kv_pages_for_adapters(num_pages, page_size)
         if mode == "disaggregated":  # so LoRA devices can use their KV blocks as adapter-page arenas
             num_pages = self.runner.round_kv_pages(num_pages, page_size)
         self.tokenizer = _load_tokenizer(self.model_dir)

@@ -291,6 +291,20 @@ def test_capacity_is_what_the_role_buffers_hold():
             max_model_len=32, max_num_seqs=1, num_pages=4, progress=False)
 
 
+def test_kv_cache_grows_to_hold_max_adapters():
+    """Without num_pages, the KV cache is sized so the LoRA devices' role buffers hold max_adapters (the base
+    devices get the extra pages as KV cache), and no smaller: one fewer page-size step would not hold them."""
+    kwargs = dict(dtype="float32", mesh="1+1", mode="disaggregated", max_model_len=32, max_num_seqs=1,
+                  progress=False)
+    small = LLM(model_dir(MODEL), max_adapters=2, **kwargs).engine.cache_config.num_pages
+    llm = LLM(model_dir(MODEL), max_adapters=64, **kwargs)
+    pages, runner = llm.engine.cache_config.num_pages, llm.runner
+    assert pages > small and runner.pool.pool_cfg.max_adapters == 64 and runner.pool.placed
+    page_size = llm.engine.cache_config.page_size
+    fewer = runner.round_kv_pages(pages - max(1, pages // 32), page_size)
+    assert not runner.pool.fits(runner._arenas(fewer, page_size), 64)
+
+
 # ---- the engine: layer-wise loading, eviction, preemption; bf16 ----
 
 def test_engine_layerwise_loading_and_eviction_1p1():

@@ -109,7 +109,7 @@ class DisaggModel:
             # sit in the buffers it reads.
             slot, pages = load
             for j in range(self.lora_layers):
-                incoming = jax.tree.map(lambda page: jax.device_put(page[0], jax.memory.Space.Device), pages[j])
+                incoming = jax.tree.map(lambda page: jax.device_put(page, jax.memory.Space.Device)[0], pages[j])
                 blocks = self.pool.write(blocks, j, slot, incoming, is_lora)
         x = jax.lax.psum(on(_is_base(), self._embed, w("embed"), batch.tokens), MODEL_AXES)
         rope = rope_tables(batch.positions, cfg.head_dim, cfg.rope_theta, x.dtype)

@@ -115,6 +115,10 @@ class RolePool:
         self.layers = placed
         self.placed = True
 
+    def fits(self, buffers: list[tuple[str, int]], slots: int) -> bool:
+        """Whether `slots` adapters' pages fit in the (name, elements) blocks."""
+        return self._try_place(buffers, slots) is not None
+
     def _try_place(self, buffers: list[tuple[str, int]], slots: int) -> list[dict[str, TargetPages]] | None:
         used = {name: 0 for name, _ in buffers}
         size = dict(buffers)

@@ -134,6 +134,36 @@ class DisaggRunner:
         rounded = -(-num_pages // step) * step
         return rounded if rounded - num_pages <= max(1, num_pages // 8) else num_pages
 
+    def _arenas(self, num_pages: int, page_size: int) -> list[tuple[str, int]]:
+        """(buffer, elements) a LoRA device can hold pages in, in order of preference: KV blocks, then weights."""
+        block = math.prod(self.kv_block(num_pages, page_size))
+        weights = sorted(self.weight_specs.values(), key=lambda s: -s.size)
+        return [*((n, block) for n in self.kv_names), *((s.name, s.size) for s in weights)]
+
+    def kv_pages_for_adapters(self, num_pages: int, page_size: int, memory_share: float = 0.9) -> int:
+        """The KV cache size to use when none was asked for: at least `num_pages`, and enough that the LoRA
+        devices' role buffers (the base role's weights and KV blocks) hold max_adapters adapters. The base
+        devices get the extra pages as KV cache. Growth stops at `memory_share` of a device's memory, leaving
+        the rest to activations; new_kv_cache then says how many adapters fit."""
+        slots = self.pool.pool_cfg.max_adapters
+        fits = lambda n: self.pool.fits(self._arenas(self.round_kv_pages(n, page_size), page_size), slots)
+        if fits(num_pages):
+            return num_pages
+        weight_bytes = sum(s.nbytes for s in self.weight_specs.values())
+        page_bytes = 2 * self.cfg.num_layers * math.prod(self.kv_block(1, page_size)) * self.dtype.itemsize
+        stats = self.mesh.devices.flat[0].memory_stats() or {}
+        limit = stats.get("bytes_limit")
+        most = 1 << 24 if limit is None else max(num_pages, int((memory_share * limit - weight_bytes) // page_bytes))
+        if not fits(most):
+            return most
+        lo, hi = num_pages, most  # fits(hi), not fits(lo)
+        while hi - lo > max(1, lo // 64):
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+        log.info("disaggregated: KV cache grown from %d to %d pages so the LoRA server holds %d adapters",
+                 num_pages, hi, slots)
+        return hi
+
     def new_kv_cache(self, cache: CacheConfig) -> KVHandle:
         """Allocate the KV role buffers (zeros) and, the first time, place the LoRA pages in the role buffers.
         Called again after a failed step lost them: adapter pages kept in KV blocks are written again."""
@@ -149,8 +179,7 @@ class DisaggRunner:
         self.kv_specs = specs
         self.kv = {n: zeros_buffer(self.mesh, block, self.dtype) for n in self.kv_names}
         if not self.pool.placed:
-            weights = sorted(self.weight_specs.values(), key=lambda s: -s.size)
-            self.pool.place([(s.name, s.size) for s in (*specs.values(), *weights)])
+            self.pool.place(self._arenas(cache.num_pages, cache.page_size))
             log.info("LoRA server: %d adapter slots of rank %d, %.1f MB of pages per LoRA device",
                      self.pool.pool_cfg.max_adapters, self.pool.pool_cfg.max_rank, self.pool.page_bytes() / 2**20)
         else:
@@ -189,7 +218,7 @@ class DisaggRunner:
                 blocks = {**weights, **kv}
                 is_lora = jax.lax.axis_index(ROLE) == LORA_ROLE
                 for j in range(len(pool.layers)):
-                    incoming = jax.tree.map(lambda p: jax.device_put(p[0], jax.memory.Space.Device), pages[j])
+                    incoming = jax.tree.map(lambda p: jax.device_put(p, jax.memory.Space.Device)[0], pages[j])
                     blocks = pool.write(blocks, j, slot, incoming, is_lora)
                 return {n: blocks[n] for n in weights_names}, {n: blocks[n] for n in self.kv_names}
 
