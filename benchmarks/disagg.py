@@ -138,6 +138,8 @@ def decode_step(mode: str, adapters: int, with_lora: bool = True) -> dict:
     result = {"mode": mode, "adapters": adapters, "lora": with_lora, "step_ms": 1e3 * float(np.median(times)),
               "tokens_per_s": F.requests / float(np.median(times)), "prefill_and_compile_s": prefill_s,
               "memory": memory(llm)}
+    print(f"  {mode:8} adapters {adapters:4d} lora {with_lora!s:5}: step {result['step_ms']:.2f} ms "
+          f"(prefill and compile {prefill_s:.0f} s)", flush=True)
     for rid in list(engine.requests):
         engine.abort(rid)
     del llm, engine

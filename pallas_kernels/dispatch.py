@@ -1,8 +1,11 @@
 """One entry point for multi-LoRA math: picks the implementation by platform and shape.
 
     TPU            -> the Mosaic TPU kernels (pallas_kernels/tpu/); decode or prefill variant by row count
-    GPU            -> the pure-JAX reference by default, until the Mosaic GPU kernels (pallas_kernels/gpu/) are
-                      confirmed on an H200; opt in with backend="gpu" or INFINILORA_LORA_BACKEND=gpu
+    GPU            -> by row count: the Mosaic GPU kernels (pallas_kernels/gpu/) for calls of at least
+                      GPU_KERNEL_MIN_ROWS rows (prefill), the pure-JAX reference below (decode). Measured on an
+                      H200 (docs/benchmarks.md): at T=4096, r=64 the kernels' delta takes 0.26 ms against the
+                      reference's 9.3 ms; at decode sizes the reference's gather + einsum takes 17-21 us against
+                      the kernels' 150-200 us. backend="gpu" (or INFINILORA_LORA_BACKEND=gpu) forces the kernels
     CPU            -> the pure-JAX reference
     TPU_INTERPRET  -> the TPU kernels run by the Pallas TPU interpreter on CPU (tests; asked for explicitly)
     GPU_INTERPRET  -> the GPU kernels run by the Mosaic GPU interpreter on CPU (tests; asked for explicitly)
@@ -69,9 +72,14 @@ def use_backend(backend: LoraBackend | str):
         _BACKEND.reset(token)
 
 
-def select_backend(backend: LoraBackend | str | None = None, platform: str | None = None) -> LoraBackend:
+GPU_KERNEL_MIN_ROWS = 1024  # GPU default: kernels from this many rows (tokens, or token x expert pairs) up
+
+
+def select_backend(backend: LoraBackend | str | None = None, platform: str | None = None,
+                   rows: int | None = None) -> LoraBackend:
     """Explicit argument, else the `use_backend` context, else $INFINILORA_LORA_BACKEND, else by platform
-    (TPU: kernels; GPU, CPU: reference, until the GPU kernels are confirmed on an H200)."""
+    (TPU: kernels; GPU: kernels for calls of at least GPU_KERNEL_MIN_ROWS `rows`, else reference; CPU:
+    reference)."""
     if backend is not None:
         return LoraBackend(backend)
     if _BACKEND.get() is not None:
@@ -79,7 +87,11 @@ def select_backend(backend: LoraBackend | str | None = None, platform: str | Non
     if os.environ.get(ENV_VAR):
         return LoraBackend(os.environ[ENV_VAR].lower())
     platform = platform or jax.default_backend()
-    return LoraBackend.TPU if platform == "tpu" else LoraBackend.REFERENCE
+    if platform == "tpu":
+        return LoraBackend.TPU
+    if platform == "gpu" and rows is not None and rows >= GPU_KERNEL_MIN_ROWS:
+        return LoraBackend.GPU
+    return LoraBackend.REFERENCE
 
 
 def _blocks(backend: LoraBackend, x: jax.Array, out_widths, max_rank: int) -> Blocks:
@@ -160,7 +172,7 @@ def _out_shape(lora_b: jax.Array, expert: bool) -> tuple[int, ...]:
 def lora_delta(x: jax.Array, slots: jax.Array, lora_a: jax.Array, lora_b: jax.Array, *, slot_ranks=None,
                a_rank_major: bool = False, backend=None, blocks: Blocks | None = None) -> jax.Array:
     """[N, *out] float32 delta of a dense projection, one slot per token (reference.lora_delta)."""
-    chosen = select_backend(backend)
+    chosen = select_backend(backend, rows=x.shape[0])
     if chosen is LoraBackend.REFERENCE:
         return reference.lora_delta(x, slots, _rank_minor(lora_a, a_rank_major), lora_b)
     out = _out_shape(lora_b, False)
@@ -175,7 +187,7 @@ def expert_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a
                       blocks: Blocks | None = None) -> jax.Array:
     """[M, *out] float32 per-expert delta; rows with an out-of-range expert get zero
     (reference.expert_lora_delta)."""
-    chosen = select_backend(backend)
+    chosen = select_backend(backend, rows=x.shape[0])
     if chosen is LoraBackend.REFERENCE:
         return reference.expert_lora_delta(x, slots, experts, _rank_minor(lora_a, a_rank_major), lora_b)
     out = _out_shape(lora_b, True)
@@ -193,7 +205,7 @@ def paged_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array | None, 
     the form the disaggregated LoRA server keeps its pages in (arenas are whole-array views of role buffers).
     On TPU the kernels read the arenas directly; they address A and B with one table, so `b_table` (B pages
     placed at other rows than A's) runs on the reference only."""
-    chosen = select_backend(backend)
+    chosen = select_backend(backend, rows=x.shape[0])
     width = table.max_blocks * table.rank_block
     # the GPU kernels read arena rows in 8-row SMEM tiles (layout.py rank blocks are multiples of 8)
     gpu_ok = (gpu_supports(x, [(a_rows, b_rows)], [b_rows.shape[1]]) and width % 16 == 0
@@ -227,7 +239,7 @@ def add_lora_fused(ys: tuple[jax.Array, ...], x: jax.Array, slots: jax.Array, pa
     ys[i]: [M, *out_i] in any float dtype (the result has it); pairs: pool pages as in `lora_delta` (or
     `expert_lora_delta` when `experts` [M] is given); slot_ranks: None, one [S] array, or one per pair.
     """
-    chosen = select_backend(backend)
+    chosen = select_backend(backend, rows=x.shape[0])
     expert = experts is not None
     if chosen is LoraBackend.REFERENCE:
         out = []

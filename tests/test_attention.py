@@ -221,7 +221,8 @@ def test_backend_selection(monkeypatch):
 
     monkeypatch.delenv("INFINILORA_ATTENTION", raising=False)
     assert select_backend(platform="tpu") is AttentionBackend.TPU
-    assert select_backend(platform="gpu") is AttentionBackend.REFERENCE  # the GPU kernel is opt-in until timed
+    assert select_backend(platform="gpu") is AttentionBackend.GPU
+    assert select_backend(platform="cpu") is AttentionBackend.REFERENCE
     assert select_backend() is AttentionBackend.REFERENCE  # CPU
     monkeypatch.setenv("INFINILORA_ATTENTION", "gpu")
     assert select_backend(platform="gpu") is AttentionBackend.GPU

@@ -147,7 +147,12 @@ def test_packed_arena_through_paged_delta(rng):
 
 
 def test_backend_choice(monkeypatch):
-    assert dispatch.select_backend(platform="gpu") is dispatch.LoraBackend.REFERENCE  # default until confirmed
+    # GPU default by row count: the reference at decode sizes, the kernels at prefill sizes (H200 timings)
+    assert dispatch.select_backend(platform="gpu") is dispatch.LoraBackend.REFERENCE
+    assert dispatch.select_backend(platform="gpu", rows=dispatch.GPU_KERNEL_MIN_ROWS - 1) is \
+        dispatch.LoraBackend.REFERENCE
+    assert dispatch.select_backend(platform="gpu", rows=dispatch.GPU_KERNEL_MIN_ROWS) is dispatch.LoraBackend.GPU
+    assert dispatch.select_backend(platform="cpu", rows=1 << 20) is dispatch.LoraBackend.REFERENCE
     monkeypatch.setenv(dispatch.ENV_VAR, "gpu")
     assert dispatch.select_backend(platform="gpu") is dispatch.LoraBackend.GPU
     assert dispatch.select_backend("reference") is dispatch.LoraBackend.REFERENCE

@@ -310,7 +310,7 @@ def test_bf16_delta_close_to_float64(rng):
 
 def test_backend_selection():
     assert dispatch.select_backend(platform="cpu") is dispatch.LoraBackend.REFERENCE
-    assert dispatch.select_backend(platform="gpu") is dispatch.LoraBackend.REFERENCE  # until Mosaic GPU lands
+    assert dispatch.select_backend(platform="gpu") is dispatch.LoraBackend.REFERENCE  # decode sizes
     assert dispatch.select_backend(platform="tpu") is dispatch.LoraBackend.TPU
     with dispatch.use_backend("tpu_interpret"):
         assert dispatch.select_backend() is dispatch.LoraBackend.TPU_INTERPRET

@@ -129,11 +129,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layout", default="1+1")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--parts", default="float32,bfloat16,attention")
     args = parser.parse_args()
     import jax
 
     print(f"devices: {jax.devices()}", flush=True)
-    rows = float32_rows(args.layout) + bfloat16_rows(args.layout) + attention_rows()
+    parts = args.parts.split(",")
+    rows = [*(float32_rows(args.layout) if "float32" in parts else []),
+            *(bfloat16_rows(args.layout) if "bfloat16" in parts else []),
+            *(attention_rows() if "attention" in parts else [])]
     failed = 0
     for r in rows:
         if "bf16_vs_f32" in r:
