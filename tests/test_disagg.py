@@ -242,6 +242,47 @@ def test_compiled_step_copies_no_role_buffer(tmp_path):
         assert stats.temp_size_in_bytes < mlp_block, name
 
 
+def _role_branches(llm) -> int:
+    """Conditionals (lax.cond / lax.switch: role branches) in the lowered `score` step of a disaggregated LLM."""
+    runner, cache = llm.runner, llm.engine.cache_config
+    batch, _ = build_step_batch([RowSpec([5, 6, 7], 0, 1, [1], "last")], cache.page_size, cache.num_pages,
+                                llm.engine.shapes)
+    w, kv = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                         (runner.weights, runner.kv))
+    text = runner.steps.score.lower(w, kv, *runner._stack([batch])).as_text()
+    return text.count("stablehlo.case") + text.count("stablehlo.if")
+
+
+def test_role_branches_per_layer_1p1():
+    """A role branch costs ~24 us on GPU: XLA's runtime copies each conditional's predicate to the host and
+    waits (2 x H200, benchmarks/cond_overhead.py; device-side conditionals in command buffers did not help).
+    With 19 per MoE layer, a Qwen3-30B-A3B-shaped 8-layer step took 14.09 ms against 12.05 ms for the same base
+    work coupled. So the step has at most one branch per segment between two collectives, and only for work a
+    role must not run (a base GEMM or attention on a LoRA device, page reads on a base device); cheap work
+    (norms, adding deltas, RoPE, activations, routing, packing/sorting rows, the weighted sum, the embedding
+    gather) runs on both roles. Bound, 1+1 with every target of each layer kind adaptable (the default
+    lora_targets):
+      MoE layer 6: one per round trip (q/k/v, o, router, expert gate/up, expert down: base GEMM | LoRA deltas in
+        one lax.switch) plus attention (base only; the in-place KV write at top level separates it from the
+        q/k/v round trip, and the push of its output from the o projection);
+      dense layer 5: q/k/v, attention, o, gate/up, down;
+      plus 1 per step (LM head). (Before: 19 per MoE layer, 14 per dense layer, 2 per step.)
+    Without exchanges neighbours merge: with only q and k adapted, MoE 4 (q/k/v, attention + o, router, the
+    expert MLP) and dense 3. If a change lowers these, lower the bound with it."""
+    kwargs = dict(dtype="float32", mesh="1+1", mode="disaggregated", max_model_len=32, max_num_seqs=2,
+                  num_pages=64, progress=False)
+    every = {True: {"q", "k", "v", "o", "router", "expert_gate_up", "expert_down"},
+             False: {"q", "k", "v", "o", "gate", "up", "down"}}
+    for targets, per_moe, per_dense in [(None, 6, 5), (("q", "k"), 4, 3)]:
+        llm = LLM(model_dir(MODEL), **kwargs, **({} if targets is None else {"lora_targets": targets}))
+        kinds = [kind[0] for kind in llm.runner.steps.forward.base_plan.slot_kinds]
+        for layer, kind in zip(llm.runner.pool.layers, kinds, strict=True):
+            assert set(layer) == (every[kind] if targets is None else set(targets)), (layer, kind)
+        moe, dense = sum(kinds), len(kinds) - sum(kinds)
+        assert moe and dense
+        assert _role_branches(llm) == per_moe * moe + per_dense * dense + 1, targets
+
+
 def test_lora_pool_is_the_only_adapter_storage(llm44):
     """Adapter pages exist only in the LoRA devices' role buffers: base devices' weight blocks are the base
     model's (unchanged by every page write), the adapter cache keeps no device arrays, and each resident

@@ -19,7 +19,14 @@ every LoRA delta. Per layer l (LoRA stage s = l // (L / dp), LoRA layer slot j =
 Each push is issued before the base projection it accompanies, so the base GEMM and the LoRA server's deltas
 can run at once (both depend only on the pushed value). Deltas travel in float32 and are added to the base
 output and rounded once, as in coupled mode, so float32 results match it. Collectives run at top level on every
-device; compute sits in role branches (exchange.on), so a LoRA device runs no base GEMM and vice versa.
+device. Role branches cost ~24 us each on GPU (the predicate goes to the host), so there is at most one per
+segment between two collectives, and only for work a role must not run: each round trip's base GEMM and LoRA
+deltas share one conditional (exchange.split), attention and the LM head have one (base only); a LoRA device
+runs no base GEMM, attention or LoRA math of another stage, a base device no LoRA math. Cheap [T, H]-sized work
+(norms, adding deltas, RoPE, activations, routing, packing and sorting rows, the weighted sum, the embedding
+gather) runs on both roles unconditionally: on a LoRA device its results are unused (never pushed). Per layer
+with every target adapted: 6 branches in a MoE layer (q/k/v, attention, o, router, expert gate/up, expert
+down), 5 in a dense one (q/k/v, attention, o, gate/up, down); tests/test_disagg.py holds the count.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from infinilora_jax.disagg.exchange import on, to_base, to_lora
+from infinilora_jax.disagg.exchange import on, split, to_base, to_lora
 from infinilora_jax.disagg.pages import RolePool
 from infinilora_jax.lora.reference import add_delta
 from infinilora_jax.models.batch import StepBatch
@@ -69,20 +76,21 @@ class DisaggModel:
             out[t] = paged_lora_delta(rows, slots, experts, a, b, table_a, num_experts=tp.experts, b_table=table_b)
         return out
 
-    def _round_trip(self, blocks, serving, stage, j, targets, push, slots_of, base_work, *base_args):
-        """push -> (base: base_work(*base_args) | LoRA: deltas) -> reply. Returns (base_work's result, deltas)."""
+    def _round_trip(self, blocks, branch, stage, j, targets, push, slots_of, base_work, *base_args):
+        """push -> one conditional (base: base_work(*base_args) | serving LoRA: deltas) -> reply. `branch`: 0 on
+        base devices, 1 on the LoRA devices of `stage`, 2 on other LoRA devices. Returns (base_work's result,
+        deltas)."""
         dp = self.layout.dp
         if not targets:  # nothing to adapt here: no exchange
             return on(_is_base(), base_work, *base_args), {}
         got = to_lora(push, stage, dp)
-        base_out = on(_is_base(), base_work, *base_args)
 
         def lora(got):
             rows, slots, experts = slots_of(got)
             deltas = self._deltas(blocks, j, targets, rows, slots, experts)
             return {t: d.reshape(dp, -1, d.shape[-1]) for t, d in deltas.items()}
 
-        deltas = on(serving, lora, got)
+        base_out, deltas = split(branch, base_work, base_args, lora, (got,), idle=dp > 1)
         return base_out, to_base(deltas, stage, dp, jax.lax.axis_index(DP))
 
     # ---- the forward ----
@@ -111,7 +119,9 @@ class DisaggModel:
             for j in range(self.lora_layers):
                 incoming = jax.tree.map(lambda page: jax.device_put(page, jax.memory.Space.Device)[0], pages[j])
                 blocks = self.pool.write(blocks, j, slot, incoming, is_lora)
-        x = jax.lax.psum(on(_is_base(), self._embed, w("embed"), batch.tokens), MODEL_AXES)
+        # Work outside role branches runs on both roles: on a LoRA device it reads page bytes as if they were
+        # norm weights or embedding rows, and its results are never pushed (only base devices push).
+        x = jax.lax.psum(self._embed(w("embed"), batch.tokens), MODEL_AXES)
         rope = rope_tables(batch.positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         kv_block = blocks["kv:0:k"].shape  # [1, 1, num_pages, page_size, kv_heads, hd]
         no_slot = kv_block[2] * kv_block[3]
@@ -122,37 +132,37 @@ class DisaggModel:
 
         for layer in range(cfg.num_layers):
             stage, j = divmod(layer, self.lora_layers)
-            serving = is_lora & (instance == stage)
+            branch = jnp.where(is_lora, jnp.where(instance == stage, 1, 2), 0)  # exchange.split's branch
             targets = self.pool.layers[j]
             p = lambda key, layer=layer: w(f"layers/{layer}/{key}")[0]  # drops the stage dim
             eps = cfg.rms_norm_eps
+            rt = lambda names, *args, branch=branch, stage=stage, j=j, targets=targets: self._round_trip(
+                blocks, branch, stage, j, [t for t in names if t in targets], *args)
 
             # 1. q, k, v
-            h = on(_is_base(), lambda x: rms_norm(x, p("attn_norm"), eps), x)
-            qkv0, d = self._round_trip(blocks, serving, stage, j, [t for t in ATTN_IN if t in targets], h,
-                                       dense_rows, lambda h: tuple(matmul(h, p(f"attn/w{t}"), "nh,ho->no")
-                                                                   for t in ATTN_IN), h)
-            q, k, v = on(_is_base(), lambda qkv0, d: self._qkv(qkv0, d, rope, p), qkv0, d)
+            h = rms_norm(x, p("attn_norm"), eps)
+            qkv0, d = rt(ATTN_IN, h, dense_rows,
+                         lambda h: tuple(matmul(h, p(f"attn/w{t}"), "nh,ho->no") for t in ATTN_IN), h)
+            q, k, v = self._qkv(qkv0, d, rope, p)
             for name, new in ((f"kv:{layer}:k", k), (f"kv:{layer}:v", v)):  # blocks [1, 1 (stage), pages, ...]
                 blocks[name] = write_kv(blocks[name][0, 0], new, cache_slots)[None, None]
-            attn = on(_is_base(), lambda q, kp, vp: self._attention(q, kp, vp, batch), q,
-                      blocks[f"kv:{layer}:k"][0, 0], blocks[f"kv:{layer}:v"][0, 0])
+            pages = (blocks[f"kv:{layer}:k"][0, 0], blocks[f"kv:{layer}:v"][0, 0])
+            attention = lambda q, kp, vp: self._attention(q, kp, vp, batch)
+            o_proj = lambda a: matmul(a, p("attn/wo"), "no,oh->nh")
 
-            # 2. o
-            o0, d = self._round_trip(blocks, serving, stage, j, [t for t in ("o",) if t in targets], attn,
-                                     dense_rows, lambda a: matmul(a, p("attn/wo"), "no,oh->nh"), attn)
-
-            def post_attn(x, o0, d):
-                out = add_delta(o0, d["o"]) if "o" in d else o0
-                x = x + out
-                return x, rms_norm(x, p("mlp_norm"), eps)
-
-            x, h2 = on(_is_base(), post_attn, x, o0, d)
+            # 2. o (no exchange: attention and o projection in one branch)
+            if "o" in targets:
+                attn = on(_is_base(), attention, q, *pages)
+                o0, d = rt(("o",), attn, dense_rows, o_proj, attn)
+            else:
+                o0, d = on(_is_base(), lambda *a: o_proj(attention(*a)), q, *pages), {}
+            x = x + (add_delta(o0, d["o"]) if "o" in d else o0)
+            h2 = rms_norm(x, p("mlp_norm"), eps)
 
             if self.base_plan.slot_kinds[layer][0]:
-                x = self._moe(blocks, serving, stage, j, targets, x, h2, slots, flat_slots, dense_rows, p)
+                x = x + self._moe(rt, targets, h2, slots, dense_rows, p)
             else:
-                x = self._dense(blocks, serving, stage, j, targets, x, h2, dense_rows, p)
+                x = x + self._dense(rt, targets, h2, dense_rows, p)
 
         def final(x, norm, head):
             hidden = rms_norm(x[batch.logits_indices], norm, cfg.rms_norm_eps)
@@ -189,68 +199,66 @@ class DisaggModel:
                                    self.cfg.sliding_window, attn)
         return attn.reshape(q.shape[0], -1)
 
-    def _dense(self, blocks, serving, stage, j, targets, x, h2, dense_rows, p):
-        gate_up, d = self._round_trip(blocks, serving, stage, j, [t for t in DENSE_IN if t in targets], h2,
-                                      dense_rows, lambda h: matmul(h, p("mlp/w_gate_up"), "nh,hgi->ngi"), h2)
+    @staticmethod
+    def _dense_act(gate_up, d):
+        """silu(gate) * up from gate_up [N, 2, I], the gate and up deltas added."""
+        gate = add_delta(gate_up[:, 0], d["gate"]) if "gate" in d else gate_up[:, 0]
+        up = add_delta(gate_up[:, 1], d["up"]) if "up" in d else gate_up[:, 1]
+        return jax.nn.silu(gate) * up
 
-        def act_down(gate_up, d):
-            gate = add_delta(gate_up[:, 0], d["gate"]) if "gate" in d else gate_up[:, 0]
-            up = add_delta(gate_up[:, 1], d["up"]) if "up" in d else gate_up[:, 1]
-            return jax.nn.silu(gate) * up
+    @staticmethod
+    def _expert_act(gate_up, d):
+        """silu(gate) * up from expert rows' gate_up [R, 2, I], its delta added."""
+        if "expert_gate_up" in d:
+            gate_up = add_delta(gate_up, d["expert_gate_up"])
+        return jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]
 
-        act = on(_is_base(), act_down, gate_up, d)
-        down0, d = self._round_trip(blocks, serving, stage, j, [t for t in ("down",) if t in targets], act,
-                                    dense_rows, lambda a: matmul(a, p("mlp/w_down"), "ni,ih->nh"), act)
-        return on(_is_base(), lambda x, y, d: x + (add_delta(y, d["down"]) if "down" in d else y), x, down0, d)
+    def _dense(self, rt, targets, h2, dense_rows, p):
+        """The dense MLP's output y (x += y by the caller)."""
+        gate_up_proj = lambda h: matmul(h, p("mlp/w_gate_up"), "nh,hgi->ngi")
+        down_proj = lambda a: matmul(a, p("mlp/w_down"), "ni,ih->nh")
+        if not any(t in targets for t in (*DENSE_IN, "down")):  # no exchange: the whole MLP in one branch
+            return on(_is_base(), lambda h: down_proj(self._dense_act(gate_up_proj(h), {})), h2)
+        gate_up, d = rt(DENSE_IN, h2, dense_rows, gate_up_proj, h2)
+        act = self._dense_act(gate_up, d)
+        down0, d = rt(("down",), act, dense_rows, down_proj, act)
+        return add_delta(down0, d["down"]) if "down" in d else down0
 
-    def _moe(self, blocks, serving, stage, j, targets, x, h2, slots, flat_slots, dense_rows, p):
+    def _moe(self, rt, targets, h2, slots, dense_rows, p):
+        """The MoE block's output y (x += y by the caller)."""
         cfg, ep = self.cfg, self.layout.ep
         n, hidden = h2.shape
         w_gate_up, w_down = p("moe/w_gate_up"), p("moe/w_down")
         num_local = w_gate_up.shape[0]
-        router0, d = self._round_trip(blocks, serving, stage, j, [t for t in ("router",) if t in targets], h2,
-                                      dense_rows, lambda h: matmul(h, p("moe/router"), "nh,he->ne"), h2)
-
-        def dispatch(h2, router0, d):
-            logits = add_delta(router0, d["router"]) if "router" in d else router0
-            weights, experts = route_logits(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
-            return pack_rows(h2, slots, weights, experts, num_local=num_local, ep=ep)
-
-        packed = on(_is_base(), dispatch, h2, router0, d)
+        router0, d = rt(("router",), h2, dense_rows, lambda h: matmul(h, p("moe/router"), "nh,he->ne"), h2)
+        logits = add_delta(router0, d["router"]) if "router" in d else router0
+        weights, experts = route_logits(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        packed = pack_rows(h2, slots, weights, experts, num_local=num_local, ep=ep)
         capacity = packed.send_e.shape[1]
-        recv = tuple(jax.lax.all_to_all(a, EP, 0, 0) if ep > 1 else a for a in packed[:3])
+        recv_x, recv_e, recv_s = (jax.lax.all_to_all(a, EP, 0, 0) if ep > 1 else a for a in packed[:3])
+        rows, row_experts, row_slots = recv_x.reshape(-1, hidden), recv_e.reshape(-1), recv_s.reshape(-1)
+        order, group_sizes = sort_rows(row_experts, num_local)
+        rows, row_experts, row_slots = rows[order], row_experts[order], row_slots[order]
 
-        def sort(recv_x, recv_e, recv_s):
-            rows, row_experts, row_slots = recv_x.reshape(-1, hidden), recv_e.reshape(-1), recv_s.reshape(-1)
-            order, group_sizes = sort_rows(row_experts, num_local)
-            return rows[order], row_experts[order], row_slots[order], order, group_sizes
-
-        rows, row_experts, row_slots, order, group_sizes = on(_is_base(), sort, *recv)
-        expert_rows = lambda got: (got[0].reshape(-1, got[0].shape[-1]), got[2].reshape(-1), got[1].reshape(-1))
-        gate_up, d = self._round_trip(blocks, serving, stage, j, [t for t in ("expert_gate_up",) if t in targets],
-                                      (rows, row_experts, row_slots), expert_rows,
-                                      lambda r: expert_gate_up(r, group_sizes, w_gate_up), rows)
-
-        def act_fn(gate_up, d):
-            if "expert_gate_up" in d:
-                gate_up = add_delta(gate_up, d["expert_gate_up"])
-            return jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]
-
-        act = on(_is_base(), act_fn, gate_up, d)
-        down0, d = self._round_trip(blocks, serving, stage, j, [t for t in ("expert_down",) if t in targets],
-                                    (act, row_experts, row_slots), expert_rows,
-                                    lambda a: expert_down(a, group_sizes, w_down), act)
-
-        def unsort(down0, d):
-            out = add_delta(down0, d["expert_down"]) if "expert_down" in d else down0
-            return jnp.zeros_like(out).at[order].set(out).reshape(ep, capacity, hidden)
-
-        out = on(_is_base(), unsort, down0, d)
+        gate_up_proj = lambda r, gs: expert_gate_up(r, gs, w_gate_up)
+        down_proj = lambda a, gs: expert_down(a, gs, w_down)
+        if not any(t in targets for t in ("expert_gate_up", "expert_down")):  # no exchange: one branch
+            down0 = on(_is_base(), lambda r, gs: down_proj(self._expert_act(gate_up_proj(r, gs), {}), gs),
+                       rows, group_sizes)
+        else:
+            expert_rows = lambda got: (got[0].reshape(-1, got[0].shape[-1]), got[2].reshape(-1), got[1].reshape(-1))
+            gate_up, d = rt(("expert_gate_up",), (rows, row_experts, row_slots), expert_rows, gate_up_proj, rows,
+                            group_sizes)
+            act = self._expert_act(gate_up, d)
+            down0, d = rt(("expert_down",), (act, row_experts, row_slots), expert_rows, down_proj, act, group_sizes)
+            if "expert_down" in d:
+                down0 = add_delta(down0, d["expert_down"])
+        out = jnp.zeros_like(down0).at[order].set(down0).reshape(ep, capacity, hidden)
         back = jax.lax.all_to_all(out, EP, 0, 0) if ep > 1 else out
-        y = on(_is_base(), combine_rows, back, packed)
+        y = combine_rows(back, packed)
         if ep > 1:
             y = jax.lax.all_gather(y, EP, tiled=True)
-        return x + y[:n]
+        return y[:n]
 
 
 __all__ = ["DisaggModel"]
