@@ -3,9 +3,10 @@
 The disaggregated step (infinilora_jax/disagg/model.py) puts each role's compute in a `lax.cond` on
 `axis_index(role)`: 19 per MoE layer at first, 6 now (one per exchange round trip, plus attention). XLA's GPU
 runtime evaluates a conditional by copying its predicate to the host and waiting for it, which exposes launch
-latency at every branch; CUDA-graph command buffers with conditional nodes keep the branch on the device. This times a layer-shaped chain on two devices (role axis):
-per layer, `--conds` role branches each running a [T, H] x [H, H] matmul on the base side and a small one on the
-LoRA side, with a ppermute round trip between branches, as the real step does. Variants:
+latency at every branch; CUDA-graph command buffers with conditional nodes keep the branch on the device.
+This times a layer-shaped chain on two devices (role axis): per layer, `--conds` role branches each running a
+[T, H] x [H, H] matmul on the base side and a small one on the LoRA side, with a ppermute round trip between
+branches, as the real step does. Variants:
   plain     the same chain with no conds (every device runs the base work): the floor
   cond      role branches, default XLA flags
   cond+cb   role branches, XLA_FLAGS --xla_gpu_enable_command_buffer with CONDITIONAL (and WHILE) added
