@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -17,6 +18,7 @@ from infinilora_jax.disagg.engine import InstanceGroup
 from infinilora_jax.disagg.runner import DisaggRunner
 from infinilora_jax.engine.engine import LLMEngine
 from infinilora_jax.engine.kv_cache import CacheConfig
+from infinilora_jax.engine.replicas import ReplicaGroup, split_devices
 from infinilora_jax.engine.request import RequestOutput
 from infinilora_jax.engine.runner import ModelRunner
 from infinilora_jax.engine.scheduler import SchedulerConfig
@@ -63,7 +65,7 @@ class LLM:
                  lora_targets: Sequence[str] = ALL_TARGETS, max_adapter_bytes: int | None = None,
                  page_size: int = 16, num_pages: int | None = None, max_num_seqs: int = 32,
                  max_num_batched_tokens: int = 256, num_layers: int | None = None, progress: bool = True,
-                 mode: str = "coupled"):
+                 mode: str = "coupled", replicas: int = 1):
         """
         Args:
           model: a Hugging Face model directory (config.json + safetensors), a directory written by
@@ -82,10 +84,20 @@ class LLM:
             max_adapters); max_num_seqs, max_num_batched_tokens: the scheduler's per-step limits.
           mode: "coupled" (every device holds base weights and adapter pages) or "disaggregated" (base instances
             and a LoRA server on separate devices of one role mesh; docs/architecture/07-disaggregated.md).
+          replicas: coupled mode: independent replicas (data parallelism, S-LoRA style), each with the `mesh`
+            layout on its own contiguous group of devices (replica r: devices [r * n, (r + 1) * n) for a layout of
+            n devices) and its own weights, KV cache, scheduler and adapter pool of max_adapters slots; requests
+            are routed by adapter residency and load (engine/replicas.py). 1: one engine, no ReplicaGroup.
         """
         if mode not in MODES:
             raise ConfigError(f"mode={mode!r}: choose one of {MODES}")
         self.mode = mode
+        if not isinstance(replicas, int) or replicas < 1:
+            raise ConfigError(f"replicas={replicas!r}: must be a positive integer")
+        if replicas > 1 and mode != "coupled":
+            raise ConfigError(f"replicas={replicas} is for coupled mode; disaggregated mode sets its base instances "
+                              "by the role layout's dp")
+        self.replicas = replicas
         if dtype not in DTYPES:
             raise ConfigError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
         self.model_dir = os.fspath(model) if model is not None else BUNDLED_MODEL
@@ -112,9 +124,14 @@ class LLM:
             weights = WeightMap(self.config, HFCheckpoint(self.model_dir))
             make_factory = lambda mesh, on_param: checkpoint_factory(weights, mesh, on_param)
         runner_cls = DisaggRunner if mode == "disaggregated" else ModelRunner
-        self.runner = runner_cls(self.config, self.layout, DTYPES[dtype], make_factory, pool_cfg,
-                                 max_host_adapters=max_host_adapters, max_adapter_bytes=max_adapter_bytes,
-                                 progress=progress)
+        runner_args = (self.config, self.layout, DTYPES[dtype], make_factory, pool_cfg)
+        runner_kwargs = dict(max_host_adapters=max_host_adapters, max_adapter_bytes=max_adapter_bytes,
+                             progress=progress)
+        if replicas > 1:
+            groups = split_devices(jax.devices(), replicas, self.layout.num_devices)
+            runners = [ModelRunner(*runner_args, devices=group, **runner_kwargs) for group in groups]
+        else:
+            self.runner = runner_cls(*runner_args, **runner_kwargs)
         self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
                                  self.config.max_position_embeddings)
         if num_pages is None:
@@ -124,10 +141,15 @@ class LLM:
         if mode == "disaggregated":  # so LoRA devices can use their KV blocks as adapter-page arenas
             num_pages = self.runner.round_kv_pages(num_pages, page_size)
         self.tokenizer = _load_tokenizer(self.model_dir)
-        engine_cls = InstanceGroup if mode == "disaggregated" and self.layout.dp > 1 else LLMEngine
-        self.engine = engine_cls(self.runner, CacheConfig(page_size, num_pages),
-                                 SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len),
-                                 self.tokenizer, self.config.eos_token_ids)
+        engine_args = (CacheConfig(page_size, num_pages),
+                       SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len),
+                       self.tokenizer, self.config.eos_token_ids)
+        if replicas > 1:
+            self.engine = ReplicaGroup(runners, *engine_args)
+            self.runner = self.engine.runner  # the replicas' runners seen as one (a shared adapter registry)
+        else:
+            engine_cls = InstanceGroup if mode == "disaggregated" and self.layout.dp > 1 else LLMEngine
+            self.engine = engine_cls(self.runner, *engine_args)
         for name, path in adapters.items():
             self.load_adapter(name, path)
 

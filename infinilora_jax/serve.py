@@ -4,6 +4,7 @@
     python -m infinilora_jax.serve --model DIR --adapters sql=DIR1,chat=DIR2 --port 8000 --dtype bfloat16
     python -m infinilora_jax.serve --enable-lora-loading --adapter-root /srv/adapters --api-key-file key.txt
     python -m infinilora_jax.serve --mode disaggregated --layout 1+1      # base on device 0, LoRA server on 1
+    python -m infinilora_jax.serve --replicas 2                           # two coupled replicas, one per device
 
 Flags may be spelled with dashes or underscores (--max-model-len or --max_model_len). See
 docs/architecture/05-server.md.
@@ -29,6 +30,9 @@ _MESH = flags.DEFINE_string("mesh", None, "mesh layout: coupled e.g. pp2_ep2_tp2
 _LAYOUT = flags.DEFINE_string("layout", None, "the same as --mesh")
 _MODE = flags.DEFINE_enum("mode", "coupled", ["coupled", "disaggregated"], "coupled: every device holds base weights "
                           "and adapter pages; disaggregated: base instances and a LoRA server on separate devices")
+_REPLICAS = flags.DEFINE_integer("replicas", 1, "coupled mode: independent replicas (data parallelism), each with "
+                                 "the --mesh layout on its own devices and its own adapter cache; requests are "
+                                 "routed by adapter residency and load (docs/architecture/04-engine.md)")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "on CPU, split the host into this many devices (for --mesh)")
 _MAX_LORA_RANK = flags.DEFINE_integer("max_lora_rank", 16, "largest adapter rank the pool holds")
 _MAX_ADAPTERS = flags.DEFINE_integer("max_adapters", None, "adapter slots on the device (default: max(4, "
@@ -97,8 +101,10 @@ def main(argv):
         raise app.UsageError("--enable_lora_loading needs at least one --adapter_root")
     if _MESH.value and _LAYOUT.value and _MESH.value != _LAYOUT.value:
         raise app.UsageError("--mesh and --layout name the same thing: give one")
+    if _REPLICAS.value < 1 or (_REPLICAS.value > 1 and _MODE.value != "coupled"):
+        raise app.UsageError("--replicas takes a positive count, and more than 1 only in --mode coupled")
     llm = build_llm(_MODEL.value, parse_adapters(_ADAPTERS.value), dtype=_DTYPE.value,
-                    mesh=_MESH.value or _LAYOUT.value, mode=_MODE.value,
+                    mesh=_MESH.value or _LAYOUT.value, mode=_MODE.value, replicas=_REPLICAS.value,
                     max_lora_rank=_MAX_LORA_RANK.value, max_adapters=_MAX_ADAPTERS.value,
                     max_host_adapters=_MAX_HOST_ADAPTERS.value, max_model_len=_MAX_MODEL_LEN.value,
                     max_num_seqs=_MAX_NUM_SEQS.value, max_num_batched_tokens=_MAX_BATCHED.value,

@@ -7,10 +7,12 @@ adapter load stall the step that carries it (tiny adapters load in microseconds 
 milliseconds); `AdapterSlotLimit` shrinks the usable adapter cache without recompiling (the pool's extra slots
 are pinned by placeholder adapters); `set_policy` switches the scheduler between FCFS and SJF.
 
-Every hook works on both engines: an `LLMEngine` (coupled, or disaggregated with one base instance, whose
-runner's `sample` is the disaggregated step for one instance) and a disaggregated `InstanceGroup` (several base
+Every hook works on the three engines: an `LLMEngine` (coupled, or disaggregated with one base instance, whose
+runner's `sample` is the disaggregated step for one instance), a disaggregated `InstanceGroup` (several base
 instances, each an `LLMEngine` with its own scheduler, stepped together by the runner's `sample_instances`; one
-shared adapter cache). `base_instances` says which schedulers a step runs.
+shared adapter cache) and a coupled `ReplicaGroup` (engine/replicas.py: several replicas, each an `LLMEngine`
+with its own runner and adapter cache, stepped concurrently; `engine.runner.adapters` is their registry seen as
+one, `adapter_caches` lists the per-replica caches). `base_instances` says which schedulers a step runs.
 """
 
 from __future__ import annotations
@@ -58,8 +60,25 @@ def replay(engine: LLMEngine, requests: list[WorkloadRequest], names: list[str],
 
 
 def base_instances(engine) -> list[LLMEngine]:
-    """The LLMEngines a step of `engine` schedules: the engine itself, or an InstanceGroup's instances."""
+    """The LLMEngines a step of `engine` schedules: the engine itself, or an InstanceGroup's or a ReplicaGroup's
+    instances."""
     return list(getattr(engine, "instances", None) or [engine])
+
+
+def adapter_caches(engine) -> list:
+    """The device adapter caches behind `engine`: one (LLMEngine, InstanceGroup), or one per replica
+    (ReplicaGroup)."""
+    cache = engine.runner.adapters
+    return list(getattr(cache, "caches", None) or [cache])
+
+
+def _step_entries(engine) -> list[tuple[object, str]]:
+    """(runner, method) pairs a step of `engine` calls to run its step program(s): each replica's `sample`
+    (ReplicaGroup), the shared runner's `sample_instances` (InstanceGroup), or the runner's `sample`."""
+    runners = getattr(engine, "runners", None)
+    if runners is not None:
+        return [(runner, "sample") for runner in runners]
+    return [(engine.runner, "sample_instances" if hasattr(engine, "instances") else "sample")]
 
 
 def measured(engine: LLMEngine, requests: list[WorkloadRequest], names: list[str],
@@ -88,66 +107,76 @@ class StepRecord:
     rows: int
     prefill_rows: int
     ms: float  # the whole engine.step()
-    device_ms: float  # inside the runner's step (dispatch, compute, tokens back to the host)
-    instances: int = 1  # base instances with work in this step (InstanceGroup: up to dp)
+    device_ms: float  # inside the runner's step (dispatch, compute, tokens back to the host); replicas stepping
+    # concurrently (ReplicaGroup): the longest replica's
+    instances: int = 1  # base instances with work in this step (InstanceGroup: up to dp; ReplicaGroup: replicas)
 
 
 class StepLog:
     """Runs engine steps and records each one's features and time. It wraps, for the duration of one step, every
-    base instance's `scheduler.schedule` (what each scheduled) and the runner method the engine calls (`sample`
-    for an LLMEngine, `sample_instances` for an InstanceGroup: the time spent in the step program)."""
+    base instance's `scheduler.schedule` (what each scheduled) and the runner method(s) the engine calls (`sample`
+    for an LLMEngine and for each replica of a ReplicaGroup, `sample_instances` for an InstanceGroup: the time
+    spent in the step program)."""
 
     def __init__(self):
         self.records: list[StepRecord] = []
 
     def step(self, engine) -> list:
         instances = base_instances(engine)
-        runner = engine.runner
-        entry = "sample_instances" if hasattr(engine, "instances") else "sample"
-        captured, device, calls = [], [0.0], [0]
+        entries = _step_entries(engine)
+        captured = []
+        device = [0.0] * len(entries)  # per runner: replicas run at once, so the step's device time is the max
+        calls = [0]
         for inst in instances:
             schedule = inst.scheduler.schedule
 
             def schedule_and_keep(schedule=schedule):
                 work = schedule()
-                captured.append(work)
+                captured.append(work)  # list.append is atomic: replicas' threads may call at once
                 return work
 
             inst.scheduler.schedule = schedule_and_keep
-        run = getattr(runner, entry)
+        for k, (runner, entry) in enumerate(entries):
+            run = getattr(runner, entry)
 
-        def timed(*args, **kwargs):
-            t = time.perf_counter()
-            calls[0] += 1
-            try:
-                return run(*args, **kwargs)
-            finally:
-                device[0] += time.perf_counter() - t
+            def timed(*args, run=run, k=k, **kwargs):
+                t = time.perf_counter()
+                calls[0] += 1
+                try:
+                    return run(*args, **kwargs)
+                finally:
+                    device[k] += time.perf_counter() - t
 
-        setattr(runner, entry, timed)
+            setattr(runner, entry, timed)
         t = time.perf_counter()
         try:
             out = engine.step()
         finally:
             for inst in instances:
                 del inst.scheduler.schedule  # back to the class methods
-            delattr(runner, entry)
+            for runner, entry in entries:
+                delattr(runner, entry)
         ms = 1e3 * (time.perf_counter() - t)
         rows = [(r, n) for work in captured for r, n in work.rows]
         if rows:
             if not calls[0]:
-                raise RuntimeError(f"StepLog: the engine scheduled work but never called runner.{entry}")
+                raise RuntimeError(f"StepLog: the engine scheduled work but never called runner.{entries[0][1]}")
             self.records.append(StepRecord(sum(n for _, n in rows),
                                            len({r.adapter for r, _ in rows if r.adapter is not None}),
-                                           len(rows), sum(n > 1 for _, n in rows), ms, 1e3 * device[0],
+                                           len(rows), sum(n > 1 for _, n in rows), ms, 1e3 * max(device),
                                            sum(1 for work in captured if work.rows)))
         return out
 
 
 def emulate_cold_loads(engine: LLMEngine, seconds: float) -> None:
     """From now on, each adapter load into a device slot stalls the step that carries it by `seconds` (a host
-    sleep before the step runs, so nothing overlaps it: an eager load)."""
-    cache = engine.runner.adapters
+    sleep before the step runs, so nothing overlaps it: an eager load). With replicas, each replica's loads stall
+    its own steps."""
+    for cache in adapter_caches(engine):
+        _stall_loads(cache, seconds)
+
+
+def _stall_loads(cache, seconds: float) -> None:
     take_load = cache.take_load
     seen = [cache.stats.loads]
 
@@ -164,7 +193,8 @@ def emulate_cold_loads(engine: LLMEngine, seconds: float) -> None:
 class AdapterSlotLimit:
     """Shrinks the usable device adapter slots without recompiling: the pool's other slots are taken by
     placeholder adapters pinned for good (never evicted, so the LRU works over the remaining slots; the pool
-    keeps its shape). `set` on an idle engine, before measuring."""
+    keeps its shape). With replicas, every replica keeps `slots` usable slots. `set` on an idle engine, before
+    measuring."""
 
     def __init__(self, llm):
         self.llm, self.placeholders = llm, []
@@ -172,21 +202,25 @@ class AdapterSlotLimit:
     def set(self, slots: int) -> None:
         from infinilora_jax.lora.random_adapter import random_adapter
 
-        cache = self.llm.runner.adapters
-        if not 1 <= slots <= cache.max_adapters:
-            raise ValueError(f"slots={slots} must be within 1..{cache.max_adapters} (the pool's slots)")
+        registry = self.llm.runner.adapters
+        caches = adapter_caches(self.llm.engine)
+        if not 1 <= slots <= registry.max_adapters:
+            raise ValueError(f"slots={slots} must be within 1..{registry.max_adapters} (the pool's slots)")
         for name in self.placeholders:  # give the previous placeholders' slots back
-            cache.release(name)
-            cache.unregister(name)
+            for cache in caches:
+                cache.release(name)
+            registry.unregister(name)
         self.placeholders = []
-        for k in range(cache.max_adapters - slots):
+        for k in range(registry.max_adapters - slots):
             name = f"placeholder-{k}"
-            cache.register_weights(random_adapter(self.llm.config, name, 1, ("q",), seed=10_000 + k,
-                                                  dtype=self.llm.runner.dtype))
-            if cache.acquire(name) is None:
-                raise RuntimeError("no free adapter slot for a placeholder: is the engine idle?")
+            registry.register_weights(random_adapter(self.llm.config, name, 1, ("q",), seed=10_000 + k,
+                                                     dtype=self.llm.runner.dtype))
+            for cache in caches:
+                if cache.acquire(name) is None:
+                    raise RuntimeError("no free adapter slot for a placeholder: is the engine idle?")
             self.placeholders.append(name)
-        cache.flush()
+        for cache in caches:
+            cache.flush()
 
 
 def set_policy(engine: LLMEngine, policy: str) -> None:

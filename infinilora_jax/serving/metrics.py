@@ -47,11 +47,12 @@ class _CacheCollector:
         g = GaugeMetricFamily(f"{PREFIX}_adapters_registered", "adapters a request may name")
         g.add_metric([], len(cache.names()))
         yield g
-        g = GaugeMetricFamily(f"{PREFIX}_adapters_resident", "adapters in device slots")
+        g = GaugeMetricFamily(f"{PREFIX}_adapters_resident", "adapters in device slots (with replicas: copies "
+                              "over every replica)")
         g.add_metric([], len(cache.slot_of))
         yield g
-        g = GaugeMetricFamily(f"{PREFIX}_adapter_slots", "device adapter slots")
-        g.add_metric([], cache.max_adapters)
+        g = GaugeMetricFamily(f"{PREFIX}_adapter_slots", "device adapter slots (with replicas: over every replica)")
+        g.add_metric([], getattr(cache, "total_slots", cache.max_adapters))
         yield g
         c = CounterMetricFamily(f"{PREFIX}_preemptions", "requests preempted for KV cache room (recompute)")
         c.add_metric([], self.llm.engine.scheduler.num_preemptions)

@@ -1,0 +1,337 @@
+"""ReplicaGroup: N independent coupled replicas (S-LoRA-style data parallelism), served as one engine.
+
+Each replica is an LLMEngine with its own ModelRunner on its own devices: its own copy of the base weights, KV
+cache, scheduler and adapter pool, so an adapter used on two replicas sits in a device slot of each (the cost
+a disaggregated LoRA server avoids: docs/architecture/07-disaggregated.md). The group offers the LLMEngine
+methods the LLM API, the OpenAI server and bench/replay.py call (add_request, step, abort, abort_all, requests,
+pop_finished, check_prompt, warmup, score, prompt_logprobs, unload_adapter, instances, instance_of, scheduler
+counters) and `runner`, a ReplicaRunners whose `adapters` is the replicas' adapter registry seen as one.
+
+Routing (`ReplicaGroup.route`): a new request goes to a replica with *affinity* for its adapter (the adapter is
+resident in, or being loaded into, one of the replica's device slots, or an unfinished request of that replica
+uses it), the least loaded of those, unless that replica's load exceeds the least loaded replica's by more than
+`affinity_slack` tokens (default: one step's token budget, about what a cold adapter load costs in step time);
+otherwise (and for requests without an adapter) the least loaded replica. Load is outstanding tokens: prompt
+tokens not yet computed plus tokens still to generate (max_tokens minus those generated), over the replica's
+unfinished requests. Ties go to the lowest replica index.
+
+A step runs every replica with work at once, each in its own thread of a persistent pool (JAX releases the GIL
+while a step computes and while its tokens come back), and returns the outputs of all of them; a replica's
+exception is raised after every replica has finished its step (the caller aborts, as after any failed step).
+
+Adapters are registered on every replica: the PEFT directory is read and converted once and the same host
+AdapterWeights object is entered into each replica's cache; a replica that has to re-read an adapter its host
+store dropped first takes it from a sibling's store when one still holds it. Pinned staging copies and device
+slots are per replica (they live on the replica's devices).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import itertools
+import os
+
+from infinilora_jax.disagg.engine import _Schedulers
+from infinilora_jax.engine.engine import LLMEngine
+from infinilora_jax.engine.kv_cache import CacheConfig
+from infinilora_jax.engine.request import Request, RequestOutput
+from infinilora_jax.engine.runner import ModelRunner
+from infinilora_jax.engine.scheduler import SchedulerConfig
+from infinilora_jax.errors import ConfigError, RequestError
+from infinilora_jax.loading.peft_adapter import AdapterWeights
+from infinilora_jax.lora.adapter_cache import AdapterBusyError, AdapterCache, AdapterStats, check_adapter_name
+
+
+def split_devices(devices: list, replicas: int, per_replica: int) -> list[list]:
+    """`replicas` contiguous groups of `per_replica` devices from the front of `devices`; ConfigError when there
+    are too few."""
+    if replicas < 1:
+        raise ConfigError(f"replicas={replicas}: must be at least 1")
+    need = replicas * per_replica
+    if len(devices) < need:
+        raise ConfigError(f"{replicas} replicas of {per_replica} device(s) each need {need} devices; "
+                          f"{len(devices)} available")
+    return [list(devices[r * per_replica:(r + 1) * per_replica]) for r in range(replicas)]
+
+
+class ReplicaAdapters:
+    """Every replica's AdapterCache seen as one registry: registration and unregistration apply to all of them;
+    lookups answer from replica 0 (all hold the same names); stats are summed over the replicas. `caches` are the
+    per-replica caches (device slots, residency and per-replica stats)."""
+
+    def __init__(self, caches: list[AdapterCache]):
+        self.caches = caches
+        for cache in caches:  # re-reads of a dropped adapter reuse a sibling's host copy when there is one
+            cache._read = self._shared_reader(cache, cache._read)
+
+    def _shared_reader(self, cache: AdapterCache, read):
+        def read_shared(name: str, path: str) -> AdapterWeights:
+            for other in self.caches:
+                weights = other.host.get(name)
+                if other is not cache and weights is not None and other.paths.get(name) == path:
+                    return weights
+            return read(name, path)
+        return read_shared
+
+    # ---- what AdapterCache answers ----
+
+    @property
+    def first(self) -> AdapterCache:
+        return self.caches[0]
+
+    @property
+    def max_adapters(self) -> int:
+        """Device slots per replica."""
+        return self.first.max_adapters
+
+    @property
+    def total_slots(self) -> int:
+        return sum(c.max_adapters for c in self.caches)
+
+    @property
+    def max_adapter_bytes(self) -> int | None:
+        return self.first.max_adapter_bytes
+
+    @property
+    def max_host_adapters(self) -> int:
+        return self.first.max_host_adapters
+
+    @property
+    def stats(self) -> AdapterStats:
+        """Summed over the replicas (a fresh object: take a copy before, subtract after)."""
+        total = AdapterStats()
+        for cache in self.caches:
+            for f in dataclasses.fields(AdapterStats):
+                setattr(total, f.name, getattr(total, f.name) + getattr(cache.stats, f.name))
+        return total
+
+    @property
+    def slot_of(self) -> dict[tuple[int, str], int]:
+        """(replica, adapter) -> slot for every resident copy (an adapter resident on two replicas counts twice)."""
+        return {(r, name): slot for r, cache in enumerate(self.caches) for name, slot in cache.slot_of.items()}
+
+    def names(self) -> list[str]:
+        return self.first.names()
+
+    def path(self, name: str) -> str | None:
+        return self.first.path(name)
+
+    def require(self, name: str) -> str:
+        return self.first.require(name)
+
+    def info(self, name: str) -> AdapterWeights:
+        return self.first.info(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.first
+
+    def resident_on(self, name: str) -> list[int]:
+        return [r for r, cache in enumerate(self.caches) if name in cache.slot_of]
+
+    # ---- registration, on every replica ----
+
+    def register(self, name: str, path: str) -> None:
+        """Read, validate and convert the adapter at `path` once and register it on every replica (all or
+        nothing)."""
+        check_adapter_name(name)
+        self._add_all(name, os.path.abspath(path), self.first._read(name, path))
+
+    def register_weights(self, weights: AdapterWeights) -> None:
+        check_adapter_name(weights.name)
+        self._add_all(weights.name, None, weights)
+
+    def _add_all(self, name: str, path: str | None, weights: AdapterWeights) -> None:
+        # Replica 0 last: lookups (names, require) answer from it, so a name is visible only once every replica
+        # has it.
+        done = []
+        try:
+            for cache in [*self.caches[1:], self.first]:
+                cache._add(name, path, weights)
+                done.append(cache)
+        except BaseException:
+            for cache in done:
+                cache.unregister(name)
+            raise
+
+    def unregister(self, name: str) -> None:
+        """Forget an adapter on every replica; refused while any replica's requests hold it."""
+        self.require(name)
+        busy = sum(c.refcount[name] for c in self.caches)
+        if busy:
+            raise AdapterBusyError(f"adapter {name!r} is in use by {busy} running request(s)", field="name")
+        for cache in [self.first, *self.caches[1:]]:  # replica 0 first: the name disappears before its slots go
+            cache.unregister(name)
+
+
+class ReplicaRunners:
+    """The replicas' ModelRunners seen as one where the LLM API and the benchmarks look at `llm.runner`: the
+    shared adapter registry (`adapters`), the model config and dtype, the base weights of replica 0 (for
+    save_converted: every replica holds the same), and live bytes over every replica's devices."""
+
+    def __init__(self, runners: list[ModelRunner]):
+        self.runners = runners
+        first = runners[0]
+        self.cfg, self.layout, self.dtype = first.cfg, first.layout, first.dtype
+        self.adapters = ReplicaAdapters([r.adapters for r in runners])
+
+    @property
+    def model_state(self):
+        return self.runners[0].model_state
+
+    @property
+    def devices(self) -> list:
+        return [d for r in self.runners for d in r.mesh.devices.flat]
+
+    def live_bytes_per_device(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for runner in self.runners:
+            out.update(runner.live_bytes_per_device())
+        return out
+
+
+def outstanding_tokens(req: Request) -> int:
+    """Work a request still brings to its replica: prompt (or recomputed) tokens not yet computed, plus the tokens
+    it may still generate."""
+    return (req.num_tokens - req.num_computed_tokens) + max(0, req.params.max_tokens - len(req.output_token_ids))
+
+
+class ReplicaGroup:
+    def __init__(self, runners: list[ModelRunner], cache: CacheConfig, scheduler: SchedulerConfig, tokenizer=None,
+                 eos_token_ids: tuple[int, ...] = (), *, affinity_slack: int | None = None):
+        """One LLMEngine per runner (each runner on its own devices). affinity_slack: the most outstanding tokens
+        a replica holding a request's adapter may carry beyond the least loaded replica and still get the
+        request (None: max_num_batched_tokens)."""
+        if not runners:
+            raise ConfigError("a ReplicaGroup needs at least one runner")
+        self.runners = runners
+        self.runner = ReplicaRunners(runners)
+        self.instances = [LLMEngine(r, cache, scheduler, tokenizer, eos_token_ids) for r in runners]
+        self.cache_config, self.config, self.tokenizer = cache, scheduler, tokenizer
+        self.scheduler = _Schedulers(self.instances)
+        self.affinity_slack = scheduler.max_num_batched_tokens if affinity_slack is None else affinity_slack
+        self._pool = concurrent.futures.ThreadPoolExecutor(len(runners), thread_name_prefix="replica")
+        self._ids = itertools.count()
+        self._owner: dict[str, LLMEngine] = {}
+        self.num_steps = 0
+
+    @property
+    def num_replicas(self) -> int:
+        return len(self.instances)
+
+    @property
+    def requests(self) -> dict[str, Request]:
+        return {rid: r for inst in self.instances for rid, r in inst.requests.items()}
+
+    def close(self) -> None:
+        """Stop the step threads (the group cannot step afterwards)."""
+        self._pool.shutdown(wait=True)
+
+    # ---- routing ----
+
+    def load(self, replica: int) -> int:
+        """Outstanding tokens of a replica's unfinished requests."""
+        return sum(outstanding_tokens(r) for r in self.instances[replica].requests.values() if not r.finished)
+
+    def has_affinity(self, replica: int, adapter: str | None) -> bool:
+        """The adapter is resident in (or being loaded into) one of the replica's slots, or one of its unfinished
+        requests uses it (so it will be)."""
+        if adapter is None:
+            return False
+        inst = self.instances[replica]
+        return adapter in inst.runner.adapters.slot_of or any(
+            r.adapter == adapter and not r.finished for r in inst.requests.values())
+
+    def route(self, adapter: str | None) -> int:
+        """The replica a new request with this adapter goes to (module docstring: affinity within a load slack,
+        else the least loaded; ties to the lowest index)."""
+        loads = [self.load(r) for r in range(self.num_replicas)]
+        least = min(range(self.num_replicas), key=lambda r: (loads[r], r))
+        warm = [r for r in range(self.num_replicas) if self.has_affinity(r, adapter)]
+        if warm:
+            best = min(warm, key=lambda r: (loads[r], r))
+            if loads[best] <= loads[least] + self.affinity_slack:
+                return best
+        return least
+
+    # ---- requests ----
+
+    def check_prompt(self, tokens, room_to_generate: bool = True) -> list[int]:
+        return self.instances[0].check_prompt(tokens, room_to_generate)
+
+    def add_request(self, prompt_token_ids, params, adapter=None, request_id=None, arrival_time=None) -> str:
+        """Queue a request on the replica `route` picks; ids are unique over the group."""
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._owner:
+            raise RequestError(f"duplicate request id {request_id!r}")
+        if adapter is not None:
+            self.runner.adapters.require(adapter)
+        instance = self.instances[self.route(adapter)]
+        instance.add_request(prompt_token_ids, params, adapter, request_id, arrival_time)
+        self._owner[request_id] = instance
+        return request_id
+
+    def instance_of(self, request_id: str) -> int:
+        """The replica serving a request (while it is known: until pop_finished returns it)."""
+        return self.instances.index(self._owner[request_id])
+
+    def abort(self, request_id: str) -> None:
+        owner = self._owner.get(request_id)
+        if owner is not None:
+            owner.abort(request_id)
+
+    def abort_all(self) -> list[str]:
+        return [rid for inst in self.instances for rid in inst.abort_all()]
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget an adapter on every replica; refused while a queued or running request of any replica uses it."""
+        users = sum(1 for r in self.requests.values() if not r.finished and r.adapter == name)
+        if users:
+            raise AdapterBusyError(f"adapter {name!r} is in use by {users} queued or running request(s)",
+                                   field="name")
+        self.runner.adapters.unregister(name)
+
+    def has_unfinished(self) -> bool:
+        return any(inst.has_unfinished() for inst in self.instances)
+
+    def pop_finished(self) -> list[Request]:
+        done = [r for inst in self.instances for r in inst.pop_finished()]
+        for r in done:
+            self._owner.pop(r.request_id, None)
+        return done
+
+    # ---- the step ----
+
+    def step(self) -> list[RequestOutput]:
+        """One step of every replica with work, concurrently; their outputs in replica order."""
+        busy = [inst for inst in self.instances if inst.has_unfinished()]
+        if not busy:
+            return []
+        futures = [self._pool.submit(inst.step) for inst in busy]
+        concurrent.futures.wait(futures)
+        self.num_steps += 1
+        outputs = []
+        for future in futures:  # the first failure (in replica order) is raised once all have finished
+            outputs += future.result()
+        return outputs
+
+    # ---- compilation and teacher forcing ----
+
+    def program_shapes(self, scoring: bool = False):
+        return self.instances[0].program_shapes(scoring)
+
+    def warmup(self, scoring: bool = False, progress: bool = True, workers: int = 8) -> int:
+        """Compile every replica's step programs (each replica's devices need their own executables)."""
+        shapes = 0
+        for inst in self.instances:
+            shapes = inst.warmup(scoring, progress, workers)
+        return shapes
+
+    def score(self, token_ids, adapter=None):
+        return self.instances[self.route(adapter)].score(token_ids, adapter)
+
+    def prompt_logprobs(self, token_ids, adapter=None):
+        return self.instances[self.route(adapter)].prompt_logprobs(token_ids, adapter)
+
+
+__all__ = ["ReplicaAdapters", "ReplicaGroup", "ReplicaRunners", "outstanding_tokens", "split_devices"]
