@@ -5,6 +5,11 @@ Modes compared (same model, same adapters, same workload):
                of the base weights and of the adapter pool (the S-LoRA-style baseline);
   coupled1     one replica on device 0 alone: one of the two instances the 2-GPU coupled deployment would run
                (each with its own adapter cache), so "disagg vs coupled1" compares equal batches per base instance;
+  coupled_dp   that 2-GPU coupled deployment itself (issue 6's baseline, S-LoRA style): one single-device replica
+               per device of the disaggregated layout (2 for 1+1), each with its own weights, KV cache, scheduler
+               and adapter cache of --max_adapters slots, stepped concurrently; requests routed by adapter
+               residency, then load (engine/replicas.py). Its decode rows split the B requests over the replicas
+               (a step is both replicas' steps at once; tokens/s is the deployment's);
   disagg       "1+1": device 0 is the base instance (all base weights, KV cache), device 1 the LoRA server (all
                adapter pages, in its role buffers); per layer the base pushes activations, routing and slots to
                it with ppermute and gets float32 deltas back (docs/architecture/07-disaggregated.md).
@@ -47,7 +52,8 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "")
 flags.DEFINE_string("coupled_mesh", "ep2", "coupled layout over the two devices (ep2, tp2, pp2, ...)")
 flags.DEFINE_string("disagg_mesh", "1+1", "disaggregated role layout")
 flags.DEFINE_list("parts", ["decode", "sweep", "slo"], "decode, sweep, slo")
-flags.DEFINE_list("modes", ["coupled", "disagg"], "coupled (--coupled_mesh), coupled1 (one device), disagg")
+flags.DEFINE_list("modes", ["coupled", "disagg"], "coupled (--coupled_mesh), coupled1 (one device), coupled_dp "
+                  "(one single-device replica per device of --disagg_mesh), disagg")
 flags.DEFINE_integer("rank", 16, "adapter rank (and the pools' max rank)")
 flags.DEFINE_list("targets", None, "adapter targets (default: all, lora/targets.py)")
 flags.DEFINE_integer("requests", 64, "decode: running requests")
@@ -76,9 +82,12 @@ DISTINCT = 4  # adapters with their own random pages
 
 def make_llm(mode: str, max_adapters: int, targets, max_num_seqs: int, max_model_len: int):
     from infinilora_jax import LLM
+    from meshes.layouts import resolve_role_layout
 
-    mesh = {"disagg": F.disagg_mesh, "coupled": F.coupled_mesh, "coupled1": "single"}[mode]
+    mesh = {"disagg": F.disagg_mesh, "coupled": F.coupled_mesh, "coupled1": "single", "coupled_dp": "single"}[mode]
+    replicas = resolve_role_layout(F.disagg_mesh).num_devices if mode == "coupled_dp" else 1
     return LLM(F.model, dtype=F.dtype, mesh=mesh, mode="disaggregated" if mode == "disagg" else "coupled",
+               replicas=replicas,
                num_layers=F.num_layers, max_lora_rank=F.rank, lora_targets=targets, max_adapters=max_adapters,
                max_host_adapters=max(F.num_adapters, max_adapters, 1), max_num_seqs=max_num_seqs,
                max_num_batched_tokens=max(F.max_num_batched_tokens, max_num_seqs), max_model_len=max_model_len,

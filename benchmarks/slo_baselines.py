@@ -7,7 +7,11 @@ layout --disagg_layout: base instance(s) and a LoRA server whose shared cache ha
 coupled replica spans as many devices as the disaggregated layout (1+1 <-> ep2, 2+2 <-> ep4, 4+4 <-> ep8), so
 both use the same hardware; every row compiles the same --pool_slots pool and placeholder adapters pin the slots
 it does not use, and the disaggregated row gets as many usable slots as coupled
-(docs/architecture/08-slo-provisioning.md says why).
+(docs/architecture/08-slo-provisioning.md says why). With --coupled_replicas N the coupled rows run as N
+independent replicas instead (S-LoRA-style data parallelism, engine/replicas.py): each replica on its own
+devices with its own KV cache, scheduler and adapter cache of --coupled_slots usable slots, requests routed by
+adapter residency then load; by default each replica spans 1/N of the disaggregated layout's devices (1+1 and
+N=2: one single-device replica per device, issue 6's "coupled on 2 GPUs" baseline).
 For each, the serviceable rate (highest Poisson rate whose run keeps P95 TTFT and mean TPOT within the SLO) is
 found by bisection (bench/rate_search.py), each probe replaying the same seeded workload at that rate in
 wall-clock time (bench/replay.py `measured`, which also counts the engine steps over every base instance). Then
@@ -29,6 +33,7 @@ split into as many devices as the layouts need (--cpu_devices, default: that man
         --max_num_batched_tokens 512 --max_model_len 2048 --prompt_len burstgpt:16:512 \\
         --output_len burstgpt-response:1:256 --disagg_layout 1+1 --coupled_mesh ep2 --num_requests 120 \\
         --max_probes 4 --rel_tol 0.2 --calibration '' --out $OUT/slo_gpu
+    # the same with the coupled rows as two single-device replicas (one per GPU): add --coupled_replicas 2
 """
 
 from __future__ import annotations
@@ -77,6 +82,9 @@ flags.DEFINE_string("disagg_layout", "1+1", "role layout of the disaggregated ro
                     "ROLE_LAYOUTS: base + LoRA-server devices)")
 flags.DEFINE_string("coupled_mesh", None, "layout of the coupled replica (meshes/layouts.py LAYOUTS); default: "
                     "ep<N> over the N devices of --disagg_layout when the disaggregated row runs, else one device")
+flags.DEFINE_integer("coupled_replicas", 1, "run the coupled rows as this many independent replicas (each with "
+                     "--coupled_mesh on its own devices and its own adapter cache; default mesh: ep<N/replicas> "
+                     "over the disaggregated layout's N devices)")
 flags.DEFINE_integer("disagg_slots", None, "usable adapter slots of the LoRA server (default: --coupled_slots)")
 flags.DEFINE_integer("disagg_num_pages", None, "KV pages of the disaggregated engine (its LoRA devices' adapter "
                      "arenas are their weight and KV blocks; default: the LLM's, doubled until the pool fits)")
@@ -118,16 +126,33 @@ def _layouts(wanted) -> tuple[str | None, str | None]:
 
     disagg = F.disagg_layout if any(b.mode == "disaggregated" for b in wanted) else None
     coupled = F.coupled_mesh
+    if F.coupled_replicas < 1:
+        raise app.UsageError(f"--coupled_replicas={F.coupled_replicas}: must be at least 1")
     if coupled is None and disagg is not None:
         n = resolve_role_layout(disagg).num_devices
+        if n % F.coupled_replicas:
+            raise app.UsageError(f"--coupled_replicas={F.coupled_replicas} does not divide the {n} devices of "
+                                 f"--disagg_layout={disagg}: give --coupled_mesh")
+        n //= F.coupled_replicas
         coupled = f"ep{n}" if n > 1 else None
     return coupled, disagg
+
+
+def _coupled_label(coupled: str | None) -> str:
+    mesh = coupled or "single"
+    return f"{F.coupled_replicas}x{mesh}" if F.coupled_replicas > 1 else mesh
+
+
+def _num_devices(llm) -> int:
+    """Devices the LLM runs on (every replica's, for a replica group)."""
+    return sum(len(r.mesh.devices.flat) for r in getattr(llm.runner, "runners", None) or [llm.runner])
 
 
 def _devices(coupled: str | None, disagg: str | None) -> int:
     from meshes.layouts import resolve_layout, resolve_role_layout
 
-    return max(resolve_layout(coupled).num_devices, resolve_role_layout(disagg).num_devices if disagg else 1)
+    return max(F.coupled_replicas * resolve_layout(coupled).num_devices,
+               resolve_role_layout(disagg).num_devices if disagg else 1)
 
 
 def _disagg_llm(pool_slots: int, share_from=None):
@@ -174,7 +199,8 @@ def _measure(wanted, spec, slo) -> dict:
         llm, names = replay.benchmark_llm(F.model, F.num_adapters, F.rank, F.pool_slots, dtype=F.dtype,
                                           num_layers=F.num_layers, max_num_seqs=F.max_num_seqs,
                                           max_num_batched_tokens=F.max_num_batched_tokens,
-                                          max_model_len=F.max_model_len, mesh=coupled_mesh)
+                                          max_model_len=F.max_model_len, mesh=coupled_mesh,
+                                          replicas=F.coupled_replicas)
         replay.emulate_cold_loads(llm.engine, F.emulated_load_ms / 1e3)
         limit = replay.AdapterSlotLimit(llm)
         for b in coupled:
@@ -182,7 +208,7 @@ def _measure(wanted, spec, slo) -> dict:
                 limit.set(slots[b.name])
                 replay.set_policy(llm.engine, b.policy)
             engines[b.name] = (llm, names, configure)
-            layouts[b.name] = coupled_mesh or "single"
+            layouts[b.name] = _coupled_label(coupled_mesh)
     disagg_note = None
     if disagg_layout is not None:
         if not baselines.disaggregated_engine_available():
@@ -206,8 +232,9 @@ def _measure(wanted, spec, slo) -> dict:
                     "model", "num_layers", "dtype", "num_adapters", "rank", "pool_slots", "coupled_slots",
                     "emulated_load_ms", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_requests",
                     "prompt_len", "output_len", "zipf", "burstiness", "slo_ttft", "slo_tpot", "rel_tol",
-                    "max_probes", "seed", "disagg_layout", "coupled_mesh", "disagg_slots", "disagg_num_pages")},
-                "layouts": {"coupled": coupled_mesh or "single", "disaggregated": disagg_layout},
+                    "max_probes", "seed", "disagg_layout", "coupled_mesh", "coupled_replicas", "disagg_slots",
+                    "disagg_num_pages")},
+                "layouts": {"coupled": _coupled_label(coupled_mesh), "disaggregated": disagg_layout},
                 "common_rate": common, "baselines": results, "disaggregated": disagg_note, "simulator": {}}
 
     for name, (llm, names, configure) in engines.items():
@@ -217,7 +244,7 @@ def _measure(wanted, spec, slo) -> dict:
         search = rate_search.find_serviceable_rate(run, lambda s: metrics.meets_slo(s, slo), start=F.start_rate,
                                                    rel_tol=F.rel_tol, max_probes=F.max_probes, desc=name)
         results[name] = {"slots": slots[name], "policy": baselines.BASELINES[name].policy, "layout": layouts[name],
-                         "devices": len(llm.runner.mesh.devices.flat),
+                         "devices": _num_devices(llm),
                          "serviceable_rate": search.rate, "probes": [dataclasses.asdict(p) for p in search.probes]}
         logging.info("%s: serviceable rate %.2f req/s", name, search.rate)
         _write(make_report(0.0))  # so far (a run cut short still leaves its searches)
@@ -241,8 +268,8 @@ def _runner(llm, names, spec, vocab, slo):
 def _sim_config(name: str, model) -> simulator.ClusterConfig:
     b = baselines.BASELINES[name]
     slots = baselines.reduced_slots(F.coupled_slots) if b.reduced_cache else F.coupled_slots
-    return simulator.ClusterConfig("coupled", 1, model, slots, F.emulated_load_ms, 0.0, b.policy, F.max_num_seqs,
-                                   F.max_num_batched_tokens)
+    return simulator.ClusterConfig("coupled", F.coupled_replicas, model, slots, F.emulated_load_ms, 0.0, b.policy,
+                                   F.max_num_seqs, F.max_num_batched_tokens)
 
 
 def _simulator_check(results: dict, spec, slo) -> dict:
