@@ -201,11 +201,18 @@ def main(argv):
         F.max_num_batched_tokens, F.prompt_len_dist, F.output_len_dist = 16, "4:12", "2:6"
     results = {"config": {k: getattr(F, k) for k in ("model", "num_layers", "dtype", "coupled_mesh", "disagg_mesh",
                                                       "rank", "requests", "adapters", "prompt_len")}}
+    os.makedirs(os.path.dirname(F.out) or ".", exist_ok=True)
+
+    def save():  # after every row: a run cut off by a device-call limit keeps what it finished
+        with open(F.out + ".json", "w") as f:
+            json.dump(results, f, indent=1, default=str)
+
     if "decode" in F.parts:
-        rows = []
+        rows = results["decode"] = []
         for mode in F.modes:
-            rows += [decode_step(mode, F.adapters), decode_step(mode, 0, with_lora=False)]
-        results["decode"] = rows
+            for adapters, lora in ((F.adapters, True), (0, False)):
+                rows.append(decode_step(mode, adapters, with_lora=lora))
+                save()
         print(f"  {'mode':8} {'adapters':>8} {'lora':>5} {'step ms':>9} {'tokens/s':>9}")
         for r in rows:
             print(f"  {r['mode']:8} {r['adapters']:8d} {str(r.get('lora')):>5} {r.get('step_ms', float('nan')):9.2f} "
@@ -213,18 +220,22 @@ def main(argv):
         for r in rows:
             logging.info("%s lora=%s memory by device: %s", r["mode"], r.get("lora"), r.get("memory"))
     if "sweep" in F.parts:
-        rows = [decode_step(mode, int(a)) for a in F.sweep for mode in F.modes]
-        results["sweep"] = rows
+        rows = results["sweep"] = []
+        for a in F.sweep:
+            for mode in F.modes:
+                rows.append(decode_step(mode, int(a)))
+                save()
         print(f"  {'mode':8} {'adapters':>8} {'step ms':>9}")
         for r in rows:
             print(f"  {r['mode']:8} {r['adapters']:8d} {r.get('step_ms', float('nan')):9.2f} {r.get('error', '')}")
     if "slo" in F.parts:
-        results["slo"] = [slo_rate(mode) for mode in F.modes]
+        results["slo"] = []
+        for mode in F.modes:
+            results["slo"].append(slo_rate(mode))
+            save()
         for r in results["slo"]:
             print(f"  {r['mode']:8} serviceable rate {r['serviceable_rate']:.1f} req/s")
-    os.makedirs(os.path.dirname(F.out) or ".", exist_ok=True)
-    with open(F.out + ".json", "w") as f:
-        json.dump(results, f, indent=1, default=str)
+    save()
     _plot(results, F.out + ".png")
     logging.info("wrote %s.json and %s.png", F.out, F.out)
 
