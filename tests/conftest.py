@@ -9,6 +9,7 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 
 import functools  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -40,10 +41,23 @@ def manifest() -> dict:
 
 @functools.cache
 def shared_llm(model: str, dtype: str, mesh: str | None):
-    """One LLM per (model, dtype, layout) for the whole session: loading and compiling dominate test time."""
+    """One LLM per (model, dtype, layout) for a test module: loading and compiling dominate test time."""
     from infinilora_jax import LLM
 
     return LLM(model_dir(model), adapters=adapter_dirs(model), dtype=dtype, mesh=mesh, progress=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop each module's LLMs and compiled programs when it ends. XLA:CPU keeps every compiled program's code in
+    memory mappings of its own; kept for the whole suite they passed the kernel's per-process limit
+    (vm.max_map_count, 65530; test_parity_hf.py alone reaches ~36,000) and LLVM aborted the process
+    ("Unable to allocate section memory")."""
+    yield
+    shared_llm.cache_clear()
+    gc.collect()
+    jax.clear_caches()
+    gc.collect()
 
 
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:
