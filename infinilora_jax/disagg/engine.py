@@ -9,112 +9,31 @@ each instance its sampled tokens. The group offers the LLMEngine methods the LLM
 
 from __future__ import annotations
 
-import itertools
-
 from infinilora_jax.disagg.runner import DisaggRunner
 from infinilora_jax.engine.engine import LLMEngine
+from infinilora_jax.engine.instance_set import InstanceSet
 from infinilora_jax.engine.kv_cache import CacheConfig
 from infinilora_jax.engine.request import RequestOutput
 from infinilora_jax.engine.scheduler import SchedulerConfig
-from infinilora_jax.errors import RequestError
-from infinilora_jax.lora.adapter_cache import AdapterBusyError
 from infinilora_jax.models.batch import step_needs
 
 
-class _Allocators:
-    """The instances' page allocators seen as one (for metrics)."""
-
-    def __init__(self, instances):
-        self.instances = instances
-
-    @property
-    def num_free(self) -> int:
-        return sum(i.scheduler.allocator.num_free for i in self.instances)
-
-    @property
-    def capacity(self) -> int:
-        return sum(i.scheduler.allocator.capacity for i in self.instances)
-
-
-class _Schedulers:
-    """The instances' schedulers seen as one (waiting, running, preemptions, pages: for metrics)."""
-
-    def __init__(self, instances):
-        self.instances = instances
-        self.allocator = _Allocators(instances)
-
-    @property
-    def waiting(self) -> list:
-        return [r for i in self.instances for r in i.scheduler.waiting]
-
-    @property
-    def running(self) -> list:
-        return [r for i in self.instances for r in i.scheduler.running]
-
-    @property
-    def num_preemptions(self) -> int:
-        return sum(i.scheduler.num_preemptions for i in self.instances)
-
-
-class InstanceGroup:
+class InstanceGroup(InstanceSet):
     def __init__(self, runner: DisaggRunner, cache: CacheConfig, scheduler: SchedulerConfig, tokenizer=None,
                  eos_token_ids: tuple[int, ...] = ()):
         self.runner = runner
         self.instances = [LLMEngine(runner, cache, scheduler, tokenizer, eos_token_ids)
                           for _ in range(runner.layout.dp)]
         self.cache_config, self.config = cache, scheduler
-        self.scheduler = _Schedulers(self.instances)
         self.kv = self.instances[0].kv
-        self._ids = itertools.count()
-        self._owner: dict[str, LLMEngine] = {}
-        self.num_steps = 0
-
-    @property
-    def requests(self) -> dict:
-        return {rid: r for i in self.instances for rid, r in i.requests.items()}
-
-    # ---- requests ----
-
-    def check_prompt(self, tokens, room_to_generate: bool = True) -> list[int]:
-        return self.instances[0].check_prompt(tokens, room_to_generate)
+        super().__init__()
 
     def add_request(self, prompt_token_ids, params, adapter=None, request_id=None, arrival_time=None) -> str:
         """Queue a request on the least loaded instance (fewest unfinished requests)."""
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self._owner:
-            raise RequestError(f"duplicate request id {request_id!r}")
+        request_id = self._request_id(request_id)
         load = lambda inst: sum(1 for r in inst.requests.values() if not r.finished)
-        instance = min(self.instances, key=load)
-        instance.add_request(prompt_token_ids, params, adapter, request_id, arrival_time)
-        self._owner[request_id] = instance
-        return request_id
-
-    def instance_of(self, request_id: str) -> int:
-        return self.instances.index(self._owner[request_id])
-
-    def abort(self, request_id: str) -> None:
-        owner = self._owner.get(request_id)
-        if owner is not None:
-            owner.abort(request_id)
-
-    def abort_all(self) -> list[str]:
-        return [rid for inst in self.instances for rid in inst.abort_all()]
-
-    def unload_adapter(self, name: str) -> None:
-        users = sum(1 for r in self.requests.values() if not r.finished and r.adapter == name)
-        if users:
-            raise AdapterBusyError(f"adapter {name!r} is in use by {users} queued or running request(s)",
-                                   field="name")
-        self.runner.adapters.unregister(name)
-
-    def has_unfinished(self) -> bool:
-        return any(i.has_unfinished() for i in self.instances)
-
-    def pop_finished(self) -> list:
-        done = [r for i in self.instances for r in i.pop_finished()]
-        for r in done:
-            self._owner.pop(r.request_id, None)
-        return done
+        return self._queue(min(self.instances, key=load), prompt_token_ids, params, adapter, request_id,
+                           arrival_time)
 
     # ---- the step ----
 

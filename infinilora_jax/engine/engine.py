@@ -45,6 +45,13 @@ class StepPlan:
     want_logprobs: bool
 
 
+def refuse_if_in_use(requests, name: str) -> None:
+    """AdapterBusyError when a queued or running request among `requests` uses adapter `name`."""
+    users = sum(1 for r in requests if not r.finished and r.adapter == name)
+    if users:
+        raise AdapterBusyError(f"adapter {name!r} is in use by {users} queued or running request(s)", field="name")
+
+
 class LLMEngine:
     def __init__(self, runner: ModelRunner, cache: CacheConfig, scheduler: SchedulerConfig, tokenizer=None,
                  eos_token_ids: tuple[int, ...] = ()):
@@ -120,10 +127,7 @@ class LLMEngine:
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter. Refused (AdapterBusyError) while requests are queued or running with it, so no
         request ever runs with a slot that was zeroed or reused under it."""
-        users = sum(1 for r in self.requests.values() if not r.finished and r.adapter == name)
-        if users:
-            raise AdapterBusyError(f"adapter {name!r} is in use by {users} queued or running request(s)",
-                                   field="name")
+        refuse_if_in_use(self.requests.values(), name)
         self.runner.adapters.unregister(name)
 
     def has_unfinished(self) -> bool:

@@ -29,16 +29,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import itertools
 import os
 
-from infinilora_jax.disagg.engine import _Schedulers
 from infinilora_jax.engine.engine import LLMEngine
+from infinilora_jax.engine.instance_set import InstanceSet
 from infinilora_jax.engine.kv_cache import CacheConfig
 from infinilora_jax.engine.request import Request, RequestOutput
 from infinilora_jax.engine.runner import ModelRunner
 from infinilora_jax.engine.scheduler import SchedulerConfig
-from infinilora_jax.errors import ConfigError, RequestError
+from infinilora_jax.errors import ConfigError
 from infinilora_jax.loading.peft_adapter import AdapterWeights
 from infinilora_jax.lora.adapter_cache import AdapterBusyError, AdapterCache, AdapterStats, check_adapter_name
 
@@ -196,7 +195,7 @@ def outstanding_tokens(req: Request) -> int:
     return (req.num_tokens - req.num_computed_tokens) + max(0, req.params.max_tokens - len(req.output_token_ids))
 
 
-class ReplicaGroup:
+class ReplicaGroup(InstanceSet):
     def __init__(self, runners: list[ModelRunner], cache: CacheConfig, scheduler: SchedulerConfig, tokenizer=None,
                  eos_token_ids: tuple[int, ...] = (), *, affinity_slack: int | None = None):
         """One LLMEngine per runner (each runner on its own devices). affinity_slack: the most outstanding tokens
@@ -208,20 +207,13 @@ class ReplicaGroup:
         self.runner = ReplicaRunners(runners)
         self.instances = [LLMEngine(r, cache, scheduler, tokenizer, eos_token_ids) for r in runners]
         self.cache_config, self.config, self.tokenizer = cache, scheduler, tokenizer
-        self.scheduler = _Schedulers(self.instances)
         self.affinity_slack = scheduler.max_num_batched_tokens if affinity_slack is None else affinity_slack
         self._pool = concurrent.futures.ThreadPoolExecutor(len(runners), thread_name_prefix="replica")
-        self._ids = itertools.count()
-        self._owner: dict[str, LLMEngine] = {}
-        self.num_steps = 0
+        super().__init__()
 
     @property
     def num_replicas(self) -> int:
         return len(self.instances)
-
-    @property
-    def requests(self) -> dict[str, Request]:
-        return {rid: r for inst in self.instances for rid, r in inst.requests.items()}
 
     def close(self) -> None:
         """Stop the step threads (the group cannot step afterwards)."""
@@ -256,49 +248,13 @@ class ReplicaGroup:
 
     # ---- requests ----
 
-    def check_prompt(self, tokens, room_to_generate: bool = True) -> list[int]:
-        return self.instances[0].check_prompt(tokens, room_to_generate)
-
     def add_request(self, prompt_token_ids, params, adapter=None, request_id=None, arrival_time=None) -> str:
         """Queue a request on the replica `route` picks; ids are unique over the group."""
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self._owner:
-            raise RequestError(f"duplicate request id {request_id!r}")
+        request_id = self._request_id(request_id)
         if adapter is not None:
             self.runner.adapters.require(adapter)
-        instance = self.instances[self.route(adapter)]
-        instance.add_request(prompt_token_ids, params, adapter, request_id, arrival_time)
-        self._owner[request_id] = instance
-        return request_id
-
-    def instance_of(self, request_id: str) -> int:
-        """The replica serving a request (while it is known: until pop_finished returns it)."""
-        return self.instances.index(self._owner[request_id])
-
-    def abort(self, request_id: str) -> None:
-        owner = self._owner.get(request_id)
-        if owner is not None:
-            owner.abort(request_id)
-
-    def abort_all(self) -> list[str]:
-        return [rid for inst in self.instances for rid in inst.abort_all()]
-
-    def unload_adapter(self, name: str) -> None:
-        """Forget an adapter on every replica; refused while a queued or running request of any replica uses it."""
-        users = sum(1 for r in self.requests.values() if not r.finished and r.adapter == name)
-        if users:
-            raise AdapterBusyError(f"adapter {name!r} is in use by {users} queued or running request(s)",
-                                   field="name")
-        self.runner.adapters.unregister(name)
-
-    def has_unfinished(self) -> bool:
-        return any(inst.has_unfinished() for inst in self.instances)
-
-    def pop_finished(self) -> list[Request]:
-        done = [r for inst in self.instances for r in inst.pop_finished()]
-        for r in done:
-            self._owner.pop(r.request_id, None)
-        return done
+        return self._queue(self.instances[self.route(adapter)], prompt_token_ids, params, adapter, request_id,
+                           arrival_time)
 
     # ---- the step ----
 
