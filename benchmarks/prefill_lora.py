@@ -15,6 +15,7 @@ tokens with the default backends to show the engine runs end to end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -40,8 +41,7 @@ def run(args, backend: str | None) -> dict:
                                                             dtype=llm.runner.dtype))
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, llm.config.vocab_size, args.prompt_len).tolist()
-    context = dispatch.use_backend(backend) if backend else _nothing()
-    with context:
+    with dispatch.use_backend(backend) if backend else contextlib.nullcontext():
         t = time.perf_counter()
         for name in names:  # traces and compiles; loads every adapter (slots = adapters: all stay resident)
             llm.logits(prompt, name)
@@ -58,14 +58,6 @@ def run(args, backend: str | None) -> dict:
             tokens = [o.token_ids for o in out]
     return {"backend": backend or "default", "compile_s": compile_s, "ms_per_prompt": 1e3 * float(np.median(times)),
             "logits": logits, "tokens": tokens}
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main():
