@@ -76,6 +76,8 @@ flags.DEFINE_integer("max_model_len", 2048, "")
 flags.DEFINE_integer("num_pages", None, "KV pages (default: the LLM's)")
 flags.DEFINE_boolean("smoke", False, "tiny CPU run of every part (2 fake CPU devices)")
 flags.DEFINE_string("out", "out/disagg", "output path prefix")
+flags.DEFINE_integer("profile_steps", 0, "decode: after timing, trace this many steps and summarise device time "
+                     "(busy, idle, collectives, GEMMs) per device (bench/device_trace.py)")
 
 DISTINCT = 4  # adapters with their own random pages
 
@@ -147,6 +149,14 @@ def decode_step(mode: str, adapters: int, with_lora: bool = True) -> dict:
     result = {"mode": mode, "adapters": adapters, "lora": with_lora, "step_ms": 1e3 * float(np.median(times)),
               "tokens_per_s": F.requests / float(np.median(times)), "prefill_and_compile_s": prefill_s,
               "memory": memory(llm)}
+    if F.profile_steps:
+        from infinilora_jax.bench import device_trace
+
+        with device_trace.traced() as where:
+            for _ in range(F.profile_steps):
+                engine.step()
+        result["device_time"] = device_trace.summarize(where(), calls=F.profile_steps)
+        print(device_trace.format_summary(result["device_time"]), flush=True)
     print(f"  {mode:8} adapters {adapters:4d} lora {with_lora!s:5}: step {result['step_ms']:.2f} ms "
           f"(prefill and compile {prefill_s:.0f} s)", flush=True)
     for rid in list(engine.requests):

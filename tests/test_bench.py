@@ -42,3 +42,38 @@ def test_slo_attainment_per_adapter():
     assert r["output_tokens_per_s"] == 37 / 4.0
     r = metrics.summarize(t[:1] + t[2:3], 4.0, slo)
     assert r["adapters_meeting_slo"] == 1.0
+
+
+def test_device_trace_summary_of_a_real_profile(tmp_path):
+    """A real jax.profiler trace of a jitted matmul is summarised: busy time within the span, the ops counted per
+    call, kernel names categorised."""
+    import jax
+    import jax.numpy as jnp
+
+    from infinilora_jax.bench import device_trace
+
+    f = jax.jit(lambda x: jnp.sin(x @ x).sum())
+    x = jnp.ones((128, 128))
+    f(x).block_until_ready()
+    with device_trace.traced(str(tmp_path)) as where:
+        for _ in range(3):
+            f(x).block_until_ready()
+    summary = device_trace.summarize(where(), calls=3)
+    assert summary
+    for s in summary.values():
+        assert 0 < s["busy_us"] <= s["span_us"] + 1e-6
+        assert 0 <= s["idle_share"] < 1
+        # the top kernels are a subset of all ops, each op in exactly one category
+        assert sum(v for _, v in s["top_us"]) <= sum(s["by_category_us"].values()) + 1e-6
+        assert s["ops_per_call"] >= 1
+    assert "us" in device_trace.format_summary(summary)
+    assert device_trace.category("ncclDevKernel_SendRecv") == "collective"
+    assert device_trace.category("nvjet_hsh_128x256_64x4") == "gemm"
+    assert device_trace.category("loop_add_fusion") == "other"
+
+
+def test_busy_time_is_the_union_of_intervals():
+    from infinilora_jax.bench.device_trace import _busy
+
+    assert _busy([(0, 10), (5, 15), (20, 25), (21, 22)]) == 20
+    assert _busy([]) == 0

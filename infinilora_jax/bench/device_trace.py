@@ -1,0 +1,99 @@
+"""Where a step's device time goes: capture a `jax.profiler` trace of a few calls and summarise it per device.
+
+The summary is what a table needs, not a trace viewer: per device (a GPU, or the host on CPU) the span of the
+traced calls, the time it was busy (union of its kernel/op intervals), the idle share, and the total time per
+kernel category (collectives, GEMMs, attention, copies, other) with the top kernels by name. On GPU the idle
+time between kernels is what role branches (the host reads each predicate) and collective waits cost.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+
+import jax
+
+CATEGORIES = (  # first match wins; names are lower-cased kernel names
+    ("collective", re.compile(r"nccl|sendrecv|all_to_all|allgather|all_gather|ppermute|collective")),
+    ("memcpy", re.compile(r"memcpy|memset|copy")),
+    ("attention", re.compile(r"attention|flash|paged")),
+    ("gemm", re.compile(r"gemm|cutlass|nvjet|sm90|matmul|dot|cublas|ragged")),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for label, pattern in CATEGORIES:
+        if pattern.search(low):
+            return label
+    return "other"
+
+
+def _busy(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total
+
+
+def summarize(trace_dir: str, calls: int = 1, top: int = 12) -> dict:
+    """Summary of the newest perfetto trace under trace_dir (jax.profiler.trace(create_perfetto_trace=True)).
+    Times in microseconds, per call (divided by `calls`)."""
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
+                   key=os.path.getmtime)
+    if not paths:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+    with gzip.open(paths[-1]) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    devices = [pid for pid, n in names.items() if n.startswith("/device:")] or list(names)
+    out = {}
+    for pid in devices:
+        ops = [e for e in events if e.get("ph") == "X" and e.get("pid") == pid and e.get("dur", 0) > 0]
+        if not ops:
+            continue
+        spans = [(e["ts"], e["ts"] + e["dur"]) for e in ops]
+        span = max(e for _, e in spans) - min(s for s, _ in spans)
+        busy = _busy(spans)
+        by_cat, by_name = collections.Counter(), collections.Counter()
+        for e in ops:
+            by_cat[category(e["name"])] += e["dur"]
+            by_name[e["name"][:80]] += e["dur"]
+        out[names[pid]] = {
+            "span_us": span / calls, "busy_us": busy / calls, "idle_share": 1 - busy / span if span else 0.0,
+            "ops_per_call": len(ops) / calls,
+            "by_category_us": {k: v / calls for k, v in by_cat.most_common()},
+            "top_us": [(n, v / calls) for n, v in by_name.most_common(top)]}
+    return out
+
+
+@contextlib.contextmanager
+def traced(trace_dir: str | None = None):
+    """with traced() as where: ...  (where() gives the directory after the block)."""
+    directory = trace_dir or tempfile.mkdtemp(prefix="trace_")
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+        yield lambda: directory
+
+
+def format_summary(summary: dict) -> str:
+    lines = []
+    for device, s in summary.items():
+        cats = ", ".join(f"{k} {v:.0f}" for k, v in s["by_category_us"].items())
+        lines.append(f"{device}: span {s['span_us']:.0f} us, busy {s['busy_us']:.0f} us "
+                     f"(idle {s['idle_share']:.0%}), {s['ops_per_call']:.0f} ops; {cats}")
+        lines.extend(f"    {v:9.1f} us  {n}" for n, v in s["top_us"][:6])
+    return "\n".join(lines)
+
+
+__all__ = ["category", "format_summary", "summarize", "traced"]
