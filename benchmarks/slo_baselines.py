@@ -90,12 +90,20 @@ flags.DEFINE_integer("disagg_num_pages", None, "KV pages of the disaggregated en
                      "arenas are their weight and KV blocks; default: the LLM's, doubled until the pool fits)")
 flags.DEFINE_integer("cpu_devices", None, "split the CPU host into this many devices (default: the devices the "
                      "layouts use; only the CPU backend is affected)")
+flags.DEFINE_integer("disagg_max_num_seqs", None, "running requests of the disaggregated base instance (default: "
+                     "--max_num_seqs; its device holds no adapters, so its KV cache may seat more)")
+flags.DEFINE_integer("compile_workers", 2, "programs compiled at once before traffic")
+flags.DEFINE_integer("distinct_adapters", 0, "adapters with pages of their own (0: all); later ones reuse them")
+flags.DEFINE_list("sweep_adapters", [], "adapter counts: instead of one table, each baseline's serviceable rate "
+                  "at each count (Zipf over the first N adapters; --num_adapters is raised to the largest)")
 flags.DEFINE_string("simulate_from", None, "an earlier run's JSON: skip the engine, redo the simulator check")
 flags.DEFINE_string("out", "out/slo_cpu", "output prefix (.json, *_<plot>.png)")
 
 
 def main(argv):
     del argv
+    if F.sweep_adapters:
+        F.num_adapters = max(F.num_adapters, *(int(n) for n in F.sweep_adapters))
     slo = metrics.SLO(F.slo_ttft, F.slo_tpot)
     spec = workload.WorkloadSpec(F.num_requests, 1.0, F.burstiness, F.num_adapters, F.zipf, 0.0,
                                  workload.LengthDist.parse(F.prompt_len), workload.LengthDist.parse(F.output_len),
@@ -109,6 +117,10 @@ def main(argv):
     if report["baselines"] and os.path.exists(F.calibration):
         report["simulator"] = _simulator_check(report["baselines"], spec, slo)
     _write(report)
+    if report.get("sweep"):
+        _print_sweep(report)
+        _plot_sweep(report)
+        return
     _print_table(report, wanted)
     _plots(report, slo)
 
@@ -155,6 +167,10 @@ def _devices(coupled: str | None, disagg: str | None) -> int:
                resolve_role_layout(disagg).num_devices if disagg else 1)
 
 
+def _disagg_seqs() -> int:
+    return F.disagg_max_num_seqs or F.max_num_seqs
+
+
 def _disagg_llm(pool_slots: int, share_from=None):
     """The disaggregated LLM. Its LoRA devices keep adapter pages in their weight and KV blocks: when the pool
     does not fit there, the KV page count (hence the blocks) is doubled, up to 4 times."""
@@ -164,15 +180,16 @@ def _disagg_llm(pool_slots: int, share_from=None):
     for attempt in range(5):
         try:
             return replay.benchmark_llm(F.model, F.num_adapters, F.rank, pool_slots, dtype=F.dtype,
-                                        num_layers=F.num_layers, max_num_seqs=F.max_num_seqs,
-                                        max_num_batched_tokens=F.max_num_batched_tokens,
+                                        num_layers=F.num_layers, max_num_seqs=_disagg_seqs(),
+                                        max_num_batched_tokens=max(F.max_num_batched_tokens, _disagg_seqs()),
                                         max_model_len=F.max_model_len, mode="disaggregated",
-                                        mesh=F.disagg_layout, num_pages=num_pages, share_from=share_from)
+                                        mesh=F.disagg_layout, num_pages=num_pages, share_from=share_from,
+                                        workers=F.compile_workers, distinct=F.distinct_adapters)
         except ConfigError as e:
             if "role buffers hold pages" not in str(e) or attempt == 4:
                 raise
             page_size = 16
-            base = num_pages or min(65536, F.max_num_seqs * -(-F.max_model_len // page_size) + 1)
+            base = num_pages or min(65536, _disagg_seqs() * -(-F.max_model_len // page_size) + 1)
             num_pages = 2 * base
             logging.warning("%s; retrying with num_pages=%d", e, num_pages)
             import gc
@@ -200,7 +217,8 @@ def _measure(wanted, spec, slo) -> dict:
                                           num_layers=F.num_layers, max_num_seqs=F.max_num_seqs,
                                           max_num_batched_tokens=F.max_num_batched_tokens,
                                           max_model_len=F.max_model_len, mesh=coupled_mesh,
-                                          replicas=F.coupled_replicas)
+                                          replicas=F.coupled_replicas, workers=F.compile_workers,
+                                          distinct=F.distinct_adapters)
         replay.emulate_cold_loads(llm.engine, F.emulated_load_ms / 1e3)
         limit = replay.AdapterSlotLimit(llm)
         for b in coupled:
@@ -224,6 +242,8 @@ def _measure(wanted, spec, slo) -> dict:
                 replay.set_policy(llm.engine, "fcfs")
             engines["disaggregated"] = (d_llm, d_names, configure_disagg)
             layouts["disaggregated"] = disagg_layout
+    if F.sweep_adapters:
+        return _sweep(engines, slots, layouts, spec, slo)
     results: dict[str, dict] = {}
     runs = {}
 
@@ -255,6 +275,65 @@ def _measure(wanted, spec, slo) -> dict:
     report = make_report(common)
     _write(report)
     return report
+
+
+def _sweep(engines: dict, slots: dict, layouts: dict, spec, slo) -> dict:
+    """Each baseline's serviceable rate as the number of adapters in the workload grows (Zipf over the first N
+    registered adapters). Each count's search starts at the rate the baseline served at the previous count."""
+    rows, start = [], {}
+    report = {"config": {k: getattr(F, k) for k in (
+        "model", "num_layers", "dtype", "rank", "pool_slots", "coupled_slots", "disagg_slots", "emulated_load_ms",
+        "max_num_seqs", "disagg_max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_requests",
+        "prompt_len", "output_len", "zipf", "burstiness", "slo_ttft", "slo_tpot", "rel_tol", "max_probes", "seed",
+        "disagg_layout", "coupled_mesh", "coupled_replicas", "sweep_adapters")},
+        "layouts": layouts, "baselines": {}, "sweep": rows, "simulator": {}}
+    for count in (int(n) for n in F.sweep_adapters):
+        row = {"num_adapters": count, "baselines": {}}
+        rows.append(row)
+        counted = dataclasses.replace(spec, num_adapters=count)
+        for name, (llm, names, configure) in engines.items():
+            configure()
+            run = _runner(llm, names[:count], counted, llm.config.vocab_size, slo)
+            first = start.get(name, F.start_rate)
+            run(first)  # warm: this count's popular adapters into the cache
+            search = rate_search.find_serviceable_rate(run, lambda s: metrics.meets_slo(s, slo), start=first,
+                                                       rel_tol=F.rel_tol, max_probes=F.max_probes,
+                                                       desc=f"{name} N={count}")
+            best = search.best_summary() or {}
+            start[name] = max(search.rate, first / 4)
+            row["baselines"][name] = {
+                "slots": slots[name], "layout": layouts[name], "devices": _num_devices(llm),
+                "serviceable_rate": search.rate, "adapters_meeting_slo": best.get("adapters_meeting_slo", 0.0),
+                "hit_rate": best.get("hit_rate"), "ttft_p95_s": best.get("ttft_p95_s"),
+                "tpot_mean_s": best.get("tpot_mean_s"), "probes": [dataclasses.asdict(p) for p in search.probes]}
+            logging.info("N=%d %s: serviceable rate %.2f req/s", count, name, search.rate)
+            _write(report)  # so far
+    return report
+
+
+def _print_sweep(report: dict) -> None:
+    print(f"\n  serviceable rate (req/s) and share of adapters meeting the SLO at it, by adapter count "
+          f"(P95 TTFT <= {F.slo_ttft} s, mean TPOT <= {F.slo_tpot} s)")
+    names = list(report["sweep"][0]["baselines"]) if report["sweep"] else []
+    print("  " + f"{'adapters':>8} " + " ".join(f"{n:>26}" for n in names))
+    for row in report["sweep"]:
+        cells = []
+        for n in names:
+            r = row["baselines"].get(n)
+            cells.append(f"{r['serviceable_rate']:8.2f} ({r['adapters_meeting_slo']:4.0%}, "
+                         f"hit {r['hit_rate'] or 0:.2f})" if r else f"{'-':>26}")
+        print("  " + f"{row['num_adapters']:>8} " + " ".join(f"{c:>26}" for c in cells))
+
+
+def _plot_sweep(report: dict) -> None:
+    series: dict[str, list] = {}
+    for row in report["sweep"]:
+        for name, r in row["baselines"].items():
+            series.setdefault(f"{name} ({r['layout']}, {r['slots']} slots)", []).append(
+                (row["num_adapters"], r["serviceable_rate"]))
+    plots.versus_rate(series, "serviceable rate (requests/s)", F.out + "_sweep.png", xlabel="adapters (Zipf)",
+                      logx=True, title=f"serviceable rate at the SLO vs adapter count ({F.disagg_layout} devices)")
+    logging.info("wrote %s.json and %s_sweep.png", F.out, F.out)
 
 
 def _runner(llm, names, spec, vocab, slo):

@@ -433,7 +433,8 @@ def test_disaggregated_replay_sees_every_instance():
                                       max_model_len=64, precompile=False, mode="disaggregated", mesh="2+2_dp2")
     engine = llm.engine
     assert len(replay.base_instances(engine)) == 2 and not hasattr(engine, "sample")
-    replay.AdapterSlotLimit(llm).set(2)
+    limit = replay.AdapterSlotLimit(llm)
+    limit.set(2)
     replay.set_policy(engine, "sjf")
     assert [i.scheduler.config.policy for i in engine.instances] == ["sjf", "sjf"]
     replay.set_policy(engine, "fcfs")
@@ -459,4 +460,20 @@ def test_disaggregated_replay_sees_every_instance():
     assert s["hits"] + s["misses"] == sum(r.adapter is not None for r in reqs)
     assert s["loads"] == llm.runner.adapters.stats.loads - stats.loads > 0
     assert s["wall_s"] >= 0.02 * s["loads"]  # each load stalled its step
+
+    # placeholders pinned by a slot limit set after the stall are not traffic: the next step does not sleep
+    slept = []
+    real_sleep = replay.time.sleep
+    replay.time.sleep = slept.append
+    try:
+        before = llm.runner.adapters.stats.loads
+        limit.set(1)
+        assert llm.runner.adapters.stats.loads > before  # the placeholders were loaded
+        engine.add_request([5, 6, 7], SamplingParams(max_tokens=1), names[0])
+        while engine.has_unfinished():
+            engine.step()
+    finally:
+        replay.time.sleep = real_sleep
+    assert sum(slept) <= 0.02 + 1e-9  # at most names[0]'s own load, never the placeholders'
+    engine.pop_finished()
     assert not engine.has_unfinished() and engine.pop_finished() == []

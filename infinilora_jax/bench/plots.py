@@ -18,7 +18,7 @@ def _save(fig, path: str) -> None:
 
 def versus_rate(series: dict[str, list[tuple[float, float]]], ylabel: str, path: str, *, target: float | None = None,
                 dashed: dict[str, list[tuple[float, float]]] | None = None, title: str = "",
-                logy: bool = False) -> None:
+                logy: bool = False, xlabel: str = "request rate (requests/s)", logx: bool = False) -> None:
     """One line per label over (rate, value) points; `dashed` lines (e.g. the simulator) share the colours of
     the solid ones with the same label; `target` draws the SLO line."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -33,9 +33,11 @@ def versus_rate(series: dict[str, list[tuple[float, float]]], ylabel: str, path:
                 label=f"{label} (simulated)")
     if target is not None:
         ax.axhline(target, color="r", ls=":", label="SLO")
-    ax.set(xlabel="request rate (requests/s)", ylabel=ylabel, title=title)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     if logy:
         ax.set_yscale("log")
+    if logx:
+        ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, path)

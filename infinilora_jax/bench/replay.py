@@ -187,7 +187,17 @@ def _stall_loads(cache, seconds: float) -> None:
             time.sleep(new * seconds)
         return take_load(needed_slots)
 
+    def forget_loads():  # loads made outside traffic (AdapterSlotLimit's placeholders) must not stall a step
+        seen[0] = cache.stats.loads
+
+    stalled.forget_loads = forget_loads
     cache.take_load = stalled
+
+
+def _forget_loads(cache) -> None:
+    forget = getattr(cache.take_load, "forget_loads", None)
+    if forget is not None:
+        forget()
 
 
 class AdapterSlotLimit:
@@ -221,6 +231,7 @@ class AdapterSlotLimit:
             self.placeholders.append(name)
         for cache in caches:
             cache.flush()
+            _forget_loads(cache)
 
 
 def set_policy(engine: LLMEngine, policy: str) -> None:
@@ -245,12 +256,15 @@ def enable_compilation_cache(path: str | None) -> None:
 def benchmark_llm(model: str | None, num_adapters: int, rank: int, slots: int, *, targets=None, dtype="float32",
                   num_layers: int | None = None, max_num_seqs: int = 16, max_num_batched_tokens: int = 128,
                   max_model_len: int = 256, precompile: bool = True, workers: int = 2, share_from=None,
-                  **llm_kwargs):
+                  distinct: int | None = None, **llm_kwargs):
     """An LLM (bundled tiny model, or a configs/models/*.json shape with random weights) with `num_adapters`
     random rank-`rank` adapters named adapter-0.. registered, `slots` device adapter slots, every step shape
     compiled (unless precompile=False). llm_kwargs go to LLM (e.g. mode, mesh). `share_from`: an earlier
     benchmark LLM of the same model whose adapters are registered here as they are (the same host arrays: no
-    second copy, no second generation; at real sizes each adapter is hundreds of MB). Returns (llm, names)."""
+    second copy, no second generation; at real sizes each adapter is hundreds of MB). `distinct`: only the first
+    `distinct` adapters get pages of their own, later ones reuse theirs in turn (each still its own adapter: own
+    name, host entry and device slot; contents do not change step times, and host RNG at real widths takes
+    seconds per adapter). Returns (llm, names)."""
     from infinilora_jax import LLM
     from infinilora_jax.lora.random_adapter import random_adapter
     from infinilora_jax.lora.targets import ALL_TARGETS
@@ -260,10 +274,15 @@ def benchmark_llm(model: str | None, num_adapters: int, rank: int, slots: int, *
               max_host_adapters=num_adapters + slots, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
               max_num_batched_tokens=max_num_batched_tokens, num_layers=num_layers, progress=False, **llm_kwargs)
     names = [f"adapter-{k}" for k in range(num_adapters)]
+    made = []
     for k, name in enumerate(names):
         weights = share_from.runner.adapters.info(name) if share_from is not None else None
         if weights is None or weights.rank != rank:
-            weights = random_adapter(llm.config, name, rank, targets, seed=k, dtype=llm.runner.dtype)
+            if distinct and k >= distinct:
+                weights = dataclasses.replace(made[k % distinct], name=name)
+            else:
+                weights = random_adapter(llm.config, name, rank, targets, seed=k, dtype=llm.runner.dtype)
+        made.append(weights)
         llm.runner.adapters.register_weights(weights)
     if precompile:
         llm.engine.warmup(progress=False, workers=workers)
