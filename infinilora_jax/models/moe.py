@@ -7,7 +7,7 @@ Token dispatch (per pipeline stage; expert weights sharded over EP, their interm
      enough that no assignment is ever dropped (the result equals the dense reference exactly);
   3. `all_to_all` over EP delivers each row to the device holding its expert (with the adapter slot of its
      token, so per-expert LoRA is computed beside the expert);
-  4. rows are sorted by local expert and run through grouped GEMMs (`lax.ragged_dot`);
+  4. rows are sorted by local expert and run through grouped GEMMs (models/grouped_matmul.py);
   5. a second `all_to_all` returns the rows; each rank weights and sums its tokens' k rows, the TP partial
      sums are reduced, and an `all_gather` over EP gives every device the full [N, H] output again.
 XLA:CPU has no ragged all-to-all, hence fixed-capacity buffers; the capacity bound is exact, not a drop policy.
@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from infinilora_jax.lora.reference import add_delta
+from infinilora_jax.models.grouped_matmul import grouped_matmul
 from infinilora_jax.models.layers import matmul
 from meshes.axes import EP, TP
 from pallas_kernels.dispatch import expert_lora_delta, lora_delta  # kernels on TPU, the reference elsewhere
@@ -116,20 +117,21 @@ def sort_rows(row_experts: jax.Array, num_local: int) -> tuple[jax.Array, jax.Ar
     return order, group_sizes
 
 
+def _precision(rows: jax.Array):
+    return jax.lax.Precision.HIGHEST if rows.dtype == jnp.float32 else None
+
+
 def expert_gate_up(sorted_rows: jax.Array, group_sizes: jax.Array, w_gate_up: jax.Array) -> jax.Array:
     """Grouped GEMM of rows sorted by expert: [R, H] x [E_l, H, 2, I_l] -> [R, 2, I_l] in the rows' dtype."""
     num_local, hidden, _, inter = w_gate_up.shape
-    precision = jax.lax.Precision.HIGHEST if sorted_rows.dtype == jnp.float32 else None
-    gate_up = jax.lax.ragged_dot(sorted_rows, w_gate_up.reshape(num_local, hidden, 2 * inter), group_sizes,
-                                 precision=precision, preferred_element_type=jnp.float32).astype(sorted_rows.dtype)
+    gate_up = grouped_matmul(sorted_rows, w_gate_up.reshape(num_local, hidden, 2 * inter), group_sizes,
+                             precision=_precision(sorted_rows)).astype(sorted_rows.dtype)
     return gate_up.reshape(-1, 2, inter)
 
 
 def expert_down(act: jax.Array, group_sizes: jax.Array, w_down: jax.Array) -> jax.Array:
     """Grouped GEMM: [R, I_l] x [E_l, I_l, H] -> [R, H] in act's dtype."""
-    precision = jax.lax.Precision.HIGHEST if act.dtype == jnp.float32 else None
-    return jax.lax.ragged_dot(act, w_down, group_sizes, precision=precision,
-                              preferred_element_type=jnp.float32).astype(act.dtype)
+    return grouped_matmul(act, w_down, group_sizes, precision=_precision(act)).astype(act.dtype)
 
 
 def _expert_ffn(rows: jax.Array, row_experts: jax.Array, row_slots: jax.Array, w_gate_up: jax.Array,
