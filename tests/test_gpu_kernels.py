@@ -245,3 +245,30 @@ def test_shrink_alone_matches_gather_einsum(rng):
                               num_experts=1, interpret=plgpu.InterpretGPUParams())
     want = jnp.einsum("ni,nir->nr", x, a[slots], preferred_element_type=jnp.float32)
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_hi_lo_split_keeps_sixteen_bits_and_survives_convert_folding(rng, dtype):
+    """The expand's float32 input is carried as hi + lo in 16 bits. hi must be exact in the 16-bit type and
+    hi + lo within ~2^-16 of s; and the split must not contain a float32 -> 16-bit -> float32 convert pair,
+    which XLA's GPU compiler folds away (xla_allow_excess_precision), zeroing lo: that happened on the H200
+    (float32 deltas 1.7e-3 off) while this CPU backend, which keeps the pair, showed nothing."""
+    from pallas_kernels.gpu.expand import split_hi_lo
+
+    # magnitudes over a wide range; for f16 within the range where lo (~2^-11 s) stays a normal f16
+    low, high = (-4, 4) if dtype == jnp.bfloat16 else (0, 3)
+    s = jnp.asarray(np.sign(rng.normal(size=(64, 32))) * np.exp(rng.uniform(low, high, size=(64, 32))),
+                    jnp.float32)
+    hi, lo = jax.jit(split_hi_lo, static_argnums=1)(s, dtype)
+    assert hi.dtype == lo.dtype == dtype
+    hi32, lo32 = np.asarray(hi, np.float32), np.asarray(lo, np.float32)
+    err = np.abs(hi32.astype(np.float64) + lo32 - np.asarray(s, np.float64)) / np.abs(np.asarray(s, np.float64))
+    assert err.max() < 2.0 ** -15 and np.abs(lo32).max() > 0
+    # hi is s truncated to the 16-bit mantissa: a 16-bit lo alone could not make up a coarser hi
+    assert np.all(np.abs(hi32) <= np.abs(np.asarray(s))) and np.all(np.abs(lo32) <= np.abs(hi32) * 2.0 ** -6)
+
+    jaxpr = jax.make_jaxpr(split_hi_lo, static_argnums=1)(s, dtype).jaxpr
+    to_16 = {id(e.outvars[0]) for e in jaxpr.eqns if e.primitive.name == "convert_element_type"
+             and e.invars[0].aval.dtype == jnp.float32 and e.outvars[0].aval.dtype == dtype}
+    back = [e for e in jaxpr.eqns if e.primitive.name == "convert_element_type" and id(e.invars[0]) in to_16]
+    assert not back, "a float32 -> 16-bit -> float32 convert pair: XLA GPU folds it and lo becomes 0"

@@ -25,9 +25,21 @@ from pallas_kernels.gpu.units import TILE_ROWS, Units, window
 BN = 128  # output columns per CTA (<= 256: one TMA box)
 
 
+# float32 bits kept by a 16-bit type's mantissa (sign, exponent, the top 7 (bf16) or 10 (f16) mantissa bits)
+_HI_MASK = {jnp.dtype(jnp.bfloat16): 0xFFFF0000, jnp.dtype(jnp.float16): 0xFFFFE000}
+
+
 def split_hi_lo(s: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    hi = s.astype(dtype)
-    return hi, (s - hi.astype(jnp.float32)).astype(dtype)
+    """s (float32) ~= hi + lo, both in the 16-bit `dtype`, to ~16 mantissa bits.
+
+    hi is s with its low mantissa bits cleared by an integer mask, not `s.astype(dtype)`: XLA's GPU compiler
+    removes float32 -> 16-bit -> float32 convert pairs (xla_allow_excess_precision, on by default), which
+    turned `s - s.astype(bf16).astype(f32)` into 0 on the H200, so lo vanished and the float32 delta kept
+    only 8 bits (1.7e-3 relative). Bit operations cannot be simplified that way: hi converts to `dtype`
+    exactly (bf16; f16 for values in its normal range), lo = s - hi is exact in float32 and rounds once."""
+    bits = jax.lax.bitcast_convert_type(s.astype(jnp.float32), jnp.uint32)
+    hi = jax.lax.bitcast_convert_type(bits & jnp.uint32(_HI_MASK[jnp.dtype(dtype)]), jnp.float32)
+    return hi.astype(dtype), (s - hi).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
