@@ -200,3 +200,28 @@ def test_server_on_two_replicas(llm2):
         assert "infinilora_adapter_slots 8.0" in text, "slots over both replicas"
     finally:
         server.stop(stop_engine=True)
+
+
+def test_warmed_up_replicas_never_compile():
+    """ReplicaGroup.warmup compiles every replica's programs (concurrently); then requests on both replicas,
+    with adapter loads, compile nothing."""
+    import random
+
+    from infinilora_jax.bench.compilations import CompileCounter
+
+    llm = LLM(model_dir(MODEL), adapters=adapter_dirs(MODEL), dtype="float32", replicas=2, max_num_batched_tokens=16,
+              max_num_seqs=8, max_model_len=64, page_size=8, max_adapters=2, progress=False)
+    counter = CompileCounter()
+    shapes = llm.engine.warmup(progress=False, workers=2)
+    assert shapes == len(llm.engine.program_shapes()) == 4
+    assert counter.count >= 2 * 2 * shapes  # per replica: each shape with and without a carried load
+    counter.count = 0
+    rng = random.Random(3)
+    names = [None, *adapter_dirs(MODEL)]
+    prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(1, 40))] for _ in range(24)]
+    params = [SamplingParams(max_tokens=rng.randint(1, 12), temperature=0.0, ignore_eos=True) for _ in prompts]
+    ids = llm._submit(prompts, params, [rng.choice(names) for _ in prompts])
+    assert {llm.engine.instance_of(rid) for rid in ids} == {0, 1}  # both replicas serve
+    done = [o for o in llm._run(ids) if o.finished]
+    assert sorted(len(o.token_ids) for o in done) == sorted(p.max_tokens for p in params)
+    assert counter.count == 0, f"{counter.count} compilations after warmup"

@@ -277,11 +277,14 @@ class ReplicaGroup(InstanceSet):
         return self.instances[0].program_shapes(scoring)
 
     def warmup(self, scoring: bool = False, progress: bool = True, workers: int = 8) -> int:
-        """Compile every replica's step programs (each replica's devices need their own executables)."""
-        shapes = 0
-        for inst in self.instances:
-            shapes = inst.warmup(scoring, progress, workers)
-        return shapes
+        """Compile every replica's step programs, all replicas at once with `workers` compilations each: each
+        replica's devices need their own executables (jax's compilation cache keys include the devices), and
+        one replica's compilations alone leave most of a large host's cores idle (XLA compiles outside the
+        GIL)."""
+        futures = [self._pool.submit(inst.warmup, scoring, progress and i == 0, workers)
+                   for i, inst in enumerate(self.instances)]
+        concurrent.futures.wait(futures)
+        return [f.result() for f in futures][0]  # the first failure (in replica order) is raised
 
     def score(self, token_ids, adapter=None):
         return self.instances[self.route(adapter)].score(token_ids, adapter)
