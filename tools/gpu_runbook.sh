@@ -13,6 +13,8 @@
 #                 EXPERT_GEMM=<name> sets INFINILORA_EXPERT_GEMM for it.
 #   slo_sweep     (2 GPUs, ~9 min) benchmarks/slo_baselines.py --sweep_adapters: coupled as two single-device
 #                 replicas against disaggregated 1+1 (issue 6's curve and issue 7's GPU rows).
+#   push          (2 GPUs, ~7 min) the device-initiated push (disagg/push.py, INFINILORA_EXCHANGE=push): 1+1 parity
+#                 against HF on real GPUs, then the disaggregated decode step with it (compare with `decode`).
 #
 #   ./tools/gpu_runbook.sh expert_gemm        # device tool: run(command=..., kind=...), one stage per call
 set -uo pipefail
@@ -51,6 +53,14 @@ case "${1:-}" in
       --output_len burstgpt-response:1:192 --num_requests 80 --start_rate 16 --max_probes 3 --rel_tol 0.3 \
       --compile_workers 16 --calibration '' --out "$OUT/slo_sweep" > "$OUT/sweep.log" 2>&1
     echo "slo_sweep rc=$?"; show "$OUT/sweep.log" 30 ;;
+  push)
+    INFINILORA_EXCHANGE=push timeout 200 python3 -u tools/gpu_disagg_parity.py --parts float32 \
+      --json "$OUT/push_parity.json" > "$OUT/push_parity.log" 2>&1
+    echo "push parity rc=$?"; show "$OUT/push_parity.log" 20
+    INFINILORA_EXCHANGE=push timeout 340 python3 -u benchmarks/disagg.py --model $QWEN --num_layers 8 \
+      --dtype bfloat16 --rank 32 --parts decode --modes disagg --requests 64 --adapters 32 --prompt_len 128 \
+      --steps 16 --profile_steps 2 --out "$OUT/disagg_push" > "$OUT/push_decode.log" 2>&1
+    echo "push decode rc=$?"; show "$OUT/push_decode.log" 30 ;;
   *)
-    sed -n '2,17p' "$0"; exit 2 ;;
+    sed -n '2,19p' "$0"; exit 2 ;;
 esac

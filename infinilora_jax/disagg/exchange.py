@@ -9,7 +9,8 @@ the base side and the LoRA side of a segment in one conditional.
 
 Exchanges are XLA `ppermute`s over (role, dp) (the portable path and the reference for a remote-DMA push):
 base instance d's device at expert shard e pushes to the LoRA device (stage, e) and gets the reply from it.
-With dp instances every LoRA stage receives dp pushes, one ppermute each.
+With dp instances every LoRA stage receives dp pushes, one ppermute each. `INFINILORA_EXCHANGE` (or
+`push.exchange_impl_override`) swaps each leaf's ppermute for a device-initiated Pallas push (push.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from infinilora_jax.disagg.push import exchange_impl, permute
 from meshes.axes import DP, ROLE
 
 
@@ -41,17 +43,26 @@ def split(branch, base_fn, base_args: tuple, lora_fn, lora_args: tuple, idle: bo
     return jax.lax.switch(branch, branches[:3 if idle else 2], base_args, lora_args)
 
 
+def _ppermute(tree, perm):
+    """ppermute of a pytree over (role, dp): XLA's collective (one op for the tree) by default, else each leaf
+    with the selected push implementation (push.py)."""
+    impl = exchange_impl()
+    if impl == "ppermute":
+        return jax.lax.ppermute(tree, (ROLE, DP), perm=perm)
+    return jax.tree.map(lambda x: permute(x, (ROLE, DP), perm, impl), tree)
+
+
 def to_lora(tree, stage: int, dp: int):
     """Push each base instance's `tree` to LoRA stage `stage` (same ep coordinate). On the LoRA devices of that
     stage returns the pushes stacked over instances ([dp, ...] per leaf); zeros elsewhere."""
-    got = [jax.lax.ppermute(tree, (ROLE, DP), perm=[(d, dp + stage)]) for d in range(dp)]
+    got = [_ppermute(tree, [(d, dp + stage)]) for d in range(dp)]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *got)
 
 
 def to_base(tree, stage: int, dp: int, instance):
     """Reply: LoRA stage `stage` sends leaf[d] of `tree` ([dp, ...] per leaf) to base instance d. On a base
     device returns its instance's part; zeros elsewhere."""
-    back = [jax.lax.ppermute(jax.tree.map(lambda a, d=d: a[d], tree), (ROLE, DP), perm=[(dp + stage, d)])
+    back = [_ppermute(jax.tree.map(lambda a, d=d: a[d], tree), [(dp + stage, d)])
             for d in range(dp)]
     if dp == 1:
         return back[0]
