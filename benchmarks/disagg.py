@@ -1,4 +1,4 @@
-"""Coupled vs disaggregated serving on two devices (the 2-GPU machine): decode step, adapter-count sweep, SLO rate.
+"""Coupled vs disaggregated serving on two devices (the 2-GPU machine): decode step and adapter-count sweep.
 
 Modes compared (same model, same adapters, same workload):
   coupled      both devices serve one replica (layout --coupled_mesh, default ep2), every device holds its share
@@ -7,9 +7,9 @@ Modes compared (same model, same adapters, same workload):
                (each with its own adapter cache), so "disagg vs coupled1" compares equal batches per base instance;
   coupled_dp   that 2-GPU coupled deployment itself (issue 6's baseline, S-LoRA style): one single-device replica
                per device of the disaggregated layout (2 for 1+1), each with its own weights, KV cache, scheduler
-               and adapter cache of --max_adapters slots, stepped concurrently; requests routed by adapter
-               residency, then load (engine/replicas.py). Its decode rows split the B requests over the replicas
-               (a step is both replicas' steps at once; tokens/s is the deployment's);
+               and adapter cache (as many slots as the decode rows' adapters), stepped concurrently; requests
+               routed by adapter residency, then load (engine/replicas.py). Its decode rows split the B requests
+               over the replicas (a step is both replicas' steps at once; tokens/s is the deployment's);
   disagg       "1+1": device 0 is the base instance (all base weights, KV cache), device 1 the LoRA server (all
                adapter pages, in its role buffers); per layer the base pushes activations, routing and slots to
                it with ppermute and gets float32 deltas back (docs/architecture/07-disaggregated.md).
@@ -17,14 +17,13 @@ Parts (--parts):
   decode   median engine-step time with B running requests over A rank-r adapters, and without adapters
            (disagg without LoRA targets makes no exchange: its difference to "all targets" is the exchange cost);
   sweep    decode step time and adapter capacity (slots the device memory holds) as A grows (--sweep);
-  slo      serviceable rate: a Poisson, Zipf(s) workload over N adapters replayed at each --rates value;
-           the highest rate whose P95 TTFT <= --slo_ttft and mean TPOT <= --slo_tpot, and the share of adapters
-           meeting the SLO (>90% of their requests do).
+The serviceable rate at the SLO, per adapter count, is benchmarks/slo_baselines.py --sweep_adapters (rate
+bisection, slot limits, coupled replicas vs disaggregated; tools/gpu_runbook.sh slo_sweep has the GPU command).
 Prints a table per part, writes <out>.json and <out>.png, and logs live bytes per device by role.
 
     # the 2-GPU machine (NCCL_NVLS_ENABLE=0 is set here; never NVLink multicast)
     python benchmarks/disagg.py --model configs/models/qwen3-30b-a3b.json --num_layers 8 --dtype bfloat16 \\
-        --rank 16 --parts decode,sweep,slo --out $OUT/disagg
+        --rank 16 --parts decode,sweep --out $OUT/disagg
     # CPU smoke run of the script itself (tiny model, 2 fake devices)
     python benchmarks/disagg.py --smoke --out out/disagg_smoke
 """
@@ -51,7 +50,7 @@ flags.DEFINE_integer("num_layers", None, "cut a random-weight model to this many
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "")
 flags.DEFINE_string("coupled_mesh", "ep2", "coupled layout over the two devices (ep2, tp2, pp2, ...)")
 flags.DEFINE_string("disagg_mesh", "1+1", "disaggregated role layout")
-flags.DEFINE_list("parts", ["decode", "sweep", "slo"], "decode, sweep, slo")
+flags.DEFINE_list("parts", ["decode", "sweep"], "decode, sweep")
 flags.DEFINE_list("modes", ["coupled", "disagg"], "coupled (--coupled_mesh), coupled1 (one device), coupled_dp "
                   "(one single-device replica per device of --disagg_mesh), disagg")
 flags.DEFINE_integer("rank", 16, "adapter rank (and the pools' max rank)")
@@ -61,18 +60,7 @@ flags.DEFINE_integer("adapters", 32, "decode: distinct adapters among them (and 
 flags.DEFINE_integer("prompt_len", 128, "decode: prompt tokens")
 flags.DEFINE_integer("steps", 16, "decode: timed steps")
 flags.DEFINE_list("sweep", ["1", "8", "32", "64", "128"], "sweep: adapter counts (pool slots = count)")
-flags.DEFINE_integer("num_adapters", 64, "slo: registered adapters (Zipf over them)")
-flags.DEFINE_integer("max_adapters", 16, "slo: device adapter slots (coupled: per replica; disagg: LoRA server)")
-flags.DEFINE_list("rates", ["2", "4", "8", "16", "32"], "slo: request rates to try (requests/s)")
-flags.DEFINE_integer("num_requests", 256, "slo: requests per rate")
-flags.DEFINE_float("zipf", 1.2, "")
-flags.DEFINE_string("prompt_len_dist", "lognormal:256:0.8:16:1024", "slo: prompt lengths (bench/workload.py)")
-flags.DEFINE_string("output_len_dist", "lognormal:128:0.8:8:512", "slo: output lengths")
-flags.DEFINE_float("slo_ttft", 0.25, "seconds (P95)")
-flags.DEFINE_float("slo_tpot", 0.1, "seconds (mean)")
-flags.DEFINE_integer("max_num_seqs", 64, "")
 flags.DEFINE_integer("max_num_batched_tokens", 512, "")
-flags.DEFINE_integer("max_model_len", 2048, "")
 flags.DEFINE_integer("num_pages", None, "KV pages (default: the LLM's)")
 flags.DEFINE_boolean("smoke", False, "tiny CPU run of every part (2 fake CPU devices)")
 flags.DEFINE_string("out", "out/disagg", "output path prefix")
@@ -91,7 +79,7 @@ def make_llm(mode: str, max_adapters: int, targets, max_num_seqs: int, max_model
     return LLM(F.model, dtype=F.dtype, mesh=mesh, mode="disaggregated" if mode == "disagg" else "coupled",
                replicas=replicas,
                num_layers=F.num_layers, max_lora_rank=F.rank, lora_targets=targets, max_adapters=max_adapters,
-               max_host_adapters=max(F.num_adapters, max_adapters, 1), max_num_seqs=max_num_seqs,
+               max_host_adapters=max(max_adapters, 1), max_num_seqs=max_num_seqs,
                max_num_batched_tokens=max(F.max_num_batched_tokens, max_num_seqs), max_model_len=max_model_len,
                num_pages=F.num_pages, progress=False)
 
@@ -166,39 +154,6 @@ def decode_step(mode: str, adapters: int, with_lora: bool = True) -> dict:
     return result
 
 
-def slo_rate(mode: str) -> dict:
-    from infinilora_jax.bench import metrics, workload
-    from infinilora_jax.bench.replay import replay
-    from infinilora_jax.lora.targets import ALL_TARGETS
-
-    targets = tuple(F.targets or ALL_TARGETS)
-    llm = make_llm(mode, F.max_adapters, targets, F.max_num_seqs, F.max_model_len)
-    names = register(llm, F.num_adapters, targets)
-    t = time.monotonic()
-    programs = llm.engine.warmup(progress=False)
-    logging.info("%s: precompiled %d shapes in %.1f s", mode, programs, time.monotonic() - t)
-    vocab, out = llm.config.vocab_size, []
-    spec = lambda rate, n, seed: workload.WorkloadSpec(n, rate, 1.0, F.num_adapters, F.zipf, 0.0,
-                                                       workload.LengthDist.parse(F.prompt_len_dist),
-                                                       workload.LengthDist.parse(F.output_len_dist), seed)
-    warm = workload.generate(spec(float(F.rates[0]), max(8, F.num_requests // 8), 1), vocab)
-    replay(llm.engine, warm, names)
-    for rate in (float(r) for r in F.rates):
-        timings, wall = replay(llm.engine, workload.generate(spec(rate, F.num_requests, 0), vocab), names)
-        s = metrics.summarize(timings, wall, metrics.SLO(F.slo_ttft, F.slo_tpot))
-        ok = s["ttft_p95_s"] <= F.slo_ttft and s["tpot_mean_s"] <= F.slo_tpot
-        out.append({"rate": rate, "meets_slo": ok, **{k: s[k] for k in (
-            "ttft_p95_s", "tpot_mean_s", "output_tokens_per_s", "requests_meeting_slo", "adapters_meeting_slo")}})
-        print(f"  {mode:8} rate {rate:6.1f}/s  TTFT P95 {s['ttft_p95_s']:.3f} s  TPOT mean {s['tpot_mean_s']:.4f} s"
-              f"  adapters meeting SLO {s['adapters_meeting_slo']:.0%}  {'ok' if ok else 'MISSED'}", flush=True)
-    best = max([r["rate"] for r in out if r["meets_slo"]], default=0.0)
-    result = {"mode": mode, "rates": out, "serviceable_rate": best, "adapter_cache": dict(
-        llm.runner.adapters.stats.__dict__), "memory": memory(llm)}
-    del llm
-    gc.collect()
-    return result
-
-
 def main(argv):
     del argv
     if F.smoke:
@@ -206,9 +161,7 @@ def main(argv):
 
         jax.config.update("jax_num_cpu_devices", 2)
         F.dtype, F.requests, F.adapters, F.prompt_len, F.steps = "float32", 4, 2, 8, 2
-        F.sweep, F.num_adapters, F.max_adapters, F.num_requests = ["1", "4"], 4, 2, 6
-        F.rates, F.max_num_seqs, F.max_model_len, F.rank = ["4"], 4, 64, 8
-        F.max_num_batched_tokens, F.prompt_len_dist, F.output_len_dist = 16, "4:12", "2:6"
+        F.sweep, F.rank, F.max_num_batched_tokens = ["1", "4"], 8, 16
     results = {"config": {k: getattr(F, k) for k in ("model", "num_layers", "dtype", "coupled_mesh", "disagg_mesh",
                                                       "rank", "requests", "adapters", "prompt_len")}}
     os.makedirs(os.path.dirname(F.out) or ".", exist_ok=True)
@@ -238,13 +191,6 @@ def main(argv):
         print(f"  {'mode':8} {'adapters':>8} {'step ms':>9}")
         for r in rows:
             print(f"  {r['mode']:8} {r['adapters']:8d} {r.get('step_ms', float('nan')):9.2f} {r.get('error', '')}")
-    if "slo" in F.parts:
-        results["slo"] = []
-        for mode in F.modes:
-            results["slo"].append(slo_rate(mode))
-            save()
-        for r in results["slo"]:
-            print(f"  {r['mode']:8} serviceable rate {r['serviceable_rate']:.1f} req/s")
     save()
     _plot(results, F.out + ".png")
     logging.info("wrote %s.json and %s.png", F.out, F.out)
@@ -256,18 +202,12 @@ def _plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, ax = plt.subplots(figsize=(6, 3.8))
     for mode in F.modes:
         sweep = [r for r in results.get("sweep", []) if r["mode"] == mode and "step_ms" in r]
-        axes[0].plot([r["adapters"] for r in sweep], [r["step_ms"] for r in sweep], marker="o", label=mode)
-        slo = next((r for r in results.get("slo", []) if r["mode"] == mode), None)
-        if slo:
-            axes[1].plot([r["rate"] for r in slo["rates"]], [r["adapters_meeting_slo"] for r in slo["rates"]],
-                         marker="o", label=mode)
-    axes[0].set(title="decode step vs adapters", xlabel="distinct adapters", ylabel="ms", xscale="log")
-    axes[1].set(title="adapters meeting SLO", xlabel="requests/s", ylabel="share", ylim=(-0.02, 1.02))
-    for ax in axes:
-        ax.legend()
+        ax.plot([r["adapters"] for r in sweep], [r["step_ms"] for r in sweep], marker="o", label=mode)
+    ax.set(title="decode step vs adapters", xlabel="distinct adapters", ylabel="ms", xscale="log")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
