@@ -38,13 +38,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 import zlib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from infinilora_jax.bench.child_items import copy_seconds, emit, feedback_loop, run_child, stage  # noqa: E402
 
 MODELS = {  # experts, hidden, moe intermediate, top-k
     "qwen3-30b-a3b": dict(experts=128, hidden=2048, inter=768, top_k=8),
@@ -55,13 +56,8 @@ SMOKE_MODELS = {"tiny": dict(experts=8, hidden=128, inter=96, top_k=2)}
 SMOKE_TOKENS = (8, 40)  # 80 rows: not a multiple of the kernel's 64-row tiles
 IMPLS = ("ragged_dot", "mgpu", "capacity")  # ragged_dot first: the others are timed against it
 SMOKE_IMPLS = ("ragged_dot", "mgpu_interpret", "capacity")
-TAG, STAGE = "@@ROW ", "@@STAGE "  # a child's result and progress lines
 SAMPLE_ROWS = 512
 ERR_OK = 2e-2
-
-
-def stage(name: str) -> None:
-    print(f"{STAGE}{name}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- child
@@ -103,19 +99,12 @@ def impl_call(impl: str, smoke: bool):
 
 
 def timed(fn, args, repeats: int, target_s: float = 0.2, max_iters: int = 500) -> tuple[float, int]:
-    """(median seconds per call, calls per repeat) of fn(*args) inside one jitted fori_loop (trip count traced,
-    so one compile serves every n); each iteration feeds a zero made from the sum of its whole output back into
-    args[0]. The weights and group sizes are arguments, never constants XLA could fold."""
+    """(median seconds per call, calls per repeat) of fn(*args) inside one jitted loop (child_items.feedback_loop),
+    n calls per repeat for about `target_s`. The weights and group sizes are arguments, never constants XLA
+    could fold."""
     import jax
-    import jax.numpy as jnp
 
-    def loop(n, first, *rest):
-        def body(_, v):
-            out = fn(v, *rest)
-            return v.at[0, 0].add((jnp.sum(out, dtype=jnp.float32) * 0).astype(v.dtype))
-        return jax.lax.fori_loop(0, n, body, first)
-
-    run = jax.jit(loop)
+    run = feedback_loop(fn)
 
     def once(n):
         t0 = time.perf_counter()
@@ -135,15 +124,7 @@ def run_copy(args, shape):
     stage("setup")
     buf = jax.random.normal(jax.random.key(0), shape, jnp.bfloat16)
     stage("copy")
-    # the whole buffer is the loop carry: every iteration reads and writes all of it
-    run = jax.jit(lambda v: jax.lax.fori_loop(0, 10, lambda _, a: a + jnp.asarray(1, a.dtype), v))
-    jax.block_until_ready(run(buf))
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run(buf))
-        times.append((time.perf_counter() - t0) / 10)
-    t = statistics.median(times)
+    t = copy_seconds(buf, 10, args.repeats)
     bw = 2 * buf.nbytes / t
     return dict(us=1e6 * t, bytes=2 * buf.nbytes, bytes_per_s=bw, device=jax.devices()[0].device_kind,
                 jax=jax.__version__, ok=True, detail=f"{bw / 1e12:.3f} TB/s read+write of {buf.nbytes / 1e6:.1f} MB")
@@ -215,7 +196,7 @@ def child(args) -> int:
         row.update(ok=False, error=f"{type(e).__name__}: {first}", detail=type(e).__name__, unavailable=unavailable,
                    traceback=traceback.format_exc(limit=-6))
     row["wall_s"] = time.perf_counter() - t0
-    print(TAG + json.dumps(row, default=float), flush=True)
+    emit(row)
     return 0
 
 
@@ -243,30 +224,17 @@ def spawn(args, item: str, timeout: float) -> dict:
     env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     if args.smoke:
         env["JAX_PLATFORMS"] = "cpu"
-    t0 = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        out, err, rc = p.stdout, p.stderr, p.returncode
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
-        rc = "timeout"
-    rows = [json.loads(line[len(TAG):]) for line in out.splitlines() if line.startswith(TAG)]
-    stages = [line[len(STAGE):] for line in out.splitlines() if line.startswith(STAGE)]
-    if rows and rc == 0:
-        row = rows[0]
+    run = run_child(cmd, env, timeout)
+    if run.failure is None:
+        row = run.rows[0]
     else:
-        why = "TIMEOUT" if rc == "timeout" else f"CRASH rc={rc}" if rc != 0 else "NO ROW"
-        cuda = next((ln.strip()[:160] for ln in err.splitlines() if "CUDA_ERROR" in ln or "CUDA error" in ln), "")
-        tail = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("===", "external/", "jaxlib/"))]
-        row = dict(id=item, ok=False, error=why, detail=f"{why} in stage '{stages[-1] if stages else '?'}'"
-                   + (f": {cuda}" if cuda else ""), tail=tail[-12:])
+        row = dict(id=item, **run.failure_fields())
         if item.startswith("copy/"):
             row["kind"] = "copy"
         else:
             impl, model, gemm, tokens, routing = item.split("/")
             row.update(kind="gemm", impl=impl, model=model, gemm=gemm, tokens=int(tokens), routing=routing)
-    row["child_wall_s"] = time.perf_counter() - t0
+    row["child_wall_s"] = run.wall_s
     return row
 
 

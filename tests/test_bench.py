@@ -1,4 +1,5 @@
 """Workload generation and serving metrics used by the benchmarks."""
+import os
 
 import numpy as np
 
@@ -77,3 +78,44 @@ def test_busy_time_is_the_union_of_intervals():
 
     assert _busy([(0, 10), (5, 15), (20, 25), (21, 22)]) == 20
     assert _busy([]) == 0
+
+
+def test_child_items_protocol_and_failures(tmp_path):
+    """run_child reads a child's TAG rows and STAGE lines, and names how a child failed (crash, timeout, no row)
+    with the stage it was in and its CUDA error."""
+    import sys
+
+    from infinilora_jax.bench import child_items
+
+    def child(body: str) -> list[str]:
+        script = tmp_path / "child.py"
+        script.write_text(f"import sys, time\nsys.path.insert(0, {os.getcwd()!r})\n"
+                          f"from infinilora_jax.bench.child_items import emit, stage\n{body}\n")
+        return [sys.executable, str(script)]
+
+    ok = child_items.run_child(child("stage('setup'); emit({'x': 1.5}); emit({'y': 2})"), dict(os.environ), 60)
+    assert ok.failure is None and ok.rows == [{"x": 1.5}, {"y": 2}] and ok.stages == ["setup"]
+    crash = child_items.run_child(child("stage('run'); sys.stderr.write('CUDA_ERROR_MISALIGNED_ADDRESS here\\n');"
+                                        " sys.exit(3)"), dict(os.environ), 60)
+    fields = crash.failure_fields()
+    assert crash.failure == "CRASH rc=3" and fields["ok"] is False
+    assert fields["detail"] == "CRASH rc=3 in stage 'run': CUDA_ERROR_MISALIGNED_ADDRESS here"
+    assert fields["tail"] == ["CUDA_ERROR_MISALIGNED_ADDRESS here"]
+    slow = child_items.run_child(child("stage('time'); time.sleep(30)"), dict(os.environ), 3)
+    assert slow.failure == "TIMEOUT" and slow.failure_fields()["detail"] == "TIMEOUT in stage 'time'"
+    assert child_items.run_child(child("pass"), dict(os.environ), 60).failure == "NO ROW"
+
+
+def test_feedback_loop_runs_every_call_and_copy_seconds():
+    import jax.numpy as jnp
+
+    from infinilora_jax.bench import child_items
+
+    calls = []
+    run = child_items.feedback_loop(lambda x, w: (calls.append(1), x @ w)[1])
+    x, w = jnp.ones((4, 8)), jnp.ones((8, 3))
+    out = run(5, x, w)
+    assert out.shape == x.shape and bool(jnp.all(out == x))  # the fed-back zero leaves the input unchanged
+    assert len(calls) == 1  # traced once; the trip count is a traced argument
+    assert run(2, x, w).shape == x.shape and len(calls) == 1  # another n reuses the trace
+    assert child_items.copy_seconds(jnp.ones((1024,)), 3, 2) > 0

@@ -29,17 +29,16 @@ import concurrent.futures
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-BF = None  # jnp.bfloat16, set by _setup() (the parent never imports jax: it must not touch the GPU)
+from infinilora_jax.bench.child_items import copy_seconds, emit, feedback_loop, run_child, stage  # noqa: E402
+
+BF = None  # jnp.bfloat16, set by _setup() (the parent never starts a jax backend: it must not touch the GPU)
 SIZE = {"d": 1024, "h_big": 4096, "t_big": 4096, "copy": 2**29}  # copy: 1 GiB of bf16  # --smoke shrinks these
-TAG = "@@ROW "  # a child's result lines
-STAGE = "@@STAGE "  # a child's progress lines (a crash is attributed to the last stage)
 
 
 def _setup(smoke: bool):
@@ -59,14 +58,6 @@ def _setup(smoke: bool):
     if smoke:
         from jax.experimental.pallas import mosaic_gpu as plgpu
         GPU, INTERPRET = dispatch.LoraBackend.GPU_INTERPRET, plgpu.InterpretGPUParams()
-
-
-def stage(name: str) -> None:
-    print(f"{STAGE}{name}", flush=True)
-
-
-def emit(row: dict) -> None:
-    print(TAG + json.dumps(row, default=float), flush=True)
 
 
 def rel_err(got, want) -> float:
@@ -233,20 +224,13 @@ def check_items():
 
 
 def timed(fn, args, iters: int, repeats: int) -> float:
-    """Median seconds per call of fn(*args) inside one jitted fori_loop; each iteration feeds a zero made from
-    the sum of its whole output back into args[0], so XLA can neither hoist the call nor shrink it to the part
-    one element needs (a zero from out[0] alone let XLA slice pure-XLA variants down to one row)."""
-    def loop(first, *rest):
-        def body(_, v):
-            out = fn(v, *rest)
-            return v.at[0, 0].add((jnp.sum(out, dtype=jnp.float32) * 0).astype(v.dtype))
-        return jax.lax.fori_loop(0, iters, body, first)
-    run = jax.jit(loop)
-    jax.block_until_ready(run(*args))
+    """Median seconds per call of fn(*args), `iters` calls inside one jitted loop (child_items.feedback_loop)."""
+    run = feedback_loop(fn)
+    jax.block_until_ready(run(iters, *args))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(run(*args))
+        jax.block_until_ready(run(iters, *args))
         times.append((time.perf_counter() - t0) / iters)
     return statistics.median(times)
 
@@ -261,15 +245,7 @@ def _ragged(x, slots, w, num_slots):
 def time_copy(args):
     buf = jnp.ones((SIZE["copy"],), BF)
     stage("copy")
-    # the whole buffer is the loop carry: every iteration reads and writes all of it
-    run = jax.jit(lambda v: jax.lax.fori_loop(0, 20, lambda _, a: a + jnp.asarray(1, BF), v))
-    jax.block_until_ready(run(buf))
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run(buf))
-        times.append((time.perf_counter() - t0) / 20)
-    t = statistics.median(times)
+    t = copy_seconds(buf, 20, args.repeats)
     bw = 2 * buf.nbytes / t
     emit(dict(kind="time", id="copy", name="copy ceiling", ok=True, us=1e6 * t, bytes_per_s=bw,
               detail=f"{bw / 1e9:.0f} GB/s read+write"))
@@ -364,29 +340,14 @@ def spawn(args, item: str, timeout: float, extra_env: dict) -> list[dict]:
     cmd = [sys.executable, os.path.abspath(__file__), "--only", item, "--seed", str(args.seed),
            "--iters", str(args.iters), "--repeats", str(args.repeats), "--hidden", str(args.hidden),
            "--slots", str(args.slots), "--bw", repr(args.bw)] + (["--smoke"] if args.smoke else [])
-    env = dict(os.environ, **extra_env)
-    t0 = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        out, err, rc = p.stdout, p.stderr, p.returncode
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
-        rc = "timeout"
-    wall = time.perf_counter() - t0
-    rows = [json.loads(line[len(TAG):]) for line in out.splitlines() if line.startswith(TAG)]
-    stages = [line[len(STAGE):] for line in out.splitlines() if line.startswith(STAGE)]
-    if rc != 0 or not rows:
-        tail = [ln for ln in err.splitlines() if ln.strip() and "Source Location" not in ln
-                and not ln.startswith(("===", "external/", "jaxlib/"))][-12:]
-        cuda = next((ln for ln in err.splitlines() if "CUDA_ERROR" in ln or "CUDA error" in ln), "")
-        why = "TIMEOUT" if rc == "timeout" else f"CRASH rc={rc}" if rc != 0 else "NO ROW"
+    run = run_child(cmd, dict(os.environ, **extra_env), timeout)
+    rows = run.rows
+    if run.failure is not None:
         rows.append(dict(kind="time" if item == "copy" or item.startswith("case:") else "check", id=item,
-                         name=item, ok=False, detail=f"{why} in stage '{stages[-1] if stages else '?'}'"
-                         + (f": {cuda.strip()[:160]}" if cuda else ""), error=why, tail=tail))
+                         name=item, **run.failure_fields()))
     for r in rows:
-        r.setdefault("wall_s", wall)
-        r["child_wall_s"] = wall
+        r.setdefault("wall_s", run.wall_s)
+        r["child_wall_s"] = run.wall_s
     return rows
 
 
