@@ -27,11 +27,8 @@ collective-permute, the portable path and the reference; "push" the kernel of `j
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import os
-import threading
 from collections.abc import Sequence
 
 import jax
@@ -39,36 +36,24 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from infinilora_jax.trace_choice import TraceTimeChoice
+
 IMPLS = ("ppermute", "push", "push_interpret")
 ENV_VAR = "INFINILORA_EXCHANGE"
-_override = threading.local()
+CHOICE = TraceTimeChoice("exchange implementation", ENV_VAR, IMPLS, "ppermute", "exchange_impl_override")
 _GPU_TILE_BYTES = 32 * 1024  # SMEM staging tile of the GPU push
 _TMA_MAX_BOX = 256  # elements per dimension of one TMA copy
-
-
-def _check(name: str) -> str:
-    if name not in IMPLS:
-        raise ValueError(f"unknown exchange implementation {name!r} (from {ENV_VAR} or exchange_impl_override); "
-                         f"expected one of {', '.join(IMPLS)}")
-    return name
 
 
 def exchange_impl() -> str:
     """The implementation the exchange uses now: the innermost `exchange_impl_override`, else $INFINILORA_EXCHANGE,
     else "ppermute"."""
-    name = getattr(_override, "name", None)
-    return _check(name if name is not None else os.environ.get(ENV_VAR, "") or "ppermute")
+    return CHOICE.selected()
 
 
-@contextlib.contextmanager
 def exchange_impl_override(name: str):
     """Use implementation `name` for exchanges traced inside this block (already-compiled steps keep theirs)."""
-    prev = getattr(_override, "name", None)
-    _override.name = _check(name)
-    try:
-        yield
-    finally:
-        _override.name = prev
+    return CHOICE.use(name)
 
 
 def _axes(axis_names) -> tuple:
@@ -231,7 +216,7 @@ def push(x, pairs, axis_names, *, kernel: str | None = None, interpret_params=No
 
 def permute(x, axis_names, pairs, impl: str | None = None):
     """One array over `axis_names` with the selected implementation (see `exchange_impl`)."""
-    impl = _check(impl) if impl is not None else exchange_impl()
+    impl = CHOICE.selected(impl)
     if impl == "ppermute":
         return jax.lax.ppermute(x, axis_names, perm=pairs)
     return push(x, pairs, axis_names, kernel="tpu_interpret" if impl == "push_interpret" else None)

@@ -28,44 +28,31 @@ from lax.ragged_dot (its reference lowering masks every row by its group).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
-import os
 import warnings
 
 import jax
 import jax.numpy as jnp
 
+from infinilora_jax.trace_choice import TraceTimeChoice
+
 ENV_VAR = "INFINILORA_EXPERT_GEMM"
 DEFAULT = "ragged_dot"
 GPU_ONLY = ("mgpu",)
-_CHOICE: contextvars.ContextVar[str | None] = contextvars.ContextVar("expert_gemm", default=None)
 
 
 class ExpertGemmFallback(UserWarning):
     """An implementation could not take these inputs and lax.ragged_dot computed the product instead."""
 
 
-def _validate(name: str) -> str:
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown expert GEMM implementation {name!r}; valid: {', '.join(IMPLEMENTATIONS)}")
-    return name
-
-
-@contextlib.contextmanager
 def use_expert_gemm(name: str):
     """Make every grouped_matmul traced inside the block use implementation `name`."""
-    token = _CHOICE.set(_validate(name))
-    try:
-        yield
-    finally:
-        _CHOICE.reset(token)
+    return CHOICE.use(name)
 
 
 def selected(implementation: str | None = None) -> str:
     """Explicit argument, else the `use_expert_gemm` context, else $INFINILORA_EXPERT_GEMM, else DEFAULT."""
-    return _validate(implementation or _CHOICE.get() or os.environ.get(ENV_VAR) or DEFAULT)
+    return CHOICE.selected(implementation)
 
 
 def grouped_matmul(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array, *,
@@ -221,6 +208,7 @@ IMPLEMENTATIONS = {
     "mgpu_interpret": lambda *a, **kw: _mgpu(*a, **kw, interpret=True),
     "capacity": _capacity,
 }
+CHOICE = TraceTimeChoice("expert GEMM implementation", ENV_VAR, IMPLEMENTATIONS, DEFAULT, "use_expert_gemm")
 
 
 __all__ = ["DEFAULT", "ENV_VAR", "ExpertGemmFallback", "IMPLEMENTATIONS", "MgpuBlocks", "capacity_ladder",

@@ -1,0 +1,37 @@
+"""An implementation chosen when a function is traced: an explicit argument, else the innermost `use` block,
+else an environment variable, else a default. jit caches keep what they traced, so a choice made after a
+program's first trace does not reach that program."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+
+class TraceTimeChoice:
+    def __init__(self, what: str, env_var: str, names, default: str, use_name: str):
+        self.what, self.env_var, self.names, self.default = what, env_var, tuple(names), default
+        self.use_name = use_name  # what callers call `use`, for error messages
+        self._var: contextvars.ContextVar[str | None] = contextvars.ContextVar(env_var, default=None)
+
+    def check(self, name: str) -> str:
+        if name not in self.names:
+            raise ValueError(f"unknown {self.what} {name!r} (from {self.env_var} or {self.use_name}); "
+                             f"valid: {', '.join(self.names)}")
+        return name
+
+    @contextlib.contextmanager
+    def use(self, name: str):
+        """Make traces inside the block choose `name`."""
+        token = self._var.set(self.check(name))
+        try:
+            yield
+        finally:
+            self._var.reset(token)
+
+    def selected(self, explicit: str | None = None) -> str:
+        return self.check(explicit or self._var.get() or os.environ.get(self.env_var) or self.default)
+
+
+__all__ = ["TraceTimeChoice"]
