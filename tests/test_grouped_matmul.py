@@ -141,11 +141,28 @@ def _spy(monkeypatch, name):
     return calls
 
 
-def test_default_is_ragged_dot(monkeypatch):
+def test_default_is_auto_which_is_ragged_dot_off_gpu(monkeypatch):
     monkeypatch.delenv(gm.ENV_VAR, raising=False)
     calls = _spy(monkeypatch, "ragged_dot")
-    gm.grouped_matmul(jnp.ones((4, 8)), jnp.ones((2, 8, 8)), jnp.asarray([2, 2]))
-    assert gm.selected() == "ragged_dot" and calls == ["ragged_dot"]
+    gm.grouped_matmul(jnp.ones((4, 64), BF16), jnp.ones((2, 64, 64), BF16), jnp.asarray([2, 2]))
+    assert gm.selected() == "auto" and calls == ["ragged_dot"]
+
+
+def test_auto_takes_mgpu_on_gpu_where_it_fits(monkeypatch, recwarn):
+    """On a GPU backend, auto picks the Mosaic GPU kernel for aligned 16-bit operands and ragged_dot, silently,
+    for the rest (float32 parity runs, unaligned widths)."""
+    monkeypatch.delenv(gm.ENV_VAR, raising=False)
+    calls = []
+    for name in ("mgpu", "ragged_dot"):
+        monkeypatch.setitem(gm.IMPLEMENTATIONS, name, lambda r, w, s, *, out_dtype, precision, name=name:
+                            calls.append(name) or jnp.zeros((r.shape[0], w.shape[2]), out_dtype))
+    monkeypatch.setattr(gm.jax, "default_backend", lambda: "gpu")
+    sizes = jnp.asarray([2, 2])
+    gm.grouped_matmul(jnp.ones((4, 64), BF16), jnp.ones((2, 64, 128), BF16), sizes)
+    gm.grouped_matmul(jnp.ones((4, 64), jnp.float32), jnp.ones((2, 64, 128), jnp.float32), sizes)
+    gm.grouped_matmul(jnp.ones((4, 64), BF16), jnp.ones((2, 64, 96), BF16), sizes)  # N not a multiple of 64
+    assert calls == ["mgpu", "ragged_dot", "ragged_dot"]
+    assert not [w for w in recwarn if issubclass(w.category, gm.ExpertGemmFallback)]
 
 
 def test_context_manager_env_var_and_argument_precedence(monkeypatch):
@@ -157,7 +174,7 @@ def test_context_manager_env_var_and_argument_precedence(monkeypatch):
             assert gm.selected() == "ragged_dot"
         assert gm.selected() == "capacity"
         assert gm.selected("ragged_dot") == "ragged_dot"  # an explicit argument wins
-    assert calls == ["capacity"] and gm.selected() == "ragged_dot"
+    assert calls == ["capacity"] and gm.selected() == "auto"
     monkeypatch.setenv(gm.ENV_VAR, "capacity")
     assert gm.selected() == "capacity"
     with gm.use_expert_gemm("ragged_dot"):  # the context wins over the environment
@@ -165,7 +182,7 @@ def test_context_manager_env_var_and_argument_precedence(monkeypatch):
 
 
 def test_unknown_names_raise_listing_valid_ones(monkeypatch):
-    with pytest.raises(ValueError, match="valid: ragged_dot, mgpu, mgpu_interpret, capacity"):
+    with pytest.raises(ValueError, match="valid: auto, ragged_dot, mgpu, mgpu_interpret, capacity"):
         with gm.use_expert_gemm("dense"):
             pass
     monkeypatch.setenv(gm.ENV_VAR, "cutlass")

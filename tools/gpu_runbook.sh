@@ -41,7 +41,7 @@ case "${1:-}" in
       --out "$OUT/gpu_lora_check.json" > "$OUT/kcheck.log" 2>&1
     echo "kernel_check rc=$?"; show "$OUT/kcheck.log" 40 ;;
   decode)
-    INFINILORA_EXPERT_GEMM=${EXPERT_GEMM:-ragged_dot} timeout 560 python3 -u benchmarks/disagg.py --model $QWEN \
+    INFINILORA_EXPERT_GEMM=${EXPERT_GEMM:-auto} timeout 560 python3 -u benchmarks/disagg.py --model $QWEN \
       --num_layers 8 --dtype bfloat16 --rank 32 --parts decode --modes coupled1,disagg --requests 64 \
       --adapters 32 --prompt_len 128 --steps 16 --profile_steps 2 --out "$OUT/disagg_decode" > "$OUT/decode.log" 2>&1
     echo "decode rc=$?"; show "$OUT/decode.log" 60 ;;
