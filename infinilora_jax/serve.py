@@ -58,6 +58,9 @@ _MAX_ADAPTER_BYTES = flags.DEFINE_integer("max_adapter_bytes", 1 << 30, "largest
 _PRECOMPILE = flags.DEFINE_enum("precompile", "auto", ["auto", "on", "off"], "compile every engine step program "
                                 "before serving, so no request waits for a compilation (auto: on GPU/TPU, off on "
                                 "CPU, where it takes minutes)")
+_COMPILATION_CACHE = flags.DEFINE_string("compilation_cache_dir", None, "keep compiled step programs here, so a "
+                                         "restart skips compiling them (default: $INFINILORA_COMPILATION_CACHE "
+                                         "or ~/.cache/infinilora_jax/xla; '' turns the cache off)")
 _COMPILE_WORKERS = flags.DEFINE_integer("compile_workers", 8, "parallel compilations for --precompile")
 _LOG_LEVEL = flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "HTTP server log level")
 
@@ -89,6 +92,7 @@ def main(argv):
 
     if _CPU_DEVICES.value:
         jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+    from infinilora_jax import compilation_cache
     from infinilora_jax.serving import ServerConfig, ServerState, build_llm, default_model_name, run
 
     api_key = _API_KEY.value
@@ -103,6 +107,9 @@ def main(argv):
         raise app.UsageError("--mesh and --layout name the same thing: give one")
     if _REPLICAS.value < 1 or (_REPLICAS.value > 1 and _MODE.value != "coupled"):
         raise app.UsageError("--replicas takes a positive count, and more than 1 only in --mode coupled")
+    cache_dir = compilation_cache.enable(compilation_cache.default_dir() if _COMPILATION_CACHE.value is None
+                                         else _COMPILATION_CACHE.value)
+    logging.info("compilation cache: %s", cache_dir or "off")
     llm = build_llm(_MODEL.value, parse_adapters(_ADAPTERS.value), dtype=_DTYPE.value,
                     mesh=_MESH.value or _LAYOUT.value, mode=_MODE.value, replicas=_REPLICAS.value,
                     max_lora_rank=_MAX_LORA_RANK.value, max_adapters=_MAX_ADAPTERS.value,

@@ -109,12 +109,14 @@ def test_flag_spellings_and_adapter_specs():
     assert parse_adapters(None) is None
 
 
-def test_serve_binary_starts_the_bundled_model():
-    """`python -m infinilora_jax.serve` with no --model serves the bundled model and its adapters."""
+def test_serve_binary_starts_the_bundled_model(tmp_path):
+    """`python -m infinilora_jax.serve` with no --model serves the bundled model and its adapters, with the
+    persistent compilation cache in $INFINILORA_COMPILATION_CACHE."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    cache = tmp_path / "xla"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "INFINILORA_COMPILATION_CACHE": str(cache)}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen([sys.executable, "-m", "infinilora_jax.serve", f"--port={port}", "--max-model-len=64",
                              "--log_level=warning"], cwd=root, env=env, stdout=subprocess.PIPE,
@@ -133,6 +135,7 @@ def test_serve_binary_starts_the_bundled_model():
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"]
         assert models[0]["id"] == "tiny-qwen3-moe" and len(models) >= 4
         assert all(m["parent"] == "tiny-qwen3-moe" for m in models[1:])
+        assert cache.is_dir()
     finally:
         proc.terminate()
         proc.wait(30)

@@ -21,6 +21,7 @@ import dataclasses
 import os
 import time
 
+from infinilora_jax import compilation_cache
 from infinilora_jax.bench import metrics
 from infinilora_jax.bench.workload import WorkloadRequest
 from infinilora_jax.engine.engine import LLMEngine
@@ -243,14 +244,8 @@ def set_policy(engine: LLMEngine, policy: str) -> None:
 
 
 def enable_compilation_cache(path: str | None) -> None:
-    """Keep compiled programs on disk (jax's persistent cache), so a benchmark's second run skips compiling."""
-    if not path:
-        return
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    """Keep every compiled program on disk (jax's persistent cache), so a benchmark's second run skips compiling."""
+    compilation_cache.enable(path, min_compile_secs=0)
 
 
 def benchmark_llm(model: str | None, num_adapters: int, rank: int, slots: int, *, targets=None, dtype="float32",
