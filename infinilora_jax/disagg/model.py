@@ -50,7 +50,7 @@ ATTN_IN = ("q", "k", "v")
 DENSE_IN = ("gate", "up")
 
 
-def _is_base():
+def is_base_device():
     """This device plays the base role (local code; XLA folds the repeated axis_index)."""
     return jax.lax.axis_index(ROLE) == BASE_ROLE
 
@@ -82,7 +82,7 @@ class DisaggModel:
         deltas)."""
         dp = self.layout.dp
         if not targets:  # nothing to adapt here: no exchange
-            return on(_is_base(), base_work, *base_args), {}
+            return on(is_base_device(), base_work, *base_args), {}
         got = to_lora(push, stage, dp)
 
         def lora(got):
@@ -125,7 +125,7 @@ class DisaggModel:
         rope = rope_tables(batch.positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         kv_block = blocks["kv:0:k"].shape  # [1, 1, num_pages, page_size, kv_heads, hd]
         no_slot = kv_block[2] * kv_block[3]
-        cache_slots = jnp.where(_is_base(), batch.cache_slots, no_slot)
+        cache_slots = jnp.where(is_base_device(), batch.cache_slots, no_slot)
         slots = batch.adapter_slots
         flat_slots = all_slots.reshape(-1)  # [dp * N]: the stacking order of to_lora
         dense_rows = lambda got: (got.reshape(-1, got.shape[-1]), flat_slots, None)
@@ -152,10 +152,10 @@ class DisaggModel:
 
             # 2. o (no exchange: attention and o projection in one branch)
             if "o" in targets:
-                attn = on(_is_base(), attention, q, *pages)
+                attn = on(is_base_device(), attention, q, *pages)
                 o0, d = rt(("o",), attn, dense_rows, o_proj, attn)
             else:
-                o0, d = on(_is_base(), lambda *a: o_proj(attention(*a)), q, *pages), {}
+                o0, d = on(is_base_device(), lambda *a: o_proj(attention(*a)), q, *pages), {}
             x = x + (add_delta(o0, d["o"]) if "o" in d else o0)
             h2 = rms_norm(x, p("mlp_norm"), eps)
 
@@ -169,7 +169,7 @@ class DisaggModel:
             return matmul(hidden, head, "mh,vh->mv").astype(jnp.float32)
 
         head = w("embed") if cfg.tie_word_embeddings else w("lm_head")
-        logits = on(_is_base(), final, x, w("final_norm"), head)
+        logits = on(is_base_device(), final, x, w("final_norm"), head)
         return logits, blocks
 
     # ---- base pieces ----
@@ -218,7 +218,7 @@ class DisaggModel:
         gate_up_proj = lambda h: matmul(h, p("mlp/w_gate_up"), "nh,hgi->ngi")
         down_proj = lambda a: matmul(a, p("mlp/w_down"), "ni,ih->nh")
         if not any(t in targets for t in (*DENSE_IN, "down")):  # no exchange: the whole MLP in one branch
-            return on(_is_base(), lambda h: down_proj(self._dense_act(gate_up_proj(h), {})), h2)
+            return on(is_base_device(), lambda h: down_proj(self._dense_act(gate_up_proj(h), {})), h2)
         gate_up, d = rt(DENSE_IN, h2, dense_rows, gate_up_proj, h2)
         act = self._dense_act(gate_up, d)
         down0, d = rt(("down",), act, dense_rows, down_proj, act)
@@ -243,7 +243,7 @@ class DisaggModel:
         gate_up_proj = lambda r, gs: expert_gate_up(r, gs, w_gate_up)
         down_proj = lambda a, gs: expert_down(a, gs, w_down)
         if not any(t in targets for t in ("expert_gate_up", "expert_down")):  # no exchange: one branch
-            down0 = on(_is_base(), lambda r, gs: down_proj(self._expert_act(gate_up_proj(r, gs), {}), gs),
+            down0 = on(is_base_device(), lambda r, gs: down_proj(self._expert_act(gate_up_proj(r, gs), {}), gs),
                        rows, group_sizes)
         else:
             expert_rows = lambda got: (got[0].reshape(-1, got[0].shape[-1]), got[2].reshape(-1), got[1].reshape(-1))

@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from infinilora_jax.disagg.model import DisaggModel
+from infinilora_jax.disagg.exchange import on
+from infinilora_jax.disagg.model import DisaggModel, is_base_device
 from infinilora_jax.disagg.roles import PER_DEVICE
 from infinilora_jax.engine.sampler import SamplingArrays, sample, token_logprobs
 from infinilora_jax.models.batch import StepBatch
 from infinilora_jax.models.precompiled import PrecompiledSteps
-from meshes.axes import BASE_ROLE, DP
+from meshes.axes import BASE_ROLE, DP, MODEL_AXES
 
 
 class DisaggStepFunctions(PrecompiledSteps):
@@ -45,12 +46,21 @@ class DisaggStepFunctions(PrecompiledSteps):
             logits, _, kv = local(weights, kv, batch, all_slots)
             return logits, kv
 
+        def local_sample(weights, kv, batch, all_slots, sampling, load=None):
+            logits, weights, kv = local(weights, kv, batch, all_slots, load)
+            return self._sample_on_base(logits[0], jax.tree.map(lambda a: a[0], sampling)), weights, kv
+
         self._forward = jax.shard_map(local_plain, mesh=mesh,
                                       in_specs=(w_specs, kv_specs, batch_specs, PartitionSpec()),
                                       out_specs=(PER_DEVICE, kv_specs), check_vma=False)
-        self._forward_loading = jax.shard_map(
-            lambda w, kv, b, s, slot, pages: local(w, kv, b, s, (slot, pages)), mesh=mesh,
-            in_specs=(w_specs, kv_specs, batch_specs, PartitionSpec(), PartitionSpec(), PER_DEVICE),
+        self._forward_sample = jax.shard_map(
+            lambda w, kv, b, s, sampling: (lambda out, _, kv: (out, kv))(*local_sample(w, kv, b, s, sampling)),
+            mesh=mesh, in_specs=(w_specs, kv_specs, batch_specs, PartitionSpec(), batch_specs),
+            out_specs=(PER_DEVICE, kv_specs), check_vma=False)
+        self._forward_sample_loading = jax.shard_map(
+            lambda w, kv, b, s, sampling, slot, pages: local_sample(w, kv, b, s, sampling, (slot, pages)),
+            mesh=mesh, in_specs=(w_specs, kv_specs, batch_specs, PartitionSpec(), batch_specs, PartitionSpec(),
+                                 PER_DEVICE),
             out_specs=(PER_DEVICE, w_specs, kv_specs), check_vma=False)
         self.score = jax.jit(self._score, donate_argnums=(1,))
         self.sample = jax.jit(self._sample, donate_argnums=(1,))
@@ -69,24 +79,38 @@ class DisaggStepFunctions(PrecompiledSteps):
         logits, kv = self._forward(weights, kv, batch, all_slots)
         return self._logits(logits), kv
 
-    def _sampled(self, logits, sampling: SamplingArrays):
-        dp, m, v = logits.shape
-        flat = logits.reshape(dp * m, v)
-        s = jax.tree.map(lambda a: a.reshape(dp * m), sampling)
-        tokens = sample(flat, s, self.vocab_size)
-        out = (tokens, *token_logprobs(flat, tokens, s.logprobs, self.vocab_size))
-        return tuple(a.reshape(dp, m, *a.shape[1:]) for a in out)
+    def _sample_on_base(self, logits: jax.Array, sampling: SamplingArrays) -> tuple:
+        """Local code: this instance's logits block [M, V/n] and its sampling rows -> (tokens [1, M], logprobs
+        [1, M], top ids [1, M, K], top logprobs [1, M, K]), computed on base devices only (zeros on LoRA ones).
+
+        Why here, not on the assembled logits after the shard_map: there, picking the base role's blocks out of
+        the per-device logits made XLA all-reduce the float32 [M, V] logits across roles (39 MB per decode step
+        at Qwen3 widths, on the H200 profile) and run the whole sampler on the LoRA devices too. The vocab blocks
+        of an instance are gathered over its own devices only."""
+        if self.layout.ep > 1:  # the base instance's vocab is split over its model axes
+            logits = jax.lax.all_gather(logits, MODEL_AXES, axis=1, tiled=True)
+
+        def sampled(logits, sampling):
+            tokens = sample(logits, sampling, self.vocab_size)
+            return (tokens, *token_logprobs(logits, tokens, sampling.logprobs, self.vocab_size))
+
+        return tuple(a[None] for a in on(is_base_device(), sampled, logits, sampling))
+
+    def _base_rows(self, per_device: tuple) -> tuple:
+        """Per-device outputs [devices, ...] -> base instances' [dp, ...] (an instance's devices agree)."""
+        lay = self.layout
+        return tuple(a.reshape(2, lay.dp, lay.ep, *a.shape[1:])[BASE_ROLE, :, 0] for a in per_device)
 
     def _sample(self, weights, kv, batch: StepBatch, all_slots, sampling: SamplingArrays):
         """sampling: leaves [dp, M]. -> ((tokens [dp, M], their logprobs, top ids [dp, M, K], top logprobs), kv)."""
-        logits, kv = self._forward(weights, kv, batch, all_slots)
-        return self._sampled(self._logits(logits), sampling), kv
+        out, kv = self._forward_sample(weights, kv, batch, all_slots, sampling)
+        return self._base_rows(out), kv
 
     def _sample_loading(self, weights, kv, batch: StepBatch, all_slots, sampling: SamplingArrays, slot, pages):
         """`_sample` that also writes one adapter's pages (pinned host, per device) into `slot` layer by layer.
         -> (as `_sample`'s first output, weights, kv)."""
-        logits, weights, kv = self._forward_loading(weights, kv, batch, all_slots, slot, pages)
-        return self._sampled(self._logits(logits), sampling), weights, kv
+        out, weights, kv = self._forward_sample_loading(weights, kv, batch, all_slots, sampling, slot, pages)
+        return self._base_rows(out), weights, kv
 
     def _prompt_logprobs(self, weights, kv, batch: StepBatch, all_slots, targets):
         """targets: [dp, M] -> ((logprob of targets, top ids, top logprobs), each [dp, M, ...]), kv)."""

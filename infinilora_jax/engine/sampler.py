@@ -46,17 +46,22 @@ class SamplingArrays:
 def sample(logits: jax.Array, s: SamplingArrays, vocab_size: int) -> jax.Array:
     """logits: [M, V_padded] float32 -> sampled token ids [M] int32.
 
-    The top-k / top-p filter (a sort over the vocabulary) runs only when some row asks for it: a branch taken on
-    the device, so one compiled program serves every mix of sampling parameters.
+    A branch taken on the device picks the work: argmax only when every row is greedy (the common decode batch
+    pays for no random draws over the vocabulary), a draw from the tempered distribution when some row samples,
+    and the top-k / top-p filter (a sort over the vocabulary) only when some row asks for it; one compiled
+    program serves every mix of sampling parameters.
     """
     logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
     keys = jax.vmap(lambda seed, c: jax.random.fold_in(jax.random.key(seed), c))(s.seeds, s.counters)
 
-    def filtered(scaled):
-        order = jnp.argsort(-scaled, axis=-1)
-        ranked = jnp.take_along_axis(scaled, order, axis=-1)
+    def scaled(logits):
+        return logits / jnp.maximum(s.temperature, 1e-6)[:, None]
+
+    def filtered(logits):
+        x = scaled(logits)
+        order = jnp.argsort(-x, axis=-1)
+        ranked = jnp.take_along_axis(x, order, axis=-1)
         rank = jnp.arange(ranked.shape[-1])[None, :]
         keep = (s.top_k[:, None] <= 0) | (rank < s.top_k[:, None])
         probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
@@ -65,12 +70,13 @@ def sample(logits: jax.Array, s: SamplingArrays, vocab_size: int) -> jax.Array:
         choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, ranked, -jnp.inf))
         return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
-    def plain(scaled):
-        return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    def plain(logits):
+        return jax.vmap(jax.random.categorical)(keys, scaled(logits)).astype(jnp.int32)
 
-    needs_filter = jnp.any((s.temperature > 0) & ((s.top_k > 0) | (s.top_p < 1)))
-    sampled = jax.lax.cond(needs_filter, filtered, plain, scaled)
-    return jnp.where(s.temperature > 0, sampled, greedy)
+    random_rows = s.temperature > 0
+    work = jnp.where(jnp.any(random_rows & ((s.top_k > 0) | (s.top_p < 1))), 2, jnp.any(random_rows).astype(jnp.int32))
+    sampled = jax.lax.switch(work, [lambda logits: greedy, plain, filtered], logits)
+    return jnp.where(random_rows, sampled, greedy)
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array, wanted: jax.Array,
