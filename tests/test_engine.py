@@ -151,3 +151,36 @@ def test_seeded_sampling_is_batch_independent(tight_llm):
                          adapter=["attn-r4-rslora", None, "all-linear-r4", None, "attn-experts-r8"])
     assert crowd[-1].token_ids == alone
     assert llm.generate([prompt], hot, adapter="attn-experts-r8")[0].token_ids == alone
+
+
+def test_token_slice_equals_slicing_all_token_ids():
+    """The engine's per-step token lookup (no prompt + output concatenation) at every boundary."""
+    from infinilora_jax.engine.request import Request
+
+    req = Request("r", [10, 11, 12, 13], SamplingParams(), None, 0, output_token_ids=[20, 21, 22])
+    for start in range(8):
+        for n in range(0, 8 - start + 1):
+            assert req.token_slice(start, n) == req.all_token_ids[start:start + n], (start, n)
+
+
+def test_step_batch_packing_fast_path_equals_array_path():
+    """build_step_batch writes decode rows (one token) with scalars and longer rows with arrays: a batch
+    whose rows are all taken as one-token rows equals the same positions packed as multi-token rows."""
+    import numpy as np
+
+    from infinilora_jax.models.batch import RowSpec, build_step_batch
+
+    page = 4
+    decode = [RowSpec([7], 9, 2, [5, 3, 8], "last"), RowSpec([9], 0, 1, [6], "none"),
+              RowSpec([4], 3, 3, [2, 1], "all")]
+    prefill = [RowSpec([1, 7], 8, 2, [5, 3, 8], "last"), RowSpec([4, 4], 2, 3, [2, 1], "all")]
+    b1, logits1 = build_step_batch(decode, page, 16)
+    b2, logits2 = build_step_batch(prefill, page, 16)
+    assert logits1 == [[0], [], [1]] and logits2 == [[0], [1, 2]]
+    # the one-token rows' positions 9 and 3 are the last positions of the two-token rows
+    assert b1.tokens[0] == 7 and b1.positions[0] == 9 and b1.adapter_slots[0] == 2
+    assert b1.cache_slots[0] == 8 * page + 1 == b2.cache_slots[1]
+    assert b1.cache_slots[2] == 2 * page + 3 == b2.cache_slots[3]
+    assert b1.cache_slots[1] == 6 * page
+    np.testing.assert_array_equal(b1.logits_indices[:2], [0, 2])
+    np.testing.assert_array_equal(b1.decode.block_tables[:3, :3], [[5, 3, 8], [6, 0, 0], [2, 0, 0]])

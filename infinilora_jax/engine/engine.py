@@ -160,7 +160,7 @@ class LLMEngine:
         for req, n in work.rows:
             start = req.num_computed_tokens
             samples = start + n == req.num_tokens
-            rows.append(RowSpec(req.all_token_ids[start:start + n], start, req.adapter_slot, req.pages,
+            rows.append(RowSpec(req.token_slice(start, n), start, req.adapter_slot, req.pages,
                                 "last" if samples else "none"))
             if samples:
                 sampling_reqs.append(req)

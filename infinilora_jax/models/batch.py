@@ -146,28 +146,39 @@ def build_step_batch(rows: list[RowSpec], page_size: int, num_pages: int,
     cache_slots = np.full(n_pad, num_pages * page_size, np.int32)  # out of range: the scatter drops it
     logits: list[int] = []
     row_logits: list[list[int]] = []
-    decode_rows: list[tuple[list[int], np.ndarray]] = []
-    tiles: list[tuple[list[int], np.ndarray]] = []
+    decode_rows: list[tuple[list[int], list[int]]] = []
+    tiles: list[tuple[list[int], list[int]]] = []
     tile = policy.query_tile
     at = 0
+    # Python scalars for decode rows (one token each): this loop runs on the host every step, and numpy calls
+    # on one element cost far more than the element
     for b, r in enumerate(rows):
         k = len(r.tokens)
-        pos = np.arange(r.start, r.start + k, dtype=np.int32)
         need = -(-(r.start + k) // page_size)
         if len(r.pages) < need:
             raise ValueError(f"row {b} covers {r.start + k} positions but has {len(r.pages)} pages of {page_size}")
-        pages = np.asarray(r.pages[:need], np.int32)
-        tokens[at:at + k] = r.tokens
-        positions[at:at + k] = pos
-        slots[at:at + k] = r.adapter_slot
-        cache_slots[at:at + k] = pages[pos // page_size] * page_size + pos % page_size
+        pages = r.pages[:need]
         if k == 1:
+            tokens[at], positions[at], slots[at] = r.tokens[0], r.start, r.adapter_slot
+            cache_slots[at] = pages[r.start // page_size] * page_size + r.start % page_size
             decode_rows.append(([at], pages))
         else:
+            pos = np.arange(r.start, r.start + k, dtype=np.int32)
+            tokens[at:at + k] = r.tokens
+            positions[at:at + k] = pos
+            slots[at:at + k] = r.adapter_slot
+            cache_slots[at:at + k] = np.asarray(pages, np.int32)[pos // page_size] * page_size + pos % page_size
             tiles += [(list(range(at + t, at + min(t + tile, k))), pages) for t in range(0, k, tile)]
-        wanted = {"last": [at + k - 1], "all": list(range(at, at + k)), "none": []}[r.logits]
-        row_logits.append(list(range(len(logits), len(logits) + len(wanted))))
-        logits += wanted
+        if r.logits == "last":
+            row_logits.append([len(logits)])
+            logits.append(at + k - 1)
+        elif r.logits == "all":
+            row_logits.append(list(range(len(logits), len(logits) + k)))
+            logits += range(at, at + k)
+        elif r.logits == "none":
+            row_logits.append([])
+        else:
+            raise ValueError(f"row {b}: logits={r.logits!r} (last, all or none)")
         at += k
 
     p_need = policy.pages(max((len(p) for _, p in decode_rows + tiles), default=1))
