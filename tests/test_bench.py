@@ -67,10 +67,22 @@ def test_device_trace_summary_of_a_real_profile(tmp_path):
         # the top kernels are a subset of all ops, each op in exactly one category
         assert sum(v for _, v in s["top_us"]) <= sum(s["by_category_us"].values()) + 1e-6
         assert s["ops_per_call"] >= 1
+        idle = s["span_us"] - s["busy_us"]  # per call; the idle time splits into inside and between calls
+        assert s["in_call_idle_us"] >= -1e-6 and s["between_calls_us"] >= 0
+        assert abs(s["in_call_idle_us"] + 2 * s["between_calls_us"] / 3 - idle) < 1e-3 * max(idle, 1)
     assert "us" in device_trace.format_summary(summary)
     assert device_trace.category("ncclDevKernel_SendRecv") == "collective"
     assert device_trace.category("nvjet_hsh_128x256_64x4") == "gemm"
     assert device_trace.category("loop_add_fusion") == "other"
+
+
+def test_device_trace_gaps_split_between_and_inside_calls():
+    from infinilora_jax.bench import device_trace
+
+    # two calls of [0, 10) + [12, 20), separated by a 50 us gap
+    spans = [(0, 10), (12, 20), (70, 80), (82, 90), (5, 9)]
+    assert device_trace._busy(spans) == 36
+    assert device_trace._gaps(spans) == [50, 2, 2]
 
 
 def test_busy_time_is_the_union_of_intervals():

@@ -1,7 +1,8 @@
 """Where a step's device time goes: capture a `jax.profiler` trace of a few calls and summarise it per device.
 
 The summary is what a table needs, not a trace viewer: per device (a GPU, or the host on CPU) the span of the
-traced calls, the time it was busy (union of its kernel/op intervals), the idle share, and the total time per
+traced calls, the time it was busy (union of its kernel/op intervals), the idle share split into idle time inside
+a call and the gaps between calls (the host's work between steps), and the total time per
 kernel category (collectives, GEMMs, attention, copies, other) with the top kernels by name. On GPU the idle
 time between kernels is what role branches (the host reads each predicate) and collective waits cost.
 """
@@ -46,6 +47,16 @@ def _busy(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def _gaps(intervals: list[tuple[float, float]]) -> list[float]:
+    """Idle stretches between the union's pieces, largest first."""
+    gaps, end = [], None
+    for s, e in sorted(intervals):
+        if end is not None and s > end:
+            gaps.append(s - end)
+        end = e if end is None else max(end, e)
+    return sorted(gaps, reverse=True)
+
+
 def summarize(trace_dir: str, calls: int = 1, top: int = 12) -> dict:
     """Summary of the newest perfetto trace under trace_dir (jax.profiler.trace(create_perfetto_trace=True)).
     Times in microseconds, per call (divided by `calls`)."""
@@ -66,13 +77,18 @@ def summarize(trace_dir: str, calls: int = 1, top: int = 12) -> dict:
         spans = [(e["ts"], e["ts"] + e["dur"]) for e in ops]
         span = max(e for _, e in spans) - min(s for s, _ in spans)
         busy = _busy(spans)
+        gaps = _gaps(spans)
+        # with several calls traced, the calls-1 largest gaps are (mostly) the host's time between calls;
+        # the rest of the idle time is inside the calls (branch predicates, collective waits, launches)
+        between = sum(gaps[: calls - 1])
         by_cat, by_name = collections.Counter(), collections.Counter()
         for e in ops:
             by_cat[category(e["name"])] += e["dur"]
             by_name[e["name"][:80]] += e["dur"]
         out[names[pid]] = {
             "span_us": span / calls, "busy_us": busy / calls, "idle_share": 1 - busy / span if span else 0.0,
-            "ops_per_call": len(ops) / calls,
+            "between_calls_us": between / max(calls - 1, 1), "in_call_idle_us": (span - busy - between) / calls,
+            "largest_gaps_us": gaps[:5], "ops_per_call": len(ops) / calls,
             "by_category_us": {k: v / calls for k, v in by_cat.most_common()},
             "top_us": [(n, v / calls) for n, v in by_name.most_common(top)]}
     return out
@@ -91,7 +107,8 @@ def format_summary(summary: dict) -> str:
     for device, s in summary.items():
         cats = ", ".join(f"{k} {v:.0f}" for k, v in s["by_category_us"].items())
         lines.append(f"{device}: span {s['span_us']:.0f} us, busy {s['busy_us']:.0f} us "
-                     f"(idle {s['idle_share']:.0%}), {s['ops_per_call']:.0f} ops; {cats}")
+                     f"(idle {s['idle_share']:.0%}: {s['in_call_idle_us']:.0f} us inside a call, "
+                     f"{s['between_calls_us']:.0f} us between calls), {s['ops_per_call']:.0f} ops; {cats}")
         lines.extend(f"    {v:9.1f} us  {n}" for n, v in s["top_us"][:6])
     return "\n".join(lines)
 
