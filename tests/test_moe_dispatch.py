@@ -79,3 +79,13 @@ def test_all_tokens_routed_to_one_device_drop_nothing(rng):
     got = jax.jit(fn)(*jax.tree.map(jnp.asarray, (x, slots, router, w_gu, w_down, zeros)))
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-4)
     assert np.abs(want).sum() > 0
+
+
+def test_unsort_inverts_the_sort_exactly():
+    from infinilora_jax.models.moe import sort_rows, unsort
+
+    rng = np.random.default_rng(3)
+    experts = jnp.asarray(rng.integers(0, 5, 37), jnp.int32)  # 4 local experts + padding id 4
+    rows = jnp.asarray(rng.normal(size=(37, 6)), jnp.bfloat16)
+    order, _ = sort_rows(experts, 4)
+    np.testing.assert_array_equal(np.asarray(unsort(rows[order], order)), np.asarray(rows))

@@ -40,7 +40,15 @@ from infinilora_jax.lora.reference import add_delta
 from infinilora_jax.models.batch import StepBatch
 from infinilora_jax.models.config import ModelConfig
 from infinilora_jax.models.layers import apply_rope, matmul, paged_attention, rms_norm, rope_tables, write_kv
-from infinilora_jax.models.moe import combine_rows, expert_down, expert_gate_up, pack_rows, route_logits, sort_rows
+from infinilora_jax.models.moe import (
+    combine_rows,
+    expert_down,
+    expert_gate_up,
+    pack_rows,
+    route_logits,
+    sort_rows,
+    unsort,
+)
 from infinilora_jax.models.stages import StagePlan
 from meshes.axes import BASE_ROLE, DP, EP, LORA_ROLE, MODEL_AXES, ROLE
 from meshes.layouts import RoleLayout
@@ -253,7 +261,7 @@ class DisaggModel:
             down0, d = rt(("expert_down",), (act, row_experts, row_slots), expert_rows, down_proj, act, group_sizes)
             if "expert_down" in d:
                 down0 = add_delta(down0, d["expert_down"])
-        out = jnp.zeros_like(down0).at[order].set(down0).reshape(ep, capacity, hidden)
+        out = unsort(down0, order).reshape(ep, capacity, hidden)
         back = jax.lax.all_to_all(out, EP, 0, 0) if ep > 1 else out
         y = combine_rows(back, packed)
         if ep > 1:
