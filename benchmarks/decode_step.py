@@ -2,7 +2,9 @@
 
 B running requests spread over A distinct rank-r adapters (on attention, router and experts); once every request
 is decoding, time K engine steps (host scheduling + one jitted forward + sampling; each step returns sampled
-tokens to the host). Then the same with no adapter pool at all. Prints step time, the ratio and tokens/s.
+tokens to the host). Then the same with no adapter pool at all. Prints step time, the ratio and tokens/s, and
+each step's parts: the host's scheduling, batch building and completion, and the run (dispatch, device, tokens
+back): what overlapping host work with the device could save.
 
     python benchmarks/decode_step.py --model configs/models/mixtral-8x7b.json --requests 64 --adapters 32 \\
         --rank 16 --dtype bfloat16 --out $OUT/decode_step
@@ -38,6 +40,9 @@ flags.DEFINE_integer("steps", 16, "timed decode steps")
 flags.DEFINE_string("out", None, "write <out>.json")
 
 
+PHASES = ("schedule", "build", "run", "complete")
+
+
 def measure(with_adapters: bool) -> dict:
     targets = tuple(F.targets) if with_adapters else ()
     llm = LLM(F.model, dtype=F.dtype, num_layers=F.num_layers, max_lora_rank=F.rank, lora_targets=targets,
@@ -62,17 +67,29 @@ def measure(with_adapters: bool) -> dict:
     prefill_s = time.perf_counter() - t0
     print(f"  prefill (and its compilations) {prefill_s:.1f} s", flush=True)
     engine.step()  # compile the decode shape
-    times = []
+    times, phases = [], {k: [] for k in PHASES}
     for _ in range(F.steps):
-        t = time.perf_counter()
-        outs = engine.step()
-        times.append(time.perf_counter() - t)
+        # LLMEngine.step's four parts, timed apart: the host's work (schedule, build, complete) and the run
+        # (dispatch, the device's step, tokens back), which on a GPU holds the device time
+        t = [time.perf_counter()]
+        plan = engine.schedule_step()
+        t.append(time.perf_counter())
+        batch, sampling = engine.build_step(plan)
+        t.append(time.perf_counter())
+        tokens, top, engine.kv = engine.runner.sample(batch, engine.kv, sampling, logprobs=plan.want_logprobs)
+        t.append(time.perf_counter())
+        outs = engine.complete_step(plan, tokens, top)
+        t.append(time.perf_counter())
+        times.append(t[-1] - t[0])
+        for name, a, b in zip(PHASES, t, t[1:]):
+            phases[name].append(b - a)
         assert len(outs) == F.requests, "every request decodes one token per step"
     for rid in list(engine.requests):
         engine.abort(rid)
     engine.pop_finished()
     result = {"with_adapters": with_adapters, "step_ms_median": 1e3 * float(np.median(times)),
               "step_ms_mean": 1e3 * float(np.mean(times)), "tokens_per_s": F.requests / float(np.median(times)),
+              "phase_ms_median": {k: 1e3 * float(np.median(v)) for k, v in phases.items()},
               "prefill_and_compile_s": prefill_s, "adapter_pool_bytes": sum(
                   x.nbytes for x in __import__("jax").tree.leaves(llm.runner.adapters.pool_state))}
     del llm, engine
@@ -89,9 +106,10 @@ def main(argv):
     ratio = lora["step_ms_median"] / base["step_ms_median"]
     print(f"  model {F.model or 'bundled tiny'} layers={F.num_layers or 'all'} dtype={F.dtype} "
           f"requests={F.requests} adapters={F.adapters} rank={F.rank}")
-    print(f"  {'':18} {'step ms (median)':>17} {'tokens/s':>10}")
+    print(f"  {'':18} {'step ms (median)':>17} {'tokens/s':>10}   " + "".join(f"{p + ' ms':>12}" for p in PHASES))
     for name, r in (("with adapters", lora), ("no adapters", base)):
-        print(f"  {name:18} {r['step_ms_median']:17.2f} {r['tokens_per_s']:10.1f}")
+        print(f"  {name:18} {r['step_ms_median']:17.2f} {r['tokens_per_s']:10.1f}   "
+              + "".join(f"{r['phase_ms_median'][p]:12.3f}" for p in PHASES))
     print(f"  ratio with/without adapters: {ratio:.3f}")
     if F.out:
         os.makedirs(os.path.dirname(F.out) or ".", exist_ok=True)
