@@ -4,6 +4,9 @@
 # expert GEMM choice (mgpu, now the GPU default), autotune on/off, the kernel numerics, the push's 1+1 parity.
 # Engines with the Mosaic GPU expert GEMM compile in ~245 s per mode at 8 layers: one mode per call. Stages:
 #
+#   phases        (1 GPU, ~5 min) benchmarks/decode_step.py, 8 layers: the host's share of a decode step
+#                 (schedule, build, run, complete), with the fifth session's changes (sampling on the base devices,
+#                 gathers instead of row scatters, the LoRA expand as B-row gathers; none measured on a GPU yet).
 #   slo_sweep     (2 GPUs, ~9 min) benchmarks/slo_baselines.py --sweep_adapters: coupled as two single-device
 #                 replicas against disaggregated 1+1 (issue 6's curve and issue 7's GPU rows).
 #   push          (2 GPUs, ~7 min) the disaggregated decode step with the device-initiated push
@@ -29,6 +32,11 @@ case "${1:-}" in
     timeout 260 python3 -u benchmarks/expert_gemm.py --budget 230 --tokens 2048 64 --models mixtral-8x7b qwen3-30b-a3b \
       --out "$OUT/expert_gemm.json" > "$OUT/expert_gemm.log" 2>&1
     echo "expert_gemm rc=$?"; show "$OUT/expert_gemm.log" 40 ;;
+  phases)
+    CUDA_VISIBLE_DEVICES=0 timeout 560 python3 -u benchmarks/decode_step.py --model $QWEN --num_layers 8 \
+      --requests 64 --adapters 32 --rank 32 --prompt_len 128 --steps 16 --out "$OUT/decode_phases" \
+      > "$OUT/phases.log" 2>&1
+    echo "phases rc=$?"; show "$OUT/phases.log" 12 ;;
   kernel_check)
     timeout 170 python3 -u tools/gpu_lora_kernel_check.py --skip-timing --budget 150 \
       --out "$OUT/gpu_lora_check.json" > "$OUT/kcheck.log" 2>&1
@@ -36,7 +44,7 @@ case "${1:-}" in
   decode)
     INFINILORA_EXPERT_GEMM=${EXPERT_GEMM:-auto} timeout 560 python3 -u benchmarks/disagg.py --model $QWEN \
       --num_layers 8 --dtype bfloat16 --rank 32 --parts decode --modes ${MODES:-coupled1,disagg} --requests 64 \
-      --adapters 32 --prompt_len 128 --steps 16 --profile_steps 2 --out "$OUT/disagg_decode" > "$OUT/decode.log" 2>&1
+      --adapters 32 --prompt_len 128 --steps 16 --profile_steps 3 --out "$OUT/disagg_decode" > "$OUT/decode.log" 2>&1
     echo "decode rc=$?"; show "$OUT/decode.log" 60 ;;
   slo_sweep)
     timeout 560 python3 -u benchmarks/slo_baselines.py --model $QWEN --num_layers 2 --dtype bfloat16 --rank 32 \
@@ -52,5 +60,5 @@ case "${1:-}" in
       --steps 16 --profile_steps 2 --out "$OUT/disagg_push" > "$OUT/push_decode.log" 2>&1
     echo "push decode rc=$?"; show "$OUT/push_decode.log" 30 ;;
   *)
-    sed -n '2,17p' "$0"; exit 2 ;;
+    sed -n '2,20p' "$0"; exit 2 ;;
 esac
