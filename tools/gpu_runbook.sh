@@ -4,7 +4,7 @@
 # expert GEMM choice (mgpu, now the GPU default), autotune on/off, the kernel numerics, the push's 1+1 parity.
 # Engines with the Mosaic GPU expert GEMM compile in ~245 s per mode at 8 layers: one mode per call. Stages:
 #
-#   phases        (1 GPU, ~5 min) benchmarks/decode_step.py, 8 layers: the host's share of a decode step
+#   phases        (1 GPU, ~8 min) benchmarks/decode_step.py, 4 layers: the host's share of a decode step
 #                 (schedule, build, run, complete), with the fifth session's changes (sampling on the base devices,
 #                 gathers instead of row scatters, the LoRA expand as B-row gathers; none measured on a GPU yet).
 #   slo_sweep     (2 GPUs, ~9 min) benchmarks/slo_baselines.py --sweep_adapters: coupled as two single-device
@@ -33,7 +33,7 @@ case "${1:-}" in
       --out "$OUT/expert_gemm.json" > "$OUT/expert_gemm.log" 2>&1
     echo "expert_gemm rc=$?"; show "$OUT/expert_gemm.log" 40 ;;
   phases)
-    CUDA_VISIBLE_DEVICES=0 timeout 560 python3 -u benchmarks/decode_step.py --model $QWEN --num_layers 8 \
+    CUDA_VISIBLE_DEVICES=0 timeout 560 python3 -u benchmarks/decode_step.py --model $QWEN --num_layers 4 \
       --requests 64 --adapters 32 --rank 32 --prompt_len 128 --steps 16 --out "$OUT/decode_phases" \
       > "$OUT/phases.log" 2>&1
     echo "phases rc=$?"; show "$OUT/phases.log" 12 ;;
