@@ -43,9 +43,11 @@ def group_rows(keys: jax.Array, active: jax.Array, *, num_keys: int) -> Grouping
     sk = k[order]
     live = sk < num_keys
     is_start = live & jnp.concatenate([jnp.ones((1,), bool), sk[1:] != sk[:-1]])
+    pos = jnp.arange(m, dtype=jnp.int32)
+    if m * m <= DENSE_MAX:
+        return _facts_by_comparison(order, sk, live, is_start, pos, g, num_keys)
     gid_sorted = jnp.where(live, jnp.cumsum(is_start) - 1, -1).astype(jnp.int32)
     num_groups = jnp.sum(is_start).astype(jnp.int32)
-    pos = jnp.arange(m, dtype=jnp.int32)
     # Scatter per-group facts; rows that start no group target index g, which is dropped.
     slot_of_start = jnp.where(is_start, gid_sorted, g)
     group_key = jnp.full((g,), num_keys, jnp.int32).at[slot_of_start].set(sk, mode="drop")
@@ -55,3 +57,25 @@ def group_rows(keys: jax.Array, active: jax.Array, *, num_keys: int) -> Grouping
     row_group = gid_sorted[inverse]
     return Grouping(order=order, inverse=inverse, row_group=row_group, group_key=group_key,
                     group_start=group_start, group_size=group_size, num_groups=num_groups)
+
+
+DENSE_MAX = 1 << 16  # rows * rows up to which group_rows compares all pairs instead of scanning and scattering
+
+
+def _facts_by_comparison(order, sk, live, is_start, pos, g: int, num_keys: int) -> Grouping:
+    """group_rows' facts for few rows (decode) from all-pairs comparisons: a handful of fusions where the cumsum
+    and the four scatters are a dozen small dependent kernels on GPU, each costing more than its work."""
+    m = pos.shape[0]
+    gid_sorted = jnp.where(live, jnp.sum(is_start[None, :] & (pos[None, :] <= pos[:, None]), axis=1) - 1, -1)
+    gid_sorted = gid_sorted.astype(jnp.int32)
+    groups = jnp.arange(g, dtype=jnp.int32)[:, None]  # [g, 1] against [1, m]
+    starts_g = is_start[None, :] & (gid_sorted[None, :] == groups)  # [g, m]: row j starts group i
+    has = jnp.any(starts_g, axis=1)
+    group_key = jnp.where(has, jnp.sum(jnp.where(starts_g, sk[None, :], 0), axis=1), num_keys).astype(jnp.int32)
+    group_start = jnp.where(has, jnp.sum(jnp.where(starts_g, pos[None, :], 0), axis=1), m).astype(jnp.int32)
+    group_size = jnp.sum(live[None, :] & (gid_sorted[None, :] == groups), axis=1).astype(jnp.int32)
+    inverse = jnp.sum(jnp.where(order[None, :] == pos[:, None], pos[None, :], 0), axis=1).astype(jnp.int32)
+    row_group = jnp.sum(jnp.where(order[None, :] == pos[:, None], gid_sorted[None, :], 0), axis=1)
+    return Grouping(order=order, inverse=inverse, row_group=row_group.astype(jnp.int32), group_key=group_key,
+                    group_start=group_start, group_size=group_size,
+                    num_groups=jnp.sum(is_start).astype(jnp.int32))

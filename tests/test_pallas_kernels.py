@@ -79,6 +79,40 @@ def test_group_rows_matches_numpy(rng):
     assert np.all(np.asarray(g.group_size)[n:] == 0)
 
 
+@pytest.mark.parametrize("m,num_keys,share", [(37, 11, 0.7), (64, 200, 0.9), (5, 3, 0.0), (1, 4, 1.0),
+                                               (300, 40, 0.5)])
+def test_group_rows_comparison_and_scatter_paths_agree(rng, monkeypatch, m, num_keys, share):
+    """Few rows take the all-pairs comparison path (decode), many the scan + scatter path: the same Grouping,
+    unused entries included."""
+    import pallas_kernels.grouping as grouping
+
+    keys = jnp.asarray(rng.integers(0, num_keys, size=m).astype(np.int32))
+    active = jnp.asarray(rng.random(m) < share)
+    run = lambda: jax.tree.map(np.asarray, group_rows(keys, active, num_keys=num_keys))
+    monkeypatch.setattr(grouping, "DENSE_MAX", 1 << 30)
+    dense = run()
+    monkeypatch.setattr(grouping, "DENSE_MAX", 0)
+    scattered = run()
+    for field in ("order", "inverse", "row_group", "group_key", "group_start", "group_size", "num_groups"):
+        np.testing.assert_array_equal(getattr(dense, field), getattr(scattered, field), err_msg=field)
+
+
+@pytest.mark.parametrize("entries,items", [(7, 20), (65, 64), (300, 1000)])
+def test_expand_items_methods_agree(rng, monkeypatch, entries, items):
+    from pallas_kernels.tpu import schedule
+
+    n = jnp.asarray(rng.integers(0, 4, size=entries).astype(np.int32))
+    monkeypatch.setattr(schedule, "COMPARE_ALL_MAX", 1 << 40)
+    everything = jax.tree.map(np.asarray, schedule._expand_items(n, items))
+    monkeypatch.setattr(schedule, "COMPARE_ALL_MAX", 0)
+    unrolled = jax.tree.map(np.asarray, schedule._expand_items(n, items))
+    for a, b in zip(everything, unrolled):
+        np.testing.assert_array_equal(a, b)
+    v, w, ok, count = everything
+    want = [(e, i) for e in range(entries) for i in range(int(n[e]))][:items]
+    assert int(count) == int(np.sum(n)) and list(zip(v[ok].tolist(), w[ok].tolist())) == want
+
+
 def test_schedule_work_scales_with_rank_and_skips_slot_zero():
     """Items per visit = rank blocks of the adapter: rank 8 costs one, rank 32 four, slot 0 nothing."""
     tables = (PageTable.padded(4, 1, 32, 8, jnp.asarray([0, 8, 32, 0])),)

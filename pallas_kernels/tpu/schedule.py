@@ -76,11 +76,17 @@ def _held(real: jax.Array, mine: jax.Array) -> jax.Array:
     return real[jnp.where(last >= 0, last, first)]
 
 
+COMPARE_ALL_MAX = 1 << 16  # elements of the [items, entries] comparison _expand_items may build
+
+
 def _expand_items(n, num_items: int):
     """Item t of a list where entry v repeats n[v] times: (entry, index within entry, valid, count)."""
     cum = jnp.cumsum(n)
     t = jnp.arange(num_items, dtype=jnp.int32)
-    v = jnp.minimum(jnp.searchsorted(cum, t, side="right"), n.shape[0] - 1).astype(jnp.int32)
+    # searchsorted's default is a while loop of binary-search steps (on GPU several small kernels per step);
+    # small lists compare all pairs in one fusion, larger ones unroll the steps
+    method = "compare_all" if num_items * n.shape[0] <= COMPARE_ALL_MAX else "scan_unrolled"
+    v = jnp.minimum(jnp.searchsorted(cum, t, side="right", method=method), n.shape[0] - 1).astype(jnp.int32)
     w = t - (cum[v] - n[v])
     count = cum[-1].astype(jnp.int32)
     return v, w, t < count, count
