@@ -128,6 +128,9 @@ def test_feedback_loop_runs_every_call_and_copy_seconds():
     x, w = jnp.ones((4, 8)), jnp.ones((8, 3))
     out = run(5, x, w)
     assert out.shape == x.shape and bool(jnp.all(out == x))  # the fed-back zero leaves the input unchanged
-    assert len(calls) == 1  # traced once; the trip count is a traced argument
-    assert run(2, x, w).shape == x.shape and len(calls) == 1  # another n reuses the trace
+    assert len(calls) == 1
+    assert run(5, x, w).shape == x.shape and len(calls) == 1  # the same n reuses the compiled loop
+    assert run(2, x, w).shape == x.shape and len(calls) == 2  # the trip count is static: XLA knows it
+    hlo = run.lower(3, x, w).compile().as_text()
+    assert "known_trip_count" in hlo
     assert child_items.copy_seconds(jnp.ones((1024,)), 3, 2) > 0

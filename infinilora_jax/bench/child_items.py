@@ -75,10 +75,12 @@ def run_child(cmd: list[str], env: dict, timeout: float) -> ChildRun:
 
 
 def feedback_loop(fn):
-    """jit of loop(n, first, *rest): n calls of fn(first, *rest) in one fori_loop (trip count traced, so one
-    compile serves every n). Each iteration feeds a zero made from the sum of its whole output back into
-    `first`, so XLA can neither hoist the call nor shrink it to the part one element needs (a zero from one
-    output element let XLA slice pure-XLA variants down to one row)."""
+    """jit of loop(n, first, *rest): n calls of fn(first, *rest) in one fori_loop. n is static (a compile per
+    n): with a traced trip count XLA:GPU reads the loop's condition back to the host every iteration, ~20 us
+    that every timed variant paid (the fifth session's finding; earlier GPU kernel tables include it). Each
+    iteration feeds a zero made from the sum of its whole output back into `first`, so XLA can neither hoist the
+    call nor shrink it to the part one element needs (a zero from one output element let XLA slice pure-XLA
+    variants down to one row)."""
     import jax
     import jax.numpy as jnp
 
@@ -88,7 +90,7 @@ def feedback_loop(fn):
             return v.at[0, 0].add((jnp.sum(out, dtype=jnp.float32) * 0).astype(v.dtype))
         return jax.lax.fori_loop(0, n, body, first)
 
-    return jax.jit(loop)
+    return jax.jit(loop, static_argnums=0)
 
 
 def copy_seconds(buf, iters: int, repeats: int) -> float:
