@@ -4,9 +4,11 @@
 # expert GEMM choice (mgpu, now the GPU default), autotune on/off, the kernel numerics, the push's 1+1 parity.
 # Engines with the Mosaic GPU expert GEMM compile in ~245 s per mode at 8 layers: one mode per call. Stages:
 #
+#   expand_forms  (1 GPU, ~1 min) benchmarks/lora_expand_forms.py: the reference LoRA expand as einsum (XLA
+#                 transposes the gathered B on GPU) or as a sum of B-row gathers; pick lora/reference.py's form.
 #   phases        (1 GPU, ~8 min) benchmarks/decode_step.py, 4 layers: the host's share of a decode step
 #                 (schedule, build, run, complete), with the fifth session's changes (sampling on the base devices,
-#                 gathers instead of row scatters, the LoRA expand as B-row gathers; none measured on a GPU yet).
+#                 gathers instead of row scatters, the kernels' grouping glue; none measured on a GPU yet).
 #   slo_sweep     (2 GPUs, ~9 min) benchmarks/slo_baselines.py --sweep_adapters: coupled as two single-device
 #                 replicas against disaggregated 1+1 (issue 6's curve and issue 7's GPU rows).
 #   push          (2 GPUs, ~7 min) the disaggregated decode step with the device-initiated push
@@ -32,6 +34,10 @@ case "${1:-}" in
     timeout 260 python3 -u benchmarks/expert_gemm.py --budget 230 --tokens 2048 64 --models mixtral-8x7b qwen3-30b-a3b \
       --out "$OUT/expert_gemm.json" > "$OUT/expert_gemm.log" 2>&1
     echo "expert_gemm rc=$?"; show "$OUT/expert_gemm.log" 40 ;;
+  expand_forms)
+    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -u benchmarks/lora_expand_forms.py --out "$OUT/lora_expand_forms.json" \
+      > "$OUT/expand_forms.log" 2>&1
+    echo "expand_forms rc=$?"; show "$OUT/expand_forms.log" 10 ;;
   phases)
     CUDA_VISIBLE_DEVICES=0 timeout 560 python3 -u benchmarks/decode_step.py --model $QWEN --num_layers 4 \
       --requests 64 --adapters 32 --rank 32 --prompt_len 128 --steps 16 --out "$OUT/decode_phases" \
@@ -60,5 +66,5 @@ case "${1:-}" in
       --steps 16 --profile_steps 2 --out "$OUT/disagg_push" > "$OUT/push_decode.log" 2>&1
     echo "push decode rc=$?"; show "$OUT/push_decode.log" 30 ;;
   *)
-    sed -n '2,20p' "$0"; exit 2 ;;
+    sed -n '2,22p' "$0"; exit 2 ;;
 esac
