@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -45,7 +44,7 @@ import zlib
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from infinilora_jax.bench.child_items import copy_seconds, emit, feedback_loop, run_child, stage  # noqa: E402
+from infinilora_jax.bench.child_items import copy_seconds, emit, loop_seconds, run_child, stage  # noqa: E402
 
 MODELS = {  # experts, hidden, moe intermediate, top-k
     "qwen3-30b-a3b": dict(experts=128, hidden=2048, inter=768, top_k=8),
@@ -99,22 +98,12 @@ def impl_call(impl: str, smoke: bool):
 
 
 def timed(fn, args, repeats: int, target_s: float = 0.2, max_iters: int = 500) -> tuple[float, int]:
-    """(median seconds per call, calls per repeat) of fn(*args) inside one jitted loop (child_items.feedback_loop),
-    n calls per repeat for about `target_s`. The weights and group sizes are arguments, never constants XLA
-    could fold."""
-    import jax
-
-    run = feedback_loop(fn)
-
-    def once(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run(n, *args))
-        return time.perf_counter() - t0
-
-    once(1)  # compile
-    single = once(1)
+    """(median seconds per call, calls per repeat) of fn(*args) inside one jitted loop (child_items.loop_seconds),
+    n calls per repeat for about `target_s`, n from one call's time. The weights and group sizes are arguments,
+    never constants XLA could fold."""
+    single = loop_seconds(fn, args, 1, 1)
     n = int(min(max(target_s / max(single, 1e-9), 1), max_iters))
-    return statistics.median(once(n) / n for _ in range(repeats)), n
+    return loop_seconds(fn, args, n, repeats), n
 
 
 def run_copy(args, shape):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -28,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from infinilora_jax.bench.child_items import feedback_loop  # noqa: E402
+from infinilora_jax.bench.child_items import loop_seconds  # noqa: E402
 
 F32 = jnp.float32
 
@@ -68,14 +67,8 @@ def run_case(name, n, pages, rank, width, iters, repeats):
         got = compiled(shrink, b_rows, idx)
         want = got if want is None else want
         err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-        loop = feedback_loop(lambda s, b, i, fn=fn: fn(s, b, i))
-        jax.block_until_ready(loop(iters, shrink, b_rows, idx))
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            jax.block_until_ready(loop(iters, shrink, b_rows, idx))
-            times.append((time.perf_counter() - t) / iters)
-        rows.append(dict(case=name, form=form, rows=n, rank=rank, width=width, us=1e6 * statistics.median(times),
+        seconds = loop_seconds(fn, (shrink, b_rows, idx), iters, repeats)
+        rows.append(dict(case=name, form=form, rows=n, rank=rank, width=width, us=1e6 * seconds,
                          compile_s=compile_s, err=err))
         print(f"  {name:24} {form:7} {rows[-1]['us']:10.1f} us   compile {compile_s:6.2f} s   err {err:.1e}",
               flush=True)

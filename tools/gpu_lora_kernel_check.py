@@ -28,14 +28,13 @@ import argparse
 import concurrent.futures
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from infinilora_jax.bench.child_items import copy_seconds, emit, feedback_loop, run_child, stage  # noqa: E402
+from infinilora_jax.bench.child_items import copy_seconds, emit, loop_seconds, run_child, stage  # noqa: E402
 
 BF = None  # jnp.bfloat16, set by _setup() (the parent never starts a jax backend: it must not touch the GPU)
 SIZE = {"d": 1024, "h_big": 4096, "t_big": 4096, "copy": 2**29}  # copy: 1 GiB of bf16  # --smoke shrinks these
@@ -223,18 +222,6 @@ def check_items():
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def timed(fn, args, iters: int, repeats: int) -> float:
-    """Median seconds per call of fn(*args), `iters` calls inside one jitted loop (child_items.feedback_loop)."""
-    run = feedback_loop(fn)
-    jax.block_until_ready(run(iters, *args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run(iters, *args))
-        times.append((time.perf_counter() - t0) / iters)
-    return statistics.median(times)
-
-
 def _ragged(x, slots, w, num_slots):
     order = jnp.argsort(slots)
     sizes = jnp.bincount(slots, length=num_slots).astype(jnp.int32)
@@ -296,9 +283,9 @@ def time_case(args, case: str):
         t0 = time.perf_counter()
         try:
             if op == "shrink":
-                t = timed(shrink_v[name], (x, slots, a_rows), args.iters, args.repeats)
+                t = loop_seconds(shrink_v[name], (x, slots, a_rows), args.iters, args.repeats)
             else:
-                t = timed(delta_v[name], (y, x, slots), args.iters, args.repeats)
+                t = loop_seconds(delta_v[name], (y, x, slots), args.iters, args.repeats)
             us = 1e6 * t
             row.update(ok=True, us=us, frac_of_copy=floor / us, detail=f"{us:.1f} us, {us / floor:.1f}x floor")
         except Exception as e:  # noqa: BLE001 - a Python-level failure costs one variant

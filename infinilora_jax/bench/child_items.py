@@ -76,8 +76,9 @@ def run_child(cmd: list[str], env: dict, timeout: float) -> ChildRun:
 
 def feedback_loop(fn):
     """jit of loop(n, first, *rest): n calls of fn(first, *rest) in one fori_loop. n is static (a compile per
-    n): with a traced trip count XLA:GPU reads the loop's condition back to the host every iteration, ~20 us
-    that every timed variant paid (the fifth session's finding; earlier GPU kernel tables include it). Each
+    n): with a traced trip count XLA:GPU reads the loop's condition back to the host every iteration (~20 us
+    per timed call; the fifth session's expert-GEMM table paid it, the LoRA kernel tables before the shared
+    harness had static counts). Each
     iteration feeds a zero made from the sum of its whole output back into `first`, so XLA can neither hoist the
     call nor shrink it to the part one element needs (a zero from one output element let XLA slice pure-XLA
     variants down to one row)."""
@@ -91,6 +92,21 @@ def feedback_loop(fn):
         return jax.lax.fori_loop(0, n, body, first)
 
     return jax.jit(loop, static_argnums=0)
+
+
+def loop_seconds(fn, args, iters: int, repeats: int) -> float:
+    """Median seconds per call of fn(*args): `iters` calls in one `feedback_loop`, timed `repeats` times after
+    one compiling run."""
+    import jax
+
+    run = feedback_loop(fn)
+    jax.block_until_ready(run(iters, *args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(iters, *args))
+        times.append((time.perf_counter() - t0) / iters)
+    return statistics.median(times)
 
 
 def copy_seconds(buf, iters: int, repeats: int) -> float:
@@ -109,4 +125,4 @@ def copy_seconds(buf, iters: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-__all__ = ["STAGE", "TAG", "ChildRun", "copy_seconds", "emit", "feedback_loop", "run_child", "stage"]
+__all__ = ["STAGE", "TAG", "ChildRun", "copy_seconds", "emit", "feedback_loop", "loop_seconds", "run_child", "stage"]
