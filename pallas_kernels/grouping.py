@@ -68,14 +68,15 @@ def _facts_by_comparison(order, sk, live, is_start, pos, g: int, num_keys: int) 
     m = pos.shape[0]
     gid_sorted = jnp.where(live, jnp.sum(is_start[None, :] & (pos[None, :] <= pos[:, None]), axis=1) - 1, -1)
     gid_sorted = gid_sorted.astype(jnp.int32)
-    groups = jnp.arange(g, dtype=jnp.int32)[:, None]  # [g, 1] against [1, m]
-    starts_g = is_start[None, :] & (gid_sorted[None, :] == groups)  # [g, m]: row j starts group i
+    in_group = gid_sorted[None, :] == jnp.arange(g, dtype=jnp.int32)[:, None]  # [g, m]: sorted row j in group i
+    starts_g = is_start[None, :] & in_group  # row j starts group i
     has = jnp.any(starts_g, axis=1)
     group_key = jnp.where(has, jnp.sum(jnp.where(starts_g, sk[None, :], 0), axis=1), num_keys).astype(jnp.int32)
     group_start = jnp.where(has, jnp.sum(jnp.where(starts_g, pos[None, :], 0), axis=1), m).astype(jnp.int32)
-    group_size = jnp.sum(live[None, :] & (gid_sorted[None, :] == groups), axis=1).astype(jnp.int32)
-    inverse = jnp.sum(jnp.where(order[None, :] == pos[:, None], pos[None, :], 0), axis=1).astype(jnp.int32)
-    row_group = jnp.sum(jnp.where(order[None, :] == pos[:, None], gid_sorted[None, :], 0), axis=1)
+    group_size = jnp.sum(live[None, :] & in_group, axis=1).astype(jnp.int32)
+    sorted_at = order[None, :] == pos[:, None]  # [m, m]: row i sits at sorted position j
+    inverse = jnp.sum(jnp.where(sorted_at, pos[None, :], 0), axis=1).astype(jnp.int32)
+    row_group = jnp.sum(jnp.where(sorted_at, gid_sorted[None, :], 0), axis=1)
     return Grouping(order=order, inverse=inverse, row_group=row_group.astype(jnp.int32), group_key=group_key,
                     group_start=group_start, group_size=group_size,
                     num_groups=jnp.sum(is_start).astype(jnp.int32))

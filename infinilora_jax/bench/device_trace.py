@@ -36,25 +36,21 @@ def category(name: str) -> str:
     return "other"
 
 
-def _busy(intervals: list[tuple[float, float]]) -> float:
-    """Length of the union of [start, end) intervals."""
-    total, end = 0.0, float("-inf")
-    for s, e in sorted(intervals):
-        if e <= end:
-            continue
-        total += e - max(s, end)
-        end = e
-    return total
-
-
 def _gaps(intervals: list[tuple[float, float]]) -> list[float]:
-    """Idle stretches between the union's pieces, largest first."""
+    """Idle stretches between the pieces of the union of [start, end) intervals, largest first."""
     gaps, end = [], None
     for s, e in sorted(intervals):
         if end is not None and s > end:
             gaps.append(s - end)
         end = e if end is None else max(end, e)
     return sorted(gaps, reverse=True)
+
+
+def _busy(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals: their span less the gaps (0 for none)."""
+    if not intervals:
+        return 0.0
+    return max(e for _, e in intervals) - min(s for s, _ in intervals) - sum(_gaps(intervals))
 
 
 def summarize(trace_dir: str, calls: int = 1, top: int = 12) -> dict:
@@ -76,8 +72,8 @@ def summarize(trace_dir: str, calls: int = 1, top: int = 12) -> dict:
             continue
         spans = [(e["ts"], e["ts"] + e["dur"]) for e in ops]
         span = max(e for _, e in spans) - min(s for s, _ in spans)
-        busy = _busy(spans)
         gaps = _gaps(spans)
+        busy = span - sum(gaps)
         # with several calls traced, the calls-1 largest gaps are (mostly) the host's time between calls;
         # the rest of the idle time is inside the calls (branch predicates, collective waits, launches)
         between = sum(gaps[: calls - 1])

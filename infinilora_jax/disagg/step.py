@@ -53,9 +53,12 @@ class DisaggStepFunctions(PrecompiledSteps):
         self._forward = jax.shard_map(local_plain, mesh=mesh,
                                       in_specs=(w_specs, kv_specs, batch_specs, PartitionSpec()),
                                       out_specs=(PER_DEVICE, kv_specs), check_vma=False)
+        def local_sample_plain(weights, kv, batch, all_slots, sampling):  # weights are read only
+            out, _, kv = local_sample(weights, kv, batch, all_slots, sampling)
+            return out, kv
+
         self._forward_sample = jax.shard_map(
-            lambda w, kv, b, s, sampling: (lambda out, _, kv: (out, kv))(*local_sample(w, kv, b, s, sampling)),
-            mesh=mesh, in_specs=(w_specs, kv_specs, batch_specs, PartitionSpec(), batch_specs),
+            local_sample_plain, mesh=mesh, in_specs=(w_specs, kv_specs, batch_specs, PartitionSpec(), batch_specs),
             out_specs=(PER_DEVICE, kv_specs), check_vma=False)
         self._forward_sample_loading = jax.shard_map(
             lambda w, kv, b, s, sampling, slot, pages: local_sample(w, kv, b, s, sampling, (slot, pages)),

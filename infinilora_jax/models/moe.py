@@ -92,9 +92,10 @@ def pack_rows(x: jax.Array, slots: jax.Array, weights: jax.Array, experts: jax.A
     assignment = jnp.full((ep, capacity), num_assignments, jnp.int32).at[dest_w, pos].set(
         jnp.arange(num_assignments, dtype=jnp.int32), mode="drop")
     empty = assignment == num_assignments
-    token = jnp.where(empty, 0, token_of.astype(jnp.int32)[jnp.minimum(assignment, num_assignments - 1)])
+    source = jnp.minimum(assignment, num_assignments - 1)  # in range; empty rows are masked below
+    token = jnp.where(empty, 0, token_of.astype(jnp.int32)[source])
     send_x = jnp.where(empty[..., None], jnp.zeros((), x.dtype), my_x[token])
-    send_e = jnp.where(empty, num_local, local_expert[jnp.minimum(assignment, num_assignments - 1)])
+    send_e = jnp.where(empty, num_local, local_expert[source])
     send_s = jnp.where(empty, 0, my_slots[token])
     return Packed(send_x, send_e, send_s, dest, pos, valid, my_weights, my_experts)
 
