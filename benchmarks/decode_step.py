@@ -45,9 +45,13 @@ PHASES = ("schedule", "build", "run", "complete")
 
 def measure(with_adapters: bool) -> dict:
     targets = tuple(F.targets) if with_adapters else ()
+    budget = max(256, F.requests)
+    # the first requests decode while later prompts prefill: they must not reach max_tokens before the timed steps
+    prefill_steps = -(-F.requests * F.prompt_len // budget) + 1
+    max_tokens = prefill_steps + F.steps + 32
     llm = LLM(F.model, dtype=F.dtype, num_layers=F.num_layers, max_lora_rank=F.rank, lora_targets=targets,
               max_adapters=max(F.adapters, 1), max_host_adapters=max(F.adapters, 1), max_num_seqs=F.requests,
-              max_num_batched_tokens=max(256, F.requests), max_model_len=F.prompt_len + F.steps + 64,
+              max_num_batched_tokens=budget, max_model_len=F.prompt_len + max_tokens + 1,
               progress=False)
     names = [None] * F.requests
     if with_adapters:
@@ -57,7 +61,7 @@ def measure(with_adapters: bool) -> dict:
         names = [f"a{i % F.adapters}" for i in range(F.requests)]
     rng = np.random.default_rng(0)
     engine = llm.engine
-    params = SamplingParams(max_tokens=F.steps + 32, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     for name in names:
         engine.add_request(rng.integers(3, llm.config.vocab_size, F.prompt_len).tolist(), params, name)
     print(f"  [{'with' if with_adapters else 'without'} adapters] model and adapters ready", flush=True)

@@ -123,6 +123,25 @@ def test_mgpu_kernel_lowers_for_cuda(m, k, n, g):
     assert "mosaic_gpu" in text
 
 
+def test_mgpu_kernel_built_once_per_program_whatever_the_depth():
+    """Every layer's expert GEMM of one shape reaches the program as one Mosaic GPU kernel: inlined, each call
+    was a module of its own (jax numbers them, so their hashes differ) and Mosaic GPU lowered and compiled each
+    one apart, which made start-up grow with depth (benchmarks/compile_time.py)."""
+    def layers(n):
+        def step(x, w, sizes):
+            for _ in range(n):
+                x = x + gm.IMPLEMENTATIONS["mgpu"](x, w, sizes, out_dtype=BF16, precision=None)  # GPU-only
+            return x
+        return step
+
+    args = (jax.ShapeDtypeStruct((256, 128), BF16), jax.ShapeDtypeStruct((8, 128, 128), BF16),
+            jax.ShapeDtypeStruct((8,), jnp.int32))
+    for depth in (1, 4):
+        text = jax.jit(layers(depth)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("stablehlo.custom_call @mosaic_gpu_v2") == 1, depth
+        assert text.count(" = call @mgpu_grouped_matmul(") == depth
+
+
 def test_mgpu_falls_back_on_float32_with_a_warning(rng):
     sizes = _sizes(rng, 20, 3)
     x, w = _operands(rng, 20, 16, 64, 3)

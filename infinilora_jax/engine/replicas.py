@@ -31,6 +31,8 @@ import concurrent.futures
 import dataclasses
 import os
 
+import jax
+
 from infinilora_jax.engine.engine import LLMEngine
 from infinilora_jax.engine.instance_set import InstanceSet
 from infinilora_jax.engine.kv_cache import CacheConfig
@@ -189,6 +191,12 @@ class ReplicaRunners:
         return out
 
 
+def shares_compiled_programs(device) -> bool:
+    """Whether replicas on other devices can load this device's compiled programs from jax's persistent
+    compilation cache: on GPU, whose cache keys leave the device assignment out, once the cache is on."""
+    return device.platform == "gpu" and bool(jax.config.jax_compilation_cache_dir)
+
+
 def outstanding_tokens(req: Request) -> int:
     """Work a request still brings to its replica: prompt (or recomputed) tokens not yet computed, plus the tokens
     it may still generate."""
@@ -277,14 +285,20 @@ class ReplicaGroup(InstanceSet):
         return self.instances[0].program_shapes(scoring)
 
     def warmup(self, scoring: bool = False, progress: bool = True, workers: int = 8) -> int:
-        """Compile every replica's step programs, all replicas at once with `workers` compilations each: each
-        replica's devices need their own executables (jax's compilation cache keys include the devices), and
-        one replica's compilations alone leave most of a large host's cores idle (XLA compiles outside the
-        GIL)."""
-        futures = [self._pool.submit(inst.warmup, scoring, progress and i == 0, workers)
-                   for i, inst in enumerate(self.instances)]
+        """Compile every replica's step programs. Each replica's devices need their own executables, but on GPU
+        jax's persistent compilation cache leaves the devices out of its keys: there, when the cache is on, the
+        first replica compiles alone (with every replica's workers) and the others load its programs. Elsewhere
+        all replicas compile at once with `workers` compilations each (XLA compiles outside the GIL, and one
+        replica's compilations alone leave most of a large host's cores idle)."""
+        first, rest = self.instances[0], self.instances
+        if len(rest) > 1 and shares_compiled_programs(first.runner.mesh.devices.flat[0]):
+            shapes = first.warmup(scoring, progress, workers * len(rest))
+            rest, progress = rest[1:], False
+        futures = [self._pool.submit(inst.warmup, scoring, progress and i == 0, workers) for i, inst in enumerate(rest)]
         concurrent.futures.wait(futures)
-        return [f.result() for f in futures][0]  # the first failure (in replica order) is raised
+        for future in futures:  # the first failure (in replica order) is raised
+            shapes = future.result()
+        return shapes
 
     def score(self, token_ids, adapter=None):
         return self.instances[self.route(adapter)].score(token_ids, adapter)

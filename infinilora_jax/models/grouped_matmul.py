@@ -33,6 +33,7 @@ from lax.ragged_dot (its reference lowering masks every row by its group).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 
 import jax
@@ -165,12 +166,18 @@ def mgpu_unsupported(rows, weights) -> str | None:
     return None
 
 
+@functools.partial(jax.jit, static_argnames=("out_dtype", "blocks", "interpret"))
 def mgpu_grouped_matmul(rows, weights, group_sizes, *, out_dtype=jnp.float32, blocks: MgpuBlocks | None = None,
                         interpret: bool = False) -> jax.Array:
     """The Mosaic GPU kernel (bf16/f16; float32 accumulation, one rounding to the rows' dtype, then out_dtype).
 
     Rows are padded to a multiple of block_m (the kernel's TMA tiles then never leave the array) and rows past
     sum(group_sizes), which the kernel never writes, are zeroed. block_n and block_k shrink to divide N and K.
+
+    A jit of its own, so a step program builds each distinct kernel once: jax lowers a nested jit's function once
+    per program and every layer calls it. Inlined, each layer's call was lowered to its own Mosaic module with a
+    different hash (jax numbers the modules), and Mosaic GPU compiles each hash apart: ~0.8 s of lowering and
+    ~1.5 s of compilation per layer and GEMM on the H200 host (benchmarks/compile_time.py).
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu

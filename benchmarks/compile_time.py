@@ -1,0 +1,96 @@
+"""Start-up cost: how long one engine step program takes to trace + lower and to compile, by implementation.
+
+A server compiles every step shape before traffic (LLMEngine.warmup: tens of programs). On an H200 a 2-layer
+Qwen3-30B-A3B-width engine's warm-up took ~9 minutes (docs/benchmarks.md), so the parts matter: tracing and
+lowering run in Python one program at a time (Mosaic GPU kernels are built as MLIR there), XLA's compilation
+(with autotuning on the GPU) runs in threads. For each (expert GEMM, LoRA backend) pair and depth this times
+`sample` for a decode and a prefill shape: trace + lower, then compile, each program built once (no
+persistent cache).
+
+    PYTHONPATH=. python benchmarks/compile_time.py --model configs/models/qwen3-30b-a3b.json --layers 2,4 \\
+        --impls auto/auto,ragged_dot/reference --out $OUT/compile_time.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from absl import app, flags  # noqa: E402
+
+F = flags.FLAGS
+flags.DEFINE_string("model", None, "configs/models/*.json (random weights); default: bundled tiny")
+flags.DEFINE_list("layers", ["2"], "depths to time")
+flags.DEFINE_list("impls", ["auto/auto", "ragged_dot/reference"], "expert GEMM / LoRA backend pairs ('auto': the "
+                  "platform default)")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "")
+flags.DEFINE_integer("rank", 32, "")
+flags.DEFINE_integer("max_num_seqs", 32, "decode shape: this many rows")
+flags.DEFINE_integer("prefill_tokens", 128, "prefill shape: this many tokens (the step budget)")
+flags.DEFINE_integer("max_model_len", 512, "")
+flags.DEFINE_string("out", None, "write this JSON")
+
+
+def time_programs(layers: int, gemm: str, lora: str) -> list[dict]:
+    from infinilora_jax import LLM
+    from infinilora_jax.engine.sampler import SamplingArrays
+    from infinilora_jax.models import grouped_matmul
+    from infinilora_jax.models.batch import padding_batch
+    from pallas_kernels import dispatch
+
+    llm = LLM(F.model, dtype=F.dtype, num_layers=layers, max_lora_rank=F.rank, max_adapters=4,
+              max_num_seqs=F.max_num_seqs, max_num_batched_tokens=F.prefill_tokens, max_model_len=F.max_model_len,
+              progress=False)
+    engine, runner = llm.engine, llm.runner
+    pages = engine.shapes.page_buckets()[-1]
+    rows = []
+    for n, prefill in ((engine.shapes.tokens(F.max_num_seqs), False), (engine.shapes.tokens(F.prefill_tokens), True)):
+        batch = padding_batch(engine.shapes, n, pages, prefill)
+        sampling = SamplingArrays.build([], [], [], len(batch.logits_indices))
+        args = (runner.model_state, runner.adapters.pool_state, batch, runner._kv_shapes, sampling)
+        with grouped_matmul.use_expert_gemm(gemm) if gemm != "auto" else _nothing(), \
+                dispatch.use_backend(lora) if lora != "auto" else _nothing():
+            t0 = time.perf_counter()
+            lowered = runner.steps.sample.trace(*args).lower()
+            t1 = time.perf_counter()
+        lowered.compile()
+        t2 = time.perf_counter()
+        row = {"layers": layers, "expert_gemm": gemm, "lora_backend": lora, "tokens": n, "pages": pages,
+               "prefill": prefill, "trace_lower_s": t1 - t0, "compile_s": t2 - t1,
+               "hlo_chars": len(lowered.as_text())}
+        print(f"  L={layers} {gemm:>10}/{lora:<9} {'prefill' if prefill else 'decode':>7} T={n:<4} "
+              f"trace+lower {row['trace_lower_s']:6.1f} s   compile {row['compile_s']:6.1f} s", flush=True)
+        rows.append(row)
+    del llm, engine, runner
+    return rows
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main(argv):
+    del argv
+    import jax
+
+    print(f"== step-program build times on {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+    rows = []
+    for layers in (int(x) for x in F.layers):
+        for pair in F.impls:
+            gemm, lora = pair.split("/")
+            rows += time_programs(layers, gemm, lora)
+            if F.out:  # so far
+                with open(F.out, "w") as f:
+                    json.dump({"device": jax.devices()[0].device_kind, "model": F.model, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
