@@ -1,6 +1,7 @@
 """An implementation chosen when a function is traced: an explicit argument, else the innermost `use` block,
 else an environment variable, else a default. jit caches keep what they traced, so a choice made after a
-program's first trace does not reach that program."""
+program's first trace does not reach that program: a jit traced inside a step for reuse across programs keys
+its cache on `current()`, every choice's value now."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import contextlib
 import contextvars
 import os
 
+_ALL: list[TraceTimeChoice] = []
+
 
 class TraceTimeChoice:
     def __init__(self, what: str, env_var: str, names, default: str, use_name: str):
         self.what, self.env_var, self.names, self.default = what, env_var, tuple(names), default
         self.use_name = use_name  # what callers call `use`, for error messages
         self._var: contextvars.ContextVar[str | None] = contextvars.ContextVar(env_var, default=None)
+        _ALL.append(self)
 
     def check(self, name: str) -> str:
         if name not in self.names:
@@ -34,4 +38,9 @@ class TraceTimeChoice:
         return self.check(explicit or self._var.get() or os.environ.get(self.env_var) or self.default)
 
 
-__all__ = ["TraceTimeChoice"]
+def current() -> tuple[tuple[str, str], ...]:
+    """(environment variable, selection) of every choice defined so far: what a trace made now would choose."""
+    return tuple((c.env_var, c.selected()) for c in _ALL)
+
+
+__all__ = ["TraceTimeChoice", "current"]

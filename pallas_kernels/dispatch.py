@@ -28,12 +28,9 @@ every slot but 0 is taken to use the pool's full rank.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import enum
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +38,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
 from infinilora_jax.lora import reference
+from infinilora_jax.trace_choice import TraceTimeChoice
 from pallas_kernels.gpu import ops as gpu_ops
 from pallas_kernels.layout import PageTable, a_rows_from_pool, b_rows_from_pool, padded_rank
 from pallas_kernels.tpu.block_tables import blocks_for, device_key
@@ -59,17 +57,13 @@ ENV_VAR = "INFINILORA_LORA_BACKEND"
 _GPU_BACKENDS = (LoraBackend.GPU, LoraBackend.GPU_INTERPRET)
 
 
-_BACKEND: contextvars.ContextVar[LoraBackend | None] = contextvars.ContextVar("lora_backend", default=None)
+AUTO = "auto"  # by platform and rows (select_backend)
+CHOICE = TraceTimeChoice("LoRA backend", ENV_VAR, [AUTO, *(b.value for b in LoraBackend)], AUTO, "use_backend")
 
 
-@contextlib.contextmanager
 def use_backend(backend: LoraBackend | str):
     """Make every LoRA call traced inside the block use `backend` (jit caches keep what they traced)."""
-    token = _BACKEND.set(LoraBackend(backend))
-    try:
-        yield
-    finally:
-        _BACKEND.reset(token)
+    return CHOICE.use(LoraBackend(backend).value)
 
 
 GPU_KERNEL_MIN_ROWS = 1024  # GPU default: kernels from this many rows (tokens, or token x expert pairs) up
@@ -82,10 +76,9 @@ def select_backend(backend: LoraBackend | str | None = None, platform: str | Non
     reference)."""
     if backend is not None:
         return LoraBackend(backend)
-    if _BACKEND.get() is not None:
-        return _BACKEND.get()
-    if os.environ.get(ENV_VAR):
-        return LoraBackend(os.environ[ENV_VAR].lower())
+    name = CHOICE.selected()
+    if name != AUTO:
+        return LoraBackend(name)
     platform = platform or jax.default_backend()
     if platform == "tpu":
         return LoraBackend.TPU

@@ -22,6 +22,15 @@ def test_enable_off_for_empty_path():
     assert compilation_cache.enable("") is None and compilation_cache.enable(None) is None
 
 
+def test_unwritable_directory_leaves_the_cache_off_with_a_warning(tmp_path, caplog):
+    """A server whose cache directory cannot be created (here: a file is in the way) still starts, uncached."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with caplog.at_level("WARNING"):
+        assert compilation_cache.enable(str(blocker / "xla")) is None
+    assert "compilation cache off" in caplog.text
+
+
 def test_enabled_cache_is_written_and_read_back(tmp_path):
     """A second process compiling the same program finds it in the cache (jax counts a hit)."""
     script = f"""

@@ -15,6 +15,10 @@
 #   decode        (2 GPUs, ~5 min per mode) benchmarks/disagg.py decode, MODES=coupled1 or disagg (default
 #                 coupled1,disagg: too long for one call with mgpu), profiled: device_trace splits the idle time
 #                 into gaps between calls and idle inside a call. EXPERT_GEMM=<name> overrides.
+#   cmdbuf        (2 GPUs, ~5 min) the disaggregated decode step with XLA's CUDA-graph command buffers extended to
+#                 conditionals: its ~50 role branches per step each read a predicate back to the host (~24 us,
+#                 benchmarks/cond_overhead.py), which graph conditionals avoid. Compare with `decode` MODES=disagg
+#                 (12.80 ms in the fifth session); coupled1 went 4.74 -> 4.05 ms with adapters at 2 layers.
 #   expert_gemm   (1 GPU, ~8 min) benchmarks/expert_gemm.py: the rows the sixth session's budget did not reach
 #                 (Qwen3 down at T=64 with mgpu, Mixtral at T=64, skewed routing).
 #   kernel_check  (1 GPU, ~1 min) tools/gpu_lora_kernel_check.py numerics (all ok in the fifth session).
@@ -56,6 +60,12 @@ case "${1:-}" in
       --output_len burstgpt-response:1:192 --num_requests 80 --start_rate 16 --max_probes 3 --rel_tol 0.3 \
       --compile_workers 16 --calibration '' --out "$OUT/slo_sweep" > "$OUT/sweep.log" 2>&1
     echo "slo_sweep rc=$?"; show "$OUT/sweep.log" 30 ;;
+  cmdbuf)
+    XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" \
+    timeout 560 python3 -u benchmarks/disagg.py --model $QWEN --num_layers 8 --dtype bfloat16 --rank 32 \
+      --parts decode --modes ${MODES:-disagg} --requests 64 --adapters 32 --prompt_len 128 --steps 16 \
+      --profile_steps 2 --out "$OUT/disagg_cmdbuf" > "$OUT/cmdbuf.log" 2>&1
+    echo "cmdbuf rc=$?"; show "$OUT/cmdbuf.log" 30 ;;
   push)
     INFINILORA_EXCHANGE=push timeout 560 python3 -u benchmarks/disagg.py --model $QWEN --num_layers 8 \
       --dtype bfloat16 --rank 32 --parts decode --modes disagg --requests 64 --adapters 32 --prompt_len 128 \

@@ -16,10 +16,13 @@ ride in the base projection's psum and no extra collective is needed.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from infinilora_jax import trace_choice
 from infinilora_jax.lora.reference import add_delta
 from infinilora_jax.models import attention
 from infinilora_jax.models.batch import StepBatch
@@ -157,6 +160,26 @@ class DecoderLayer(nnx.Module):
         return x + mlp_out, kv
 
 
+def run_layer(layer: DecoderLayer, lora_slot, x, rope, batch: StepBatch, cache_slots, kv):
+    """layer(x, rope, batch, cache_slots, kv, lora_slot) through one jit shared by every layer of the same
+    structure, so a step program traces and lowers a layer once, not once per layer: in Python that took ~0.1 s
+    per layer and program (5-7 s per program at full depth on the H200 host, benchmarks/compile_time.py), and
+    a server builds ~80 programs before traffic. XLA inlines the calls: compiled code is the same."""
+    layer_graph, layer_state = nnx.split(layer)
+    slot_graph, slot_state = nnx.split(lora_slot) if lora_slot is not None else (None, None)
+    return _layer_program(layer_graph, slot_graph, trace_choice.current(), layer_state, slot_state, x, rope, batch,
+                          cache_slots, kv)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _layer_program(layer_graph, slot_graph, choices, layer_state, slot_state, x, rope, batch, cache_slots, kv):
+    """`choices` (trace_choice.current()) keys the trace cache on the implementations chosen at trace time."""
+    del choices
+    layer = nnx.merge(layer_graph, layer_state)
+    lora_slot = nnx.merge(slot_graph, slot_state) if slot_graph is not None else None
+    return layer(x, rope, batch, cache_slots, kv, lora_slot)
+
+
 class CausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, layout: MeshLayout, dtype, factory: ParamFactory,
                  attention_backend: attention.AttentionBackend | str | None = None):
@@ -204,7 +227,7 @@ class CausalLM(nnx.Module):
             h = x
             for j, layer in enumerate(self.layers):
                 lora_slot = None if lora_pool is None else lora_pool.layers[j]
-                h, kv[j] = layer(h, rope, batch, cache_slots, kv[j], lora_slot)
+                h, kv[j] = run_layer(layer, lora_slot, h, rope, batch, cache_slots, kv[j])
             x = h if pp == 1 else jax.lax.psum(jnp.where(active, h, jnp.zeros_like(h)), PP)
         x = rms_norm(x[batch.logits_indices], self.final_norm[...], cfg.rms_norm_eps)
         return x, [tuple(a[None] for a in arrays) for arrays in kv]
