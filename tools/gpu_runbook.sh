@@ -15,10 +15,10 @@
 #   decode        (2 GPUs, ~5 min per mode) benchmarks/disagg.py decode, MODES=coupled1 or disagg (default
 #                 coupled1,disagg: too long for one call with mgpu), profiled: device_trace splits the idle time
 #                 into gaps between calls and idle inside a call. EXPERT_GEMM=<name> overrides.
-#   cmdbuf        (2 GPUs, ~5 min) the disaggregated decode step with XLA's CUDA-graph command buffers extended to
-#                 conditionals: its ~50 role branches per step each read a predicate back to the host (~24 us,
-#                 benchmarks/cond_overhead.py), which graph conditionals avoid. Compare with `decode` MODES=disagg
-#                 (12.80 ms in the fifth session); coupled1 went 4.74 -> 4.05 ms with adapters at 2 layers.
+#   cmdbuf        (2 GPUs, ~5 min, low priority) the disaggregated decode step with XLA's CUDA-graph command
+#                 buffers extended to conditionals. benchmarks/cond_overhead.py found no gain per role branch on
+#                 a synthetic chain (23 vs 24 us); coupled1 at 2 layers went 4.74 -> 4.05 ms with adapters in one
+#                 run (sixth session). Compare with `decode` MODES=disagg.
 #   expert_gemm   (1 GPU, ~8 min) benchmarks/expert_gemm.py: the rows the sixth session's budget did not reach
 #                 (Qwen3 down at T=64 with mgpu, Mixtral at T=64, skewed routing).
 #   kernel_check  (1 GPU, ~1 min) tools/gpu_lora_kernel_check.py numerics (all ok in the fifth session).
