@@ -35,7 +35,8 @@ class TraceTimeChoice:
             self._var.reset(token)
 
     def selected(self, explicit: str | None = None) -> str:
-        return self.check(explicit or self._var.get() or os.environ.get(self.env_var) or self.default)
+        # names are lower case; the environment's value is taken in any case (INFINILORA_LORA_BACKEND=GPU)
+        return self.check(explicit or self._var.get() or os.environ.get(self.env_var, "").lower() or self.default)
 
 
 def current() -> tuple[tuple[str, str], ...]:

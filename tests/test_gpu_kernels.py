@@ -155,6 +155,9 @@ def test_backend_choice(monkeypatch):
     assert dispatch.select_backend(platform="cpu", rows=1 << 20) is dispatch.LoraBackend.REFERENCE
     monkeypatch.setenv(dispatch.ENV_VAR, "gpu")
     assert dispatch.select_backend(platform="gpu") is dispatch.LoraBackend.GPU
+    monkeypatch.setenv(dispatch.ENV_VAR, "GPU")  # the variable's value is read in any case, as it always was
+    assert dispatch.select_backend(platform="cpu") is dispatch.LoraBackend.GPU
+    monkeypatch.setenv(dispatch.ENV_VAR, "gpu")
     assert dispatch.select_backend("reference") is dispatch.LoraBackend.REFERENCE
 
 
