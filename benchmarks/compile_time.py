@@ -52,8 +52,7 @@ def time_programs(layers: int, gemm: str, lora: str) -> list[dict]:
         batch = padding_batch(engine.shapes, n, pages, prefill)
         sampling = SamplingArrays.build([], [], [], len(batch.logits_indices))
         args = (runner.model_state, runner.adapters.pool_state, batch, runner._kv_shapes, sampling)
-        with grouped_matmul.use_expert_gemm(gemm) if gemm != "auto" else _nothing(), \
-                dispatch.use_backend(lora) if lora != "auto" else _nothing():
+        with grouped_matmul.use_expert_gemm(gemm), dispatch.CHOICE.use(lora):  # "auto": the platform's default
             t0 = time.perf_counter()
             lowered = runner.steps.sample.trace(*args).lower()
             t1 = time.perf_counter()
@@ -67,14 +66,6 @@ def time_programs(layers: int, gemm: str, lora: str) -> list[dict]:
         rows.append(row)
     del llm, engine, runner
     return rows
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv):

@@ -290,9 +290,9 @@ class ReplicaGroup(InstanceSet):
         first replica compiles alone (with every replica's workers) and the others load its programs. Elsewhere
         all replicas compile at once with `workers` compilations each (XLA compiles outside the GIL, and one
         replica's compilations alone leave most of a large host's cores idle)."""
-        first, rest = self.instances[0], self.instances
-        if len(rest) > 1 and shares_compiled_programs(first.runner.mesh.devices.flat[0]):
-            shapes = first.warmup(scoring, progress, workers * len(rest))
+        rest = self.instances  # those compiling at once
+        if len(rest) > 1 and shares_compiled_programs(rest[0].runner.mesh.devices.flat[0]):
+            shapes = rest[0].warmup(scoring, progress, workers * len(rest))
             rest, progress = rest[1:], False
         futures = [self._pool.submit(inst.warmup, scoring, progress and i == 0, workers) for i, inst in enumerate(rest)]
         concurrent.futures.wait(futures)
