@@ -9,6 +9,8 @@ persistent cache).
 
     PYTHONPATH=. python benchmarks/compile_time.py --model configs/models/qwen3-30b-a3b.json --layers 2,4 \\
         --impls auto/auto,ragged_dot/reference --out $OUT/compile_time.json
+    # the disaggregated step (1+1), which still traces every layer (docs/architecture/04-engine.md)
+    PYTHONPATH=. python benchmarks/compile_time.py --mode disaggregated --layers 2,8 --dtype float32
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from absl import app, flags  # noqa: E402
 
+from infinilora_jax import LLM  # noqa: E402
+from meshes.layouts import ROLE_LAYOUTS  # noqa: E402
+
 F = flags.FLAGS
 flags.DEFINE_string("model", None, "configs/models/*.json (random weights); default: bundled tiny")
 flags.DEFINE_list("layers", ["2"], "depths to time")
@@ -32,11 +37,23 @@ flags.DEFINE_integer("rank", 32, "")
 flags.DEFINE_integer("max_num_seqs", 32, "decode shape: this many rows")
 flags.DEFINE_integer("prefill_tokens", 128, "prefill shape: this many tokens (the step budget)")
 flags.DEFINE_integer("max_model_len", 512, "")
+flags.DEFINE_enum("mode", "coupled", ["coupled", "disaggregated"], "the disaggregated engine runs on --layout")
+flags.DEFINE_string("layout", "1+1", "role layout of the disaggregated engine (meshes/layouts.py ROLE_LAYOUTS)")
 flags.DEFINE_string("out", None, "write this JSON")
 
 
+def sample_args(runner, batch, sampling) -> tuple:
+    """The `sample` step's arguments for one batch, in the engine's mode (weights as shapes only)."""
+    if F.mode == "coupled":
+        return runner.model_state, runner.adapters.pool_state, batch, runner._kv_shapes, sampling
+    import jax
+
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                         (runner.weights, runner.kv))
+    return (*state, *runner._stack([batch]), runner._stack_sampling([sampling], len(batch.logits_indices)))
+
+
 def time_programs(layers: int, gemm: str, lora: str) -> list[dict]:
-    from infinilora_jax import LLM
     from infinilora_jax.engine.sampler import SamplingArrays
     from infinilora_jax.models import grouped_matmul
     from infinilora_jax.models.batch import padding_batch
@@ -44,27 +61,28 @@ def time_programs(layers: int, gemm: str, lora: str) -> list[dict]:
 
     llm = LLM(F.model, dtype=F.dtype, num_layers=layers, max_lora_rank=F.rank, max_adapters=4,
               max_num_seqs=F.max_num_seqs, max_num_batched_tokens=F.prefill_tokens, max_model_len=F.max_model_len,
-              progress=False)
-    engine, runner = llm.engine, llm.runner
+              progress=False, **({} if F.mode == "coupled" else {"mode": F.mode, "mesh": F.layout}))
+    engine = getattr(llm.engine, "instances", [llm.engine])[0]  # several base instances: the first one's shapes
+    steps = engine.runner.steps
     pages = engine.shapes.page_buckets()[-1]
     rows = []
     for n, prefill in ((engine.shapes.tokens(F.max_num_seqs), False), (engine.shapes.tokens(F.prefill_tokens), True)):
         batch = padding_batch(engine.shapes, n, pages, prefill)
         sampling = SamplingArrays.build([], [], [], len(batch.logits_indices))
-        args = (runner.model_state, runner.adapters.pool_state, batch, runner._kv_shapes, sampling)
+        args = sample_args(engine.runner, batch, sampling)
         with grouped_matmul.use_expert_gemm(gemm), dispatch.CHOICE.use(lora):  # "auto": the platform's default
             t0 = time.perf_counter()
-            lowered = runner.steps.sample.trace(*args).lower()
+            lowered = steps.sample.trace(*args).lower()
             t1 = time.perf_counter()
         lowered.compile()
         t2 = time.perf_counter()
-        row = {"layers": layers, "expert_gemm": gemm, "lora_backend": lora, "tokens": n, "pages": pages,
+        row = {"mode": F.mode, "layers": layers, "expert_gemm": gemm, "lora_backend": lora, "tokens": n, "pages": pages,
                "prefill": prefill, "trace_lower_s": t1 - t0, "compile_s": t2 - t1,
                "hlo_chars": len(lowered.as_text())}
         print(f"  L={layers} {gemm:>10}/{lora:<9} {'prefill' if prefill else 'decode':>7} T={n:<4} "
               f"trace+lower {row['trace_lower_s']:6.1f} s   compile {row['compile_s']:6.1f} s", flush=True)
         rows.append(row)
-    del llm, engine, runner
+    del llm, engine, steps
     return rows
 
 
@@ -72,6 +90,8 @@ def main(argv):
     del argv
     import jax
 
+    if F.mode == "disaggregated":
+        jax.config.update("jax_num_cpu_devices", ROLE_LAYOUTS[F.layout].num_devices)  # the CPU backend only
     print(f"== step-program build times on {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
     rows = []
     for layers in (int(x) for x in F.layers):
