@@ -260,7 +260,7 @@ def _measure(wanted, spec, slo) -> dict:
     for name, (llm, names, configure) in engines.items():
         configure()
         runs[name] = run = _runner(llm, names, spec, llm.config.vocab_size, slo)
-        run(F.start_rate)  # warm: fills the cache, settles the allocator
+        run.warm(F.start_rate)  # fills the cache, settles the allocator
         search = rate_search.find_serviceable_rate(run, lambda s: metrics.meets_slo(s, slo), start=F.start_rate,
                                                    rel_tol=F.rel_tol, max_probes=F.max_probes, desc=name)
         results[name] = {"slots": slots[name], "policy": baselines.BASELINES[name].policy, "layout": layouts[name],
@@ -295,8 +295,16 @@ def _sweep(engines: dict, slots: dict, layouts: dict, spec, slo) -> dict:
             configure()
             run = _runner(llm, names[:count], counted, llm.config.vocab_size, slo)
             first = start.get(name, F.start_rate)
-            run(first)  # warm: this count's popular adapters into the cache
-            search = rate_search.find_serviceable_rate(run, lambda s: metrics.meets_slo(s, slo), start=first,
+            run.warm(first)  # this count's popular adapters into the cache
+            partial = row["baselines"][name] = {"slots": slots[name], "layout": layouts[name], "unfinished": True,
+                                                "probes": []}
+
+            def run_and_keep(rate, run=run, partial=partial):  # a run cut short keeps its probes
+                summary = run(rate)
+                partial["probes"].append({"rate": rate, "ok": metrics.meets_slo(summary, slo), "summary": summary})
+                _write(report)
+                return summary
+            search = rate_search.find_serviceable_rate(run_and_keep, lambda s: metrics.meets_slo(s, slo), start=first,
                                                        rel_tol=F.rel_tol, max_probes=F.max_probes,
                                                        desc=f"{name} N={count}")
             best = search.best_summary() or {}
@@ -337,10 +345,18 @@ def _plot_sweep(report: dict) -> None:
 
 
 def _runner(llm, names, spec, vocab, slo):
+    """run(rate): the probe at that rate, measured. run.warm(rate): another draw of the same workload (the next
+    seed), unmeasured: it leaves the cache holding the distribution's popular adapters, not the probe's own
+    requests' adapters (which replaying the probe's own workload would preload)."""
     def run(rate: float) -> dict:
         reqs = workload.generate(dataclasses.replace(spec, rate=rate), vocab)
         return {**replay.measured(llm.engine, reqs, names, slo), "rate": rate}
 
+    def warm(rate: float) -> None:
+        replay.replay(llm.engine, workload.generate(dataclasses.replace(spec, rate=rate, seed=spec.seed + 1), vocab),
+                      names)
+
+    run.warm = warm
     return run
 
 

@@ -3,6 +3,8 @@ scheduler and adapter cache. Greedy tokens equal the HF references on every repl
 adapter residency and load, adapters are registered on every replica, abort and the replay hooks see all
 replicas, and the OpenAI server runs on a replica group."""
 
+import threading
+
 import pytest
 from conftest import adapter_dirs, model_dir, reference
 
@@ -154,13 +156,94 @@ def test_abort_across_replicas(llm2):
     assert len(group.pop_finished()) == 2 and not group.has_unfinished()
 
 
+class _HeldSample:
+    """Replica `r`'s step program waits for `release` (or raises `error`) on its first call after install; the
+    test's thread meanwhile drives the group."""
+
+    def __init__(self, group, r, error=None):
+        self.runner, self.error = group.runners[r], error
+        self.release, self.entered = threading.Event(), threading.Event()
+        sample = self.runner.sample
+
+        def held(*args, **kwargs):
+            del self.runner.sample  # only the first call waits
+            self.entered.set()
+            assert self.release.wait(30), "the test never released the held step"
+            if self.error is not None:
+                raise self.error
+            return sample(*args, **kwargs)
+        self.runner.sample = held
+
+
+def _one_per_replica(group, ref, params):
+    ids = [group.add_request(ref[f"prompt_{i}"].tolist(), params, None) for i in range(2)]
+    assert [group.instance_of(rid) for rid in ids] == [0, 1]
+    return ids
+
+
+def test_a_slow_replica_holds_back_only_its_own_requests(llm2):
+    """Replicas step independently: while replica 0's step waits on its device, replica 1 finishes a request,
+    takes a new one, and a request of replica 0 aborted meanwhile stops once that step completes."""
+    group, ref = llm2.engine, reference(MODEL)
+    held = _HeldSample(group, 0)
+    slow, fast = _one_per_replica(group, ref, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    outs = {}
+    try:
+        while fast not in outs:
+            for out in group.step():
+                if out.finished:
+                    outs[out.request_id] = out
+        assert held.entered.is_set() and not held.release.is_set()
+        assert group.requests[slow].output_token_ids == [], "replica 0's first step is still on its device"
+        late = group.add_request(ref["prompt_2"].tolist(), GREEDY, None, request_id="late")
+        assert group.instance_of(late) == 1, "the idle replica takes the new request"
+        group.abort(slow)  # replica 0's step holds its pages now: the abort waits for that step
+        assert not group.requests[slow].finished
+        while late not in outs:
+            for out in group.step():
+                if out.finished:
+                    outs[out.request_id] = out
+    finally:
+        held.release.set()
+    while group.has_unfinished():
+        group.step()
+    assert outs[fast].token_ids == ref["greedy__base__1"].tolist()[:6]
+    assert outs[late].token_ids == ref["greedy__base__2"].tolist()
+    finished = {r.request_id: r for r in group.pop_finished()}
+    assert finished[slow].finish_reason == "abort" and len(finished[slow].output_token_ids) == 1
+    for inst in group.instances:
+        assert inst.scheduler.allocator.num_free == inst.scheduler.allocator.capacity
+
+
+def test_a_failed_replica_step_is_raised_after_the_others_and_loses_no_output(llm2):
+    group, ref = llm2.engine, reference(MODEL)
+    held = _HeldSample(group, 0, error=RuntimeError("device lost"))
+    one_token = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    failing, other = _one_per_replica(group, ref, one_token)
+    outs = []
+    while other not in {o.request_id for o in outs}:  # replica 1 completes while replica 0 waits
+        outs += group.step()
+    held.release.set()
+    with pytest.raises(RuntimeError, match="device lost"):
+        while True:
+            outs += group.step()
+    assert sorted(group.abort_all()) == [failing]
+    group.pop_finished()
+    assert group.has_unfinished() is False
+    assert [o.request_id for o in outs] == [other] and outs[0].token_ids == ref["greedy__base__1"].tolist()[:1]
+
+
 def test_replay_hooks_see_every_replica(llm2):
     ref, names = reference(MODEL), list(adapter_dirs(MODEL))
     reqs = [WorkloadRequest(0.0, k % 2 if k % 3 else None, ref[f"prompt_{k % 3}"].tolist(), 6) for k in range(6)]
     log = replay.StepLog()
+    steps = [inst.num_steps for inst in llm2.engine.instances]
     timings, _ = replay.replay(llm2.engine, reqs, names, step_log=log)
     assert len(timings) == 6
-    assert max(r.instances for r in log.records) == 2, "StepLog should see both replicas' work in one step"
+    steps = [inst.num_steps - n for inst, n in zip(llm2.engine.instances, steps)]
+    assert min(steps) > 0 and len(log.records) == sum(steps), "one record per replica step, both replicas"
+    assert all(r.instances == 1 for r in log.records)
+    assert not any("step" in vars(inst) or "sample" in vars(inst.runner) for inst in llm2.engine.instances)
     assert sum(r.tokens for r in log.records) == sum(len(r.prompt) + r.max_tokens - 1 for r in reqs)
     assert all(r.device_ms > 0 for r in log.records)
     summary = replay.measured(llm2.engine, reqs, names, metrics.SLO(10.0, 10.0))

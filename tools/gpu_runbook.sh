@@ -10,6 +10,8 @@
 #                 replicas against disaggregated 1+1 (issue 6's curve and issue 7's GPU rows). Both modes run
 #                 ragged_dot + the reference LoRA math: with the Mosaic kernels the ~240 programs' lowering alone
 #                 would not fit one call (sixth session: the coupled replicas took 9 minutes to compile).
+#                 BASELINES, COUNTS (adapter counts, in the order run), REQUESTS (per probe), START (first
+#                 rate), TIMEOUT (s) and TAG (output name suffix) override.
 #   push          (2 GPUs, ~7 min) the disaggregated decode step with the device-initiated push
 #                 (INFINILORA_EXCHANGE=push; compare with 12.80 ms with ppermute, docs/benchmarks.md).
 #   decode        (2 GPUs, ~5 min per mode) benchmarks/disagg.py decode, MODES=coupled1 or disagg (default
@@ -52,14 +54,15 @@ case "${1:-}" in
       --adapters 32 --prompt_len 128 --steps 16 --profile_steps 3 --out "$OUT/disagg_decode" > "$OUT/decode.log" 2>&1
     echo "decode rc=$?"; show "$OUT/decode.log" 60 ;;
   slo_sweep)
-    INFINILORA_EXPERT_GEMM=ragged_dot INFINILORA_LORA_BACKEND=reference timeout 560 python3 -u \
+    INFINILORA_EXPERT_GEMM=ragged_dot INFINILORA_LORA_BACKEND=reference timeout ${TIMEOUT:-560} python3 -u \
       benchmarks/slo_baselines.py --model $QWEN --num_layers 2 --dtype bfloat16 --rank 32 \
-      --baselines coupled,disaggregated --coupled_replicas 2 --sweep_adapters 16,128 --distinct_adapters 4 \
+      --baselines ${BASELINES:-coupled,coupled+sjf,coupled-reduced,disaggregated} --coupled_replicas 2 \
+      --sweep_adapters ${COUNTS:-128,16} --distinct_adapters 4 \
       --pool_slots 49 --coupled_slots 23 --disagg_slots 49 --emulated_load_ms 200 --max_num_seqs 32 \
       --max_num_batched_tokens 128 --max_model_len 512 --prompt_len burstgpt:16:256 \
-      --output_len burstgpt-response:1:192 --num_requests 80 --start_rate 16 --max_probes 3 --rel_tol 0.3 \
-      --compile_workers 16 --calibration '' --out "$OUT/slo_sweep" > "$OUT/sweep.log" 2>&1
-    echo "slo_sweep rc=$?"; show "$OUT/sweep.log" 30 ;;
+      --output_len burstgpt-response:1:192 --num_requests ${REQUESTS:-200} --start_rate ${START:-16} --max_probes 3 \
+      --rel_tol 0.3 --compile_workers 32 --calibration '' --out "$OUT/slo_sweep${TAG:-}" > "$OUT/sweep${TAG:-}.log" 2>&1
+    echo "slo_sweep rc=$?"; show "$OUT/sweep${TAG:-}.log" 30 ;;
   cmdbuf)
     XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" \
     timeout 560 python3 -u benchmarks/disagg.py --model $QWEN --num_layers 8 --dtype bfloat16 --rank 32 \

@@ -11,12 +11,13 @@ Every hook works on the three engines: an `LLMEngine` (coupled, or disaggregated
 runner's `sample` is the disaggregated step for one instance), a disaggregated `InstanceGroup` (several base
 instances, each an `LLMEngine` with its own scheduler, stepped together by the runner's `sample_instances`; one
 shared adapter cache) and a coupled `ReplicaGroup` (engine/replicas.py: several replicas, each an `LLMEngine`
-with its own runner and adapter cache, stepped concurrently; `engine.runner.adapters` is their registry seen as
+with its own runner and adapter cache, each stepping on its own; `engine.runner.adapters` is their registry seen as
 one, `adapter_caches` lists the per-replica caches). `base_instances` says which schedulers a step runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -32,6 +33,11 @@ def replay(engine: LLMEngine, requests: list[WorkloadRequest], names: list[str],
            step_log: StepLog | None = None) -> tuple[list[metrics.RequestTiming], float]:
     """Submits each request at its arrival time (greedy, EOS ignored, max_tokens as given), steps the engine until
     all are done; returns per-request timings (seconds from the start) and the wall time."""
+    with step_log.recording(engine) if step_log is not None else contextlib.nullcontext():
+        return _replay(engine, requests, names)
+
+
+def _replay(engine, requests, names):
     start = time.monotonic()
     pending = sorted(requests, key=lambda r: r.arrival)
     info = {}
@@ -47,10 +53,7 @@ def replay(engine: LLMEngine, requests: list[WorkloadRequest], names: list[str],
             info[rid] = adapter
             i += 1
         if engine.has_unfinished():
-            if step_log is not None:
-                step_log.step(engine)
-            else:
-                engine.step()
+            engine.step()
         elif i < len(pending):
             time.sleep(max(0.0, pending[i].arrival - (time.monotonic() - start)))
     wall = time.monotonic() - start
@@ -73,13 +76,16 @@ def adapter_caches(engine) -> list:
     return list(getattr(cache, "caches", None) or [cache])
 
 
-def _step_entries(engine) -> list[tuple[object, str]]:
-    """(runner, method) pairs a step of `engine` calls to run its step program(s): each replica's `sample`
-    (ReplicaGroup), the shared runner's `sample_instances` (InstanceGroup), or the runner's `sample`."""
-    runners = getattr(engine, "runners", None)
-    if runners is not None:
-        return [(runner, "sample") for runner in runners]
-    return [(engine.runner, "sample_instances" if hasattr(engine, "instances") else "sample")]
+def _step_units(engine) -> list[tuple[object, list[LLMEngine], object, str]]:
+    """What one recorded step is: (the object whose `step` runs it, the base instances it schedules, the runner
+    and the method that runs its step program). Each replica of a ReplicaGroup steps on its own (its `step`, its
+    runner's `sample`); an InstanceGroup steps all its instances at once (`sample_instances` of the shared
+    runner); an LLMEngine is one unit."""
+    if getattr(engine, "runners", None) is not None:
+        return [(inst, [inst], inst.runner, "sample") for inst in engine.instances]
+    if hasattr(engine, "instances"):
+        return [(engine, list(engine.instances), engine.runner, "sample_instances")]
+    return [(engine, [engine], engine.runner, "sample")]
 
 
 def measured(engine: LLMEngine, requests: list[WorkloadRequest], names: list[str],
@@ -108,65 +114,71 @@ class StepRecord:
     rows: int
     prefill_rows: int
     ms: float  # the whole engine.step()
-    device_ms: float  # inside the runner's step (dispatch, compute, tokens back to the host); replicas stepping
-    # concurrently (ReplicaGroup): the longest replica's
-    instances: int = 1  # base instances with work in this step (InstanceGroup: up to dp; ReplicaGroup: replicas)
+    device_ms: float  # inside the runner's step (dispatch, compute, tokens back to the host)
+    instances: int = 1  # base instances with work in this step (InstanceGroup: up to dp; a replica's step: 1)
 
 
 class StepLog:
-    """Runs engine steps and records each one's features and time. It wraps, for the duration of one step, every
-    base instance's `scheduler.schedule` (what each scheduled) and the runner method(s) the engine calls (`sample`
-    for an LLMEngine and for each replica of a ReplicaGroup, `sample_instances` for an InstanceGroup: the time
-    spent in the step program)."""
+    """Records every engine step's features and time while `recording(engine)` is active. A step is one
+    `_step_units` unit: an LLMEngine's or InstanceGroup's `step`, or one replica's `step` of a ReplicaGroup
+    (replicas step independently, in their own threads). For each it wraps the unit's `step`, its instances'
+    `scheduler.schedule` (what each scheduled) and the runner method that runs the step program (the time spent
+    in it)."""
 
     def __init__(self):
         self.records: list[StepRecord] = []
 
-    def step(self, engine) -> list:
-        instances = base_instances(engine)
-        entries = _step_entries(engine)
-        captured = []
-        device = [0.0] * len(entries)  # per runner: replicas run at once, so the step's device time is the max
-        calls = [0]
-        for inst in instances:
-            schedule = inst.scheduler.schedule
-
-            def schedule_and_keep(schedule=schedule):
-                work = schedule()
-                captured.append(work)  # list.append is atomic: replicas' threads may call at once
-                return work
-
-            inst.scheduler.schedule = schedule_and_keep
-        for k, (runner, entry) in enumerate(entries):
-            run = getattr(runner, entry)
-
-            def timed(*args, run=run, k=k, **kwargs):
-                t = time.perf_counter()
-                calls[0] += 1
-                try:
-                    return run(*args, **kwargs)
-                finally:
-                    device[k] += time.perf_counter() - t
-
-            setattr(runner, entry, timed)
-        t = time.perf_counter()
+    @contextlib.contextmanager
+    def recording(self, engine):
+        units = _step_units(engine)
         try:
-            out = engine.step()
+            for stepper, instances, runner, entry in units:
+                self._wrap(stepper, instances, runner, entry)
+            yield self
         finally:
-            for inst in instances:
-                del inst.scheduler.schedule  # back to the class methods
-            for runner, entry in entries:
-                delattr(runner, entry)
-        ms = 1e3 * (time.perf_counter() - t)
-        rows = [(r, n) for work in captured for r, n in work.rows]
-        if rows:
-            if not calls[0]:
-                raise RuntimeError(f"StepLog: the engine scheduled work but never called runner.{entries[0][1]}")
-            self.records.append(StepRecord(sum(n for _, n in rows),
-                                           len({r.adapter for r, _ in rows if r.adapter is not None}),
-                                           len(rows), sum(n > 1 for _, n in rows), ms, 1e3 * max(device),
-                                           sum(1 for work in captured if work.rows)))
-        return out
+            for stepper, instances, runner, entry in units:
+                for obj, name in [(stepper, "step"), (runner, entry)] + [(i.scheduler, "schedule") for i in instances]:
+                    if name in vars(obj):
+                        delattr(obj, name)  # back to the class methods
+
+    def _wrap(self, stepper, instances, runner, entry) -> None:
+        # One unit steps in one thread at a time, so its captures need no lock; list.append is atomic for the
+        # records that several replicas' threads append.
+        captured, device, calls = [], [0.0], [0]
+        for inst in instances:
+            def schedule_and_keep(schedule=inst.scheduler.schedule):
+                work = schedule()
+                captured.append(work)
+                return work
+            inst.scheduler.schedule = schedule_and_keep
+        run = getattr(runner, entry)
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            calls[0] += 1
+            try:
+                return run(*args, **kwargs)
+            finally:
+                device[0] += time.perf_counter() - t
+        setattr(runner, entry, timed)
+        step = stepper.step
+
+        def recorded_step():
+            captured.clear()
+            device[0], calls[0] = 0.0, 0
+            t = time.perf_counter()
+            out = step()
+            ms = 1e3 * (time.perf_counter() - t)
+            rows = [(r, n) for work in captured for r, n in work.rows]
+            if rows:
+                if not calls[0]:
+                    raise RuntimeError(f"StepLog: the engine scheduled work but never called runner.{entry}")
+                self.records.append(StepRecord(sum(n for _, n in rows),
+                                               len({r.adapter for r, _ in rows if r.adapter is not None}),
+                                               len(rows), sum(n > 1 for _, n in rows), ms, 1e3 * device[0],
+                                               sum(1 for work in captured if work.rows)))
+            return out
+        stepper.step = recorded_step
 
 
 def emulate_cold_loads(engine: LLMEngine, seconds: float) -> None:

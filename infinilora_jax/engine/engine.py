@@ -7,6 +7,11 @@
 Each step: the scheduler picks work (decode tokens and prefill chunks under a token budget), the batch is packed
 into bucketed arrays (models/batch.py), the runner runs one jitted forward with the sampler fused in, and the
 sampled tokens are appended; requests stop on EOS, a stop token or string, max_tokens or the context limit.
+
+One thread steps an engine; another may add and abort requests while that step waits on the device (coupled
+replicas step in threads of their own: engine/replicas.py). A lock covers the host phases of a step (schedule,
+build, complete) and the request operations; an abort that arrives while a step is on the device takes effect
+when that step completes, since the step still writes the request's KV pages and tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import dataclasses
 import itertools
 import logging
 import random
+import threading
 import time
 
 import jax
@@ -68,6 +74,9 @@ class LLMEngine:
         self._ids = itertools.count()
         self._seeds = random.Random(0)
         self.num_steps = 0
+        self._lock = threading.RLock()  # host state: requests, scheduler (module docstring)
+        self._on_device = False  # a step's batch is on the device: aborts wait for it
+        self._aborts_after_step: list[str] = []
 
     # ---- requests ----
 
@@ -78,17 +87,18 @@ class LLMEngine:
         prompt = self.check_prompt(prompt_token_ids)
         if adapter is not None:
             self.runner.adapters.require(adapter)
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self.requests:
-            raise RequestError(f"duplicate request id {request_id!r}")
-        seed = params.seed if params.seed is not None else self._seeds.getrandbits(32)
-        req = Request(request_id, prompt, params, adapter, seed)
-        if self.tokenizer is not None:
-            req.detokenizer = IncrementalDetokenizer(self.tokenizer)
-        if arrival_time is not None:
-            req.arrival_time = arrival_time
-        self.requests[request_id] = req
-        self.scheduler.add(req)
+        with self._lock:
+            request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+            if request_id in self.requests:
+                raise RequestError(f"duplicate request id {request_id!r}")
+            seed = params.seed if params.seed is not None else self._seeds.getrandbits(32)
+            req = Request(request_id, prompt, params, adapter, seed)
+            if self.tokenizer is not None:
+                req.detokenizer = IncrementalDetokenizer(self.tokenizer)
+            if arrival_time is not None:
+                req.arrival_time = arrival_time
+            self.requests[request_id] = req
+            self.scheduler.add(req)
         return request_id
 
     def check_prompt(self, tokens, room_to_generate: bool = True) -> list[int]:
@@ -108,17 +118,23 @@ class LLMEngine:
         return tokens
 
     def abort(self, request_id: str) -> None:
-        req = self.requests.get(request_id)
-        if req is not None and not req.finished:
-            self.scheduler.finish(req, "abort")
-            req.finish_time = time.monotonic()
+        """Stop a request and free its pages; while a step is on the device, once that step completes."""
+        with self._lock:
+            if self._on_device:
+                self._aborts_after_step.append(request_id)
+                return
+            req = self.requests.get(request_id)
+            if req is not None and not req.finished:
+                self.scheduler.finish(req, "abort")
+                req.finish_time = time.monotonic()
 
     def abort_all(self) -> list[str]:
         """Abort every unfinished request (after a failed step) and return their ids. A KV cache whose buffers
         were donated to the failed step is allocated afresh, so the engine can serve again."""
-        ids = [r.request_id for r in self.requests.values() if not r.finished]
-        for request_id in ids:
-            self.abort(request_id)
+        with self._lock:
+            ids = [r.request_id for r in self.requests.values() if not r.finished]
+            for request_id in ids:
+                self.abort(request_id)
         if any(x.is_deleted() for x in jax.tree.leaves(self.kv)):
             log.warning("the KV cache was lost with the failed step: allocating a new one")
             self.kv = self.runner.new_kv_cache(self.cache_config)
@@ -131,23 +147,39 @@ class LLMEngine:
         self.runner.adapters.unregister(name)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        with self._lock:
+            return self.scheduler.has_work() or bool(self._aborts_after_step)
 
     def pop_finished(self) -> list[Request]:
-        done = [r for r in self.requests.values() if r.finished]
-        for r in done:
-            del self.requests[r.request_id]
+        with self._lock:
+            done = [r for r in self.requests.values() if r.finished]
+            for r in done:
+                del self.requests[r.request_id]
         return done
 
     # ---- the step ----
 
     def step(self) -> list[RequestOutput]:
-        plan = self.schedule_step()
-        if plan is None:
-            return []
-        batch, sampling = self.build_step(plan)
-        tokens, top, self.kv = self.runner.sample(batch, self.kv, sampling, logprobs=plan.want_logprobs)
-        return self.complete_step(plan, tokens, top)
+        with self._lock:
+            plan = self.schedule_step()
+            if plan is None:
+                self._abort_deferred()
+                return []
+            batch, sampling = self.build_step(plan)
+            self._on_device = True
+        try:
+            tokens, top, self.kv = self.runner.sample(batch, self.kv, sampling, logprobs=plan.want_logprobs)
+            with self._lock:
+                return self.complete_step(plan, tokens, top)
+        finally:
+            with self._lock:
+                self._on_device = False
+                self._abort_deferred()
+
+    def _abort_deferred(self) -> None:
+        ids, self._aborts_after_step = self._aborts_after_step, []
+        for request_id in ids:
+            self.abort(request_id)
 
     def schedule_step(self) -> StepPlan | None:
         """Pick this step's work (None: nothing to run now)."""

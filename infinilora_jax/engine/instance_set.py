@@ -38,13 +38,14 @@ class _Schedulers:
         self.instances = instances
         self.allocator = _Allocators(instances)
 
+    # list() copies each queue in one C call: a replica stepping in its own thread may change it meanwhile
     @property
     def waiting(self) -> list:
-        return [r for i in self.instances for r in i.scheduler.waiting]
+        return [r for i in self.instances for r in list(i.scheduler.waiting)]
 
     @property
     def running(self) -> list:
-        return [r for i in self.instances for r in i.scheduler.running]
+        return [r for i in self.instances for r in list(i.scheduler.running)]
 
     @property
     def num_preemptions(self) -> int:

@@ -15,9 +15,14 @@ otherwise (and for requests without an adapter) the least loaded replica. Load i
 tokens not yet computed plus tokens still to generate (max_tokens minus those generated), over the replica's
 unfinished requests. Ties go to the lowest replica index.
 
-A step runs every replica with work at once, each in its own thread of a persistent pool (JAX releases the GIL
-while a step computes and while its tokens come back), and returns the outputs of all of them; a replica's
-exception is raised after every replica has finished its step (the caller aborts, as after any failed step).
+Replicas step independently, as separate servers would: `step` starts a step on every idle replica with work,
+each in its own thread of a persistent pool (JAX releases the GIL while a step computes and while its tokens come
+back), waits until at least one of the steps in flight completes and returns the outputs of those that have. A
+slow step on one replica (a long prefill chunk, a cold adapter load) therefore holds back only that replica's
+requests; the caller meanwhile adds requests (LLMEngine's lock covers a step's host phases only). A replica's
+exception is raised once every step in flight has completed (the caller aborts, as after any failed step); the
+outputs of the other replicas' steps come with the next `step`. What changes a replica's state beyond requests
+(adapter registration, warmup, teacher forcing, abort_all) first waits for every step in flight (`quiesce`).
 
 Adapters are registered on every replica: the PEFT directory is read and converted once and the same host
 AdapterWeights object is entered into each replica's cache; a replica that has to re-read an adapter its host
@@ -63,6 +68,7 @@ class ReplicaAdapters:
 
     def __init__(self, caches: list[AdapterCache]):
         self.caches = caches
+        self.quiesce = lambda: None  # ReplicaGroup: waits for the steps in flight (registration changes slots)
         for cache in caches:  # re-reads of a dropped adapter reuse a sibling's host copy when there is one
             cache._read = self._shared_reader(cache, cache._read)
 
@@ -136,7 +142,8 @@ class ReplicaAdapters:
         """Read, validate and convert the adapter at `path` once and register it on every replica (all or
         nothing)."""
         check_adapter_name(name)
-        self._add_all(name, os.path.abspath(path), self.first._read(name, path))
+        weights = self.first._read(name, path)
+        self._add_all(name, os.path.abspath(path), weights)
 
     def register_weights(self, weights: AdapterWeights) -> None:
         check_adapter_name(weights.name)
@@ -145,6 +152,7 @@ class ReplicaAdapters:
     def _add_all(self, name: str, path: str | None, weights: AdapterWeights) -> None:
         # Replica 0 last: lookups (names, require) answer from it, so a name is visible only once every replica
         # has it.
+        self.quiesce()
         done = []
         try:
             for cache in [*self.caches[1:], self.first]:
@@ -158,6 +166,7 @@ class ReplicaAdapters:
     def unregister(self, name: str) -> None:
         """Forget an adapter on every replica; refused while any replica's requests hold it."""
         self.require(name)
+        self.quiesce()
         busy = sum(c.refcount[name] for c in self.caches)
         if busy:
             raise AdapterBusyError(f"adapter {name!r} is in use by {busy} running request(s)", field="name")
@@ -217,6 +226,10 @@ class ReplicaGroup(InstanceSet):
         self.cache_config, self.config, self.tokenizer = cache, scheduler, tokenizer
         self.affinity_slack = scheduler.max_num_batched_tokens if affinity_slack is None else affinity_slack
         self._pool = concurrent.futures.ThreadPoolExecutor(len(runners), thread_name_prefix="replica")
+        self._in_flight: dict[int, concurrent.futures.Future] = {}  # replica -> its step on the device
+        self._carried: list[RequestOutput] = []  # completed steps' outputs not yet returned by `step`
+        self._failure: BaseException | None = None  # a step that failed while quiescing: raised by `step`
+        self.runner.adapters.quiesce = self.quiesce
         super().__init__()
 
     @property
@@ -225,6 +238,7 @@ class ReplicaGroup(InstanceSet):
 
     def close(self) -> None:
         """Stop the step threads (the group cannot step afterwards)."""
+        self._in_flight.clear()
         self._pool.shutdown(wait=True)
 
     # ---- routing ----
@@ -267,17 +281,70 @@ class ReplicaGroup(InstanceSet):
     # ---- the step ----
 
     def step(self) -> list[RequestOutput]:
-        """One step of every replica with work, concurrently; their outputs in replica order."""
-        busy = [inst for inst in self.instances if inst.has_unfinished()]
-        if not busy:
-            return []
-        futures = [self._pool.submit(inst.step) for inst in busy]
-        concurrent.futures.wait(futures)
-        self.num_steps += 1
-        outputs = []
-        for future in futures:  # the first failure (in replica order) is raised once all have finished
-            outputs += future.result()
+        """Start a step on every idle replica with work; return the outputs of the steps that have completed,
+        waiting for at least one (module docstring)."""
+        self._raise_failure()
+        for r, inst in enumerate(self.instances):
+            if r not in self._in_flight and inst.has_unfinished():
+                self._in_flight[r] = self._pool.submit(inst.step)
+        outputs, self._carried = self._carried, []
+        if self._in_flight and not outputs:
+            concurrent.futures.wait(self._in_flight.values(), return_when=concurrent.futures.FIRST_COMPLETED)
+        outputs += self._collect(block=False)
+        try:
+            self._raise_failure()
+        except BaseException:
+            self._carried = outputs + self._carried
+            raise
         return outputs
+
+    def _collect(self, block: bool) -> list[RequestOutput]:
+        """Outputs of the completed steps in flight (all of them, waiting, when `block`), in replica order; a
+        failure is kept for `_raise_failure`, after the other steps in flight have completed."""
+        outputs = []
+        for r in sorted(self._in_flight):
+            future = self._in_flight[r]
+            if not (block or future.done()):
+                continue
+            del self._in_flight[r]
+            try:
+                outputs += future.result()
+            except BaseException as e:  # noqa: BLE001 - raised by _raise_failure
+                if self._failure is None:
+                    self._failure = e
+            else:
+                self.num_steps += 1  # replica steps completed
+        if self._failure is not None and self._in_flight:
+            outputs += self._collect(block=True)
+        return outputs
+
+    def _raise_failure(self) -> None:
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
+    def quiesce(self) -> None:
+        """Wait for every step in flight; their outputs come with the next `step` (a failure is raised there)."""
+        self._carried += self._collect(block=True)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._in_flight or self._carried or self._failure) or super().has_unfinished()
+
+    def pop_finished(self):
+        """Finished requests of the replicas not stepping now (a request that a step in flight finishes is
+        returned once that step's outputs have been)."""
+        done = [r for i, inst in enumerate(self.instances) if i not in self._in_flight for r in inst.pop_finished()]
+        for r in done:
+            self._owner.pop(r.request_id, None)
+        return done
+
+    def abort_all(self) -> list[str]:
+        self.quiesce()
+        return super().abort_all()
+
+    def unload_adapter(self, name: str) -> None:
+        self.quiesce()
+        super().unload_adapter(name)
 
     # ---- compilation and teacher forcing ----
 
@@ -290,6 +357,7 @@ class ReplicaGroup(InstanceSet):
         first replica compiles alone (with every replica's workers) and the others load its programs. Elsewhere
         all replicas compile at once with `workers` compilations each (XLA compiles outside the GIL, and one
         replica's compilations alone leave most of a large host's cores idle)."""
+        self.quiesce()
         rest = self.instances  # those compiling at once
         if len(rest) > 1 and shares_compiled_programs(rest[0].runner.mesh.devices.flat[0]):
             shapes = rest[0].warmup(scoring, progress, workers * len(rest))
@@ -301,9 +369,11 @@ class ReplicaGroup(InstanceSet):
         return shapes
 
     def score(self, token_ids, adapter=None):
+        self.quiesce()
         return self.instances[self.route(adapter)].score(token_ids, adapter)
 
     def prompt_logprobs(self, token_ids, adapter=None):
+        self.quiesce()
         return self.instances[self.route(adapter)].prompt_logprobs(token_ids, adapter)
 
 
