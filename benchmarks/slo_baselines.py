@@ -59,7 +59,9 @@ flags.DEFINE_integer("num_adapters", 32, "random adapters, Zipf-popular")
 flags.DEFINE_integer("rank", 8, "")
 flags.DEFINE_integer("pool_slots", 16, "device adapter slots compiled into the pool (>= coupled_slots)")
 flags.DEFINE_integer("coupled_slots", 8, "usable adapter slots of the coupled baselines")
-flags.DEFINE_float("emulated_load_ms", 50.0, "stall per adapter load (0: none)")
+flags.DEFINE_float("emulated_load_ms", 50.0, "time per adapter load (0: none): a stall of the step that carries "
+                   "it, or with --adapter_loading=background the earliest its requests run")
+flags.DEFINE_enum("adapter_loading", "step", ["step", "background"], "LLM(adapter_loading=...) of every engine")
 flags.DEFINE_integer("max_num_seqs", 16, "")
 flags.DEFINE_integer("max_num_batched_tokens", 128, "")
 flags.DEFINE_integer("max_model_len", 256, "")
@@ -184,7 +186,8 @@ def _disagg_llm(pool_slots: int, share_from=None):
                                         max_num_batched_tokens=max(F.max_num_batched_tokens, _disagg_seqs()),
                                         max_model_len=F.max_model_len, mode="disaggregated",
                                         mesh=F.disagg_layout, num_pages=num_pages, share_from=share_from,
-                                        workers=F.compile_workers, distinct=F.distinct_adapters)
+                                        workers=F.compile_workers, distinct=F.distinct_adapters,
+                                        adapter_loading=F.adapter_loading)
         except ConfigError as e:
             if "role buffers hold pages" not in str(e) or attempt == 4:
                 raise
@@ -218,7 +221,7 @@ def _measure(wanted, spec, slo) -> dict:
                                           max_num_batched_tokens=F.max_num_batched_tokens,
                                           max_model_len=F.max_model_len, mesh=coupled_mesh,
                                           replicas=F.coupled_replicas, workers=F.compile_workers,
-                                          distinct=F.distinct_adapters)
+                                          distinct=F.distinct_adapters, adapter_loading=F.adapter_loading)
         replay.emulate_cold_loads(llm.engine, F.emulated_load_ms / 1e3)
         limit = replay.AdapterSlotLimit(llm)
         for b in coupled:
@@ -253,7 +256,7 @@ def _measure(wanted, spec, slo) -> dict:
                     "emulated_load_ms", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_requests",
                     "prompt_len", "output_len", "zipf", "burstiness", "slo_ttft", "slo_tpot", "rel_tol",
                     "max_probes", "seed", "disagg_layout", "coupled_mesh", "coupled_replicas", "disagg_slots",
-                    "disagg_num_pages")},
+                    "disagg_num_pages", "adapter_loading")},
                 "layouts": {"coupled": _coupled_label(coupled_mesh), "disaggregated": disagg_layout},
                 "common_rate": common, "baselines": results, "disaggregated": disagg_note, "simulator": {}}
 
@@ -285,7 +288,7 @@ def _sweep(engines: dict, slots: dict, layouts: dict, spec, slo) -> dict:
         "model", "num_layers", "dtype", "rank", "pool_slots", "coupled_slots", "disagg_slots", "emulated_load_ms",
         "max_num_seqs", "disagg_max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_requests",
         "prompt_len", "output_len", "zipf", "burstiness", "slo_ttft", "slo_tpot", "rel_tol", "max_probes", "seed",
-        "disagg_layout", "coupled_mesh", "coupled_replicas", "sweep_adapters")},
+        "disagg_layout", "coupled_mesh", "coupled_replicas", "sweep_adapters", "adapter_loading")},
         "layouts": layouts, "baselines": {}, "sweep": rows, "simulator": {}}
     for count in (int(n) for n in F.sweep_adapters):
         row = {"num_adapters": count, "baselines": {}}

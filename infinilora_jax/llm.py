@@ -38,6 +38,7 @@ BUNDLED_DIR = os.path.join(os.path.dirname(__file__), "assets", "tiny-qwen3-moe"
 BUNDLED_MODEL = os.path.join(BUNDLED_DIR, "model")
 BUNDLED_ADAPTERS = os.path.join(BUNDLED_DIR, "adapters")
 MODES = ("coupled", "disaggregated")
+ADAPTER_LOADING = ("step", "background")
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 
 
@@ -65,7 +66,7 @@ class LLM:
                  lora_targets: Sequence[str] = ALL_TARGETS, max_adapter_bytes: int | None = None,
                  page_size: int = 16, num_pages: int | None = None, max_num_seqs: int = 32,
                  max_num_batched_tokens: int = 256, num_layers: int | None = None, progress: bool = True,
-                 mode: str = "coupled", replicas: int = 1):
+                 mode: str = "coupled", replicas: int = 1, adapter_loading: str = "step"):
         """
         Args:
           model: a Hugging Face model directory (config.json + safetensors), a directory written by
@@ -88,6 +89,9 @@ class LLM:
             layout on its own contiguous group of devices (replica r: devices [r * n, (r + 1) * n) for a layout of
             n devices) and its own weights, KV cache, scheduler and adapter pool of max_adapters slots; requests
             are routed by adapter residency and load (engine/replicas.py). 1: one engine, no ReplicaGroup.
+          adapter_loading: "step": a cold adapter is copied in by the step that first uses it (layer by layer),
+            which that whole batch waits for; "background": the copy runs while steps go on, and the requests
+            that need it are admitted once it has landed (lora/adapter_cache.py).
         """
         if mode not in MODES:
             raise ConfigError(f"mode={mode!r}: choose one of {MODES}")
@@ -98,6 +102,8 @@ class LLM:
             raise ConfigError(f"replicas={replicas} is for coupled mode; disaggregated mode sets its base instances "
                               "by the role layout's dp")
         self.replicas = replicas
+        if adapter_loading not in ADAPTER_LOADING:
+            raise ConfigError(f"adapter_loading={adapter_loading!r}: choose one of {ADAPTER_LOADING}")
         if dtype not in DTYPES:
             raise ConfigError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}")
         self.model_dir = os.fspath(model) if model is not None else BUNDLED_MODEL
@@ -126,7 +132,7 @@ class LLM:
         runner_cls = DisaggRunner if mode == "disaggregated" else ModelRunner
         runner_args = (self.config, self.layout, DTYPES[dtype], make_factory, pool_cfg)
         runner_kwargs = dict(max_host_adapters=max_host_adapters, max_adapter_bytes=max_adapter_bytes,
-                             progress=progress)
+                             progress=progress, background_loads=adapter_loading == "background")
         if replicas > 1:
             groups = split_devices(jax.devices(), replicas, self.layout.num_devices)
             runners = [ModelRunner(*runner_args, devices=group, **runner_kwargs) for group in groups]

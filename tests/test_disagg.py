@@ -195,6 +195,26 @@ def test_greedy_mixed_batch_two_instances_4p4(llm44):
         assert outs[rid] == ref[f"greedy__{v}__{i}"].tolist(), (i, v)
 
 
+def test_background_loads_on_the_lora_server_4p4(llm44):
+    """Background loads write the LoRA server's role buffers too: cold adapters copied in while both base
+    instances step, then committed; tokens identical to HF's."""
+    ref, prompts, cache = reference(MODEL), _prompts(), llm44.runner.adapters
+    cache.background_loads, cache.min_load_seconds = True, 0.2
+    try:
+        for name in adapter_dirs(MODEL):  # every adapter cold
+            llm44.unload_adapter(name)
+            llm44.load_adapter(name, adapter_dirs(MODEL)[name])
+        carried, loads = cache.stats.layerwise_loads, cache.stats.loads
+        rows = [(i, v) for i in range(3) for v in VARIANTS]
+        out = llm44.generate([prompts[i] for i, _ in rows], GREEDY, adapter=[_adapter(v) for _, v in rows])
+        for (i, v), r in zip(rows, out):
+            assert r.token_ids == ref[f"greedy__{v}__{i}"].tolist(), (i, v)
+        assert cache.stats.loads - loads == len(adapter_dirs(MODEL)) and cache.stats.layerwise_loads == carried
+        assert not cache.loading
+    finally:
+        cache.background_loads, cache.min_load_seconds = False, 0.0
+
+
 # ---- memory by role ----
 
 def _lora_devices(runner):

@@ -205,6 +205,12 @@ class _NoAdapters:
     def prefetch(self, names):
         pass
 
+    def poll_loads(self):
+        return 0
+
+    def is_ready(self, slot):
+        return True
+
 
 def _admission_order(policy: str) -> list[str]:
     sched = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64, max_model_len=128, policy=policy),

@@ -182,11 +182,15 @@ class StepLog:
 
 
 def emulate_cold_loads(engine: LLMEngine, seconds: float) -> None:
-    """From now on, each adapter load into a device slot stalls the step that carries it by `seconds` (a host
-    sleep before the step runs, so nothing overlaps it: an eager load). With replicas, each replica's loads stall
-    its own steps."""
+    """From now on, each adapter load into a device slot takes `seconds`. With loads carried by steps (the
+    default), the step that carries it stalls that long (a host sleep before the step runs, so nothing overlaps
+    it: an eager load); with background loads (adapter_loading="background"), the load lands no earlier than
+    that while steps go on (`AdapterCache.min_load_seconds`). With replicas, each replica's own cache."""
     for cache in adapter_caches(engine):
-        _stall_loads(cache, seconds)
+        if cache.background_loads:
+            cache.min_load_seconds = seconds
+        else:
+            _stall_loads(cache, seconds)
 
 
 def _stall_loads(cache, seconds: float) -> None:

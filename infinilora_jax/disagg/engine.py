@@ -38,9 +38,11 @@ class InstanceGroup(InstanceSet):
     # ---- the step ----
 
     def step(self) -> list[RequestOutput]:
-        plans = [inst.schedule_step() for inst in self.instances]
+        plans = [inst.schedule_step(wait_for_loads=False) for inst in self.instances]
         active = [(inst, plan) for inst, plan in zip(self.instances, plans) if plan is not None]
         if not active:
+            if self.runner.adapters.loading:  # queued requests wait for background loads: wait for one
+                self.runner.adapters.wait_for_load()
             return []
         page_size = self.cache_config.page_size
         needs = [step_needs(plan.rows, page_size) for _, plan in active]

@@ -68,8 +68,11 @@ class RoleAdapterCache(AdapterCache):
 
     def _write_now(self, slot: int, name: str | None) -> None:
         start = time.perf_counter()
-        self.runner.write_slot(slot, self.staged_pages(name))
+        self.runner.write_slot(slot, self.staged_pages(name))  # the writer copies the pinned pages in itself
         self.stats.load_seconds += time.perf_counter() - start
+
+    def _commit(self, slot: int, pages: dict) -> None:
+        self.runner.write_slot(slot, pages)
 
     def reload_resident(self) -> None:
         """Pages were lost (a new KV cache): write every resident adapter again before its next use."""
@@ -92,9 +95,10 @@ class KVHandle:
 class DisaggRunner:
     def __init__(self, cfg: ModelConfig, layout: RoleLayout, dtype, make_factory, pool_cfg: LoraPoolConfig, *,
                  max_host_adapters: int = 64, max_adapter_bytes: int | None = None, devices=None,
-                 progress: bool = True, rank_block: int = 8):
+                 progress: bool = True, rank_block: int = 8, background_loads: bool = False):
         """make_factory(mesh, on_param) -> ParamFactory supplies base weights (as for ModelRunner); they are
-        made on base instance 0's devices and copied to the other instances."""
+        made on base instance 0's devices and copied to the other instances. background_loads: as for
+        ModelRunner."""
         self.cfg, self.layout, self.dtype = cfg, layout, jnp.dtype(dtype)
         layout.check_fits(cfg)
         self.mesh = make_role_mesh(layout, devices)
@@ -109,7 +113,8 @@ class DisaggRunner:
         self.lora_plan = StagePlan.build(cfg.moe_layers, layout.lora_pp)
         self.pool = RolePool(cfg, self.lora_plan, pool_cfg, layout.ep, self.dtype, rank_block)
         self.adapters = RoleAdapterCache(self, cfg, self.lora_plan, self.pool, self.dtype,
-                                         max_host_adapters=max_host_adapters, max_adapter_bytes=max_adapter_bytes)
+                                         max_host_adapters=max_host_adapters, max_adapter_bytes=max_adapter_bytes,
+                                         background_loads=background_loads)
         self.model = DisaggModel(cfg, layout, self.pool)
         self.kv_names = [f"kv:{layer}:{which}" for layer in range(cfg.num_layers) for which in "kv"]
         self.steps = DisaggStepFunctions(self.model, self.mesh, list(self.weights), self.kv_names, cfg.vocab_size)

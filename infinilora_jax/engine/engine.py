@@ -181,12 +181,18 @@ class LLMEngine:
         for request_id in ids:
             self.abort(request_id)
 
-    def schedule_step(self) -> StepPlan | None:
-        """Pick this step's work (None: nothing to run now)."""
+    def schedule_step(self, wait_for_loads: bool = True) -> StepPlan | None:
+        """Pick this step's work (None: nothing to run now). When only requests waiting for background adapter
+        loads remain, wait for the oldest load first (unless `wait_for_loads` is off: the caller waits)."""
         work = self.scheduler.schedule()
-        if not work.rows:
-            if self.scheduler.waiting and not self.scheduler.running:
+        while not work.rows and self.scheduler.waiting and not self.scheduler.running:
+            if not self.runner.adapters.loading:
                 raise RuntimeError("queued requests cannot be scheduled (KV cache or adapter slots exhausted)")
+            if not wait_for_loads:
+                return None
+            self.runner.adapters.wait_for_load()
+            work = self.scheduler.schedule()
+        if not work.rows:
             return None
         rows, sampling_reqs = [], []
         for req, n in work.rows:

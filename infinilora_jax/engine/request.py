@@ -29,7 +29,7 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     pages: list[int] = dataclasses.field(default_factory=list)
-    adapter_slot: int | None = None  # pool slot while running (acquired from the adapter cache)
+    adapter_slot: int | None = None  # pool slot while running, or queued for its adapter's background load
     num_preemptions: int = 0
     first_token_time: float | None = None
     finish_time: float | None = None

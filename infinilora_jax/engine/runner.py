@@ -35,8 +35,9 @@ def count_params(cfg: ModelConfig, layout: MeshLayout, mesh) -> int:
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, layout: MeshLayout, dtype, make_factory, pool_cfg: LoraPoolConfig, *,
                  max_host_adapters: int = 64, max_adapter_bytes: int | None = None, devices=None,
-                 progress: bool = True):
-        """make_factory(mesh, on_param) -> ParamFactory supplies the weights (checkpoint, random, Orbax)."""
+                 progress: bool = True, background_loads: bool = False):
+        """make_factory(mesh, on_param) -> ParamFactory supplies the weights (checkpoint, random, Orbax).
+        background_loads: adapters are copied in outside the steps (lora/adapter_cache.py)."""
         self.cfg, self.layout, self.dtype = cfg, layout, jnp.dtype(dtype)
         layout.check_fits(cfg)
         self.mesh = make_mesh(layout, devices)
@@ -48,7 +49,8 @@ class ModelRunner:
         self.model_state = nnx.to_pure_dict(nnx.state(self.model))
         self.pool = LoraPool(cfg, self.model.plan, pool_cfg, self.dtype, zeros_factory(self.mesh))
         self.adapters = AdapterCache(cfg, self.model.plan, self.pool, self.dtype,
-                                     max_host_adapters=max_host_adapters, max_adapter_bytes=max_adapter_bytes)
+                                     max_host_adapters=max_host_adapters, max_adapter_bytes=max_adapter_bytes,
+                                     background_loads=background_loads)
         self.steps = StepFunctions(self.model, self.pool, self.mesh)
 
     def new_kv_cache(self, cache: CacheConfig) -> list:

@@ -75,6 +75,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledWork:
+        self.adapters.poll_loads()  # background loads that have landed become readable now
         budget = self.config.max_num_batched_tokens
         work = ScheduledWork([], [])
         i = 0
@@ -125,8 +126,12 @@ class Scheduler:
             pages = self.cache_config.pages_for(n)
             if pages > self.allocator.num_free - watermark:
                 return  # out of KV pages: the queue waits (no skipping, so long prompts are not starved)
-            slot = self.adapters.acquire(req.adapter)
-            if slot is None:  # every adapter slot is pinned: try a later request with another adapter
+            # a request still waiting for its adapter's background load already holds that slot
+            slot = req.adapter_slot if req.adapter_slot is not None else self.adapters.acquire(req.adapter)
+            if slot is None or not self.adapters.is_ready(slot):
+                # every adapter slot is pinned, or the adapter is still being copied in (the request keeps its
+                # slot): try a later request
+                req.adapter_slot = slot
                 index += 1
                 scanned += 1
                 continue
@@ -154,6 +159,7 @@ class Scheduler:
             self._release(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+            self._release(req)  # it may hold a slot whose background load it waited for
         req.status = Status.FINISHED
         req.finish_reason = reason
 

@@ -17,6 +17,14 @@ step the runner takes one pending load (`take_load`), stages its pages in pinned
 copies them to the device layer by layer (models/step.py `sample_loading`), so the request's first layers run
 while later layers' pages are still in flight. Any other pending load that step needs is written first with a
 jitted, donated update per layer slot (`flush`); prefetched loads nobody needs yet wait for a later step.
+Either way the step that first uses an adapter waits for its copy, and with it every request in that batch
+(~200 ms for a 2.5 GB adapter over PCIe).
+
+Background loading (`background_loads=True`) takes the copy out of the steps: taking a slot starts the
+host-to-device copy of the adapter's staged pages into buffers of their own (`loading`), which no step reads, so
+steps go on while it is in flight; the scheduler leaves the requests that need it queued, holding their slot
+(`is_ready`), and once the copy has landed `poll_loads` commits it into the slot with a device-to-device write.
+`min_load_seconds` holds a load back at least that long (benchmarks emulate a slower link with it).
 """
 
 from __future__ import annotations
@@ -61,9 +69,17 @@ class AdapterStats:
     layerwise_loads: int = 0  # loads copied in by the step that first used them
 
 
+@dataclasses.dataclass
+class BackgroundLoad:
+    name: str
+    pages: dict  # the adapter's pages, per layer slot, being copied into device buffers of their own
+    started: float  # time.monotonic()
+
+
 class AdapterCache:
     def __init__(self, cfg: ModelConfig, plan: StagePlan, pool: LoraPool, dtype, *,
-                 max_host_adapters: int = 64, max_adapter_bytes: int | None = None, layerwise: bool = True):
+                 max_host_adapters: int = 64, max_adapter_bytes: int | None = None, layerwise: bool = True,
+                 background_loads: bool = False):
         self.cfg, self.plan, self.pool = cfg, plan, pool
         # What the step functions read (a pool that is not an nnx module keeps its pages elsewhere and
         # overrides the device writes: disagg/runner.py).
@@ -73,6 +89,9 @@ class AdapterCache:
         self.max_adapter_bytes = max_adapter_bytes
         self._write_layer = make_layer_writer()
         self.layerwise = layerwise
+        self.background_loads = background_loads
+        self.loading: dict[int, BackgroundLoad] = {}  # slot -> its load in flight (background loads)
+        self.min_load_seconds = 0.0
         self.pending: collections.OrderedDict[int, str | None] = collections.OrderedDict()  # slot -> adapter
         self.staged: dict[str | None, dict] = {}  # adapter (None: zeros) -> its pages in pinned host memory
         self._host_shardings = None
@@ -229,14 +248,46 @@ class AdapterCache:
     # ---- device writes ----
 
     def _write_slot(self, slot: int, name: str | None) -> None:
-        """Put adapter `name` (zeros for None) into `slot`: now, or as a pending layer-wise load."""
+        """Put adapter `name` (zeros for None) into `slot`: now, as a pending layer-wise load, or as a background
+        load. A load still in flight into the slot is dropped (its adapter was evicted or unregistered)."""
+        self.loading.pop(slot, None)
         if name is not None:
             self.stats.loads += 1
-        if self.layerwise:
+        if self.background_loads and name is not None:
+            self.pending.pop(slot, None)
+            self.loading[slot] = BackgroundLoad(name, self._to_device(self.staged_pages(name)), time.monotonic())
+        elif self.layerwise:
             self.pending[slot] = name
             self.pending.move_to_end(slot)
         else:
             self._write_now(slot, name)
+
+    def is_ready(self, slot: int) -> bool:
+        """Whether a step may read `slot` (no background load into it is in flight)."""
+        return slot not in self.loading
+
+    def poll_loads(self) -> int:
+        """Commit the background loads whose copies have landed (and are at least `min_load_seconds` old); returns
+        how many are still in flight."""
+        with self._lock:
+            now = time.monotonic()
+            for slot, load in list(self.loading.items()):
+                if now - load.started >= self.min_load_seconds and all(
+                        x.is_ready() for x in jax.tree.leaves(load.pages)):
+                    del self.loading[slot]
+                    start = time.perf_counter()
+                    self._commit(slot, load.pages)
+                    self.stats.load_seconds += time.perf_counter() - start
+            return len(self.loading)
+
+    def wait_for_load(self) -> None:
+        """Block until the oldest background load has landed, and commit what has."""
+        with self._lock:
+            load = next(iter(self.loading.values()), None)
+        if load is not None:
+            jax.block_until_ready(load.pages)
+            time.sleep(max(0.0, load.started + self.min_load_seconds - time.monotonic()))
+        self.poll_loads()
 
     def take_load(self, needed_slots) -> tuple[int, dict] | None:
         """Before a step reading `needed_slots`: the one pending load the step should copy in layer by layer, as
@@ -262,7 +313,10 @@ class AdapterCache:
         return 0, self.staged_pages(None)
 
     def flush(self) -> None:
-        """Write every pending load now (before a step that cannot carry one)."""
+        """Write every pending load now and wait for the background loads (before a step that cannot carry
+        one)."""
+        while self.poll_loads():
+            self.wait_for_load()
         with self._lock:
             while self.pending:
                 slot, weights = self.pending.popitem(last=False)
@@ -288,12 +342,20 @@ class AdapterCache:
 
     def _write_now(self, slot: int, name: str | None) -> None:
         start = time.perf_counter()
-        staged = self.staged_pages(name)
-        layers = self.pool_state["layers"]
-        for j in range(self.plan.layers_per_stage):  # dispatched asynchronously, one layer slot at a time
-            pages = jax.device_put(staged[j], jax.tree.map(lambda a: a.sharding.with_memory_kind("device"), staged[j]))
-            layers[j] = self._write_layer(layers[j], np.int32(slot), pages)
+        self._commit(slot, self._to_device(self.staged_pages(name)))
         self.stats.load_seconds += time.perf_counter() - start
+
+    @staticmethod
+    def _to_device(staged: dict) -> dict:
+        """Staged pages copied to device memory (dispatched asynchronously: the copy runs while steps do)."""
+        return jax.device_put(staged, jax.tree.map(lambda a: a.sharding.with_memory_kind("device"), staged))
+
+    def _commit(self, slot: int, pages: dict) -> None:
+        """Write one adapter's pages (per layer slot) into `slot` of the pool: a jitted, donated update per layer
+        slot."""
+        layers = self.pool_state["layers"]
+        for j in range(self.plan.layers_per_stage):
+            layers[j] = self._write_layer(layers[j], np.int32(slot), pages[j])
 
 
 def check_adapter_name(name) -> None:

@@ -1,0 +1,115 @@
+"""Background adapter loading (LLM(adapter_loading="background"), lora/adapter_cache.py): a cold adapter is copied
+in while steps go on; only the requests that need it wait, holding their slot, and tokens equal HF's."""
+
+import time
+
+import pytest
+from conftest import adapter_dirs, model_dir, reference
+
+from infinilora_jax import LLM, SamplingParams
+from infinilora_jax.errors import ConfigError
+
+MODEL = "qwen3-moe-fused"
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+VARIANTS = ["base", *adapter_dirs(MODEL)]
+
+
+def _adapter(variant):
+    return None if variant == "base" else variant
+
+
+@pytest.fixture(scope="module")
+def llm_bg():
+    """Two slots for three adapters: loads and evictions all along."""
+    return LLM(model_dir(MODEL), adapters=adapter_dirs(MODEL), dtype="float32", max_adapters=2, max_num_seqs=8,
+               max_model_len=128, progress=False, adapter_loading="background")
+
+
+def _make_cold(llm, name):
+    llm.unload_adapter(name)
+    llm.load_adapter(name, adapter_dirs(MODEL)[name])
+    assert name not in llm.runner.adapters.slot_of
+
+
+def test_background_loads_give_the_hf_tokens(llm_bg):
+    ref, cache = reference(MODEL), llm_bg.runner.adapters
+    before = cache.stats.loads
+    jobs = [(i, v) for v in VARIANTS for i in range(3)]
+    out = llm_bg.generate([ref[f"prompt_{i}"].tolist() for i, _ in jobs], GREEDY,
+                          adapter=[_adapter(v) for _, v in jobs])
+    for (i, v), r in zip(jobs, out):
+        assert r.token_ids == ref[f"greedy__{v}__{i}"].tolist(), (i, v)
+    assert cache.stats.loads > before and cache.stats.evictions > 0
+    assert cache.stats.layerwise_loads == 0, "no load may be carried by a step"
+    assert not cache.loading and not cache.pending
+
+
+def test_a_cold_load_holds_back_only_the_requests_that_need_it(llm_bg):
+    ref, cache, engine = reference(MODEL), llm_bg.runner.adapters, llm_bg.engine
+    cold = next(iter(adapter_dirs(MODEL)))
+    _make_cold(llm_bg, cold)
+    cache.min_load_seconds = 600.0  # the copy "lands" when the test lowers this
+    try:
+        base = engine.add_request(ref["prompt_0"].tolist(), GREEDY, None)
+        waiter = engine.add_request(ref["prompt_1"].tolist(), GREEDY, cold)
+        finished = {}
+        while base not in finished:
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out.token_ids
+        req = engine.requests[waiter]
+        assert not req.output_token_ids and req.adapter_slot is not None and cache.refcount[cold] == 1, \
+            "the waiting request holds its slot while the copy is in flight, and the base request's steps went on"
+        landed = time.monotonic()
+        cache.min_load_seconds = 0.0
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out.token_ids
+        assert req.first_token_time >= landed
+        assert finished[base] == ref["greedy__base__0"].tolist()
+        assert finished[waiter] == ref[f"greedy__{cold}__1"].tolist()
+    finally:
+        cache.min_load_seconds = 0.0
+        engine.pop_finished()
+
+
+def test_only_waiting_requests_wait_for_the_load(llm_bg):
+    """With nothing else to run, the step waits for the load instead of failing."""
+    ref, cache = reference(MODEL), llm_bg.runner.adapters
+    cold = next(iter(adapter_dirs(MODEL)))
+    _make_cold(llm_bg, cold)
+    cache.min_load_seconds = 0.3
+    try:
+        out = llm_bg.generate([ref["prompt_2"].tolist()], GREEDY, adapter=cold)[0]
+        assert out.token_ids == ref[f"greedy__{cold}__2"].tolist()
+    finally:
+        cache.min_load_seconds = 0.0
+
+
+def test_aborting_a_request_that_waits_for_its_load_frees_its_slot(llm_bg):
+    ref, cache, engine = reference(MODEL), llm_bg.runner.adapters, llm_bg.engine
+    cold = list(adapter_dirs(MODEL))[1]
+    _make_cold(llm_bg, cold)
+    cache.min_load_seconds = 30.0
+    try:
+        base = engine.add_request(ref["prompt_0"].tolist(), GREEDY, None)
+        waiter = engine.add_request(ref["prompt_2"].tolist(), GREEDY, cold)
+        engine.step()
+        assert cache.refcount[cold] == 1 and cold in cache.slot_of and not cache.is_ready(cache.slot_of[cold])
+        engine.abort(waiter)
+        assert cache.refcount[cold] == 0
+        engine.abort(base)
+        assert not engine.has_unfinished()
+        assert {r.request_id for r in engine.pop_finished()} == {base, waiter}
+        llm_bg.unload_adapter(cold)  # its load in flight is dropped with it
+        assert not cache.loading
+    finally:
+        cache.min_load_seconds = 0.0
+        if cold not in cache:
+            llm_bg.load_adapter(cold, adapter_dirs(MODEL)[cold])
+
+
+def test_unknown_loading_mode_is_refused():
+    with pytest.raises(ConfigError, match="adapter_loading"):
+        LLM(model_dir(MODEL), adapter_loading="eager", progress=False)
