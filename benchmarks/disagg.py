@@ -1,18 +1,23 @@
-"""Coupled vs disaggregated serving on two devices (the 2-GPU machine): decode step and adapter-count sweep.
+"""Coupled vs disaggregated serving on the same devices (two for 1+1, the 2-GPU machine; four for 2+2): decode
+step and adapter-count sweep.
 
 Modes compared (same model, same adapters, same workload):
-  coupled      both devices serve one replica (layout --coupled_mesh, default ep2), every device holds its share
-               of the base weights and of the adapter pool (the S-LoRA-style baseline);
-  coupled1     one replica on device 0 alone: one of the two instances the 2-GPU coupled deployment would run
+  coupled      one replica over the devices of --coupled_mesh (default ep2; ep4 beside 2+2), every device holds
+               its share of the base weights and of the adapter pool (the S-LoRA-style baseline);
+  coupled1     one replica on device 0 alone: one of the instances coupled_dp runs (two on the 2-GPU machine)
                (each with its own adapter cache), so "disagg vs coupled1" compares equal batches per base instance;
-  coupled_dp   that 2-GPU coupled deployment itself (issue 6's baseline, S-LoRA style): one single-device replica
-               per device of the disaggregated layout (2 for 1+1), each with its own weights, KV cache, scheduler
-               and adapter cache (as many slots as the decode rows' adapters), stepped concurrently; requests
-               routed by adapter residency, then load (engine/replicas.py). Its decode rows split the B requests
-               over the replicas (a step is both replicas' steps at once; tokens/s is the deployment's);
-  disagg       "1+1": device 0 is the base instance (all base weights, KV cache), device 1 the LoRA server (all
-               adapter pages, in its role buffers); per layer the base pushes activations, routing and slots to
-               it with ppermute and gets float32 deltas back (docs/architecture/07-disaggregated.md).
+  coupled_dp   the coupled deployment on the disaggregated layout's devices (issue 6's baseline, S-LoRA style): one
+               single-device replica per device of --disagg_mesh (2 for 1+1, 4 for 2+2), each with its own
+               weights, KV cache, scheduler and adapter cache (as many slots as the decode rows' adapters), stepped
+               concurrently; requests routed by adapter residency, then load (engine/replicas.py). Its decode rows
+               split the B requests over the replicas (a step is every replica's step at once; tokens/s is the
+               deployment's);
+  disagg       --disagg_mesh, "1+1" by default: device 0 is the base instance (all base weights, KV cache),
+               device 1 the LoRA server (all adapter pages, in its role buffers); per layer the base pushes
+               activations, routing and slots to it with ppermute and gets float32 deltas back
+               (docs/architecture/07-disaggregated.md). "2+2": base ep2 on devices 0-1, LoRA server ep2 on 2-3.
+The CPU backend is split into as many devices as the two layouts use (the larger of --disagg_mesh and
+--coupled_mesh); other backends are not affected.
 Parts (--parts):
   decode   median engine-step time with B running requests over A rank-r adapters, and without adapters
            (disagg without LoRA targets makes no exchange: its difference to "all targets" is the exchange cost);
@@ -24,7 +29,10 @@ Prints a table per part, writes <out>.json and <out>.png, and logs live bytes pe
     # the 2-GPU machine (NCCL_NVLS_ENABLE=0 is set here; never NVLink multicast)
     python benchmarks/disagg.py --model configs/models/qwen3-30b-a3b.json --num_layers 8 --dtype bfloat16 \\
         --rank 16 --parts decode,sweep --out $OUT/disagg
-    # CPU smoke run of the script itself (tiny model, 2 fake devices)
+    # the 4-GPU machine: 2+2 against coupled on the same four GPUs (tools/gpu_runbook.sh x4_decode)
+    python benchmarks/disagg.py --model configs/models/qwen3-30b-a3b.json --num_layers 8 --dtype bfloat16 \\
+        --rank 32 --parts decode --modes coupled,coupled_dp,disagg --disagg_mesh 2+2 --coupled_mesh ep4 --out $OUT/x4
+    # CPU smoke run of the script itself (tiny model, 2 fake devices; 4 with --disagg_mesh 2+2 --coupled_mesh ep4)
     python benchmarks/disagg.py --smoke --out out/disagg_smoke
 """
 
@@ -48,7 +56,7 @@ F = flags.FLAGS
 flags.DEFINE_string("model", None, "configs/models/*.json (random weights) or an HF dir; default: bundled tiny")
 flags.DEFINE_integer("num_layers", None, "cut a random-weight model to this many layers")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "")
-flags.DEFINE_string("coupled_mesh", "ep2", "coupled layout over the two devices (ep2, tp2, pp2, ...)")
+flags.DEFINE_string("coupled_mesh", "ep2", "coupled layout (ep2, tp2, pp2, ...; ep4 beside 2+2)")
 flags.DEFINE_string("disagg_mesh", "1+1", "disaggregated role layout")
 flags.DEFINE_list("parts", ["decode", "sweep"], "decode, sweep")
 flags.DEFINE_list("modes", ["coupled", "disagg"], "coupled (--coupled_mesh), coupled1 (one device), coupled_dp "
@@ -62,7 +70,7 @@ flags.DEFINE_integer("steps", 16, "decode: timed steps")
 flags.DEFINE_list("sweep", ["1", "8", "32", "64", "128"], "sweep: adapter counts (pool slots = count)")
 flags.DEFINE_integer("max_num_batched_tokens", 512, "")
 flags.DEFINE_integer("num_pages", None, "KV pages (default: the LLM's)")
-flags.DEFINE_boolean("smoke", False, "tiny CPU run of every part (2 fake CPU devices)")
+flags.DEFINE_boolean("smoke", False, "tiny CPU run of --parts (float32, 4 requests, rank 8)")
 flags.DEFINE_string("out", "out/disagg", "output path prefix")
 flags.DEFINE_integer("profile_steps", 0, "decode: after timing, trace this many steps and summarise device time "
                      "(busy, idle, collectives, GEMMs) per device (bench/device_trace.py)")
@@ -156,10 +164,14 @@ def decode_step(mode: str, adapters: int, with_lora: bool = True) -> dict:
 
 def main(argv):
     del argv
-    if F.smoke:
-        import jax
+    import jax
 
-        jax.config.update("jax_num_cpu_devices", 2)
+    from meshes.layouts import resolve_layout, resolve_role_layout
+
+    # the CPU backend only, before any backend starts: as many devices as the layouts use
+    jax.config.update("jax_num_cpu_devices", max(resolve_role_layout(F.disagg_mesh).num_devices,
+                                                 resolve_layout(F.coupled_mesh).num_devices))
+    if F.smoke:
         F.dtype, F.requests, F.adapters, F.prompt_len, F.steps = "float32", 4, 2, 8, 2
         F.sweep, F.rank, F.max_num_batched_tokens = ["1", "4"], 8, 16
     results = {"config": {k: getattr(F, k) for k in ("model", "num_layers", "dtype", "coupled_mesh", "disagg_mesh",

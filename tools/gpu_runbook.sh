@@ -1,22 +1,38 @@
 #!/usr/bin/env bash
 # The pending GPU measurements, in priority order, each a stage that fits one device call (run from the repo root
-# on the device machine; logs and JSON under $OUT). Done (docs/benchmarks.md, fifth and sixth sessions): the expert
+# on the device machine; logs and JSON under $OUT). Done (docs/benchmarks.md, fifth to seventh sessions): the expert
 # GEMM choice at decode and prefill widths, autotune on/off, the kernel numerics, the push's 1+1 parity, the
-# reference expand's form, the host's share of a 4-layer decode step. Stages:
+# reference expand's form, the host's share of a 4-layer decode step, the start-up fix (compile_time). When an
+# nvidia-h200-x4 is lent, x4_decode and x4_sweep (issue 8's 2+2) come first. Stages:
 #
 #   compile_time  (1 GPU, ~2 min) benchmarks/compile_time.py at 2 and 8 layers: checks that the Mosaic GPU expert
-#                 GEMM is built once per program now (sixth session: +0.8 s lowering, +1.5 s compile per layer).
+#                 GEMM is built once per program (done in the seventh session: 8 layers 7.3 s, was 42.5 s).
 #   slo_sweep     (2 GPUs, ~9 min) benchmarks/slo_baselines.py --sweep_adapters: coupled as two single-device
 #                 replicas against disaggregated 1+1 (issue 6's curve and issue 7's GPU rows). Both modes run
 #                 ragged_dot + the reference LoRA math: with the Mosaic kernels the ~240 programs' lowering alone
 #                 would not fit one call (sixth session: the coupled replicas took 9 minutes to compile).
 #                 BASELINES, COUNTS (adapter counts, in the order run), REQUESTS (per probe), START (first
-#                 rate), TIMEOUT (s) and TAG (output name suffix) override.
+#                 rate), TIMEOUT (s), TAG (output name suffix) and ADAPTER_LOADING (step | background) override.
+#                 Seventh session: coupled at 128 and 16 adapters and disaggregated at 128 (4-6 req/s) ran; next:
+#                 disaggregated at 16, then ADAPTER_LOADING=background for both modes (2.4x on CPU), e.g.
+#                 ADAPTER_LOADING=background BASELINES=coupled,disaggregated COUNTS=128 TAG=_bg.
 #   push          (2 GPUs, ~7 min) the disaggregated decode step with the device-initiated push
 #                 (INFINILORA_EXCHANGE=push; compare with 12.80 ms with ppermute, docs/benchmarks.md).
 #   decode        (2 GPUs, ~5 min per mode) benchmarks/disagg.py decode, MODES=coupled1 or disagg (default
 #                 coupled1,disagg: too long for one call with mgpu), profiled: device_trace splits the idle time
 #                 into gaps between calls and idle inside a call. EXPERT_GEMM=<name> overrides.
+#   x4_decode     (4 GPUs, ~5 min per mode) benchmarks/disagg.py decode, as `decode` but 2+2 (base ep2 on GPUs
+#                 0-1, LoRA server ep2 on 2-3) against coupled on the same four GPUs. One mode per call with mgpu
+#                 (MODES, default disagg; then coupled = one ep4 replica, coupled_dp = four single-device replicas,
+#                 coupled1 = one of those alone); each mode's log and JSON are named after MODES, so calls do not
+#                 overwrite. coupled_dp compiles four replicas at once: if it runs past the limit, EXPERT_GEMM=
+#                 ragged_dot (then several modes fit one call). EXPERT_GEMM=<name> overrides.
+#   x4_sweep      (4 GPUs, ~9 min per baseline) benchmarks/slo_baselines.py --sweep_adapters as `slo_sweep`, but
+#                 disaggregated 2+2 against coupled replicas on the same four GPUs: REPLICAS=4 (default) four
+#                 single-device replicas, REPLICAS=2 two ep2 replicas. Run BASELINES=coupled and
+#                 BASELINES=disaggregated as separate calls (TAG=_coupled, TAG=_disagg): on 2 GPUs (seventh
+#                 session) compiling took ~2 min and each baseline's probes at one count ~1.5-2 min.
+#                 Same overrides as `slo_sweep` (BASELINES, COUNTS, REQUESTS, START, TIMEOUT, TAG) and REPLICAS.
 #   cmdbuf        (2 GPUs, ~5 min, low priority) the disaggregated decode step with XLA's CUDA-graph command
 #                 buffers extended to conditionals. benchmarks/cond_overhead.py found no gain per role branch on
 #                 a synthetic chain (23 vs 24 us); coupled1 at 2 layers went 4.74 -> 4.05 ms with adapters in one
@@ -61,8 +77,39 @@ case "${1:-}" in
       --pool_slots 49 --coupled_slots 23 --disagg_slots 49 --emulated_load_ms 200 --max_num_seqs 32 \
       --max_num_batched_tokens 128 --max_model_len 512 --prompt_len burstgpt:16:256 \
       --output_len burstgpt-response:1:192 --num_requests ${REQUESTS:-200} --start_rate ${START:-16} --max_probes 3 \
-      --rel_tol 0.3 --compile_workers 32 --calibration '' --out "$OUT/slo_sweep${TAG:-}" > "$OUT/sweep${TAG:-}.log" 2>&1
+      --rel_tol 0.3 --compile_workers 32 --adapter_loading ${ADAPTER_LOADING:-step} --calibration '' \
+      --out "$OUT/slo_sweep${TAG:-}" > "$OUT/sweep${TAG:-}.log" 2>&1
     echo "slo_sweep rc=$?"; show "$OUT/sweep${TAG:-}.log" 30 ;;
+  x4_decode)
+    M=${MODES:-disagg}
+    INFINILORA_EXPERT_GEMM=${EXPERT_GEMM:-auto} timeout 560 python3 -u benchmarks/disagg.py --model $QWEN \
+      --num_layers 8 --dtype bfloat16 --rank 32 --parts decode --modes $M --disagg_mesh 2+2 --coupled_mesh ep4 \
+      --requests 64 --adapters 32 --prompt_len 128 --steps 16 --profile_steps 3 --out "$OUT/x4_decode_${M//,/_}" \
+      > "$OUT/x4_decode_${M//,/_}.log" 2>&1
+    echo "x4_decode $M rc=$?"; show "$OUT/x4_decode_${M//,/_}.log" 60 ;;
+  x4_sweep)
+    # Slots at full depth (48 layers; 61.1 GB bf16 weights, 3.1 GB of them replicated over ep; a rank-32
+    # all-target adapter 2.58 GB, 98% expert pages that ep splits: 1.32 GB per device at ep2; ~132 GB usable):
+    # a single-device replica 23 (as slo_sweep); an ep2 replica 32.1 GB of weights per device and the same
+    # ~12 GB of KV beside them: (132 - 32.1 - 12) / 1.32 = 66; a 2+2 LoRA-server device holds no base weights,
+    # 49 x 2.58 GB of pages as in 1+1, at 1.32 GB per adapter: 95. The pool compiles the largest (95) in every
+    # row; at 2 layers all of it fits, the slot limits stand for full depth.
+    case ${REPLICAS:-4} in
+      4) CMESH=single CSLOTS=23 ;;
+      2) CMESH=ep2 CSLOTS=66 ;;
+      *) echo "REPLICAS=${REPLICAS}: 4 or 2"; exit 2 ;;
+    esac
+    INFINILORA_EXPERT_GEMM=ragged_dot INFINILORA_LORA_BACKEND=reference timeout ${TIMEOUT:-560} python3 -u \
+      benchmarks/slo_baselines.py --model $QWEN --num_layers 2 --dtype bfloat16 --rank 32 \
+      --baselines ${BASELINES:-coupled,disaggregated} --disagg_layout 2+2 --coupled_replicas ${REPLICAS:-4} \
+      --coupled_mesh $CMESH --sweep_adapters ${COUNTS:-128,16} --distinct_adapters 4 \
+      --pool_slots 95 --coupled_slots $CSLOTS --disagg_slots 95 --emulated_load_ms 200 --max_num_seqs 32 \
+      --max_num_batched_tokens 128 --max_model_len 512 --prompt_len burstgpt:16:256 \
+      --output_len burstgpt-response:1:192 --num_requests ${REQUESTS:-200} --start_rate ${START:-16} --max_probes 3 \
+      --rel_tol 0.3 --compile_workers 32 --adapter_loading ${ADAPTER_LOADING:-step} --calibration '' \
+      --out "$OUT/x4_sweep${TAG:-}" \
+      > "$OUT/x4_sweep${TAG:-}.log" 2>&1
+    echo "x4_sweep rc=$?"; show "$OUT/x4_sweep${TAG:-}.log" 30 ;;
   cmdbuf)
     XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" \
     timeout 560 python3 -u benchmarks/disagg.py --model $QWEN --num_layers 8 --dtype bfloat16 --rank 32 \
