@@ -98,12 +98,22 @@ flags.DEFINE_integer("compile_workers", 2, "programs compiled at once before tra
 flags.DEFINE_integer("distinct_adapters", 0, "adapters with pages of their own (0: all); later ones reuse them")
 flags.DEFINE_list("sweep_adapters", [], "adapter counts: instead of one table, each baseline's serviceable rate "
                   "at each count (Zipf over the first N adapters; --num_adapters is raised to the largest)")
-flags.DEFINE_string("simulate_from", None, "an earlier run's JSON: skip the engine, redo the simulator check")
+flags.DEFINE_string("simulate_from", None, "an earlier run's JSON: skip the engine, redo the simulator check with "
+                    "that run's settings (flags given here win)")
+flags.DEFINE_float("sim_exchange_ms_per_layer", 0.22, "simulator, disaggregated rows: exchange cost per layer "
+                   "(2 x H200, 8-layer decode, fifth session: (12.80 - 11.04) / 8 ms)")
 flags.DEFINE_string("out", "out/slo_cpu", "output prefix (.json, *_<plot>.png)")
 
 
 def main(argv):
     del argv
+    measured = None
+    if F.simulate_from:  # the measured part of an earlier run; redo the simulator check only, with its settings
+        with open(F.simulate_from) as f:
+            measured = json.load(f)
+        for key, value in measured.get("config", {}).items():
+            if key in F and not F[key].present:
+                setattr(F, key, value)
     if F.sweep_adapters:
         F.num_adapters = max(F.num_adapters, *(int(n) for n in F.sweep_adapters))
     slo = metrics.SLO(F.slo_ttft, F.slo_tpot)
@@ -111,13 +121,11 @@ def main(argv):
                                  workload.LengthDist.parse(F.prompt_len), workload.LengthDist.parse(F.output_len),
                                  F.seed)
     wanted = [baselines.BASELINES[name] for name in F.baselines]
-    if F.simulate_from:  # the measured part of an earlier run; redo the simulator check only
-        with open(F.simulate_from) as f:
-            report = json.load(f)
-    else:
-        report = _measure(wanted, spec, slo)
+    report = measured if measured is not None else _measure(wanted, spec, slo)
     if report["baselines"] and os.path.exists(F.calibration):
         report["simulator"] = _simulator_check(report["baselines"], spec, slo)
+    if report.get("sweep") and os.path.exists(F.calibration):
+        report["simulator"] = _simulator_sweep_check(report, spec, slo)
     _write(report)
     if report.get("sweep"):
         _print_sweep(report)
@@ -365,14 +373,69 @@ def _runner(llm, names, spec, vocab, slo):
 
 def _sim_config(name: str, model) -> simulator.ClusterConfig:
     b = baselines.BASELINES[name]
+    if b.mode == "disaggregated":
+        from meshes.layouts import resolve_role_layout
+
+        layout = resolve_role_layout(F.disagg_layout)
+        return simulator.ClusterConfig("disaggregated", layout.dp, model, F.disagg_slots or F.coupled_slots,
+                                       F.emulated_load_ms, 0.0, "fcfs", _disagg_seqs(),
+                                       max(F.max_num_batched_tokens, _disagg_seqs()),
+                                       exchange_ms_per_layer=F.sim_exchange_ms_per_layer,
+                                       lora_devices=layout.num_devices // 2, replica_devices=layout.ep)
     slots = baselines.reduced_slots(F.coupled_slots) if b.reduced_cache else F.coupled_slots
     return simulator.ClusterConfig("coupled", F.coupled_replicas, model, slots, F.emulated_load_ms, 0.0, b.policy,
                                    F.max_num_seqs, F.max_num_batched_tokens)
 
 
+def _calibrated_model():
+    """The calibration's step model, at this run's depth when --num_layers cuts the model (the models are per
+    layer)."""
+    model = calibration.load(F.calibration)[F.calibration_model]
+    return model.with_layers(F.num_layers) if F.num_layers else model
+
+
+def _simulator_sweep_check(report: dict, spec, slo) -> dict:
+    """For every (adapter count, baseline) of a sweep: the simulator's serviceable rate and its P95 TTFT, TPOT and
+    hit rate at each measured probe's rate, beside the measured ones. Printed as a table."""
+    model = _calibrated_model()
+    out = {"calibration": F.calibration, "model": F.calibration_model, "layers": F.num_layers,
+           "exchange_ms_per_layer": F.sim_exchange_ms_per_layer, "rows": []}
+    print(f"\n  simulator ({F.calibration}: {F.calibration_model}) against the measured sweep")
+    print(f"  {'adapters':>8} {'baseline':>16} {'measured':>9} {'simulated':>9}   probes: rate -> P95 TTFT "
+          "measured / simulated, hit rate measured / simulated")
+    for row in report["sweep"]:
+        counted = dataclasses.replace(spec, num_adapters=row["num_adapters"])
+        for name, r in row["baselines"].items():
+            cfg = _sim_config(name, model)
+
+            def sim_run(rate, cfg=cfg, counted=counted):
+                res = simulator.simulate(workload.generate(dataclasses.replace(counted, rate=rate), None), cfg)
+                return {**res.summary(slo), "rate": rate}
+
+            first = r["probes"][0]["rate"] if r["probes"] else F.start_rate
+            search = rate_search.find_serviceable_rate(sim_run, lambda s: metrics.meets_slo(s, slo), start=first,
+                                                       rel_tol=F.rel_tol / 4, max_probes=20, progress=False)
+            probes = []
+            for p in r["probes"]:
+                sim = sim_run(p["rate"])
+                probes.append({"rate": p["rate"], "measured_ttft_p95_s": p["summary"]["ttft_p95_s"],
+                               "simulated_ttft_p95_s": sim["ttft_p95_s"],
+                               "measured_tpot_mean_s": p["summary"]["tpot_mean_s"],
+                               "simulated_tpot_mean_s": sim["tpot_mean_s"],
+                               "measured_hit_rate": p["summary"]["hit_rate"], "simulated_hit_rate": sim["hit_rate"]})
+            measured = r.get("serviceable_rate")
+            out["rows"].append({"num_adapters": row["num_adapters"], "baseline": name, "measured": measured,
+                                "simulated": search.rate, "probes": probes})
+            cells = "; ".join(f"{p['rate']:g} -> {p['measured_ttft_p95_s']:.2f} / {p['simulated_ttft_p95_s']:.2f} s, "
+                              f"{p['measured_hit_rate']:.2f} / {p['simulated_hit_rate']:.2f}" for p in probes)
+            shown = "cut off" if measured is None else f"{measured:g}"
+            print(f"  {row['num_adapters']:>8} {name:>16} {shown:>9} {search.rate:>9.3g}   {cells}")
+    return out
+
+
 def _simulator_check(results: dict, spec, slo) -> dict:
     """Simulate the measured probes and search the simulated serviceable rate."""
-    model = calibration.load(F.calibration)[F.calibration_model]
+    model = _calibrated_model()
     out = {"calibration": F.calibration, "model": F.calibration_model,
            "note": "the calibration's step times are of the engine it was measured on (configs/calibration: one "
                    "device); the coupled rows ran on " + str(report_layout(results))}
