@@ -76,7 +76,8 @@ flags.DEFINE_float("start_rate", 8.0, "first probe, requests/s")
 flags.DEFINE_float("rel_tol", 0.1, "bisection stops when the bracket is this narrow (relative)")
 flags.DEFINE_integer("max_probes", 8, "runs per baseline at most")
 flags.DEFINE_list("baselines", list(baselines.BASELINES), "")
-flags.DEFINE_string("calibration", "configs/calibration/cpu-tiny.json", "step calibration for the simulator check")
+flags.DEFINE_string("calibration", "configs/calibration/cpu-tiny.json", "step calibration for the simulator check; "
+                    "'measured': with a sweep, each baseline's own probes' step model (replay.step_model)")
 flags.DEFINE_string("calibration_model", "tiny-qwen3-moe", "")
 flags.DEFINE_string("compilation_cache", "out/jax_cache", "persistent compilation cache directory ('' for none)")
 flags.DEFINE_integer("seed", 0, "")
@@ -124,7 +125,7 @@ def main(argv):
     report = measured if measured is not None else _measure(wanted, spec, slo)
     if report["baselines"] and os.path.exists(F.calibration):
         report["simulator"] = _simulator_check(report["baselines"], spec, slo)
-    if report.get("sweep") and os.path.exists(F.calibration):
+    if report.get("sweep") and (F.calibration == "measured" or os.path.exists(F.calibration)):
         report["simulator"] = _simulator_sweep_check(report, spec, slo)
     _write(report)
     if report.get("sweep"):
@@ -394,10 +395,21 @@ def _calibrated_model():
     return model.with_layers(F.num_layers) if F.num_layers else model
 
 
+def _measured_step_model(name: str, probes: list[dict]):
+    """A baseline's step model from its own probes (`step_model` of each summary, weighted by steps fitted)."""
+    fits = [p["summary"].get("step_model") for p in probes]
+    fits = [f for f in fits if f]
+    if not fits:
+        return None
+    n = sum(f["n"] for f in fits)
+    mean = {k: sum(f[k] * f["n"] for f in fits) / n for k in ("const", "tokens_coef", "adapters_coef")}
+    return calibration.StepTimeModel(f"{name} (measured)", fits[0]["layers"], **mean)
+
+
 def _simulator_sweep_check(report: dict, spec, slo) -> dict:
     """For every (adapter count, baseline) of a sweep: the simulator's serviceable rate and its P95 TTFT, TPOT and
     hit rate at each measured probe's rate, beside the measured ones. Printed as a table."""
-    model = _calibrated_model()
+    model = None if F.calibration == "measured" else _calibrated_model()
     out = {"calibration": F.calibration, "model": F.calibration_model, "layers": F.num_layers,
            "exchange_ms_per_layer": F.sim_exchange_ms_per_layer, "rows": []}
     print(f"\n  simulator ({F.calibration}: {F.calibration_model}) against the measured sweep")
@@ -406,7 +418,13 @@ def _simulator_sweep_check(report: dict, spec, slo) -> dict:
     for row in report["sweep"]:
         counted = dataclasses.replace(spec, num_adapters=row["num_adapters"])
         for name, r in row["baselines"].items():
-            cfg = _sim_config(name, model)
+            own = _measured_step_model(name, r["probes"]) if model is None else model
+            if own is None:
+                print(f"  {row['num_adapters']:>8} {name:>16}: no probe recorded a step model")
+                continue
+            cfg = _sim_config(name, own)
+            if model is None and cfg.mode == "disaggregated":  # its measured steps include the exchange
+                cfg = dataclasses.replace(cfg, exchange_ms_per_layer=0.0)
 
             def sim_run(rate, cfg=cfg, counted=counted):
                 res = simulator.simulate(workload.generate(dataclasses.replace(counted, rate=rate), None), cfg)

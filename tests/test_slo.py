@@ -466,6 +466,8 @@ def test_disaggregated_replay_sees_every_instance():
     assert s["hits"] + s["misses"] == sum(r.adapter is not None for r in reqs)
     assert s["loads"] == llm.runner.adapters.stats.loads - stats.loads > 0
     assert s["wall_s"] >= 0.02 * s["loads"]  # each load stalled its step
+    assert "step_model" in s
+    assert sum(r.loads for r in log.records) > 0, "StepLog counts the loads each step started"
 
     # placeholders pinned by a slot limit set after the stall are not traffic: the next step does not sleep
     slept = []
@@ -483,3 +485,19 @@ def test_disaggregated_replay_sees_every_instance():
     assert sum(slept) <= 0.02 + 1e-9  # at most names[0]'s own load, never the placeholders'
     engine.pop_finished()
     assert not engine.has_unfinished() and engine.pop_finished() == []
+
+
+def test_step_model_is_fitted_to_the_steps_that_loaded_nothing():
+    """replay.step_model: per-layer coefficients of const + tokens + adapters, recovered from exact steps; steps
+    that started a load (their time holds its copy or stall) are left out; too few steps give None."""
+    from infinilora_jax.bench import replay
+
+    def record(tokens, adapters, loads=0):
+        ms = 2 * (0.5 + 0.01 * tokens + 0.2 * adapters) + (200.0 if loads else 0.0)  # 2 layers
+        return replay.StepRecord(tokens, adapters, 4, 0, ms, ms, 1, loads)
+    records = [record(t, a) for t in (8, 32, 64, 128) for a in (0, 1, 3)] + [record(16, 2, loads=1)] * 5
+    model = replay.step_model(records, layers=2)
+    assert model["n"] == 12 and model["layers"] == 2 and model["median_error"] < 1e-6
+    assert model["const"] == pytest.approx(0.5) and model["tokens_coef"] == pytest.approx(0.01)
+    assert model["adapters_coef"] == pytest.approx(0.2)
+    assert replay.step_model(records[:7], layers=2) is None

@@ -22,6 +22,8 @@ import dataclasses
 import os
 import time
 
+import numpy as np
+
 from infinilora_jax import compilation_cache
 from infinilora_jax.bench import metrics
 from infinilora_jax.bench.workload import WorkloadRequest
@@ -103,8 +105,25 @@ def measured(engine: LLMEngine, requests: list[WorkloadRequest], names: list[str
     summary.update(hits=hits, misses=misses, hit_rate=hits / max(1, hits + misses), loads=cache.stats.loads -
                    before.loads, steps=len(log.records), step_tokens=sum(r.tokens for r in log.records),
                    step_ms_mean=sum(r.ms for r in log.records) / max(1, len(log.records)),
+                   step_model=step_model(log.records, engine.runner.cfg.num_layers),
                    load_average=(load, os.getloadavg()[0]))
     return summary
+
+
+def step_model(records: list[StepRecord], layers: int) -> dict | None:
+    """The step-time model (bench/calibration.py: per layer const, per token, per distinct adapter; host time
+    folded into const) fitted to the steps that loaded no adapter, so a run calibrates the simulator for its own
+    engine and machine; with `n` (steps fitted) and `median_error` (median |predicted / measured - 1|). None with
+    fewer than 8 such steps."""
+    from infinilora_jax.bench import calibration
+
+    points = [calibration.StepPoint(r.tokens, r.adapters, r.ms, layers, r.rows) for r in records if not r.loads]
+    if len(points) < 8:
+        return None
+    model = calibration.fit(points, "measured")
+    return {"layers": layers, "const": model.const, "tokens_coef": model.tokens_coef,
+            "adapters_coef": model.adapters_coef, "n": len(points),
+            "median_error": float(np.median(np.abs(calibration.residuals(model, points))))}
 
 
 @dataclasses.dataclass
@@ -116,6 +135,7 @@ class StepRecord:
     ms: float  # the whole engine.step()
     device_ms: float  # inside the runner's step (dispatch, compute, tokens back to the host)
     instances: int = 1  # base instances with work in this step (InstanceGroup: up to dp; a replica's step: 1)
+    loads: int = 0  # adapter loads started during the step (its time may include their copies or stalls)
 
 
 class StepLog:
@@ -163,12 +183,16 @@ class StepLog:
         setattr(runner, entry, timed)
         step = stepper.step
 
+        caches = list({id(c): c for c in (i.runner.adapters for i in instances)}.values())
+
         def recorded_step():
             captured.clear()
             device[0], calls[0] = 0.0, 0
+            loads = sum(c.stats.loads for c in caches)
             t = time.perf_counter()
             out = step()
             ms = 1e3 * (time.perf_counter() - t)
+            loads = sum(c.stats.loads for c in caches) - loads
             rows = [(r, n) for work in captured for r, n in work.rows]
             if rows:
                 if not calls[0]:
@@ -176,7 +200,7 @@ class StepLog:
                 self.records.append(StepRecord(sum(n for _, n in rows),
                                                len({r.adapter for r, _ in rows if r.adapter is not None}),
                                                len(rows), sum(n > 1 for _, n in rows), ms, 1e3 * device[0],
-                                               sum(1 for work in captured if work.rows)))
+                                               sum(1 for work in captured if work.rows), loads))
             return out
         stepper.step = recorded_step
 
