@@ -27,6 +27,16 @@ def adapter_dirs(model: str) -> dict[str, str]:
     return {n: os.path.join(root, n) for n in sorted(os.listdir(root))} if os.path.isdir(root) else {}
 
 
+def variants(model: str) -> list[str]:
+    """The reference fixtures' variants of a model: "base" (no adapter), then each adapter's name."""
+    return ["base", *adapter_dirs(model)]
+
+
+def variant_adapter(variant: str) -> str | None:
+    """The adapter a request of this variant names (None for "base")."""
+    return None if variant == "base" else variant
+
+
 @functools.cache
 def reference(model: str) -> dict[str, np.ndarray]:
     with np.load(os.path.join(FIXTURES, "reference", f"{model}.npz")) as data:

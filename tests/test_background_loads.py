@@ -4,18 +4,14 @@ in while steps go on; only the requests that need it wait, holding their slot, a
 import time
 
 import pytest
-from conftest import adapter_dirs, model_dir, reference
+from conftest import adapter_dirs, model_dir, reference, variant_adapter, variants
 
 from infinilora_jax import LLM, SamplingParams
 from infinilora_jax.errors import ConfigError
 
 MODEL = "qwen3-moe-fused"
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-VARIANTS = ["base", *adapter_dirs(MODEL)]
-
-
-def _adapter(variant):
-    return None if variant == "base" else variant
+VARIANTS = variants(MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +32,7 @@ def test_background_loads_give_the_hf_tokens(llm_bg):
     before = cache.stats.loads
     jobs = [(i, v) for v in VARIANTS for i in range(3)]
     out = llm_bg.generate([ref[f"prompt_{i}"].tolist() for i, _ in jobs], GREEDY,
-                          adapter=[_adapter(v) for _, v in jobs])
+                          adapter=[variant_adapter(v) for _, v in jobs])
     for (i, v), r in zip(jobs, out):
         assert r.token_ids == ref[f"greedy__{v}__{i}"].tolist(), (i, v)
     assert cache.stats.loads > before and cache.stats.evictions > 0

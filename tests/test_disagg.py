@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import adapter_dirs, model_dir, reference, rel_err, shared_llm
+from conftest import adapter_dirs, model_dir, reference, rel_err, shared_llm, variant_adapter, variants
 from jax.sharding import NamedSharding
 
 from infinilora_jax import LLM, SamplingParams
@@ -27,11 +27,7 @@ from pallas_kernels.layout import PageTable
 
 MODEL = "qwen3-moe-fused"
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-VARIANTS = ["base", *adapter_dirs(MODEL)]
-
-
-def _adapter(variant):
-    return None if variant == "base" else variant
+VARIANTS = variants(MODEL)
 
 
 def _prompts(model=MODEL):
@@ -106,10 +102,10 @@ def test_logits_equal_coupled_and_hf_4p4(llm44):
     coupled, ref = shared_llm(MODEL, "float32", None), reference(MODEL)
     for variant in VARIANTS:
         for i, prompt in enumerate(_prompts()):
-            got = llm44.logits(prompt, _adapter(variant))
+            got = llm44.logits(prompt, variant_adapter(variant))
             assert rel_err(got, ref[f"logits_f32__{variant}__{i}"]) < 1e-4, (variant, i)
             if i == 0:  # float32 sums in another order (ep2, role branches): ~1e-6 apart
-                assert rel_err(got, coupled.logits(prompt, _adapter(variant))) < 1e-5, variant
+                assert rel_err(got, coupled.logits(prompt, variant_adapter(variant))) < 1e-5, variant
 
 
 def _stream(llm, prompts, params, adapter):
@@ -164,7 +160,7 @@ def test_mixed_adapter_forward_4p4(llm44):
     rows = [(i, v) for v in VARIANTS for i in range(3)]
     specs = []
     for i, v in rows:
-        slot = runner.adapters.acquire(_adapter(v))
+        slot = runner.adapters.acquire(variant_adapter(v))
         pages = engine.scheduler.allocator.allocate(cache.pages_for(len(_prompts()[i])))
         specs.append(RowSpec(_prompts()[i], 0, slot, pages, "all"))
     try:
@@ -173,7 +169,7 @@ def test_mixed_adapter_forward_4p4(llm44):
     finally:
         for (_, v), spec in zip(rows, specs):
             engine.scheduler.allocator.free(spec.pages)
-            runner.adapters.release(_adapter(v))
+            runner.adapters.release(variant_adapter(v))
     for (i, v), idx in zip(rows, row_logits):
         assert rel_err(logits[idx], ref[f"logits_f32__{v}__{i}"]) < 1e-4, (v, i)
 
@@ -184,7 +180,7 @@ def test_greedy_mixed_batch_two_instances_4p4(llm44):
     ref, prompts = reference(MODEL), _prompts()
     rows = [(i, v) for i in range(3) for v in VARIANTS]
     group = llm44.engine
-    ids = llm44._submit([prompts[i] for i, _ in rows], GREEDY, [_adapter(v) for _, v in rows])
+    ids = llm44._submit([prompts[i] for i, _ in rows], GREEDY, [variant_adapter(v) for _, v in rows])
     used = {group.instance_of(rid) for rid in ids}
     outs = {}
     for out in llm44._run(ids):
@@ -206,7 +202,7 @@ def test_background_loads_on_the_lora_server_4p4(llm44):
             llm44.load_adapter(name, adapter_dirs(MODEL)[name])
         carried, loads = cache.stats.layerwise_loads, cache.stats.loads
         rows = [(i, v) for i in range(3) for v in VARIANTS]
-        out = llm44.generate([prompts[i] for i, _ in rows], GREEDY, adapter=[_adapter(v) for _, v in rows])
+        out = llm44.generate([prompts[i] for i, _ in rows], GREEDY, adapter=[variant_adapter(v) for _, v in rows])
         for (i, v), r in zip(rows, out):
             assert r.token_ids == ref[f"greedy__{v}__{i}"].tolist(), (i, v)
         assert cache.stats.loads - loads == len(adapter_dirs(MODEL)) and cache.stats.layerwise_loads == carried
@@ -422,7 +418,8 @@ def test_engine_layerwise_loading_and_eviction_1p1():
               num_pages=9, progress=False)
     ref, stats = reference(MODEL), llm.runner.adapters.stats
     jobs = [(i, v) for v in VARIANTS for i in range(3)]
-    out = llm.generate([ref[f"prompt_{i}"].tolist() for i, _ in jobs], GREEDY, adapter=[_adapter(v) for _, v in jobs])
+    out = llm.generate([ref[f"prompt_{i}"].tolist() for i, _ in jobs], GREEDY,
+                       adapter=[variant_adapter(v) for _, v in jobs])
     for (i, v), r in zip(jobs, out):
         assert r.token_ids == ref[f"greedy__{v}__{i}"].tolist(), (i, v)
     assert stats.layerwise_loads > 0 and stats.evictions > 0
@@ -442,7 +439,7 @@ def test_bfloat16_as_accurate_as_hf_2p2():
         keep = ref[f"router_gap_f32__{v}__0"] >= 0.1
         keep[ref[f"bf16_route_flips__{v}__0"][:, 1]] = False
         want = ref[f"logits_f32__{v}__0"][keep]
-        ours = rel_err(llm.logits(prompt, _adapter(v))[keep], want)
+        ours = rel_err(llm.logits(prompt, variant_adapter(v))[keep], want)
         hf = rel_err(ref[f"logits_bf16__{v}__0"][keep], want)
         assert ours < max(2e-2, 2 * hf), (v, ours, hf)
 

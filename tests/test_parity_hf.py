@@ -7,7 +7,7 @@ model, each adapter alone and mixed batches, on one device and on 8 devices with
 
 import numpy as np
 import pytest
-from conftest import adapter_dirs, manifest, reference, rel_err, shared_llm
+from conftest import adapter_dirs, manifest, reference, rel_err, shared_llm, variant_adapter, variants
 
 from infinilora_jax import SamplingParams
 from infinilora_jax.models.batch import RowSpec, build_step_batch
@@ -17,26 +17,18 @@ LAYOUTS = [None, "pp2_ep2_tp2"]
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 
-def _variants(model):
-    return ["base", *adapter_dirs(model)]
-
-
 def _prompts(model):
     ref = reference(model)
     return [ref[f"prompt_{i}"].tolist() for i in range(3)]
-
-
-def _adapter(variant):
-    return None if variant == "base" else variant
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: x or "single")
 @pytest.mark.parametrize("model", MODELS)
 def test_logits_float32(model, layout):
     llm, ref = shared_llm(model, "float32", layout), reference(model)
-    for variant in _variants(model):
+    for variant in variants(model):
         for i, prompt in enumerate(_prompts(model)):
-            err = rel_err(llm.logits(prompt, _adapter(variant)), ref[f"logits_f32__{variant}__{i}"])
+            err = rel_err(llm.logits(prompt, variant_adapter(variant)), ref[f"logits_f32__{variant}__{i}"])
             assert err < 1e-4, (variant, i, err)
 
 
@@ -45,12 +37,12 @@ def test_logits_float32(model, layout):
 def test_mixed_adapter_forward_float32(model, layout):
     """One forward whose rows use different adapters (and none): each row equals its single-adapter reference."""
     llm, ref = shared_llm(model, "float32", layout), reference(model)
-    prompts, variants = _prompts(model), _variants(model)
-    rows = [(i, v) for v in variants for i in range(len(prompts))]
+    prompts = _prompts(model)
+    rows = [(i, v) for v in variants(model) for i in range(len(prompts))]
     engine, cache = llm.engine, llm.engine.cache_config
     specs = []
     for i, v in rows:
-        slot = llm.runner.adapters.acquire(_adapter(v))
+        slot = llm.runner.adapters.acquire(variant_adapter(v))
         pages = engine.scheduler.allocator.allocate(cache.pages_for(len(prompts[i])))
         specs.append(RowSpec(prompts[i], 0, slot, pages, "all"))
     try:
@@ -59,7 +51,7 @@ def test_mixed_adapter_forward_float32(model, layout):
     finally:
         for (_, v), spec in zip(rows, specs):
             engine.scheduler.allocator.free(spec.pages)
-            llm.runner.adapters.release(_adapter(v))
+            llm.runner.adapters.release(variant_adapter(v))
     for (i, v), idx in zip(rows, row_logits):
         err = rel_err(logits[idx], ref[f"logits_f32__{v}__{i}"])
         assert err < 1e-4, (v, i, err)
@@ -70,9 +62,9 @@ def test_mixed_adapter_forward_float32(model, layout):
 def test_greedy_mixed_batch_float32(model, layout):
     """All (prompt, adapter) pairs in ONE generate batch: tokens identical to HF's greedy continuations."""
     llm, ref = shared_llm(model, "float32", layout), reference(model)
-    prompts, variants = _prompts(model), _variants(model)
-    rows = [(i, v) for i in range(len(prompts)) for v in variants]
-    out = llm.generate([prompts[i] for i, _ in rows], GREEDY, adapter=[_adapter(v) for _, v in rows])
+    prompts = _prompts(model)
+    rows = [(i, v) for i in range(len(prompts)) for v in variants(model)]
+    out = llm.generate([prompts[i] for i, _ in rows], GREEDY, adapter=[variant_adapter(v) for _, v in rows])
     for (i, v), result in zip(rows, out):
         assert result.token_ids == ref[f"greedy__{v}__{i}"].tolist(), (v, i)
         assert result.finish_reason == "length"
@@ -82,8 +74,8 @@ def test_greedy_mixed_batch_float32(model, layout):
 def test_greedy_single_adapter_batches_float32(model):
     llm, ref = shared_llm(model, "float32", None), reference(model)
     prompts = _prompts(model)
-    for v in _variants(model):
-        out = llm.generate(prompts, GREEDY, adapter=_adapter(v))
+    for v in variants(model):
+        out = llm.generate(prompts, GREEDY, adapter=variant_adapter(v))
         assert [r.token_ids for r in out] == [ref[f"greedy__{v}__{i}"].tolist() for i in range(len(prompts))], v
 
 
@@ -107,12 +99,12 @@ def test_logits_bfloat16(model, layout):
     llm, ref = shared_llm(model, "bfloat16", layout), reference(model)
     prompt = _prompts(model)[0]
     ours_all, hf_all, want_all = [], [], []
-    for variant in _variants(model):
+    for variant in variants(model):
         gap = ref[f"router_gap_f32__{variant}__0"]
         keep = gap >= FRAGILE_ROUTER_GAP
         keep[ref[f"bf16_route_flips__{variant}__0"][:, 1]] = False
         assert keep.sum() >= len(prompt) // 2, (variant, gap)
-        ours = llm.logits(prompt, _adapter(variant))[keep]
+        ours = llm.logits(prompt, variant_adapter(variant))[keep]
         want, hf = ref[f"logits_f32__{variant}__0"][keep], ref[f"logits_bf16__{variant}__0"][keep]
         ours_err, hf_err = rel_err(ours, want), rel_err(hf, want)
         assert ours_err < max(2e-2, 2 * hf_err), (variant, ours_err, hf_err)

@@ -6,7 +6,7 @@ replicas, and the OpenAI server runs on a replica group."""
 import threading
 
 import pytest
-from conftest import adapter_dirs, model_dir, reference
+from conftest import adapter_dirs, model_dir, reference, variant_adapter, variants
 
 from infinilora_jax import LLM, SamplingParams
 from infinilora_jax.bench import metrics, replay
@@ -17,11 +17,7 @@ from infinilora_jax.errors import ConfigError, RequestError
 
 MODEL = "qwen3-moe-fused"
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-VARIANTS = ["base", *adapter_dirs(MODEL)]
-
-
-def _adapter(variant):
-    return None if variant == "base" else variant
+VARIANTS = variants(MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +32,7 @@ def _greedy_all_pairs(llm):
     replica of each request."""
     ref = reference(MODEL)
     rows = [(i, v) for i in range(3) for v in VARIANTS]
-    ids = llm._submit([ref[f"prompt_{i}"].tolist() for i, _ in rows], GREEDY, [_adapter(v) for _, v in rows])
+    ids = llm._submit([ref[f"prompt_{i}"].tolist() for i, _ in rows], GREEDY, [variant_adapter(v) for _, v in rows])
     replica = {rid: llm.engine.instance_of(rid) for rid in ids}
     outs = {}
     for out in llm._run(ids):
@@ -57,7 +53,7 @@ def test_greedy_equals_hf_on_two_replicas(llm2):
     assert len(set(rows)) == len(rows), "request ids must be unique over the replicas"
     # Each replica's adapter cache holds only adapters its own requests used.
     for r, cache in enumerate(llm2.runner.adapters.caches):
-        used = {_adapter(rows[rid][1]) for rid, rep in replica.items() if rep == r} - {None}
+        used = {variant_adapter(rows[rid][1]) for rid, rep in replica.items() if rep == r} - {None}
         assert set(cache.slot_of) == used, (r, set(cache.slot_of), used)  # 4 slots per replica: no eviction
     total = llm2.runner.adapters.stats
     assert total.misses == sum(c.stats.misses for c in llm2.runner.adapters.caches)
