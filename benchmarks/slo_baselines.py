@@ -406,6 +406,23 @@ def _measured_step_model(name: str, probes: list[dict]):
     return calibration.StepTimeModel(f"{name} (measured)", fits[0]["layers"], **mean)
 
 
+def _simulate_beside(cfg: simulator.ClusterConfig, spec, probes: list[dict], slo, start: float):
+    """The simulator's serviceable rate for `cfg` on `spec`'s workload (bisection from `start`), and each measured
+    probe's P95 TTFT, mean TPOT, adapters meeting the SLO and hit rate beside the simulated ones at its rate."""
+    def sim_run(rate):
+        res = simulator.simulate(workload.generate(dataclasses.replace(spec, rate=rate), None), cfg)
+        return {**res.summary(slo), "rate": rate}
+
+    search = rate_search.find_serviceable_rate(sim_run, lambda s: metrics.meets_slo(s, slo), start=start,
+                                               rel_tol=F.rel_tol / 4, max_probes=20, progress=False)
+    keys = ("ttft_p95_s", "tpot_mean_s", "adapters_meeting_slo", "hit_rate")
+    beside = []
+    for p in probes:
+        sides = (("measured", p["summary"]), ("simulated", sim_run(p["rate"])))
+        beside.append({"rate": p["rate"], **{f"{side}_{key}": source[key] for key in keys for side, source in sides}})
+    return search.rate, beside
+
+
 def _simulator_sweep_check(report: dict, spec, slo) -> dict:
     """For every (adapter count, baseline) of a sweep: the simulator's serviceable rate and its P95 TTFT, TPOT and
     hit rate at each measured probe's rate, beside the measured ones. Printed as a table."""
@@ -425,29 +442,15 @@ def _simulator_sweep_check(report: dict, spec, slo) -> dict:
             cfg = _sim_config(name, own)
             if model is None and cfg.mode == "disaggregated":  # its measured steps include the exchange
                 cfg = dataclasses.replace(cfg, exchange_ms_per_layer=0.0)
-
-            def sim_run(rate, cfg=cfg, counted=counted):
-                res = simulator.simulate(workload.generate(dataclasses.replace(counted, rate=rate), None), cfg)
-                return {**res.summary(slo), "rate": rate}
-
             first = r["probes"][0]["rate"] if r["probes"] else F.start_rate
-            search = rate_search.find_serviceable_rate(sim_run, lambda s: metrics.meets_slo(s, slo), start=first,
-                                                       rel_tol=F.rel_tol / 4, max_probes=20, progress=False)
-            probes = []
-            for p in r["probes"]:
-                sim = sim_run(p["rate"])
-                probes.append({"rate": p["rate"], "measured_ttft_p95_s": p["summary"]["ttft_p95_s"],
-                               "simulated_ttft_p95_s": sim["ttft_p95_s"],
-                               "measured_tpot_mean_s": p["summary"]["tpot_mean_s"],
-                               "simulated_tpot_mean_s": sim["tpot_mean_s"],
-                               "measured_hit_rate": p["summary"]["hit_rate"], "simulated_hit_rate": sim["hit_rate"]})
+            simulated, probes = _simulate_beside(cfg, counted, r["probes"], slo, first)
             measured = r.get("serviceable_rate")
             out["rows"].append({"num_adapters": row["num_adapters"], "baseline": name, "measured": measured,
-                                "simulated": search.rate, "probes": probes})
+                                "simulated": simulated, "probes": probes})
             cells = "; ".join(f"{p['rate']:g} -> {p['measured_ttft_p95_s']:.2f} / {p['simulated_ttft_p95_s']:.2f} s, "
                               f"{p['measured_hit_rate']:.2f} / {p['simulated_hit_rate']:.2f}" for p in probes)
             shown = "cut off" if measured is None else f"{measured:g}"
-            print(f"  {row['num_adapters']:>8} {name:>16} {shown:>9} {search.rate:>9.3g}   {cells}")
+            print(f"  {row['num_adapters']:>8} {name:>16} {shown:>9} {simulated:>9.3g}   {cells}")
     return out
 
 
@@ -461,24 +464,10 @@ def _simulator_check(results: dict, spec, slo) -> dict:
         if baselines.BASELINES[name].mode != "coupled":
             out[name] = {"note": "no step calibration of the disaggregated engine yet"}
             continue
-        cfg = _sim_config(name, model)
-
-        def sim_run(rate, cfg=cfg):
-            res = simulator.simulate(workload.generate(dataclasses.replace(spec, rate=rate), None), cfg)
-            return {**res.summary(slo), "rate": rate}
-
-        search = rate_search.find_serviceable_rate(sim_run, lambda s: metrics.meets_slo(s, slo), start=F.start_rate,
-                                                   rel_tol=F.rel_tol / 4, max_probes=20, progress=False)
-        probes = [{"rate": p["rate"], "measured_ttft_p95_s": p["summary"]["ttft_p95_s"],
-                   "simulated_ttft_p95_s": (s := sim_run(p["rate"]))["ttft_p95_s"],
-                   "measured_tpot_mean_s": p["summary"]["tpot_mean_s"], "simulated_tpot_mean_s": s["tpot_mean_s"],
-                   "measured_adapters_meeting_slo": p["summary"]["adapters_meeting_slo"],
-                   "simulated_adapters_meeting_slo": s["adapters_meeting_slo"],
-                   "measured_hit_rate": p["summary"]["hit_rate"], "simulated_hit_rate": s["hit_rate"]}
-                  for p in r["probes"]]
+        simulated, probes = _simulate_beside(_sim_config(name, model), spec, r["probes"], slo, F.start_rate)
         measured = r["serviceable_rate"]
-        out[name] = {"serviceable_rate": search.rate,
-                     "gap": search.rate / measured - 1 if measured > 0 else None, "probes": probes}
+        out[name] = {"serviceable_rate": simulated,
+                     "gap": simulated / measured - 1 if measured > 0 else None, "probes": probes}
     return out
 
 

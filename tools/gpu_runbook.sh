@@ -50,6 +50,19 @@ mkdir -p "$OUT"
 QWEN=configs/models/qwen3-30b-a3b.json
 # the lines worth reading: no absl/XLA info or warning lines, progress bars split into lines
 show() { tr '\r' '\n' < "$1" | grep -v -E '^[IW][0-9]{4} |Warning|^\s*$' | tail -"$2"; }
+# the SLO sweep both layouts run (ragged_dot + reference LoRA math: ~0.3 s lowering per program); $1 names the
+# output, the rest are layout and slot flags; BASELINES, COUNTS, REQUESTS, START, TIMEOUT, TAG, ADAPTER_LOADING
+sweep() {
+  local name=$1; shift
+  INFINILORA_EXPERT_GEMM=ragged_dot INFINILORA_LORA_BACKEND=reference timeout ${TIMEOUT:-560} python3 -u \
+    benchmarks/slo_baselines.py --model $QWEN --num_layers 2 --dtype bfloat16 --rank 32 "$@" \
+    --sweep_adapters ${COUNTS:-128,16} --distinct_adapters 4 --emulated_load_ms 200 --max_num_seqs 32 \
+    --max_num_batched_tokens 128 --max_model_len 512 --prompt_len burstgpt:16:256 \
+    --output_len burstgpt-response:1:192 --num_requests ${REQUESTS:-200} --start_rate ${START:-16} --max_probes 3 \
+    --rel_tol 0.3 --compile_workers 32 --adapter_loading ${ADAPTER_LOADING:-step} --calibration '' \
+    --out "$OUT/$name${TAG:-}" > "$OUT/$name${TAG:-}.log" 2>&1
+  echo "$name rc=$?"; show "$OUT/$name${TAG:-}.log" 30
+}
 
 case "${1:-}" in
   expert_gemm)
@@ -70,16 +83,8 @@ case "${1:-}" in
       --adapters 32 --prompt_len 128 --steps 16 --profile_steps 3 --out "$OUT/disagg_decode" > "$OUT/decode.log" 2>&1
     echo "decode rc=$?"; show "$OUT/decode.log" 60 ;;
   slo_sweep)
-    INFINILORA_EXPERT_GEMM=ragged_dot INFINILORA_LORA_BACKEND=reference timeout ${TIMEOUT:-560} python3 -u \
-      benchmarks/slo_baselines.py --model $QWEN --num_layers 2 --dtype bfloat16 --rank 32 \
-      --baselines ${BASELINES:-coupled,coupled+sjf,coupled-reduced,disaggregated} --coupled_replicas 2 \
-      --sweep_adapters ${COUNTS:-128,16} --distinct_adapters 4 \
-      --pool_slots 49 --coupled_slots 23 --disagg_slots 49 --emulated_load_ms 200 --max_num_seqs 32 \
-      --max_num_batched_tokens 128 --max_model_len 512 --prompt_len burstgpt:16:256 \
-      --output_len burstgpt-response:1:192 --num_requests ${REQUESTS:-200} --start_rate ${START:-16} --max_probes 3 \
-      --rel_tol 0.3 --compile_workers 32 --adapter_loading ${ADAPTER_LOADING:-step} --calibration '' \
-      --out "$OUT/slo_sweep${TAG:-}" > "$OUT/sweep${TAG:-}.log" 2>&1
-    echo "slo_sweep rc=$?"; show "$OUT/sweep${TAG:-}.log" 30 ;;
+    sweep slo_sweep --baselines ${BASELINES:-coupled,coupled+sjf,coupled-reduced,disaggregated} --coupled_replicas 2 \
+      --pool_slots 49 --coupled_slots 23 --disagg_slots 49 ;;
   x4_decode)
     M=${MODES:-disagg}
     INFINILORA_EXPERT_GEMM=${EXPERT_GEMM:-auto} timeout 560 python3 -u benchmarks/disagg.py --model $QWEN \
@@ -99,17 +104,9 @@ case "${1:-}" in
       2) CMESH=ep2 CSLOTS=66 ;;
       *) echo "REPLICAS=${REPLICAS}: 4 or 2"; exit 2 ;;
     esac
-    INFINILORA_EXPERT_GEMM=ragged_dot INFINILORA_LORA_BACKEND=reference timeout ${TIMEOUT:-560} python3 -u \
-      benchmarks/slo_baselines.py --model $QWEN --num_layers 2 --dtype bfloat16 --rank 32 \
-      --baselines ${BASELINES:-coupled,disaggregated} --disagg_layout 2+2 --coupled_replicas ${REPLICAS:-4} \
-      --coupled_mesh $CMESH --sweep_adapters ${COUNTS:-128,16} --distinct_adapters 4 \
-      --pool_slots 95 --coupled_slots $CSLOTS --disagg_slots 95 --emulated_load_ms 200 --max_num_seqs 32 \
-      --max_num_batched_tokens 128 --max_model_len 512 --prompt_len burstgpt:16:256 \
-      --output_len burstgpt-response:1:192 --num_requests ${REQUESTS:-200} --start_rate ${START:-16} --max_probes 3 \
-      --rel_tol 0.3 --compile_workers 32 --adapter_loading ${ADAPTER_LOADING:-step} --calibration '' \
-      --out "$OUT/x4_sweep${TAG:-}" \
-      > "$OUT/x4_sweep${TAG:-}.log" 2>&1
-    echo "x4_sweep rc=$?"; show "$OUT/x4_sweep${TAG:-}.log" 30 ;;
+    sweep x4_sweep --baselines ${BASELINES:-coupled,disaggregated} --disagg_layout 2+2 \
+      --coupled_replicas ${REPLICAS:-4} --coupled_mesh $CMESH --pool_slots 95 --coupled_slots $CSLOTS \
+      --disagg_slots 95 ;;
   cmdbuf)
     XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" \
     timeout 560 python3 -u benchmarks/disagg.py --model $QWEN --num_layers 8 --dtype bfloat16 --rank 32 \
