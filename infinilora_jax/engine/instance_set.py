@@ -105,7 +105,11 @@ class InstanceSet:
         return any(inst.has_unfinished() for inst in self.instances)
 
     def pop_finished(self) -> list[Request]:
-        done = [r for inst in self.instances for r in inst.pop_finished()]
+        done = [r for inst in self._settled_instances() for r in inst.pop_finished()]
         for r in done:
             self._owner.pop(r.request_id, None)
         return done
+
+    def _settled_instances(self) -> list[LLMEngine]:
+        """The instances whose finished requests may be returned now (all; replicas: those not stepping)."""
+        return self.instances

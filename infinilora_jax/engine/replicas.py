@@ -330,13 +330,10 @@ class ReplicaGroup(InstanceSet):
     def has_unfinished(self) -> bool:
         return bool(self._in_flight or self._carried or self._failure) or super().has_unfinished()
 
-    def pop_finished(self):
-        """Finished requests of the replicas not stepping now (a request that a step in flight finishes is
-        returned once that step's outputs have been)."""
-        done = [r for i, inst in enumerate(self.instances) if i not in self._in_flight for r in inst.pop_finished()]
-        for r in done:
-            self._owner.pop(r.request_id, None)
-        return done
+    def _settled_instances(self) -> list[LLMEngine]:
+        """The replicas not stepping now: a request that a step in flight finishes is returned by pop_finished
+        once that step's outputs have been."""
+        return [inst for i, inst in enumerate(self.instances) if i not in self._in_flight]
 
     def abort_all(self) -> list[str]:
         self.quiesce()
