@@ -13,7 +13,10 @@ Deployments (per model, H200s: 141 GB, reserve 10%):
 Step times come from configs/calibration/h200.json through bench/extrapolation.py: measured at 4-8 layers on one
 H200 for Mixtral and Qwen3 widths at rank 16; full depth, other ranks, GPT-OSS and DBRX, several devices per
 replica are EXTRAPOLATED (the JSON output records each model's derivation). Cold loads: adapter bytes over
---h2d_gbps (assumed), stalling the step that needs them.
+--h2d_gbps (assumed), stalling the step that needs them (--adapter_loading step) or delaying only the requests
+that need them (background). Requests are routed as the engine routes them (--routing engine: coupled replicas by
+adapter affinity, base instances to the one with the fewest requests); the 16-GPU tables in docs/benchmarks.md
+were made when the simulator routed round robin only: --routing round_robin reproduces them.
 
     python benchmarks/simulate_cluster.py --out out/cluster
 """
@@ -56,6 +59,10 @@ flags.DEFINE_integer("base_gpus", 8, "disaggregated: GPUs for base replicas (the
 flags.DEFINE_string("calibration", "configs/calibration/h200.json", "")
 flags.DEFINE_float("exchange_us", 70.0, "per layer, base <-> LoRA server (60-75 us measured with XLA ppermute)")
 flags.DEFINE_float("h2d_gbps", 50.0, "host-to-device bandwidth per GPU (assumed)")
+flags.DEFINE_enum("adapter_loading", "step", list(simulator.ADAPTER_LOADINGS), "a cold load stalls its step, or "
+                  "(background) delays only the requests that need it")
+flags.DEFINE_enum("routing", "engine", ["engine", *simulator.ROUTINGS], "requests to replicas: as the engine does "
+                  "in each mode, or as named (bench/simulator.py)")
 flags.DEFINE_float("memory_gb", 141.0, "")
 flags.DEFINE_float("reserve", 0.1, "")
 flags.DEFINE_string("prompt_len", "burstgpt:16:512", "BurstGPT-like, cut at 512 tokens: longer prompts (P95 ~800 at "
@@ -89,7 +96,8 @@ def deployments(shape, rank: int, num_adapters: int, spec, measured) -> tuple[di
     step = extrapolation.derive(shape, rank, targets, measured, devices=g)
     load_ms = 1e3 * adapter / device.h2d_bytes_per_s
     common = dict(step=step, max_num_seqs=F.max_num_seqs, max_num_batched_tokens=F.max_num_batched_tokens,
-                  replica_devices=g)
+                  replica_devices=g, adapter_loading=F.adapter_loading,
+                  routing=None if F.routing == "engine" else F.routing)
     out = {}
     for b in (baselines.BASELINES[n] for n in F.baselines):
         if b.mode == "coupled":
@@ -141,7 +149,7 @@ def main(argv):
                                                    "calibration", "exchange_us", "h2d_gbps", "memory_gb", "reserve",
                                                    "prompt_len", "output_len", "num_requests", "duration_s",
                                                    "max_num_seqs", "max_num_batched_tokens", "slo_ttft", "slo_tpot",
-                                                   "seed")},
+                                                   "seed", "adapter_loading", "routing")},
               "results": []}
     jobs = [(m, int(n)) for m in F.models for n in F.num_adapters]
     for item, n in tqdm(jobs, desc="models", unit="setting"):

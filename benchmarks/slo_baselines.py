@@ -373,6 +373,9 @@ def _runner(llm, names, spec, vocab, slo):
 
 
 def _sim_config(name: str, model) -> simulator.ClusterConfig:
+    """The simulator's config for a baseline of this run: its settings, its --adapter_loading, and requests
+    routed as the engine routes them (the simulator's default: by adapter affinity over coupled replicas, to
+    the base instance with the fewest requests when disaggregated)."""
     b = baselines.BASELINES[name]
     if b.mode == "disaggregated":
         from meshes.layouts import resolve_role_layout
@@ -382,10 +385,11 @@ def _sim_config(name: str, model) -> simulator.ClusterConfig:
                                        F.emulated_load_ms, 0.0, "fcfs", _disagg_seqs(),
                                        max(F.max_num_batched_tokens, _disagg_seqs()),
                                        exchange_ms_per_layer=F.sim_exchange_ms_per_layer,
-                                       lora_devices=layout.num_devices // 2, replica_devices=layout.ep)
+                                       lora_devices=layout.num_devices // 2, replica_devices=layout.ep,
+                                       adapter_loading=F.adapter_loading)
     slots = baselines.reduced_slots(F.coupled_slots) if b.reduced_cache else F.coupled_slots
     return simulator.ClusterConfig("coupled", F.coupled_replicas, model, slots, F.emulated_load_ms, 0.0, b.policy,
-                                   F.max_num_seqs, F.max_num_batched_tokens)
+                                   F.max_num_seqs, F.max_num_batched_tokens, adapter_loading=F.adapter_loading)
 
 
 def _calibrated_model():

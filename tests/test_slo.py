@@ -264,10 +264,13 @@ def test_simulator_one_request_by_hand():
 
 
 def test_simulator_jumps_change_nothing():
-    """Runs of identical decode steps are advanced in one jump: the result equals stepping one at a time."""
-    for mode, policy in (("coupled", "fcfs"), ("coupled", "sjf"), ("disaggregated", "fcfs")):
+    """Runs of identical decode steps are advanced in one jump: the result equals stepping one at a time (also
+    where routing reads the replicas' state at each arrival, and where background loads land mid-run)."""
+    for mode, policy, loading in (("coupled", "fcfs", "step"), ("coupled", "sjf", "step"),
+                                  ("disaggregated", "fcfs", "step"), ("coupled", "fcfs", "background"),
+                                  ("disaggregated", "sjf", "background")):
         kw = dict(mode=mode, policy=policy, num_replicas=3, lora_devices=2, exchange_ms_per_layer=0.05,
-                  kv_tokens=4000)
+                  kv_tokens=4000, adapter_loading=loading, max_num_seqs=6)  # full batches: jumps past arrivals
         cfg = simulator.ClusterConfig(step=MODEL, cache_slots=8, load_ms=30.0, **kw)
         reqs = workload.generate(_spec(12.0, 300), None)
         a = simulator.Simulator(cfg).run(reqs)
@@ -301,6 +304,110 @@ def test_simulator_sanity():
     big = workload.WorkloadRequest(0.0, None, None, 50, prompt_tokens=100)
     out = simulator.simulate([big], simulator.ClusterConfig(step=MODEL, kv_tokens=120))
     assert out.unfinished == 1 and not out.timings
+
+
+def test_simulator_step_loading_with_round_robin_is_unchanged():
+    """Step loading, one replica or routed round robin: the numbers the simulator gave before it learned to route
+    by affinity and to load in the background (steps, hits, misses, summed first-token and finish times)."""
+    reqs = workload.generate(_spec(12.0, 300), None)
+    recorded = [(dict(num_replicas=1, kv_tokens=3000), (3269, 161, 112, 4088.983552, 4174.362792)),
+                (dict(num_replicas=3, policy="sjf", routing="round_robin"), (8680, 160, 113, 4086.087379, 4147.364619)),
+                (dict(mode="disaggregated", num_replicas=2, lora_devices=2, exchange_ms_per_layer=0.05,
+                      routing="round_robin"), (6957, 162, 111, 4086.248, 4147.1628))]
+    for kw, (steps, hits, misses, first, finish) in recorded:
+        res = simulator.simulate(reqs, simulator.ClusterConfig(step=MODEL, cache_slots=6, load_ms=30.0, **kw))
+        assert (res.steps, res.hits, res.misses, res.unfinished) == (steps, hits, misses, 0)
+        assert sum(t.first_token for t in res.timings) == pytest.approx(first, abs=1e-5)
+        assert sum(t.finish for t in res.timings) == pytest.approx(finish, abs=1e-5)
+
+
+def _requests(*specs):
+    """WorkloadRequests from (arrival s, adapter, prompt tokens, max_tokens)."""
+    return [workload.WorkloadRequest(t, a, None, m, prompt_tokens=p) for t, a, p, m in specs]
+
+
+def test_simulator_routes_by_adapter_affinity():
+    # two replicas of one slot each, both prewarmed with adapter 0; adapters in pairs (0, 0, 1, 1, ...), each
+    # request done before the next arrives: round robin sends each replica both adapters in turn, a reload for
+    # nearly every request; affinity loads adapter 1 once (into replica 0, the lowest index of two idle replicas)
+    # and then keeps each adapter where it is resident
+    reqs = _requests(*((0.1 * i, (i // 2) % 2, 8, 8) for i in range(40)))
+    cfg = simulator.ClusterConfig(step=MODEL, num_replicas=2, cache_slots=1, load_ms=20.0)
+    assert cfg.router == "affinity"
+    affinity = simulator.simulate(reqs, cfg)
+    rr = simulator.simulate(reqs, dataclasses.replace(cfg, routing="round_robin"))
+    assert (affinity.hits, affinity.misses) == (39, 1)
+    assert rr.hit_rate < 0.1
+    assert np.mean([t.ttft for t in affinity.timings]) < np.mean([t.ttft for t in rr.timings])
+    # affinity also counts queued requests: the second of two simultaneous arrivals follows the first (whose
+    # adapter is not loaded yet) instead of taking the idle replica and loading the adapter a second time
+    pair = simulator.simulate(_requests((0.0, 1, 8, 8), (0.0, 1, 8, 8)), dataclasses.replace(cfg, prewarm=False))
+    assert (pair.hits, pair.misses) == (1, 1)
+
+
+def test_simulator_affinity_gives_way_to_the_least_loaded_replica():
+    # the first request leaves 8 + 400 outstanding tokens on replica 0, which holds adapter 0; the second (same
+    # adapter) goes there only while that is within the slack of the idle replica 1
+    reqs = _requests((0.0, 0, 8, 400), (0.01, 0, 8, 4))
+    cfg = simulator.ClusterConfig(step=MODEL, num_replicas=2, cache_slots=1, load_ms=20.0, prewarm=False,
+                                  max_num_batched_tokens=128)
+    beyond = simulator.simulate(reqs, cfg)  # slack: one step budget (128) < ~400
+    within = simulator.simulate(reqs, dataclasses.replace(cfg, affinity_slack=1000))
+    assert (beyond.hits, beyond.misses) == (0, 2)  # replica 1 loads adapter 0 too
+    assert (within.hits, within.misses) == (1, 1)
+    # requests without an adapter go to the least loaded replica: both short ones to replica 1, neither waits
+    # for room in replica 0's one-sequence batch behind the long one (round robin sends the third there)
+    base = _requests((0.0, None, 8, 400), (0.01, None, 8, 4), (0.011, None, 8, 4))
+    one_seq = dataclasses.replace(cfg, max_num_seqs=1)
+    assert max(t.ttft for t in simulator.simulate(base, one_seq).timings[1:]) < 0.1
+    assert simulator.simulate(base, dataclasses.replace(one_seq, routing="round_robin")).timings[2].ttft > 1.0
+
+
+def test_simulator_fewest_requests_routing():
+    # disaggregated base instances: the one with the fewest unfinished requests (ties to the lowest index),
+    # whatever their sizes: one long request and three short ones go to instances 0, 1, 0, 1, the third behind
+    # the long one (one request per batch)
+    reqs = _requests((0.0, 0, 8, 400), (0.001, 1, 8, 4), (0.002, 2, 8, 4), (0.003, 3, 8, 4))
+    cfg = simulator.ClusterConfig("disaggregated", 2, MODEL, 8, 0.0, lora_devices=1, max_num_seqs=1)
+    assert cfg.router == "fewest_requests"
+    ttft = [t.ttft for t in simulator.simulate(reqs, cfg).timings]
+    assert ttft[2] > 1.0  # queued behind the long request on instance 0
+    assert max(ttft[1], ttft[3]) < 0.1  # instance 1 runs the others one after the other
+
+
+def test_simulator_background_load_by_hand():
+    """One request, background loading: the replica has nothing else to run, so it waits for the load and the
+    request's prefill starts when it lands: the same times as a step stalled by the load, one step fewer."""
+    req = workload.WorkloadRequest(0.0, 0, None, 5, prompt_tokens=300)
+    cfg = simulator.ClusterConfig(step=MODEL, cache_slots=1, load_ms=40.0, max_num_batched_tokens=128,
+                                  prewarm=False, adapter_loading="background")
+    res = simulator.simulate([req], cfg)
+    step = lambda tokens: 1.0 + 4 * (1.0 + 0.02 * tokens + 0.1)  # ms
+    prefill = 40.0 + step(128) + step(128) + step(44)
+    (t,) = res.timings
+    assert t.ttft == pytest.approx(prefill / 1e3) and t.finish == pytest.approx((prefill + 4 * step(1)) / 1e3)
+    assert (res.hits, res.misses, res.steps) == (0, 1, 7)
+
+
+def test_simulator_background_load_stalls_only_its_request():
+    # A decodes 100 tokens; B (a cold adapter) arrives while A runs; C (B's adapter) arrives while B's load is
+    # in flight
+    load_ms = 50.0
+    a = (0.0, 0, 8, 100)
+    b, c = (0.2, 1, 8, 4), (0.22, 1, 8, 4)
+    cfg = simulator.ClusterConfig(step=MODEL, cache_slots=2, load_ms=load_ms, prewarm=False)
+    bg = dataclasses.replace(cfg, adapter_loading="background")
+    step_run, bg_run = simulator.simulate(_requests(a, b, c), cfg), simulator.simulate(_requests(a, b, c), bg)
+    alone = simulator.simulate(_requests(a), bg).timings[0]
+    a_step, (a_bg, b_bg, c_bg) = step_run.timings[0], bg_run.timings
+    # stepped: B's load stalls A's decode; in the background A runs on, delayed only by B's and C's own tokens
+    assert a_step.finish - alone.finish > 0.9 * load_ms / 1e3
+    assert a_bg.finish - alone.finish < 0.01
+    assert a_bg.tpot < a_step.tpot
+    # B waits for its load; C finds the adapter loading: a hit that waits for the same load, not a second one
+    assert b_bg.ttft >= load_ms / 1e3
+    assert c_bg.first_token == pytest.approx(b_bg.first_token) and c_bg.ttft < load_ms / 1e3
+    assert (bg_run.hits, bg_run.misses) == (step_run.hits, step_run.misses) == (1, 2)
 
 
 # ---- calibration and extrapolation ----

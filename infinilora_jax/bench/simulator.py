@@ -9,22 +9,50 @@ queue. A step's duration comes from a calibrated step-time model (bench/calibrat
 distinct adapters, plus the cold loads it waits for.
 
 Modes:
-  coupled        every replica holds its own LRU adapter cache of `cache_slots` (S-LoRA style); a miss stalls
-                 the replica's step by `load_ms` (times 1 - `load_overlap`); LoRA math adds to the step.
+  coupled        every replica holds its own LRU adapter cache of `cache_slots` (S-LoRA style); LoRA math adds
+                 to the step.
   disaggregated  replicas hold no adapters; one LoRA server holds a shared LRU cache of `cache_slots`; per layer
                  the base and LoRA work overlap (max of the two) and the activations/deltas exchange adds
                  `exchange_ms_per_layer`; the LoRA server's work for one replica's step is the adapter term of
                  one device times replica_devices * num_replicas / lora_devices (the step model's adapter term is
                  per replica, i.e. already divided over its replica_devices; the server's devices are shared by
-                 every replica); a miss stalls the replica whose request needs it by `load_ms` (the LoRA
-                 server's devices load their shards in parallel, which the caller folds into load_ms).
-Requests are routed to replicas round robin in arrival order. Caches start warm (`prewarm`: the most popular
-adapters resident; workloads number adapters by popularity, bench/workload.py and bench/trace.py). Unlike the
-engine, the KV cache is reserved in full at admission (prompt + max_tokens), so there is no preemption;
-prefetching into free slots is not modelled (it matters only while a cache is still filling).
+                 every replica); the LoRA server's devices load their shards in parallel, which the caller folds
+                 into load_ms.
 
-Steps that only decode, with nothing to admit until the next finish or arrival, repeat identically: they are
-advanced in one jump, so a simulated hour of decoding costs a few events.
+Cold loads (`adapter_loading`, as LLM(adapter_loading=...)):
+  step        a miss stalls the step that admits the request by `load_ms` (times 1 - `load_overlap`), and with
+              it every request of that replica's batch.
+  background  the copy runs beside the steps (lora/adapter_cache.py `background_loads`): a miss takes (pins) the
+              slot when the scheduler first reaches the request, which then stays queued, holding its slot, until
+              the load lands `load_ms` later, and is admitted at the first step that starts after that; steps
+              carry no stall. A request whose adapter is still loading into its slot waits for the same load. As
+              in the engine, such a queued request still takes a place in the lookahead window, and a replica
+              with nothing to run but requests waiting for loads waits for the earliest load to land
+              (`wait_for_load`). Hits and misses are counted as the engine's AdapterCache.acquire counts them:
+              once per request, when it takes its slot; a request for an adapter already loading is a hit.
+
+Routing (`routing`; None: what the engine does in the mode, evaluated at each request's arrival against the
+replicas' state then):
+  affinity         coupled replicas (engine/replicas.py ReplicaGroup.route): to a replica with affinity for the
+                   request's adapter (resident in its cache, or used by one of its unfinished requests), the
+                   least loaded of those, unless its load exceeds the least loaded replica's by more than
+                   `affinity_slack` tokens (None: max_num_batched_tokens); else, and for requests without an
+                   adapter, the least loaded. Load: outstanding tokens (prompt not yet computed plus tokens still
+                   to generate) over the replica's unfinished requests. Ties go to the lowest index.
+  fewest_requests  disaggregated base instances (disagg/engine.py InstanceGroup.add_request): the one with the
+                   fewest unfinished requests, ties to the lowest index.
+  round_robin      in arrival order, whatever the replicas' state.
+A replica's state is applied when its step starts, so routing sees each replica as of the end of its step in
+flight (the engine sees it as of the start).
+
+Caches start warm (`prewarm`: the most popular adapters resident in every cache; workloads number adapters by
+popularity, bench/workload.py and bench/trace.py). Unlike the engine, the KV cache is reserved in full at
+admission (prompt + max_tokens), so there is no preemption; prefetching into free slots is not modelled (it
+matters only while a cache is still filling). The disaggregated mode's base instances step independently here,
+while the engine steps them together as one program (disagg/engine.py).
+
+Steps that only decode, with nothing to admit until the next finish, arrival or landed load, repeat identically:
+they are advanced in one jump, so a simulated hour of decoding costs a few events.
 """
 
 from __future__ import annotations
@@ -40,7 +68,9 @@ from infinilora_jax.bench.metrics import SLO, RequestTiming, summarize
 from infinilora_jax.bench.workload import WorkloadRequest
 
 MODES = ("coupled", "disaggregated")
-RETRY_S = 1e-3  # a replica that could schedule nothing looks again after this long
+ROUTINGS = ("affinity", "fewest_requests", "round_robin")
+ADAPTER_LOADINGS = ("step", "background")
+RETRY_S = 1e-3  # a replica that could schedule nothing (and waits for no load) looks again after this long
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +79,8 @@ class ClusterConfig:
     num_replicas: int = 1
     step: StepTimeModel | None = None  # one replica's step time
     cache_slots: int = 8  # per replica (coupled) or on the LoRA server (disaggregated)
-    load_ms: float = 0.0  # stall of a step that waits for a cold adapter load
-    load_overlap: float = 0.0  # share of load_ms hidden behind the step's compute (layer-wise loading)
+    load_ms: float = 0.0  # one cold adapter load: the stall of its step, or (background) the wait of its requests
+    load_overlap: float = 0.0  # step loading: share of load_ms hidden behind the step's compute (layer-wise loading)
     policy: str = "fcfs"  # "fcfs" | "sjf"
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 256
@@ -62,18 +92,34 @@ class ClusterConfig:
     replica_devices: int = 1  # devices per base replica (the step model already describes the whole replica)
     prewarm: bool = True  # start with each cache holding the most popular adapters (index 0 first), as in
     # steady state; off, every cache starts empty and the first requests all miss
+    routing: str | None = None  # ROUTINGS; None: the engine's for the mode (module docstring)
+    affinity_slack: int | None = None  # affinity routing, tokens; None: max_num_batched_tokens (as the engine)
+    adapter_loading: str = "step"  # ADAPTER_LOADINGS (module docstring)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}: choose one of {MODES}")
         if self.policy not in ("fcfs", "sjf"):
             raise ValueError(f"policy={self.policy!r}: choose fcfs or sjf")
+        if self.routing is not None and self.routing not in ROUTINGS:
+            raise ValueError(f"routing={self.routing!r}: choose one of {ROUTINGS} (or None: the engine's)")
+        if self.adapter_loading not in ADAPTER_LOADINGS:
+            raise ValueError(f"adapter_loading={self.adapter_loading!r}: choose one of {ADAPTER_LOADINGS}")
         if self.step is None:
             raise ValueError("a step-time model is required")
         if self.mode == "disaggregated" and self.lora_devices < 1:
             raise ValueError("the disaggregated mode needs lora_devices >= 1")
         if min(self.num_replicas, self.max_num_seqs, self.max_num_batched_tokens, self.max_prefill_rows) < 1:
             raise ValueError(f"invalid cluster config {self}")
+
+    @property
+    def router(self) -> str:
+        """The routing in effect: `routing`, or the engine's for the mode."""
+        return self.routing or ("affinity" if self.mode == "coupled" else "fewest_requests")
+
+    @property
+    def slack(self) -> int:
+        return self.max_num_batched_tokens if self.affinity_slack is None else self.affinity_slack
 
 
 @dataclasses.dataclass
@@ -99,11 +145,13 @@ class SimResult:
 
 
 class LRUCache:
-    """Adapter slots: LRU over unpinned adapters; a pinned adapter (in use) is never evicted."""
+    """Adapter slots: LRU over unpinned adapters; a pinned adapter (in use, or held by a request waiting for its
+    load) is never evicted. `landing`: background loads in flight, adapter -> when it lands."""
 
     def __init__(self, slots: int):
         self.slots = slots
         self.resident: collections.OrderedDict = collections.OrderedDict()  # adapter -> pins, LRU first
+        self.landing: dict = {}
         self.hits = self.misses = 0
 
     def acquire(self, adapter) -> str | None:
@@ -118,12 +166,23 @@ class LRUCache:
             if victim is None:
                 return None
             del self.resident[victim]
+            self.landing.pop(victim, None)
         self.resident[adapter] = 1
         self.misses += 1
         return "miss"
 
     def release(self, adapter) -> None:
         self.resident[adapter] -= 1
+
+    def is_ready(self, adapter, now: float) -> bool:
+        """Whether a step starting at `now` may read the adapter (no background load into its slot in flight)."""
+        return self.landing.get(adapter, -math.inf) <= now
+
+    def next_landing(self, now: float) -> float:
+        """When the earliest background load still in flight at `now` lands (inf: none)."""
+        for adapter in [a for a, t in self.landing.items() if t <= now]:
+            del self.landing[adapter]
+        return min(self.landing.values(), default=math.inf)
 
     def prewarm(self, by_popularity: list) -> None:
         """Hold the first `slots` adapters of the list (most popular first), the first most recently used."""
@@ -141,6 +200,7 @@ class _Req:
     computed: int = 0
     generated: int = 0
     first_token: float = math.nan
+    holds_slot: bool = False  # its adapter is pinned for it (taken at admission, or while it waits for the load)
 
     @property
     def num_tokens(self) -> int:
@@ -152,30 +212,42 @@ class _Req:
 
 
 class _Replica:
-    def __init__(self, cfg: ClusterConfig, cache: LRUCache, arrivals: list[_Req]):
+    def __init__(self, cfg: ClusterConfig, cache: LRUCache):
         self.cfg, self.cache = cfg, cache
-        self.arrivals = arrivals  # routed to this replica, by arrival time
-        self.next_arrival = 0
         self.waiting: list = []  # (key, seq, req): FCFS key = seq; SJF key = size
         self.running: list[_Req] = []
         self.kv_free = cfg.kv_tokens if cfg.kv_tokens is not None else math.inf
         self.seq = 0
+        self.waiting_tokens = 0  # outstanding tokens of the waiting requests (their whole size: none computed)
+        self.adapter_users: collections.Counter = collections.Counter()  # adapter -> unfinished requests using it
+        self.wakes_on_arrival = True  # a request routed to it starts a step at once (idle, or retrying)
+        self.version = 0  # of its next step: the event heap's older entries for it are stale
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def arrival_time(self) -> float:
-        return self.arrivals[self.next_arrival].arrival if self.next_arrival < len(self.arrivals) else math.inf
+    def add(self, req: _Req) -> bool:
+        """Queue a routed request; False if it can never fit (it never finishes: SimResult.unfinished)."""
+        if self.cfg.kv_tokens is not None and req.size > self.cfg.kv_tokens:
+            return False
+        key = req.size if self.cfg.policy == "sjf" else self.seq
+        bisect.insort(self.waiting, (key, self.seq, req), key=lambda x: (x[0], x[1]))
+        self.seq += 1
+        self.waiting_tokens += req.size
+        self.adapter_users[req.adapter] += 1
+        return True
 
-    def take_arrivals(self, now: float) -> None:
-        while self.next_arrival < len(self.arrivals) and self.arrivals[self.next_arrival].arrival <= now:
-            req = self.arrivals[self.next_arrival]
-            self.next_arrival += 1
-            if self.cfg.kv_tokens is not None and req.size > self.cfg.kv_tokens:
-                continue  # can never fit: never finishes (counted in SimResult.unfinished)
-            key = req.size if self.cfg.policy == "sjf" else self.seq
-            bisect.insort(self.waiting, (key, self.seq, req), key=lambda x: (x[0], x[1]))
-            self.seq += 1
+    # ---- what routing looks at (engine/replicas.py ReplicaGroup.load, has_affinity) ----
+
+    def load(self) -> int:
+        """Outstanding tokens of the unfinished requests: prompt + max_tokens - computed (no preemption here)."""
+        return self.waiting_tokens + sum(r.size - r.computed for r in self.running)
+
+    def unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def has_affinity(self, adapter) -> bool:
+        return adapter is not None and (adapter in self.cache.resident or self.adapter_users[adapter] > 0)
 
 
 class Simulator:
@@ -188,39 +260,87 @@ class Simulator:
         reqs = [_Req(i, r.arrival, r.adapter, max(1, r.prompt_tokens), max(1, r.max_tokens))
                 for i, r in enumerate(sorted(requests, key=lambda r: r.arrival))]
         shared = LRUCache(cfg.cache_slots) if cfg.mode == "disaggregated" else None
-        replicas = [_Replica(cfg, shared or LRUCache(cfg.cache_slots), reqs[k::cfg.num_replicas])
-                    for k in range(cfg.num_replicas)]
+        replicas = [_Replica(cfg, shared or LRUCache(cfg.cache_slots)) for _ in range(cfg.num_replicas)]
         if cfg.prewarm:
             adapters = {r.adapter for r in reqs if r.adapter is not None}
             for cache in {id(r.cache): r.cache for r in replicas}.values():
                 cache.prewarm(sorted(adapters))
+        self._reqs, self._routed = reqs, 0  # reqs[self._routed:] have not arrived yet
         finish: dict[int, float] = {}
-        heap = [(rep.arrival_time(), k) for k, rep in enumerate(replicas) if rep.arrivals]
-        heapq.heapify(heap)
-        steps = 0
-        while heap:
-            now, k = heapq.heappop(heap)
+        heap: list[tuple[float, int, int]] = []  # (time, replica, version): replicas' next steps
+
+        def schedule(k: int, at: float, wakes_on_arrival: bool) -> None:
             rep = replicas[k]
-            rep.take_arrivals(now)
-            if not rep.has_work():
-                if rep.arrival_time() < math.inf:
-                    heapq.heappush(heap, (rep.arrival_time(), k))
-                continue
-            duration, jump = self._step(rep, now, finish)
-            steps += jump
-            if duration is None:  # nothing could be scheduled now (a shared cache's slots all pinned elsewhere)
-                heapq.heappush(heap, (min(rep.arrival_time(), now + RETRY_S), k))
-                continue
-            heapq.heappush(heap, (now + duration, k))
+            rep.version += 1
+            rep.wakes_on_arrival = wakes_on_arrival
+            heapq.heappush(heap, (at, k, rep.version))
+
+        steps = 0
+        while True:
+            arrival = reqs[self._routed].arrival if self._routed < len(reqs) else math.inf
+            if heap and heap[0][0] < arrival:  # a step; arrivals at the same time are routed first
+                now, k, version = heapq.heappop(heap)
+                rep = replicas[k]
+                if version != rep.version:
+                    continue
+                rep.wakes_on_arrival = True
+                if not rep.has_work():
+                    continue  # idle until a request is routed to it
+                duration, jump = self._step(rep, k, now, finish)
+                steps += jump
+                landing = rep.cache.next_landing(now)
+                if duration is not None:
+                    schedule(k, now + duration, False)
+                elif landing < math.inf:  # only requests waiting for loads: block until the earliest lands
+                    schedule(k, landing, False)
+                else:  # nothing could be scheduled now (a shared cache's slots all pinned elsewhere)
+                    schedule(k, now + RETRY_S, True)
+            elif arrival < math.inf:
+                req = reqs[self._routed]
+                self._routed += 1
+                k = self._route(req, replicas)
+                if replicas[k].add(req) and replicas[k].wakes_on_arrival:
+                    schedule(k, req.arrival, False)
+            else:
+                break
         caches = [shared] if shared is not None else [r.cache for r in replicas]
         timings = [RequestTiming(None if r.adapter is None else str(r.adapter), r.arrival, r.first_token,
                                  finish[r.index], r.prompt, r.max_tokens) for r in reqs if r.index in finish]
         return SimResult(timings, max(finish.values(), default=0.0), sum(c.hits for c in caches),
                          sum(c.misses for c in caches), steps, len(reqs) - len(timings))
 
+    # ---- routing ----
+
+    def _route(self, req: _Req, replicas: list[_Replica]) -> int:
+        """The replica a request arriving now goes to (module docstring, "Routing")."""
+        n = len(replicas)
+        router = self.cfg.router
+        if n == 1:
+            return 0
+        if router == "round_robin":
+            return req.index % n
+        if router == "fewest_requests":
+            return min(range(n), key=lambda k: (replicas[k].unfinished(), k))
+        loads = [rep.load() for rep in replicas]
+        least = min(range(n), key=lambda k: (loads[k], k))
+        warm = [k for k in range(n) if replicas[k].has_affinity(req.adapter)]
+        if warm:
+            best = min(warm, key=lambda k: (loads[k], k))
+            if loads[best] <= loads[least] + self.cfg.slack:
+                return best
+        return least
+
+    def _next_arrival(self, k: int) -> float:
+        """When the next request that may reach replica k arrives: round robin knows which; otherwise any
+        arrival may (and routing reads the replica's state then, so a jump must not run past it)."""
+        reqs, i, n = self._reqs, self._routed, self.cfg.num_replicas
+        if self.cfg.router == "round_robin":
+            i += (k - i) % n
+        return reqs[i].arrival if i < len(reqs) else math.inf
+
     # ---- one replica step ----
 
-    def _step(self, rep: _Replica, now: float, finish: dict) -> tuple[float | None, int]:
+    def _step(self, rep: _Replica, k: int, now: float, finish: dict) -> tuple[float | None, int]:
         cfg = self.cfg
         budget = cfg.max_num_batched_tokens
         rows: list[tuple[_Req, int]] = []
@@ -234,19 +354,23 @@ class Simulator:
             rows.append((req, n))
             prefill_rows += n > 1
             budget -= n
-        misses, admitted = self._admit(rep, budget, rows, prefill_rows)
+        stalls, admitted = self._admit(rep, now, budget, rows, prefill_rows)
         if not rows:
             return None, 0
         tokens = sum(n for _, n in rows)
         adapters = len({r.adapter for r, _ in rows if r.adapter is not None})
-        dt = self._step_ms(tokens, adapters) + misses * cfg.load_ms * (1 - cfg.load_overlap)
+        dt = self._step_ms(tokens, adapters) + stalls * cfg.load_ms * (1 - cfg.load_overlap)
         jump = 1
         if self.jump and not admitted and all(n == 1 for _, n in rows):  # a run of identical decode steps
             jump = min(r.max_tokens - r.generated for r, _ in rows)
-            if len(rep.running) < cfg.max_num_seqs:  # an arrival could be admitted at the next step
-                to_arrival = rep.arrival_time() - now
-                if to_arrival < math.inf:
-                    jump = min(jump, max(1, math.ceil(to_arrival / (dt / 1e3))))
+            room = len(rep.running) < cfg.max_num_seqs  # an arrival or a landed load could be admitted
+            routed_by_state = cfg.num_replicas > 1 and cfg.router != "round_robin"
+            # stop at the step boundary at or after the next event that may change what this replica does
+            events = ([self._next_arrival(k)] if room or routed_by_state else []) + (
+                [rep.cache.next_landing(now)] if room else [])
+            for at in events:
+                if at < math.inf:
+                    jump = min(jump, max(1, math.ceil((at - now) / (dt / 1e3))))
         end = now + jump * dt / 1e3
         done = []
         for req, n in rows:
@@ -261,13 +385,18 @@ class Simulator:
             finish[req.index] = end
             rep.running.remove(req)
             rep.kv_free += req.size
+            rep.adapter_users[req.adapter] -= 1
             if req.adapter is not None:
                 rep.cache.release(req.adapter)
+                req.holds_slot = False
         return jump * dt / 1e3, jump
 
-    def _admit(self, rep: _Replica, budget: int, rows: list, prefill_rows: int) -> tuple[int, bool]:
+    def _admit(self, rep: _Replica, now: float, budget: int, rows: list, prefill_rows: int) -> tuple[int, bool]:
+        """Admit waiting requests into this step (engine/scheduler.py `_admit`); returns (the loads that stall
+        this step, whether any request was admitted)."""
         cfg = self.cfg
-        misses, admitted, index, scanned = 0, False, 0, 0
+        background = cfg.adapter_loading == "background"
+        stalls, admitted, index, scanned = 0, False, 0, 0
         while (index < len(rep.waiting) and budget > 0 and len(rep.running) < cfg.max_num_seqs
                and scanned < cfg.lookahead):
             req = rep.waiting[index][2]
@@ -276,21 +405,30 @@ class Simulator:
                 break
             if req.size > rep.kv_free:
                 break
-            if req.adapter is not None:
+            if req.adapter is not None and not req.holds_slot:
                 got = rep.cache.acquire(req.adapter)
-                if got is None:
+                if got is None:  # every slot pinned: try a later request
                     index += 1
                     scanned += 1
                     continue
-                misses += got == "miss"
+                req.holds_slot = True
+                if got == "miss" and background:  # copied in beside the steps: the request waits for it
+                    rep.cache.landing[req.adapter] = now + cfg.load_ms / 1e3
+                elif got == "miss":  # copied in by this step, which every request of the batch waits for
+                    stalls += 1
+            if req.adapter is not None and not rep.cache.is_ready(req.adapter, now):
+                index += 1  # its adapter is still being copied in: it keeps its slot, a later request may run
+                scanned += 1
+                continue
             del rep.waiting[index]
+            rep.waiting_tokens -= req.size
             rep.kv_free -= req.size
             rep.running.append(req)
             rows.append((req, n))
             prefill_rows += n > 1
             budget -= n
             admitted = True
-        return misses, admitted
+        return stalls, admitted
 
     def _step_ms(self, tokens: int, adapters: int) -> float:
         cfg, model = self.cfg, self.cfg.step
@@ -305,4 +443,3 @@ class Simulator:
 
 def simulate(requests: list[WorkloadRequest], cfg: ClusterConfig) -> SimResult:
     return Simulator(cfg).run(requests)
-
