@@ -16,6 +16,9 @@
 #                 Seventh session: coupled at 128 and 16 adapters and disaggregated at 128 (4-6 req/s) ran; next:
 #                 disaggregated at 16, then ADAPTER_LOADING=background for both modes (2.4x on CPU), e.g.
 #                 ADAPTER_LOADING=background BASELINES=coupled,disaggregated COUNTS=128 TAG=_bg.
+#   mixtral_sweep (2 GPUs, ~8 min) as slo_sweep, at Mixtral-8x7B widths (rank 64) where a coupled GPU has 14
+#                 slots and the LoRA server 70 (arithmetic at the stage): issue 6's target regime. Default
+#                 coupled+sjf (the best coupled row at Qwen3 widths) and disaggregated at 64 adapters.
 #   push          (2 GPUs, ~7 min) the disaggregated decode step with the device-initiated push
 #                 (INFINILORA_EXCHANGE=push; compare with 12.80 ms with ppermute, docs/benchmarks.md).
 #   decode        (2 GPUs, ~5 min per mode) benchmarks/disagg.py decode, MODES=coupled1 or disagg (default
@@ -48,18 +51,20 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 QWEN=configs/models/qwen3-30b-a3b.json
+MIXTRAL=configs/models/mixtral-8x7b.json
 # the lines worth reading: no absl/XLA info or warning lines, progress bars split into lines
 show() { tr '\r' '\n' < "$1" | grep -v -E '^[IW][0-9]{4} |Warning|^\s*$' | tail -"$2"; }
 # the SLO sweep both layouts run (ragged_dot + reference LoRA math: ~0.3 s lowering per program); $1 names the
-# output, the rest are layout and slot flags; BASELINES, COUNTS, REQUESTS, START, TIMEOUT, TAG, ADAPTER_LOADING
+# output, the rest are layout and slot flags; BASELINES, COUNTS, REQUESTS, START, PROBES, TIMEOUT, TAG,
+# ADAPTER_LOADING (and MODEL, RANK: set by the stages)
 sweep() {
   local name=$1; shift
   INFINILORA_EXPERT_GEMM=ragged_dot INFINILORA_LORA_BACKEND=reference timeout ${TIMEOUT:-560} python3 -u \
-    benchmarks/slo_baselines.py --model $QWEN --num_layers 2 --dtype bfloat16 --rank 32 "$@" \
+    benchmarks/slo_baselines.py --model ${MODEL:-$QWEN} --num_layers 2 --dtype bfloat16 --rank ${RANK:-32} "$@" \
     --sweep_adapters ${COUNTS:-128,16} --distinct_adapters 4 --emulated_load_ms 200 --max_num_seqs 32 \
     --max_num_batched_tokens 128 --max_model_len 512 --prompt_len burstgpt:16:256 \
-    --output_len burstgpt-response:1:192 --num_requests ${REQUESTS:-200} --start_rate ${START:-16} --max_probes 3 \
-    --rel_tol 0.3 --compile_workers 32 --adapter_loading ${ADAPTER_LOADING:-step} --calibration '' \
+    --output_len burstgpt-response:1:192 --num_requests ${REQUESTS:-200} --start_rate ${START:-16} \
+    --max_probes ${PROBES:-3} --rel_tol 0.3 --compile_workers 32 --adapter_loading ${ADAPTER_LOADING:-step} --calibration '' \
     --out "$OUT/$name${TAG:-}" > "$OUT/$name${TAG:-}.log" 2>&1
   echo "$name rc=$?"; show "$OUT/$name${TAG:-}.log" 30
 }
@@ -85,6 +90,15 @@ case "${1:-}" in
   slo_sweep)
     sweep slo_sweep --baselines ${BASELINES:-coupled,coupled+sjf,coupled-reduced,disaggregated} --coupled_replicas 2 \
       --pool_slots 49 --coupled_slots 23 --disagg_slots 49 ;;
+  mixtral_sweep)
+    # Issue 6's regime: Mixtral-8x7B leaves a coupled GPU little spare HBM. At full depth (32 layers; 93.4 GB
+    # bf16 weights; a rank-64 adapter on attention and every expert 1.79 GB; ~132 GB usable, ~12 GB KV as in
+    # slo_sweep): a coupled single-GPU replica (132 - 93.4 - 12) / 1.79 = 14 slots, the 1+1 LoRA server
+    # (132 - 6) / 1.79 = 70 (the 6 GB: arena and workspace, as slo_sweep's 49 Qwen3 slots). At 64 adapters the
+    # LoRA server holds them all, the coupled pair 2 x 14.
+    MODEL=$MIXTRAL RANK=64 COUNTS=${COUNTS:-64} sweep mixtral_sweep \
+      --baselines ${BASELINES:-coupled+sjf,disaggregated} --coupled_replicas 2 --pool_slots 70 --coupled_slots 14 \
+      --disagg_slots 70 ;;
   x4_decode)
     M=${MODES:-disagg}
     INFINILORA_EXPERT_GEMM=${EXPERT_GEMM:-auto} timeout 560 python3 -u benchmarks/disagg.py --model $QWEN \
