@@ -62,10 +62,11 @@ def _zeros_on(shape: tuple[int, ...], dtype, device) -> jax.stages.Wrapped:
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=SingleDeviceSharding(device))
 
 
-def assemble(mesh: Mesh, blocks: list[jax.Array]) -> jax.Array:
-    """A role buffer from one [1, *local] block per device (each already on its device, PER_DEVICE order)."""
+def assemble(mesh: Mesh, blocks: list[jax.Array], memory_kind: str | None = None) -> jax.Array:
+    """A role buffer from one [1, *local] block per device (each already on its device, in `memory_kind`,
+    PER_DEVICE order)."""
     return jax.make_array_from_single_device_arrays((len(blocks), *blocks[0].shape[1:]),
-                                                    NamedSharding(mesh, PER_DEVICE), blocks)
+                                                    NamedSharding(mesh, PER_DEVICE, memory_kind=memory_kind), blocks)
 
 
 def zeros_buffer(mesh: Mesh, shape: tuple[int, ...], dtype) -> jax.Array:

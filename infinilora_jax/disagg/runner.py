@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import SingleDeviceSharding
 from tqdm.auto import tqdm
 
 from infinilora_jax.disagg.model import DisaggModel
@@ -24,6 +24,7 @@ from infinilora_jax.disagg.pages import RolePool
 from infinilora_jax.disagg.roles import (
     PER_DEVICE,
     BufferSpec,
+    assemble,
     device_roles,
     kv_specs,
     live_bytes,
@@ -121,6 +122,7 @@ class DisaggRunner:
         self.kv: dict[str, jax.Array] = {}
         self.kv_specs: dict[str, BufferSpec] = {}
         self._writer = None
+        self._zero_blocks: dict = {}  # base device -> its pinned zero block of one adapter's pages (stage_pages)
         log.info("disaggregated: %s", layout.describe())
 
     # ---- KV pages (and the LoRA devices' arenas in them) ----
@@ -195,19 +197,25 @@ class DisaggRunner:
 
     def stage_pages(self, weights) -> dict:
         """One adapter's pages for one slot, {j: {t: {"a", "b": [devices, rows, width]}}} in pinned host memory
-        (PER_DEVICE: each LoRA device's block holds its stage's layer and expert shard; base blocks are zero)."""
-        per_device = []
-        zeros = None
-        for _, role, dp, ep in device_roles(self.mesh):
+        (PER_DEVICE: each LoRA device's block holds its stage's layer and expert shard). Base devices' blocks are
+        zeros the writer drops: one pinned zero block per base device, made once and shared by every staging
+        (staging stays one copy of the adapter's own bytes, however many base devices the mesh has)."""
+        blocks = []
+        for device, role, dp, ep in device_roles(self.mesh):
             if role == LORA_ROLE:
-                per_device.append(self.pool.host_pages(weights, stage=dp, ep_index=ep))
+                blocks.append(self._pinned_block(self.pool.host_pages(weights, stage=dp, ep_index=ep), device))
             else:
-                if zeros is None:
+                if device not in self._zero_blocks:
                     zeros = jax.tree.map(np.zeros_like, self.pool.host_pages(None, 0, 0))
-                per_device.append(zeros)
-        stacked = jax.tree.map(lambda *blocks: np.stack(blocks), *per_device)
-        sharding = NamedSharding(self.mesh, PER_DEVICE, memory_kind="pinned_host")
-        return jax.device_put(stacked, sharding)
+                    self._zero_blocks[device] = self._pinned_block(zeros, device)
+                blocks.append(self._zero_blocks[device])
+        return jax.tree.map(lambda *per_device: assemble(self.mesh, list(per_device), "pinned_host"), *blocks)
+
+    @staticmethod
+    def _pinned_block(host: dict, device) -> dict:
+        """Host pages of one device as [1, rows, width] blocks in that device's pinned host memory."""
+        pinned = SingleDeviceSharding(device, memory_kind="pinned_host")
+        return jax.device_put(jax.tree.map(lambda x: x[None], host), pinned)
 
     def write_slot(self, slot: int, pages: dict) -> None:
         """Write staged pages into `slot` on the LoRA devices (one jitted, donated update of the role buffers;
