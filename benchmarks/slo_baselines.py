@@ -340,8 +340,11 @@ def _print_sweep(report: dict) -> None:
         cells = []
         for n in names:
             r = row["baselines"].get(n)
-            cells.append(f"{r['serviceable_rate']:8.2f} ({r['adapters_meeting_slo']:4.0%}, "
-                         f"hit {r['hit_rate'] or 0:.2f})" if r else f"{'-':>26}")
+            if r and "serviceable_rate" not in r:  # cut off mid-search: its probes so far
+                cells.append("cut off: " + ",".join(f"{p['rate']:g}{'+' if p['ok'] else '-'}" for p in r["probes"]))
+            else:
+                cells.append(f"{r['serviceable_rate']:8.2f} ({r['adapters_meeting_slo']:4.0%}, "
+                             f"hit {r['hit_rate'] or 0:.2f})" if r else f"{'-':>26}")
         print("  " + f"{row['num_adapters']:>8} " + " ".join(f"{c:>26}" for c in cells))
 
 
@@ -349,6 +352,8 @@ def _plot_sweep(report: dict) -> None:
     series: dict[str, list] = {}
     for row in report["sweep"]:
         for name, r in row["baselines"].items():
+            if "serviceable_rate" not in r:  # cut off mid-search
+                continue
             series.setdefault(f"{name} ({r['layout']}, {r['slots']} slots)", []).append(
                 (row["num_adapters"], r["serviceable_rate"]))
     plots.versus_rate(series, "serviceable rate (requests/s)", F.out + "_sweep.png", xlabel="adapters (Zipf)",
@@ -357,14 +362,17 @@ def _plot_sweep(report: dict) -> None:
 
 
 def _runner(llm, names, spec, vocab, slo):
-    """run(rate): the probe at that rate, measured. run.warm(rate): another draw of the same workload (the next
-    seed), unmeasured: it leaves the cache holding the distribution's popular adapters, not the probe's own
+    """run(rate): the probe at that rate, measured. run.warm(rate): the caches settled (replay.settle_caches:
+    every adapter staged, free slots filled with the most popular), then another draw of the same workload (the
+    next seed), unmeasured: it leaves the cache holding the distribution's popular adapters, not the probe's own
     requests' adapters (which replaying the probe's own workload would preload)."""
     def run(rate: float) -> dict:
         reqs = workload.generate(dataclasses.replace(spec, rate=rate), vocab)
         return {**replay.measured(llm.engine, reqs, names, slo), "rate": rate}
 
     def warm(rate: float) -> None:
+        seconds = replay.settle_caches(llm.engine, names[:spec.num_adapters])
+        logging.info("staged %d adapters and filled free slots in %.1f s", spec.num_adapters, seconds)
         replay.replay(llm.engine, workload.generate(dataclasses.replace(spec, rate=rate, seed=spec.seed + 1), vocab),
                       names)
 
@@ -433,7 +441,8 @@ def _simulator_sweep_check(report: dict, spec, slo) -> dict:
     model = None if F.calibration == "measured" else _calibrated_model()
     out = {"calibration": F.calibration, "model": F.calibration_model, "layers": F.num_layers,
            "exchange_ms_per_layer": F.sim_exchange_ms_per_layer, "rows": []}
-    print(f"\n  simulator ({F.calibration}: {F.calibration_model}) against the measured sweep")
+    source = "each baseline's own probes" if model is None else f"{F.calibration}: {F.calibration_model}"
+    print(f"\n  simulator ({source}) against the measured sweep")
     print(f"  {'adapters':>8} {'baseline':>16} {'measured':>9} {'simulated':>9}   probes: rate -> P95 TTFT "
           "measured / simulated, hit rate measured / simulated")
     for row in report["sweep"]:

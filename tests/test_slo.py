@@ -524,6 +524,26 @@ def test_provision_cli_prints_a_plan(tmp_path):
     assert plan["model"] == "qwen3-30b-a3b" and len(plan["layouts"]) == 8
 
 
+def test_simulate_from_a_gpu_sweep_cut_off_mid_search(tmp_path):
+    """slo_baselines --simulate_from on the eighth session's Mixtral sweep (its disaggregated row was cut off by
+    the call's limit after one probe): both rows are simulated with their own probes' step models, the cut-off
+    row prints its probes, and the JSON keeps the measured rows as they were."""
+    src = os.path.join(ROOT, "docs/results/2026-12-01-h200x2-session8/mixtral_sweep.json")
+    out = tmp_path / "sim"
+    cmd = [sys.executable, "benchmarks/slo_baselines.py", "--calibration", "measured", "--simulate_from", src,
+           "--out", str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "cut off: 8-" in res.stdout and "each baseline's own probes" in res.stdout
+    report = json.loads((tmp_path / "sim.json").read_text())
+    rows = {r["baseline"]: r for r in report["simulator"]["rows"]}
+    assert rows["coupled+sjf"]["measured"] == 2.0 and rows["disaggregated"]["measured"] is None
+    assert all(r["simulated"] > 0 and r["probes"] for r in rows.values())
+    with open(src) as f:
+        assert report["sweep"] == json.load(f)["sweep"]
+
+
 def test_metrics_p99_and_meets_slo():
     t = [metrics.RequestTiming("a", 0.0, 0.01 * i, 0.01 * i + 1.0, 5, 11) for i in range(100)]
     s = metrics.summarize(t, 10.0)
@@ -592,6 +612,26 @@ def test_disaggregated_replay_sees_every_instance():
     assert sum(slept) <= 0.02 + 1e-9  # at most names[0]'s own load, never the placeholders'
     engine.pop_finished()
     assert not engine.has_unfinished() and engine.pop_finished() == []
+
+    # settle_caches: every adapter staged, the free slots filled most popular first (nothing evicted), and the
+    # steps after it sleep for none of those loads
+    limit.set(3)
+    cache = llm.runner.adapters
+    resident = [n for n in cache.slot_of if n in names]
+    assert len(resident) < 3, "a slot is free to fill"
+    replay.time.sleep = slept.append
+    slept.clear()
+    try:
+        assert replay.settle_caches(engine, names) >= 0
+        assert all(name in cache.staged for name in names)
+        want = resident + [n for n in names if n not in resident][:3 - len(resident)]
+        assert sorted(n for n in cache.slot_of if n in names) == sorted(want)
+        engine.add_request([5, 6, 7], SamplingParams(max_tokens=2), want[-1])
+        while engine.has_unfinished():
+            engine.step()
+    finally:
+        replay.time.sleep = real_sleep
+    assert slept == [] and len(engine.pop_finished()[0].output_token_ids) == 2
 
 
 def test_step_model_is_fitted_to_the_steps_that_loaded_nothing():

@@ -78,6 +78,22 @@ def adapter_caches(engine) -> list:
     return list(getattr(cache, "caches", None) or [cache])
 
 
+def settle_caches(engine, names: list[str]) -> float:
+    """Before measuring, bring the adapter caches to a long-running server's steady state (returns the seconds
+    spent): every adapter of `names` staged (`staged_pages`: the pinned host copy an adapter's first load makes
+    and keeps while it stays in the host store; at real widths that costs a cold load far more than the
+    emulated copy, but only the first time), and the free device slots filled with the first of `names`
+    (most popular first; what the simulator's `prewarm` assumes). Nothing is evicted; the loads made here stall
+    no step (emulate_cold_loads)."""
+    start = time.perf_counter()
+    for cache in adapter_caches(engine):
+        for name in names:
+            cache.staged_pages(name)
+        cache.prefetch(list(names))
+        _forget_loads(cache)
+    return time.perf_counter() - start
+
+
 def _step_units(engine) -> list[tuple[object, list[LLMEngine], object, str]]:
     """What one recorded step is: (the object whose `step` runs it, the base instances it schedules, the runner
     and the method that runs its step program). Each replica of a ReplicaGroup steps on its own (its `step`, its
@@ -94,7 +110,8 @@ def measured(engine: LLMEngine, requests: list[WorkloadRequest], names: list[str
              slo: metrics.SLO) -> dict:
     """replay, summarised (metrics.summarize), with the adapter cache's hits and misses during the run, the engine
     steps that ran (`steps`: steps that did work; `step_tokens`: new tokens over all of them and all base
-    instances; `step_ms_mean`) and the machine's 1-minute load average before and after (other processes may
+    instances; `step_ms_mean`, `step_ms_max`), the host time the caches spent staging and writing loads
+    (`load_seconds`) and the machine's 1-minute load average before and after (other processes may
     share it)."""
     cache = engine.runner.adapters
     before, load = dataclasses.replace(cache.stats), os.getloadavg()[0]
@@ -105,6 +122,8 @@ def measured(engine: LLMEngine, requests: list[WorkloadRequest], names: list[str
     summary.update(hits=hits, misses=misses, hit_rate=hits / max(1, hits + misses), loads=cache.stats.loads -
                    before.loads, steps=len(log.records), step_tokens=sum(r.tokens for r in log.records),
                    step_ms_mean=sum(r.ms for r in log.records) / max(1, len(log.records)),
+                   step_ms_max=max((r.ms for r in log.records), default=0.0),
+                   load_seconds=cache.stats.load_seconds - before.load_seconds,
                    step_model=step_model(log.records, engine.runner.cfg.num_layers),
                    load_average=(load, os.getloadavg()[0]))
     return summary
