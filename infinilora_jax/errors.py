@@ -26,6 +26,11 @@ class AdapterError(InfiniLoraError, ValueError):
         super().__init__(f"{message} ({', '.join(where)})" if where else message)
 
 
+class AdapterLoadError(AdapterError):
+    """A registered adapter could not be read again when a request needed it (its files changed or vanished
+    after registration). The request fails with it; nothing else does."""
+
+
 class UnsupportedAdapterError(AdapterError):
     """The adapter uses a PEFT feature this server does not implement (DoRA, modules_to_save, ...)."""
 

@@ -22,7 +22,7 @@ from infinilora_jax.engine.replicas import ReplicaGroup, split_devices
 from infinilora_jax.engine.request import RequestOutput
 from infinilora_jax.engine.runner import ModelRunner
 from infinilora_jax.engine.scheduler import SchedulerConfig
-from infinilora_jax.errors import ConfigError, RequestError
+from infinilora_jax.errors import AdapterLoadError, ConfigError, RequestError
 from infinilora_jax.loading import orbax_store
 from infinilora_jax.loading.hf_checkpoint import HFCheckpoint, WeightMap, checkpoint_factory
 from infinilora_jax.lora.pool import LoraPoolConfig
@@ -222,6 +222,8 @@ class LLM:
         try:
             while pending:
                 for out in self.engine.step():
+                    if out.error is not None and out.request_id in pending:
+                        raise AdapterLoadError(out.error)
                     if out.request_id in pending:
                         yield out
                         if out.finished:

@@ -225,3 +225,64 @@ def _assert_unchanged_after_cycling(llm, baseline, second, third):
         for name, want in (("third", third), ("resident", baseline), ("second", second)):
             np.testing.assert_array_equal(llm.logits(PROMPT, name), want)
     assert llm.runner.adapters.stats.evictions >= 4
+
+
+def test_adapter_unreadable_after_registration_fails_only_its_requests(tmp_path):
+    """An adapter whose files vanish after registration, once its host copy was dropped (so its next use reads it
+    again), fails only the requests that name it: finish_reason "error" with an error naming it, no slot mapped
+    to it (a later request for it never runs with another adapter's pages), the requests beside it exact. The
+    OpenAI server answers it with a 500 naming the adapter and keeps serving; LLM.generate raises
+    AdapterLoadError; once the files are back the adapter serves again."""
+    import httpx
+    from conftest import reference
+
+    from infinilora_jax import SamplingParams
+    from infinilora_jax.errors import AdapterLoadError
+    from infinilora_jax.serving import BackgroundServer, ServerConfig, ServerState
+
+    ref = reference(MODEL)
+    prompt = ref["prompt_0"].tolist()
+    want = {a: ref[f"greedy__{a}__0"].tolist() for a in ("all-linear-r4", "attn-experts-r8", "attn-layers02-r16")}
+    n = len(want["all-linear-r4"])
+    dirs = {a: _copy(tmp_path, a) for a in want}
+    llm = LLM(model_dir(MODEL), adapters=dirs, dtype="float32", max_adapters=1, max_host_adapters=1,
+              max_lora_rank=16, progress=False)
+    victim, first, last = list(want)
+    cache = llm.runner.adapters
+    assert victim not in cache.host, "its host copy was dropped: its next use reads it again"
+    moved = str(tmp_path / "moved")
+    shutil.move(dirs[victim], moved)
+    greedy = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+    engine = llm.engine
+    ids = {engine.add_request(prompt, greedy, a): a for a in (first, victim, last)}
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    engine.pop_finished()
+    assert sorted(ids) == sorted(done)
+    for rid, adapter in ids.items():
+        if adapter == victim:
+            assert done[rid].finish_reason == "error" and done[rid].token_ids == []
+            assert victim in done[rid].error and "could not be read again" in done[rid].error
+        else:
+            assert done[rid].token_ids == want[adapter] and done[rid].error is None
+    assert victim not in cache.slot_of and cache.refcount[victim] == 0
+    with pytest.raises(AdapterLoadError, match=victim):
+        llm.generate([prompt], greedy, adapter=victim)
+    assert llm.generate([prompt], greedy, adapter=first)[0].token_ids == want[first], "the slot holds no stale map"
+
+    server = BackgroundServer(ServerState(llm, ServerConfig(model_name="tiny"))).start()
+    try:
+        body = {"prompt": prompt, "max_tokens": n, "temperature": 0.0, "ignore_eos": True}
+        r = httpx.post(server.base_url + "/v1/completions", json={**body, "model": victim}, timeout=300)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "adapter_load_failed", r.text
+        assert victim in r.json()["error"]["message"]
+        r = httpx.post(server.base_url + "/v1/completions", json={**body, "model": last}, timeout=300)
+        assert r.status_code == 200, r.text
+        shutil.move(moved, dirs[victim])
+        r = httpx.post(server.base_url + "/v1/completions", json={**body, "model": victim}, timeout=300)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == llm.tokenizer.decode(want[victim], skip_special_tokens=True)
+    finally:
+        server.stop(stop_engine=True)

@@ -39,11 +39,12 @@ class InstanceGroup(InstanceSet):
 
     def step(self) -> list[RequestOutput]:
         plans = [inst.schedule_step(wait_for_loads=False) for inst in self.instances]
+        failed = [out for inst in self.instances for out in inst.failed_outputs()]
         active = [(inst, plan) for inst, plan in zip(self.instances, plans) if plan is not None]
         if not active:
             if self.runner.adapters.loading:  # queued requests wait for background loads: wait for one
                 self.runner.adapters.wait_for_load()
-            return []
+            return failed
         page_size = self.cache_config.page_size
         needs = [step_needs(plan.rows, page_size) for _, plan in active]
         shapes = self.instances[0].shapes
@@ -63,7 +64,7 @@ class InstanceGroup(InstanceSet):
         samplings = [s if s is not None else idle_sampling for s in samplings]
         tokens, top = self.runner.sample_instances(batches, samplings, want)
         self.num_steps += 1
-        outputs = []
+        outputs = failed
         for inst, plan in active:
             d = self.instances.index(inst)
             outputs += inst.complete_step(plan, tokens[d], None if top is None else tuple(x[d] for x in top))

@@ -162,19 +162,29 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         with self._lock:
             plan = self.schedule_step()
+            failed = self.failed_outputs()
             if plan is None:
                 self._abort_deferred()
-                return []
+                return failed
             batch, sampling = self.build_step(plan)
             self._on_device = True
         try:
             tokens, top, self.kv = self.runner.sample(batch, self.kv, sampling, logprobs=plan.want_logprobs)
             with self._lock:
-                return self.complete_step(plan, tokens, top)
+                return failed + self.complete_step(plan, tokens, top)
         finally:
             with self._lock:
                 self._on_device = False
                 self._abort_deferred()
+
+    def failed_outputs(self) -> list[RequestOutput]:
+        """Final outputs (finish_reason "error", `error` set) of the requests that failed while being scheduled."""
+        now = time.monotonic()
+        outputs = []
+        for req in self.scheduler.take_failed():
+            req.finish_time = now
+            outputs.append(self._output(req, []))
+        return outputs
 
     def _abort_deferred(self) -> None:
         ids, self._aborts_after_step = self._aborts_after_step, []
@@ -260,7 +270,7 @@ class LLMEngine:
     def _output(self, req: Request, new: list[int], logprobs: list[TokenLogprob] | None = None) -> RequestOutput:
         return RequestOutput(req.request_id, req.prompt_token_ids, list(req.output_token_ids), new,
                              req.text if self.tokenizer is not None else None, req.finished, req.finish_reason,
-                             req.adapter, logprobs)
+                             req.adapter, logprobs, req.error)
 
     # ---- compilation ----
 

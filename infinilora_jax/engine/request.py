@@ -26,7 +26,8 @@ class Request:
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     status: Status = Status.WAITING
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" (see `error`)
+    error: str | None = None  # why the request failed (finish_reason "error": its adapter could not be read)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     pages: list[int] = dataclasses.field(default_factory=list)
     adapter_slot: int | None = None  # pool slot while running, or queued for its adapter's background load
@@ -81,3 +82,4 @@ class RequestOutput:
     finish_reason: str | None
     adapter: str | None
     new_logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for logprobs
+    error: str | None = None  # finish_reason "error": why the request failed

@@ -13,7 +13,9 @@ Per step, in order:
      requests) is passed over for one whose adapter can, within a lookahead window, so one busy adapter does
      not block the queue; a request that does not fit in the free pages blocks the queue (so long prompts are
      not starved).
-The adapters of the next queued requests are prefetched after each schedule.
+The adapters of the next queued requests are prefetched after each schedule. A request whose adapter cannot be
+read when it is admitted (its files changed or vanished since registration: AdapterLoadError) finishes with
+finish_reason "error" and is listed in `failed` for the engine to report; the queue goes on.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import dataclasses
 
 from infinilora_jax.engine.kv_cache import CacheConfig, PageAllocator
 from infinilora_jax.engine.request import Request, Status
-from infinilora_jax.errors import ConfigError
+from infinilora_jax.errors import AdapterLoadError, ConfigError
 from infinilora_jax.lora.adapter_cache import AdapterCache
 
 
@@ -66,6 +68,7 @@ class Scheduler:
         self.adapters = adapters
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
+        self.failed: list[Request] = []  # finished with an error while scheduling, not yet reported (take_failed)
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
@@ -127,7 +130,13 @@ class Scheduler:
             if pages > self.allocator.num_free - watermark:
                 return  # out of KV pages: the queue waits (no skipping, so long prompts are not starved)
             # a request still waiting for its adapter's background load already holds that slot
-            slot = req.adapter_slot if req.adapter_slot is not None else self.adapters.acquire(req.adapter)
+            try:
+                slot = req.adapter_slot if req.adapter_slot is not None else self.adapters.acquire(req.adapter)
+            except AdapterLoadError as e:  # this request fails; the queue goes on
+                req.error = str(e)
+                self.finish(req, "error")
+                self.failed.append(req)
+                continue
             if slot is None or not self.adapters.is_ready(slot):
                 # every adapter slot is pinned, or the adapter is still being copied in (the request keeps its
                 # slot): try a later request
@@ -142,6 +151,11 @@ class Scheduler:
             self.running.append(req)
             work.rows.append((req, n))
             budget -= n
+
+    def take_failed(self) -> list[Request]:
+        """The requests that failed while being scheduled since the last call."""
+        failed, self.failed = self.failed, []
+        return failed
 
     def preempt(self, req: Request) -> None:
         """Recompute preemption: drop the request's KV pages and put it back at the front of the queue."""

@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from infinilora_jax.errors import AdapterError, AdapterNotFoundError
+from infinilora_jax.errors import AdapterError, AdapterLoadError, AdapterNotFoundError
 from infinilora_jax.loading.peft_adapter import AdapterWeights, load_peft_adapter
 from infinilora_jax.lora.pool import LoraPool, adapter_pages, check_fits, make_layer_writer
 from infinilora_jax.models.config import ModelConfig
@@ -176,6 +176,7 @@ class AdapterCache:
                 self.stats.hits += 1
                 self.slot_of.move_to_end(name)
             else:
+                self._readable(name)  # before a slot is taken: a failed read must map no slot to it
                 slot = self._free_slot()
                 if slot is None:
                     return None
@@ -199,7 +200,11 @@ class AdapterCache:
             for name in names:
                 if name is None or name not in self.paths or name in self.slot_of:
                     continue
-                self._host_weights(name)  # read ahead even when no slot is free
+                try:
+                    self._host_weights(name)  # read ahead even when no slot is free
+                except AdapterError as e:  # its request fails when admitted (acquire), with this error
+                    log.warning("read-ahead of adapter %s failed: %s", name, e)
+                    continue
                 free = self._unused_slot()
                 if free is not None:
                     self._write_slot(free, name)
@@ -231,11 +236,24 @@ class AdapterCache:
     def _store(self, name: str, weights: AdapterWeights) -> None:
         self.host[name] = weights
         self.host.move_to_end(name)
-        droppable = [n for n in self.host if self.paths.get(n) is not None]  # least recently used first
+        # least recently used first; never one whose slot load is still pending (the step that carries it
+        # stages it from here: re-reading it then could fail after its slot was taken)
+        keep = {name, *self.pending.values()}  # and never the one just stored (the caller is about to use it)
+        droppable = [n for n in self.host if self.paths.get(n) is not None and n not in keep]
         while len(self.host) > self.max_host_adapters and droppable:
             dropped = droppable.pop(0)
             del self.host[dropped]
             self.staged.pop(dropped, None)
+
+    def _readable(self, name: str) -> None:
+        """Make sure the adapter is in the host store, reading it again if it was dropped; a read that fails
+        (the directory changed or vanished since registration) raises AdapterLoadError."""
+        if name in self.host:
+            return
+        try:
+            self._host_weights(name)
+        except AdapterError as e:
+            raise AdapterLoadError(f"adapter {name!r} could not be read again: {e}") from e
 
     def _host_weights(self, name: str) -> AdapterWeights:
         weights = self.host.get(name)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from infinilora_jax.errors import (
     AdapterError,
+    AdapterLoadError,
     AdapterNotFoundError,
     CapacityError,
     ConfigError,
@@ -60,6 +61,8 @@ def api_error(e: Exception) -> APIError:
         return APIError(409, str(e), param="lora_name", code="adapter_busy")
     if isinstance(e, CapacityError):
         return APIError(503, str(e), code="capacity")
+    if isinstance(e, AdapterLoadError):  # registered, but its files changed or vanished: the server's fault
+        return APIError(500, str(e), param="model", code="adapter_load_failed")
     if isinstance(e, AdapterError):
         return APIError(400, str(e), param=getattr(e, "field", None), code="invalid_adapter")
     if isinstance(e, (RequestError, ConfigError)):

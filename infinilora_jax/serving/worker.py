@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from infinilora_jax.engine.request import RequestOutput, TokenLogprob
-from infinilora_jax.errors import CapacityError
+from infinilora_jax.errors import AdapterLoadError, CapacityError
 from infinilora_jax.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -235,8 +235,8 @@ class EngineWorker:
             stream = self._streams.get(out.request_id)
             if out.finished:
                 self._streams.pop(out.request_id, None)
-            if stream is not None:
-                stream.put(out.request_id, out)
+            if stream is not None:  # a request that failed alone (its adapter could not be read) gets its error
+                stream.put(out.request_id, out if out.error is None else AdapterLoadError(out.error))
         self.engine.pop_finished()
 
     def _abort(self, request_ids: list[str]) -> None:
