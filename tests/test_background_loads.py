@@ -106,6 +106,83 @@ def test_aborting_a_request_that_waits_for_its_load_frees_its_slot(llm_bg):
             llm_bg.load_adapter(cold, adapter_dirs(MODEL)[cold])
 
 
+def _make_unstaged(llm, name):
+    """Cold, and out of the host store: its next load must read it again (the loader thread's host work)."""
+    _make_cold(llm, name)
+    cache = llm.runner.adapters
+    del cache.host[name]
+    cache.staged.pop(name, None)
+
+
+def _drain(engine, finished: dict, until=None) -> None:
+    while engine.has_unfinished() and (until is None or until not in finished):
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+
+
+def test_a_cold_read_runs_on_the_loader_thread(llm_bg, monkeypatch):
+    """An adapter the host store dropped is read, converted and staged on the loader thread: the engine thread's
+    steps go on (a base request finishes) while the read is held back, then the waiting request runs exactly."""
+    import threading
+
+    ref, cache, engine = reference(MODEL), llm_bg.runner.adapters, llm_bg.engine
+    cold = list(adapter_dirs(MODEL))[2]
+    _make_unstaged(llm_bg, cold)
+    release, readers = threading.Event(), []
+    real_read = cache._read
+
+    def held_read(name, path):
+        readers.append(threading.current_thread().name)
+        assert release.wait(60), "the test never released the read"
+        return real_read(name, path)
+
+    monkeypatch.setattr(cache, "_read", held_read)
+    reads = cache.stats.disk_reads
+    try:
+        base = engine.add_request(ref["prompt_0"].tolist(), GREEDY, None)
+        waiter = engine.add_request(ref["prompt_1"].tolist(), GREEDY, cold)
+        finished = {}
+        _drain(engine, finished, until=base)
+        assert finished[base].token_ids == ref["greedy__base__0"].tolist(), "steps went on during the read"
+        assert not engine.requests[waiter].output_token_ids and cache.refcount[cold] == 1
+        assert readers and all(name.startswith("adapter-loader") for name in readers)
+        release.set()
+        _drain(engine, finished)
+        assert finished[waiter].token_ids == ref[f"greedy__{cold}__1"].tolist()
+        assert cache.stats.disk_reads == reads + 1 and cold in cache.staged and not cache.loading
+    finally:
+        release.set()
+        engine.pop_finished()
+
+
+def test_a_background_load_that_cannot_read_fails_only_its_requests(llm_bg, monkeypatch):
+    """A read that fails on the loader thread (the adapter's files vanished since registration) fails the requests
+    waiting for that load, with finish_reason "error" naming the adapter; the slot maps to nothing, the other
+    requests are exact, and once the files can be read again the adapter serves again."""
+    from infinilora_jax.errors import AdapterError
+
+    ref, cache, engine = reference(MODEL), llm_bg.runner.adapters, llm_bg.engine
+    cold = list(adapter_dirs(MODEL))[0]
+    _make_unstaged(llm_bg, cold)
+
+    def gone(name, path):
+        raise AdapterError("adapter directory does not exist", path=path)
+
+    monkeypatch.setattr(cache, "_read", gone)
+    base = engine.add_request(ref["prompt_0"].tolist(), GREEDY, None)
+    waiters = [engine.add_request(ref[f"prompt_{i}"].tolist(), GREEDY, cold) for i in (1, 2)]
+    finished = {}
+    _drain(engine, finished)
+    engine.pop_finished()
+    assert finished[base].token_ids == ref["greedy__base__0"].tolist() and finished[base].error is None
+    for w in waiters:
+        assert finished[w].finish_reason == "error" and finished[w].token_ids == []
+        assert cold in finished[w].error and "could not be read again" in finished[w].error
+    assert cold not in cache.slot_of and cache.refcount[cold] == 0 and not cache.failed_loads
+    monkeypatch.undo()
+    out = llm_bg.generate([ref["prompt_2"].tolist()], GREEDY, adapter=cold)[0]
+    assert out.token_ids == ref[f"greedy__{cold}__2"].tolist()
+
+
 def test_unknown_loading_mode_is_refused():
     with pytest.raises(ConfigError, match="adapter_loading"):
         LLM(model_dir(MODEL), adapter_loading="eager", progress=False)

@@ -56,16 +56,10 @@ class RoleAdapterCache(AdapterCache):
         super().__init__(cfg, plan, pool, dtype, **kwargs)
         self.runner = runner
 
-    def staged_pages(self, name: str | None) -> dict:
-        """Adapter `name`'s pages for one slot (zeros for None), per LoRA layer slot, as per-device blocks in
-        pinned host memory (a LoRA device's block holds its stage's layers and expert shard; base devices'
-        blocks are zeros); staged once and kept while the adapter stays in the host store."""
-        pages = self.staged.get(name)
-        if pages is None:
-            weights = None if name is None else self._host_weights(name)
-            pages = self.runner.stage_pages(weights)
-            self.staged[name] = pages
-        return pages
+    def _stage(self, weights) -> dict:
+        """One adapter's pages (zeros for None), per LoRA layer slot, as per-device blocks in pinned host memory
+        (a LoRA device's block holds its stage's layers and expert shard; base devices' blocks are zeros)."""
+        return self.runner.stage_pages(weights)
 
     def _write_now(self, slot: int, name: str | None) -> None:
         start = time.perf_counter()

@@ -131,7 +131,11 @@ class Scheduler:
                 return  # out of KV pages: the queue waits (no skipping, so long prompts are not starved)
             # a request still waiting for its adapter's background load already holds that slot
             try:
-                slot = req.adapter_slot if req.adapter_slot is not None else self.adapters.acquire(req.adapter)
+                if req.adapter_slot is not None:
+                    self.adapters.raise_if_failed(req.adapter)  # its background load may have failed
+                    slot = req.adapter_slot
+                else:
+                    slot = self.adapters.acquire(req.adapter)
             except AdapterLoadError as e:  # this request fails; the queue goes on
                 req.error = str(e)
                 self.finish(req, "error")

@@ -20,16 +20,21 @@ jitted, donated update per layer slot (`flush`); prefetched loads nobody needs y
 Either way the step that first uses an adapter waits for its copy, and with it every request in that batch
 (~200 ms for a 2.5 GB adapter over PCIe).
 
-Background loading (`background_loads=True`) takes the copy out of the steps: taking a slot starts the
+Background loading (`background_loads=True`) takes the load out of the steps: taking a slot starts the
 host-to-device copy of the adapter's staged pages into buffers of their own (`loading`), which no step reads, so
 steps go on while it is in flight; the scheduler leaves the requests that need it queued, holding their slot
 (`is_ready`), and once the copy has landed `poll_loads` commits it into the slot with a device-to-device write.
-`min_load_seconds` holds a load back at least that long (benchmarks emulate a slower link with it).
+An adapter not yet staged is first read (from disk if the host store dropped it), converted and staged on a
+loader thread, so the engine thread never waits for host work either. A read that fails there fails the load:
+the slot is unmapped and the requests holding it get AdapterLoadError when the scheduler next reaches them
+(`raise_if_failed`). `min_load_seconds` holds a load back at least that long (benchmarks emulate a slower link
+with it).
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -72,8 +77,9 @@ class AdapterStats:
 @dataclasses.dataclass
 class BackgroundLoad:
     name: str
-    pages: dict  # the adapter's pages, per layer slot, being copied into device buffers of their own
+    pages: dict | None  # the adapter's pages, per layer slot, being copied into device buffers of their own
     started: float  # time.monotonic()
+    preparing: concurrent.futures.Future | None = None  # the loader thread reading and staging it (then pages)
 
 
 class AdapterCache:
@@ -91,6 +97,8 @@ class AdapterCache:
         self.layerwise = layerwise
         self.background_loads = background_loads
         self.loading: dict[int, BackgroundLoad] = {}  # slot -> its load in flight (background loads)
+        self.failed_loads: dict[str, str] = {}  # adapter -> why its background load failed (while requests hold it)
+        self._loader_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.min_load_seconds = 0.0
         self.pending: collections.OrderedDict[int, str | None] = collections.OrderedDict()  # slot -> adapter
         self.staged: dict[str | None, dict] = {}  # adapter (None: zeros) -> its pages in pinned host memory
@@ -172,11 +180,15 @@ class AdapterCache:
             return 0
         with self._lock:
             self.require(name)
+            if self.refcount[name] > 0:
+                self.raise_if_failed(name)  # its load failed while other requests still hold it
+            self.failed_loads.pop(name, None)  # nobody holds it: try again
             if name in self.slot_of:
                 self.stats.hits += 1
                 self.slot_of.move_to_end(name)
             else:
-                self._readable(name)  # before a slot is taken: a failed read must map no slot to it
+                if not self.background_loads:  # (background: the loader thread reads, and a failure unmaps)
+                    self._readable(name)  # before a slot is taken: a failed read must map no slot to it
                 slot = self._free_slot()
                 if slot is None:
                     return None
@@ -193,6 +205,14 @@ class AdapterCache:
             if self.refcount[name] <= 0:
                 raise RuntimeError(f"release of adapter {name!r} without a matching acquire")
             self.refcount[name] -= 1
+            if self.refcount[name] == 0:
+                self.failed_loads.pop(name, None)
+
+    def raise_if_failed(self, name: str | None) -> None:
+        """AdapterLoadError if `name`'s background load failed (for requests holding its slot)."""
+        error = self.failed_loads.get(name) if name is not None else None
+        if error is not None:
+            raise AdapterLoadError(error)
 
     def prefetch(self, names: list[str | None]) -> None:
         """Bring queued requests' adapters into the host store, and into free (never evicting) device slots."""
@@ -200,11 +220,12 @@ class AdapterCache:
             for name in names:
                 if name is None or name not in self.paths or name in self.slot_of:
                     continue
-                try:
-                    self._host_weights(name)  # read ahead even when no slot is free
-                except AdapterError as e:  # its request fails when admitted (acquire), with this error
-                    log.warning("read-ahead of adapter %s failed: %s", name, e)
-                    continue
+                if not self.background_loads:  # (background: the loader thread reads it, off this thread)
+                    try:
+                        self._host_weights(name)  # read ahead even when no slot is free
+                    except AdapterError as e:  # its request fails when admitted (acquire), with this error
+                        log.warning("read-ahead of adapter %s failed: %s", name, e)
+                        continue
                 free = self._unused_slot()
                 if free is not None:
                     self._write_slot(free, name)
@@ -273,7 +294,12 @@ class AdapterCache:
             self.stats.loads += 1
         if self.background_loads and name is not None:
             self.pending.pop(slot, None)
-            self.loading[slot] = BackgroundLoad(name, self._to_device(self.staged_pages(name)), time.monotonic())
+            staged = self.staged.get(name)
+            if staged is not None:
+                self.loading[slot] = BackgroundLoad(name, self._to_device(staged), time.monotonic())
+            else:  # read, convert and stage it on the loader thread; this thread goes on
+                self.loading[slot] = BackgroundLoad(name, None, time.monotonic(),
+                                                    self._loader().submit(self._prepare, name))
         elif self.layerwise:
             self.pending[slot] = name
             self.pending.move_to_end(slot)
@@ -290,6 +316,13 @@ class AdapterCache:
         with self._lock:
             now = time.monotonic()
             for slot, load in list(self.loading.items()):
+                if load.preparing is not None:
+                    if not load.preparing.done():
+                        continue
+                    if load.preparing.exception() is not None:
+                        self._fail_load(slot, load, load.preparing.exception())
+                        continue
+                    load.pages, load.preparing = load.preparing.result(), None
                 if now - load.started >= self.min_load_seconds and all(
                         x.is_ready() for x in jax.tree.leaves(load.pages)):
                     del self.loading[slot]
@@ -303,9 +336,52 @@ class AdapterCache:
         with self._lock:
             load = next(iter(self.loading.values()), None)
         if load is not None:
-            jax.block_until_ready(load.pages)
-            time.sleep(max(0.0, load.started + self.min_load_seconds - time.monotonic()))
+            preparing = load.preparing
+            if preparing is not None:
+                concurrent.futures.wait([preparing])
+            pages = load.pages if preparing is None else (None if preparing.exception() else preparing.result())
+            if pages is not None:
+                jax.block_until_ready(pages)
+                time.sleep(max(0.0, load.started + self.min_load_seconds - time.monotonic()))
         self.poll_loads()
+
+    # ---- the loader thread (background loads of adapters not yet staged) ----
+
+    def _loader(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._loader_pool is None:
+            self._loader_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
+        return self._loader_pool
+
+    def _prepare(self, name: str) -> dict:
+        """On the loader thread: the adapter read (from disk if the host store dropped it), converted, staged in
+        pinned host memory (kept as for any load) and its copy to the device started. The cache's lock is held
+        only to look up and to store, never while reading or staging."""
+        with self._lock:
+            weights, path = self.host.get(name), self.paths.get(name)
+        if weights is None:
+            try:
+                weights = self._read(name, path)
+            except AdapterError as e:
+                raise AdapterLoadError(f"adapter {name!r} could not be read again: {e}") from e
+        staged = self._stage(weights)
+        with self._lock:
+            if name in self.paths:  # still registered: keep it as a synchronous load would
+                if name not in self.host:
+                    self._store(name, weights)
+                if name in self.host:
+                    self.staged[name] = staged
+        return self._to_device(staged)
+
+    def _fail_load(self, slot: int, load: BackgroundLoad, error: BaseException) -> None:
+        """A background load whose read failed: its slot maps to nothing, and the requests holding it fail."""
+        del self.loading[slot]
+        if self.slot_of.get(load.name) == slot:
+            del self.slot_of[load.name]
+        message = str(error) if isinstance(error, AdapterLoadError) else (
+            f"adapter {load.name!r} could not be loaded: {type(error).__name__}: {error}")
+        log.warning("background load failed: %s", message)
+        if self.refcount[load.name] > 0:
+            self.failed_loads[load.name] = message
 
     def take_load(self, needed_slots) -> tuple[int, dict] | None:
         """Before a step reading `needed_slots`: the one pending load the step should copy in layer by layer, as
@@ -353,10 +429,13 @@ class AdapterCache:
         once and kept while the adapter stays in the host store."""
         pages = self.staged.get(name)
         if pages is None:
-            weights = None if name is None else self._host_weights(name)
-            pages = jax.device_put(adapter_pages(self.pool, self.plan, weights)["layers"], self._staging_shardings())
+            pages = self._stage(None if name is None else self._host_weights(name))
             self.staged[name] = pages
         return pages
+
+    def _stage(self, weights: AdapterWeights | None) -> dict:
+        """One adapter's pool pages (zeros for None), per layer slot, put in pinned host memory."""
+        return jax.device_put(adapter_pages(self.pool, self.plan, weights)["layers"], self._staging_shardings())
 
     def _write_now(self, slot: int, name: str | None) -> None:
         start = time.perf_counter()
