@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The pending GPU measurements, in priority order, each a stage that fits one device call (run from the repo root
-# on the device machine; logs and JSON under $OUT). Done (docs/benchmarks.md, fifth to seventh sessions): the expert
+# on the device machine; logs and JSON under $OUT). Done (docs/benchmarks.md, fifth to eighth sessions): the expert
 # GEMM choice at decode and prefill widths, autotune on/off, the kernel numerics, the push's 1+1 parity, the
-# reference expand's form, the host's share of a 4-layer decode step, the start-up fix (compile_time). When an
-# nvidia-h200-x4 is lent, x4_decode and x4_sweep (issue 8's 2+2) come first. Stages:
+# reference expand's form, the host's share of a 4-layer decode step, the start-up fix (compile_time), decode
+# with both modes in one call (eighth session: 0.99x). When an nvidia-h200-x4 is lent, x4_decode and x4_sweep
+# (issue 8's 2+2) come first; then mixtral_sweep (rerun with settled caches), then slo_sweep with
+# ADAPTER_LOADING=background. Stages:
 #
 #   compile_time  (1 GPU, ~2 min) benchmarks/compile_time.py at 2 and 8 layers: checks that the Mosaic GPU expert
 #                 GEMM is built once per program (done in the seventh session: 8 layers 7.3 s, was 42.5 s).
@@ -19,6 +21,9 @@
 #   mixtral_sweep (2 GPUs, ~8 min) as slo_sweep, at Mixtral-8x7B widths (rank 64) where a coupled GPU has 14
 #                 slots and the LoRA server 70 (arithmetic at the stage): issue 6's target regime. Default
 #                 coupled+sjf (the best coupled row at Qwen3 widths) and disaggregated at 64 adapters.
+#                 Eighth session: coupled+sjf 2, disaggregated 3 req/s, but the LoRA server's cold loads cost
+#                 0.4-1.4 s (first-time staging, since fixed) and its first probe met unstaged adapters; the
+#                 sweep now settles the caches first (replay.settle_caches). Rerun: START=8 (one call).
 #   push          (2 GPUs, ~7 min) the disaggregated decode step with the device-initiated push
 #                 (INFINILORA_EXCHANGE=push; compare with 12.80 ms with ppermute, docs/benchmarks.md).
 #   decode        (2 GPUs, ~5 min per mode) benchmarks/disagg.py decode, MODES=coupled1 or disagg (default
