@@ -211,6 +211,48 @@ def test_background_loads_on_the_lora_server_4p4(llm44):
         cache.background_loads, cache.min_load_seconds = False, 0.0
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["step", "background"])
+def test_an_unreadable_adapter_fails_only_its_requests_4p4(llm44, monkeypatch, background):
+    """An adapter the host store dropped, whose files can no longer be read, fails only the requests naming it,
+    on whichever base instance they queued (finish_reason "error", the error naming it); every other request of
+    the mixed batch is exact, no slot maps to it, and once readable it serves again. Step loading fails it when
+    the request is admitted; background loading when the loader thread's read fails."""
+    from infinilora_jax.errors import AdapterError
+
+    ref, prompts, cache, group = reference(MODEL), _prompts(), llm44.runner.adapters, llm44.engine
+    victim = list(adapter_dirs(MODEL))[1]
+    llm44.unload_adapter(victim)
+    llm44.load_adapter(victim, adapter_dirs(MODEL)[victim])
+    del cache.host[victim]  # dropped: its next use reads it again
+    cache.staged.pop(victim, None)
+
+    def gone(name, path):
+        raise AdapterError("adapter directory does not exist", path=path)
+
+    monkeypatch.setattr(cache, "_read", gone)
+    cache.background_loads = background
+    try:
+        rows = [(i, v) for i in range(3) for v in VARIANTS]
+        ids = llm44._submit([prompts[i] for i, _ in rows], GREEDY, [variant_adapter(v) for _, v in rows])
+        failed_on = {group.instance_of(rid) for rid, (_, v) in zip(ids, rows) if v == victim}
+        outs = {}
+        while group.has_unfinished():
+            outs.update({o.request_id: o for o in group.step() if o.finished})
+        group.pop_finished()
+        assert failed_on == {0, 1}, "the victim's requests should sit on both base instances"
+        for rid, (i, v) in zip(ids, rows):
+            if v == victim:
+                assert outs[rid].finish_reason == "error" and victim in outs[rid].error, (i, v)
+            else:
+                assert outs[rid].token_ids == ref[f"greedy__{v}__{i}"].tolist() and outs[rid].error is None, (i, v)
+        assert victim not in cache.slot_of and cache.refcount[victim] == 0 and not cache.loading
+        monkeypatch.undo()
+        out = llm44.generate([prompts[0]], GREEDY, adapter=victim)[0]
+        assert out.token_ids == ref[f"greedy__{victim}__0"].tolist()
+    finally:
+        cache.background_loads = False
+
+
 # ---- memory by role ----
 
 def _lora_devices(runner):
