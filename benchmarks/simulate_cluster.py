@@ -16,7 +16,8 @@ replica are EXTRAPOLATED (the JSON output records each model's derivation). Cold
 --h2d_gbps (assumed), stalling the step that needs them (--adapter_loading step) or delaying only the requests
 that need them (background). Requests are routed as the engine routes them (--routing engine: coupled replicas by
 adapter affinity, base instances to the one with the fewest requests); the 16-GPU tables in docs/benchmarks.md
-were made when the simulator routed round robin only: --routing round_robin reproduces them.
+were first made when the simulator routed round robin at each arrival: --routing round_robin
+--noarrivals_between_steps reproduces that version.
 
     python benchmarks/simulate_cluster.py --out out/cluster
 """
@@ -63,6 +64,8 @@ flags.DEFINE_enum("adapter_loading", "step", list(simulator.ADAPTER_LOADINGS), "
                   "(background) delays only the requests that need it")
 flags.DEFINE_enum("routing", "engine", ["engine", *simulator.ROUTINGS], "requests to replicas: as the engine does "
                   "in each mode, or as named (bench/simulator.py)")
+flags.DEFINE_bool("arrivals_between_steps", True, "requests reach the replicas only between steps, as in the "
+                  "engine (bench/simulator.py ClusterConfig.arrivals_between_steps)")
 flags.DEFINE_float("memory_gb", 141.0, "")
 flags.DEFINE_float("reserve", 0.1, "")
 flags.DEFINE_string("prompt_len", "burstgpt:16:512", "BurstGPT-like, cut at 512 tokens: longer prompts (P95 ~800 at "
@@ -97,6 +100,7 @@ def deployments(shape, rank: int, num_adapters: int, spec, measured) -> tuple[di
     load_ms = 1e3 * adapter / device.h2d_bytes_per_s
     common = dict(step=step, max_num_seqs=F.max_num_seqs, max_num_batched_tokens=F.max_num_batched_tokens,
                   replica_devices=g, adapter_loading=F.adapter_loading,
+                  arrivals_between_steps=F.arrivals_between_steps,
                   routing=None if F.routing == "engine" else F.routing)
     out = {}
     for b in (baselines.BASELINES[n] for n in F.baselines):
@@ -149,7 +153,8 @@ def main(argv):
                                                    "calibration", "exchange_us", "h2d_gbps", "memory_gb", "reserve",
                                                    "prompt_len", "output_len", "num_requests", "duration_s",
                                                    "max_num_seqs", "max_num_batched_tokens", "slo_ttft", "slo_tpot",
-                                                   "seed", "adapter_loading", "routing")},
+                                                   "seed", "adapter_loading", "routing",
+                                                   "arrivals_between_steps")},
               "results": []}
     jobs = [(m, int(n)) for m in F.models for n in F.num_adapters]
     for item, n in tqdm(jobs, desc="models", unit="setting"):

@@ -263,23 +263,39 @@ def test_simulator_one_request_by_hand():
     assert (res.hits, res.misses, res.steps) == (0, 1, 7)
 
 
-def test_simulator_jumps_change_nothing():
+@pytest.mark.parametrize("between", [True, False])
+def test_simulator_jumps_change_nothing(between):
     """Runs of identical decode steps are advanced in one jump: the result equals stepping one at a time (also
-    where routing reads the replicas' state at each arrival, and where background loads land mid-run)."""
-    for mode, policy, loading in (("coupled", "fcfs", "step"), ("coupled", "sjf", "step"),
-                                  ("disaggregated", "fcfs", "step"), ("coupled", "fcfs", "background"),
-                                  ("disaggregated", "sjf", "background")):
-        kw = dict(mode=mode, policy=policy, num_replicas=3, lora_devices=2, exchange_ms_per_layer=0.05,
-                  kv_tokens=4000, adapter_loading=loading, max_num_seqs=6)  # full batches: jumps past arrivals
+    where routing reads the replicas' state at each arrival, where background loads land mid-run, and, arrivals
+    routed between steps, where an arrival waits for a step boundary inside another replica's run)."""
+    reqs = workload.generate(_spec(12.0, 300), None)
+    firsts = []
+    for mode, policy, loading, routing, replicas in (
+            ("coupled", "fcfs", "step", None, 3), ("coupled", "sjf", "step", None, 3),
+            ("disaggregated", "fcfs", "step", None, 3), ("coupled", "fcfs", "background", None, 3),
+            ("disaggregated", "sjf", "background", None, 3), ("coupled", "fcfs", "step", "round_robin", 3),
+            ("coupled", "fcfs", "background", None, 1)):
+        kw = dict(mode=mode, policy=policy, num_replicas=replicas, lora_devices=2, exchange_ms_per_layer=0.05,
+                  kv_tokens=4000, adapter_loading=loading, max_num_seqs=6,  # full batches: jumps past arrivals
+                  routing=routing, arrivals_between_steps=between)
         cfg = simulator.ClusterConfig(step=MODEL, cache_slots=8, load_ms=30.0, **kw)
-        reqs = workload.generate(_spec(12.0, 300), None)
-        a = simulator.Simulator(cfg).run(reqs)
+        jumping, events = simulator.Simulator(cfg), []
+        step = jumping._step
+        jumping._step = lambda *args: events.append(1) or step(*args)
+        a = jumping.run(reqs)
         sim = simulator.Simulator(cfg)
         sim.jump = False
         b = sim.run(reqs)
         assert a.steps == b.steps and (a.hits, a.misses) == (b.hits, b.misses)
+        assert len(events) < 0.9 * a.steps  # some steps were jumped over
         assert [x for t in a.timings for x in (t.first_token, t.finish)] == pytest.approx(
             [x for t in b.timings for x in (t.first_token, t.finish)])
+        firsts.append(sum(t.first_token for t in a.timings))
+    # the mode matters: the other one gives other times for the first configuration
+    other = sum(t.first_token for t in simulator.simulate(reqs, simulator.ClusterConfig(
+        step=MODEL, cache_slots=8, load_ms=30.0, num_replicas=3, max_num_seqs=6, kv_tokens=4000,
+        arrivals_between_steps=not between)).timings)
+    assert other != pytest.approx(firsts[0])
 
 
 def test_simulator_sanity():
@@ -307,13 +323,17 @@ def test_simulator_sanity():
 
 
 def test_simulator_step_loading_with_round_robin_is_unchanged():
-    """Step loading, one replica or routed round robin: the numbers the simulator gave before it learned to route
-    by affinity and to load in the background (steps, hits, misses, summed first-token and finish times)."""
+    """Step loading, one replica or routed round robin, arrivals routed when they arrive (one replica: either way):
+    the numbers the simulator gave before it learned to route by affinity, to load in the background and to route
+    arrivals between steps (steps, hits, misses, summed first-token and finish times)."""
     reqs = workload.generate(_spec(12.0, 300), None)
+    at_arrival = dict(arrivals_between_steps=False)
     recorded = [(dict(num_replicas=1, kv_tokens=3000), (3269, 161, 112, 4088.983552, 4174.362792)),
-                (dict(num_replicas=3, policy="sjf", routing="round_robin"), (8680, 160, 113, 4086.087379, 4147.364619)),
+                (dict(num_replicas=1, kv_tokens=3000, **at_arrival), (3269, 161, 112, 4088.983552, 4174.362792)),
+                (dict(num_replicas=3, policy="sjf", routing="round_robin", **at_arrival),
+                 (8680, 160, 113, 4086.087379, 4147.364619)),
                 (dict(mode="disaggregated", num_replicas=2, lora_devices=2, exchange_ms_per_layer=0.05,
-                      routing="round_robin"), (6957, 162, 111, 4086.248, 4147.1628))]
+                      routing="round_robin", **at_arrival), (6957, 162, 111, 4086.248, 4147.1628))]
     for kw, (steps, hits, misses, first, finish) in recorded:
         res = simulator.simulate(reqs, simulator.ClusterConfig(step=MODEL, cache_slots=6, load_ms=30.0, **kw))
         assert (res.steps, res.hits, res.misses, res.unfinished) == (steps, hits, misses, 0)
@@ -361,6 +381,59 @@ def test_simulator_affinity_gives_way_to_the_least_loaded_replica():
     one_seq = dataclasses.replace(cfg, max_num_seqs=1)
     assert max(t.ttft for t in simulator.simulate(base, one_seq).timings[1:]) < 0.1
     assert simulator.simulate(base, dataclasses.replace(one_seq, routing="round_robin")).timings[2].ttft > 1.0
+
+
+FLAT = calibration.StepTimeModel("flat", 1, 10.0, 1.0, 0.0)  # a step: 10 ms + 1 ms per token
+
+
+def _first_tokens(reqs, **kw):
+    cfg = simulator.ClusterConfig(step=FLAT, cache_slots=4, load_ms=200.0, prewarm=False, **kw)
+    res = simulator.simulate(_requests(*reqs), cfg)
+    assert res.unfinished == 0
+    return [t.first_token for t in res.timings]
+
+
+@pytest.mark.parametrize("loading", ["step", "background"])
+def test_simulator_routes_arrivals_between_steps(loading):
+    """The engine's callers add requests only between steps, and ReplicaGroup.step returns when the first step in
+    flight completes: a request arriving while every busy replica is stalled by a cold load waits for the first
+    of them to complete, even with a replica idle, and is then routed (to the idle replica, the least loaded)
+    before any replica starts its next step."""
+    a, b = (0.0, 0, 4, 50), (0.0, 1, 100, 50)  # cold adapters: replica 0 busy until 0.214 s, replica 1 until 0.310
+    d = (0.05, None, 4, 2)
+    first = 0.014  # D's first token: one step of its 4-token prefill
+    stalled = dict(num_replicas=3, adapter_loading=loading)
+    assert _first_tokens([a, b, d], **stalled) == pytest.approx([0.214, 0.31, 0.214 + first])
+    assert _first_tokens([a, b, d], **stalled, arrivals_between_steps=False) == pytest.approx(
+        [0.214, 0.31, 0.05 + first])  # routed at its arrival, it starts on the idle replica 2 at once
+    # two replicas completing their stalled steps at the same instant: D (least loaded: replica 0, a tie) is
+    # routed before either starts its next step, and joins replica 0's next step (A's decode, D's prefill)
+    both = dict(num_replicas=2, adapter_loading=loading)
+    assert _first_tokens([a, (0.0, 1, 4, 50), d], **both) == pytest.approx([0.214, 0.214, 0.214 + 0.015])
+    # routed when it arrives, D waits for replica 0's step too; but with background loading it is admitted when
+    # the load lands, beside A's prefill (18 ms), where the engine's replica waits for the load and runs the step
+    # that follows in one call, before its caller adds D
+    old = [0.214, 0.214, 0.229] if loading == "step" else [0.218, 0.214, 0.218]
+    assert _first_tokens([a, (0.0, 1, 4, 50), d], **both, arrivals_between_steps=False) == pytest.approx(old)
+    # no step in flight: routed at once
+    assert _first_tokens([(0.0, 0, 4, 1), (0.3, None, 4, 2)], **stalled)[1] == pytest.approx(0.3 + first)
+
+
+def test_simulator_one_replica_takes_arrivals_after_its_step():
+    """One replica (coupled or one base instance): a request arriving during a step stalled by a cold load joins
+    the next step, whether routed when it arrives or when the step completes (the engine's callers add it then).
+    Waiting for a background load, an LLMEngine's step runs the step that follows the wait in the same call, so
+    the request waits for that step too; an InstanceGroup's step returns after the wait, so it joins that step."""
+    a, d = (0.0, 0, 4, 50), (0.05, None, 4, 2)
+    disagg = dict(mode="disaggregated", lora_devices=1)
+    for between in (True, False):
+        for kw in ({}, disagg):
+            assert _first_tokens([a, d], **kw, arrivals_between_steps=between) == pytest.approx([0.214, 0.229])
+        assert _first_tokens([a, d], **disagg, adapter_loading="background", arrivals_between_steps=between) == \
+            pytest.approx([0.218, 0.218])  # A's prefill at the landing (0.2 s) with D's, 18 ms
+    assert _first_tokens([a, d], adapter_loading="background") == pytest.approx([0.214, 0.229])
+    assert _first_tokens([a, d], adapter_loading="background", arrivals_between_steps=False) == pytest.approx(
+        [0.218, 0.218])
 
 
 def test_simulator_fewest_requests_routing():

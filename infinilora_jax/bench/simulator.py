@@ -31,8 +31,8 @@ Cold loads (`adapter_loading`, as LLM(adapter_loading=...)):
               (`wait_for_load`). Hits and misses are counted as the engine's AdapterCache.acquire counts them:
               once per request, when it takes its slot; a request for an adapter already loading is a hit.
 
-Routing (`routing`; None: what the engine does in the mode, evaluated at each request's arrival against the
-replicas' state then):
+Routing (`routing`; None: what the engine does in the mode, evaluated when the request is routed, below, against
+the replicas' state then):
   affinity         coupled replicas (engine/replicas.py ReplicaGroup.route): to a replica with affinity for the
                    request's adapter (resident in its cache, or used by one of its unfinished requests), the
                    least loaded of those, unless its load exceeds the least loaded replica's by more than
@@ -42,8 +42,24 @@ replicas' state then):
   fewest_requests  disaggregated base instances (disagg/engine.py InstanceGroup.add_request): the one with the
                    fewest unfinished requests, ties to the lowest index.
   round_robin      in arrival order, whatever the replicas' state.
-A replica's state is applied when its step starts, so routing sees each replica as of the end of its step in
-flight (the engine sees it as of the start).
+When requests are routed (`arrivals_between_steps`, default on): as in the engine, whose callers (the server's
+EngineWorker, bench/replay.py) add the requests that arrived only between `step()` calls. ReplicaGroup.step
+starts a step on every idle replica with work and returns once at least one step in flight has completed; an
+LLMEngine's and an InstanceGroup's step is one call. So a request is routed, and can be admitted, at the first
+moment at or after its arrival at which no replica has a step in flight (then at once), or else at the earliest
+completion of a step in flight on any replica; it is routed before any replica starts its next step at that
+instant, so every replica whose step completes then, and every idle one, can admit it at once. Meanwhile it waits,
+even when a replica is idle: with several replicas, a request arriving while every busy replica is stalled (a
+cold load, a long prefill) waits for the first of them. A replica waiting for a background load (`wait_for_load`)
+is in flight until the step that follows the wait completes (an LLMEngine's step waits and runs it in one call);
+in the disaggregated mode, until the load lands (an InstanceGroup's step returns after the wait). A replica
+retrying after it could schedule nothing is not in flight. With one replica this changes nothing else: a request
+arriving mid-step could not start before that step's end anyway. The disaggregated mode's base instances step
+independently here (below), so their requests wait for the earliest instance step to complete, where the engine's
+instances all complete theirs together. Off, a request is routed at its arrival time, and an idle replica starts
+on it at once (what the simulator did before).
+A replica's state is applied when its step starts, so routing sees each replica whose step is still in flight as
+of the end of that step (the engine sees it as of the start).
 
 Caches start warm (`prewarm`: the most popular adapters resident in every cache; workloads number adapters by
 popularity, bench/workload.py and bench/trace.py). Unlike the engine, the KV cache is reserved in full at
@@ -52,7 +68,10 @@ matters only while a cache is still filling). The disaggregated mode's base inst
 while the engine steps them together as one program (disagg/engine.py).
 
 Steps that only decode, with nothing to admit until the next finish, arrival or landed load, repeat identically:
-they are advanced in one jump, so a simulated hour of decoding costs a few events.
+they are advanced in one jump, so a simulated hour of decoding costs a few events. A jump ends at the first step
+boundary at or after the next event that may change what the replica does: a finish, a landed load, an arrival
+it could admit or that routing would read its state for, and (arrivals between steps, several replicas) any
+arrival, which may be routed at that boundary.
 """
 
 from __future__ import annotations
@@ -95,6 +114,9 @@ class ClusterConfig:
     routing: str | None = None  # ROUTINGS; None: the engine's for the mode (module docstring)
     affinity_slack: int | None = None  # affinity routing, tokens; None: max_num_batched_tokens (as the engine)
     adapter_loading: str = "step"  # ADAPTER_LOADINGS (module docstring)
+    arrivals_between_steps: bool = True  # an arrival is routed (and can be admitted) only when no step is in
+    # flight or at the first step completion at or after it, as the engine's callers add requests between steps
+    # (module docstring, "When requests are routed"); False: at its arrival time, as the simulator did before
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -220,7 +242,10 @@ class _Replica:
         self.seq = 0
         self.waiting_tokens = 0  # outstanding tokens of the waiting requests (their whole size: none computed)
         self.adapter_users: collections.Counter = collections.Counter()  # adapter -> unfinished requests using it
-        self.wakes_on_arrival = True  # a request routed to it starts a step at once (idle, or retrying)
+        self.wakes_on_arrival = True  # a request routed to it starts a step at once (idle, or retrying); False:
+        # a step is in flight until next_at (or it waits for a load until then)
+        self.next_at = -math.inf  # its scheduled event: the end of its step in flight (or of its load wait)
+        self.completes = True  # the step in flight completes at next_at (False: a load wait, then a step)
         self.version = 0  # of its next step: the event heap's older entries for it are stale
 
     def has_work(self) -> bool:
@@ -269,17 +294,33 @@ class Simulator:
         finish: dict[int, float] = {}
         heap: list[tuple[float, int, int]] = []  # (time, replica, version): replicas' next steps
 
-        def schedule(k: int, at: float, wakes_on_arrival: bool) -> None:
+        def schedule(k: int, at: float, wakes_on_arrival: bool, completes: bool = True) -> None:
             rep = replicas[k]
             rep.version += 1
-            rep.wakes_on_arrival = wakes_on_arrival
+            rep.wakes_on_arrival, rep.completes, rep.next_at = wakes_on_arrival, completes, at
             heapq.heappush(heap, (at, k, rep.version))
 
-        steps = 0
+        # a replica waiting for a background load: an LLMEngine's step (a coupled replica's) waits for the load
+        # and runs the step that follows in one call; an InstanceGroup's step returns after the wait
+        load_wait_completes = cfg.mode == "disaggregated"
+
+        steps, clock = 0, 0.0  # clock: the time of the latest event
         while True:
             arrival = reqs[self._routed].arrival if self._routed < len(reqs) else math.inf
-            if heap and heap[0][0] < arrival:  # a step; arrivals at the same time are routed first
+            at = arrival  # when the next arrival is routed
+            if cfg.arrivals_between_steps and arrival < math.inf:
+                # a step is in flight on every replica that does not wake on an arrival: it completes at next_at,
+                # or (not `completes`) waits for a load until then and runs a step after it in the same call. An
+                # arrival during one waits for the earliest completion (a run of steps that a jump advanced ends
+                # at the first step boundary at or after the next arrival, so that boundary is such a completion)
+                busy = [rep for rep in replicas if not rep.wakes_on_arrival]
+                ends = min((rep.next_at for rep in busy if rep.completes), default=math.inf)
+                if busy and arrival < ends:
+                    at = ends  # inf while only load waits are in flight: their landings come first
+                at = max(at, clock)  # one left waiting when a load wait ended without a step: routed now
+            if heap and heap[0][0] < at:  # a step; arrivals routed at the same time are routed first
                 now, k, version = heapq.heappop(heap)
+                clock = now
                 rep = replicas[k]
                 if version != rep.version:
                     continue
@@ -292,7 +333,7 @@ class Simulator:
                 if duration is not None:
                     schedule(k, now + duration, False)
                 elif landing < math.inf:  # only requests waiting for loads: block until the earliest lands
-                    schedule(k, landing, False)
+                    schedule(k, landing, False, load_wait_completes)
                 else:  # nothing could be scheduled now (a shared cache's slots all pinned elsewhere)
                     schedule(k, now + RETRY_S, True)
             elif arrival < math.inf:
@@ -300,7 +341,7 @@ class Simulator:
                 self._routed += 1
                 k = self._route(req, replicas)
                 if replicas[k].add(req) and replicas[k].wakes_on_arrival:
-                    schedule(k, req.arrival, False)
+                    schedule(k, at, False)
             else:
                 break
         caches = [shared] if shared is not None else [r.cache for r in replicas]
@@ -330,11 +371,12 @@ class Simulator:
                 return best
         return least
 
-    def _next_arrival(self, k: int) -> float:
-        """When the next request that may reach replica k arrives: round robin knows which; otherwise any
-        arrival may (and routing reads the replica's state then, so a jump must not run past it)."""
+    def _next_arrival(self, k: int, any_replica: bool = False) -> float:
+        """When the next request that may reach replica k arrives: round robin knows which; otherwise (or with
+        `any_replica`) any arrival may (and routing reads the replica's state then, so a jump must not run past
+        it)."""
         reqs, i, n = self._reqs, self._routed, self.cfg.num_replicas
-        if self.cfg.router == "round_robin":
+        if self.cfg.router == "round_robin" and not any_replica:
             i += (k - i) % n
         return reqs[i].arrival if i < len(reqs) else math.inf
 
@@ -365,8 +407,11 @@ class Simulator:
             jump = min(r.max_tokens - r.generated for r, _ in rows)
             room = len(rep.running) < cfg.max_num_seqs  # an arrival or a landed load could be admitted
             routed_by_state = cfg.num_replicas > 1 and cfg.router != "round_robin"
+            # arrivals between steps: any arrival (to any replica) may be routed at one of this run's step
+            # boundaries, the first at or after it (with one replica: to this one, admitted only when there is room)
+            between = cfg.arrivals_between_steps and cfg.num_replicas > 1
             # stop at the step boundary at or after the next event that may change what this replica does
-            events = ([self._next_arrival(k)] if room or routed_by_state else []) + (
+            events = ([self._next_arrival(k, between)] if room or routed_by_state or between else []) + (
                 [rep.cache.next_landing(now)] if room else [])
             for at in events:
                 if at < math.inf:
