@@ -183,6 +183,45 @@ def test_a_background_load_that_cannot_read_fails_only_its_requests(llm_bg, monk
     assert out.token_ids == ref[f"greedy__{cold}__2"].tolist()
 
 
+def test_a_read_finishing_after_its_name_was_registered_anew_stages_nothing(llm_bg, monkeypatch):
+    """A prefetch's background read that finishes after its adapter was unregistered and a different adapter
+    registered under the same name must not leave its pages staged for the new one."""
+    import threading
+
+    from infinilora_jax.loading.peft_adapter import load_peft_adapter
+
+    cache = llm_bg.runner.adapters
+    names = list(adapter_dirs(MODEL))
+    name, other = names[2], names[3]
+    for resident in list(cache.slot_of):  # free every slot, so the prefetch takes one
+        if resident in names and cache.refcount[resident] == 0:
+            _make_cold(llm_bg, resident)
+    _make_unstaged(llm_bg, name)
+    entered, release, real_read = threading.Event(), threading.Event(), cache._read
+
+    def held_read(n, p):
+        entered.set()
+        assert release.wait(60)
+        return real_read(n, p)
+
+    monkeypatch.setattr(cache, "_read", held_read)
+    try:
+        cache.prefetch([name])
+        load = next(load for load in cache.loading.values() if load.name == name)
+        assert entered.wait(60), "the loader thread is reading the original"
+        llm_bg.unload_adapter(name)  # drops the load in flight
+        replacement = load_peft_adapter(adapter_dirs(MODEL)[other], llm_bg.config, max_rank=16, name=name)
+        cache.register_weights(replacement)
+        release.set()
+        load.preparing.result(timeout=60)
+        assert name not in cache.staged and cache.host[name] is replacement
+    finally:
+        release.set()
+        monkeypatch.undo()
+        llm_bg.unload_adapter(name)
+        llm_bg.load_adapter(name, adapter_dirs(MODEL)[name])
+
+
 def test_unknown_loading_mode_is_refused():
     with pytest.raises(ConfigError, match="adapter_loading"):
         LLM(model_dir(MODEL), adapter_loading="eager", progress=False)

@@ -357,7 +357,9 @@ class AdapterCache:
         pinned host memory (kept as for any load) and its copy to the device started. The cache's lock is held
         only to look up and to store, never while reading or staging."""
         with self._lock:
-            weights, path = self.host.get(name), self.paths.get(name)
+            if name not in self.paths:  # unregistered before this ran (its load was dropped with it)
+                raise AdapterLoadError(f"adapter {name!r} was unregistered while loading")
+            weights, path = self.host.get(name), self.paths[name]
         if weights is None:
             try:
                 weights = self._read(name, path)
@@ -365,11 +367,13 @@ class AdapterCache:
                 raise AdapterLoadError(f"adapter {name!r} could not be read again: {e}") from e
         staged = self._stage(weights)
         with self._lock:
-            if name in self.paths:  # still registered: keep it as a synchronous load would
+            # keep it as a synchronous load would, unless the name was unregistered (or registered anew)
+            # meanwhile: the new adapter must not inherit these pages
+            same = name in self.paths and self.paths[name] == path and self.host.get(name) in (None, weights)
+            if same:
                 if name not in self.host:
                     self._store(name, weights)
-                if name in self.host:
-                    self.staged[name] = staged
+                self.staged[name] = staged
         return self._to_device(staged)
 
     def _fail_load(self, slot: int, load: BackgroundLoad, error: BaseException) -> None:
