@@ -340,11 +340,13 @@ def _print_sweep(report: dict) -> None:
         cells = []
         for n in names:
             r = row["baselines"].get(n)
-            if r and "serviceable_rate" not in r:  # cut off mid-search: its probes so far
+            if not r:
+                cells.append(f"{'-':>26}")
+            elif "serviceable_rate" not in r:  # cut off mid-search: its probes so far
                 cells.append("cut off: " + ",".join(f"{p['rate']:g}{'+' if p['ok'] else '-'}" for p in r["probes"]))
             else:
                 cells.append(f"{r['serviceable_rate']:8.2f} ({r['adapters_meeting_slo']:4.0%}, "
-                             f"hit {r['hit_rate'] or 0:.2f})" if r else f"{'-':>26}")
+                             f"hit {r['hit_rate'] or 0:.2f})")
         print("  " + f"{row['num_adapters']:>8} " + " ".join(f"{c:>26}" for c in cells))
 
 

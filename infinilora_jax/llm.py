@@ -222,9 +222,9 @@ class LLM:
         try:
             while pending:
                 for out in self.engine.step():
-                    if out.error is not None and out.request_id in pending:
-                        raise AdapterLoadError(out.error)
                     if out.request_id in pending:
+                        if out.error is not None:
+                            raise AdapterLoadError(out.error)
                         yield out
                         if out.finished:
                             pending.discard(out.request_id)

@@ -180,9 +180,7 @@ class AdapterCache:
             return 0
         with self._lock:
             self.require(name)
-            if self.refcount[name] > 0:
-                self.raise_if_failed(name)  # its load failed while other requests still hold it
-            self.failed_loads.pop(name, None)  # nobody holds it: try again
+            self.raise_if_failed(name)  # its load failed while other requests still hold it (else: try again)
             if name in self.slot_of:
                 self.stats.hits += 1
                 self.slot_of.move_to_end(name)
@@ -269,10 +267,13 @@ class AdapterCache:
     def _readable(self, name: str) -> None:
         """Make sure the adapter is in the host store, reading it again if it was dropped; a read that fails
         (the directory changed or vanished since registration) raises AdapterLoadError."""
-        if name in self.host:
-            return
+        if name not in self.host:
+            self._store(name, self._read_again(name, self.paths[name]))
+
+    def _read_again(self, name: str, path: str | None) -> AdapterWeights:
+        """A registered adapter read from its directory again; AdapterLoadError if that fails."""
         try:
-            self._host_weights(name)
+            return self._read(name, path)
         except AdapterError as e:
             raise AdapterLoadError(f"adapter {name!r} could not be read again: {e}") from e
 
@@ -361,10 +362,7 @@ class AdapterCache:
                 raise AdapterLoadError(f"adapter {name!r} was unregistered while loading")
             weights, path = self.host.get(name), self.paths[name]
         if weights is None:
-            try:
-                weights = self._read(name, path)
-            except AdapterError as e:
-                raise AdapterLoadError(f"adapter {name!r} could not be read again: {e}") from e
+            weights = self._read_again(name, path)
         staged = self._stage(weights)
         with self._lock:
             # keep it as a synchronous load would, unless the name was unregistered (or registered anew)
