@@ -34,19 +34,25 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from infinilora_jax.bench import device_trace  # noqa: E402
 from infinilora_jax.lora import reference  # noqa: E402
 from pallas_kernels import dispatch  # noqa: E402
 from pallas_kernels.gpu import ops as gpu_ops  # noqa: E402
 from pallas_kernels.layout import PageTable, a_rows_from_pool, padded_rank  # noqa: E402
 
 F = flags.FLAGS
-flags.DEFINE_list("cases", ["64,32,16", "256,64,16", "256,64,64", "4096,64,64"], "T,adapters,rank per case")
+flags.DEFINE_list("cases", ["64:32:16", "256:64:16", "256:64:64", "4096:64:64"], "T:adapters:rank per case")
+flags.DEFINE_list("expert_cases", ["qwen3-gate_up:64:32:32:128:8:2048:1536", "qwen3-down:64:32:32:128:8:768:2048",
+                                   "mixtral-gate_up:64:32:64:8:2:4096:28672", "mixtral-down:64:32:64:8:2:14336:4096"],
+                  "per-expert delta cases name:tokens:adapters:rank:experts:top_k:d_in:d_out (rows = tokens * top_k)")
 flags.DEFINE_integer("hidden", 4096, "H (input and output width)")
 flags.DEFINE_integer("slots", 128, "adapter slots in the pool (slot 0 = none)")
 flags.DEFINE_integer("iters", 50, "calls per timed loop")
 flags.DEFINE_integer("repeats", 5, "timed loops per variant")
 flags.DEFINE_bool("smoke", False, "tiny shapes, 2 iterations (CPU check of the script)")
 flags.DEFINE_string("out", None, "write <out>.json")
+flags.DEFINE_bool("profile", False, "also trace one timed loop per variant and print its kernels (device time per "
+                  "call, by kernel): where a variant's time goes")
 
 DT = jnp.bfloat16
 
@@ -89,35 +95,84 @@ def delta_ragged(x, slots, a, b):
 
 def shrink_gpu_kernel(x, slots, a, b):
     """The Mosaic GPU shrink (pallas_kernels/gpu/); the A arena is built per call here (one transpose), where the
-    pool should keep A rank-major (tools/gpu_lora_kernel_check.py times it without that copy)."""
+    pool should keep A rank-major (gpu-kernel-rm below times it without that copy)."""
     del b
-    rank = a.shape[-1]
+    return _shrink_gpu_rows(x, slots, a_rows_from_pool(a, padded_rank(a.shape[-1], 16)), a.shape[-1])
+
+
+def _shrink_gpu_rows(x, slots, a_rows, rank):
     rb = padded_rank(rank, 16)
-    table = PageTable.padded(a.shape[0], 1, rb, rb)
-    return gpu_ops.lora_shrink(x, slots, slots > 0, a_rows_from_pool(a, rb), table, num_experts=1)[:, :rank]
+    table = PageTable.padded(a_rows.shape[0] // rb, 1, rb, rb)
+    return gpu_ops.lora_shrink(x, slots, slots > 0, a_rows, table, num_experts=1)[:, :rank]
+
+
+def shrink_gpu_kernel_rank_major(x, slots, a, b):
+    """As gpu-kernel, with A stored rank-major (the arena is a free view): the kernels' own cost."""
+    del b
+    return _shrink_gpu_rows(x, slots, a.reshape(-1, a.shape[-1]), a.shape[-2])
 
 
 def delta_gpu_kernel(x, slots, a, b):
     return dispatch.lora_delta(x, slots, a, b, backend=dispatch.LoraBackend.GPU)
 
 
+def delta_gpu_kernel_rank_major(x, slots, a, b):
+    return dispatch.lora_delta(x, slots, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True)
+
+
+def delta_reference_rank_major(x, slots, a, b):
+    """The reference's gather + einsum reading A stored rank-major [S, R, H]."""
+    s = jnp.einsum("ni,nri->nr", x, a[slots], preferred_element_type=jnp.float32)
+    return jnp.einsum("nr,nro->no", s, b[slots].astype(jnp.float32))
+
+
+def expert_delta_reference_rank_major(x, slots, experts, a, b):
+    s = jnp.einsum("mi,mri->mr", x, a[slots, experts], preferred_element_type=jnp.float32)
+    return jnp.einsum("mr,mro->mo", s, b[slots, experts].astype(jnp.float32))
+
+
+RANK_MAJOR = {"gpu-kernel-rm", "reference-rm"}  # variants that take A as [S, (E,) R, D_in]
+
+
+def expert_delta_gpu_kernel_rank_major(x, slots, experts, a, b):
+    return dispatch.expert_lora_delta(x, slots, experts, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True)
+
+
+def harness(x, *args):
+    """The timing loop's own cost (the sum of an output and the write into x): subtract it from each row."""
+    del args
+    return x
+
+
 SHRINK = {"gather+einsum": shrink_gather, "one-hot": shrink_onehot, "ragged_dot": shrink_ragged}
-DELTA = {"reference": reference.lora_delta, "dispatch": dispatch.lora_delta, "one-hot": delta_onehot,
-         "ragged_dot": delta_ragged}
+DELTA = {"reference": reference.lora_delta, "reference-rm": delta_reference_rank_major,
+         "dispatch": dispatch.lora_delta, "one-hot": delta_onehot, "ragged_dot": delta_ragged}
 if jax.default_backend() == "gpu":  # Mosaic GPU kernels: Hopper only
     SHRINK["gpu-kernel"] = shrink_gpu_kernel
+    SHRINK["gpu-kernel-rm"] = shrink_gpu_kernel_rank_major
     DELTA["gpu-kernel"] = delta_gpu_kernel
+    DELTA["gpu-kernel-rm"] = delta_gpu_kernel_rank_major
+EXPERT_DELTA = {"reference": reference.expert_lora_delta, "reference-rm": expert_delta_reference_rank_major,
+                "dispatch": dispatch.expert_lora_delta}
+if jax.default_backend() == "gpu":
+    EXPERT_DELTA["gpu-kernel-rm"] = expert_delta_gpu_kernel_rank_major
 
 
-def timed(fn, *args) -> float:
-    """Median seconds per call of fn(*args), inside a jitted fori_loop. Each iteration adds a zero made from the
-    sum of its whole output into x: a zero from one output element let XLA shrink pure-XLA variants to the
-    slice that element needs. (The sum is one extra read of the output, included in the time.)"""
+def timed(fn, *args, profile: bool = False) -> dict:
+    """Per call of fn(*args), over one jitted, unrolled loop of F.iters calls: `wall_us` (median over repeats;
+    on the GPU it carries a fixed per-program launch cost of tens of us, spread over the calls) and `device_us`
+    (kernel time on the device, from a profiler trace of one loop: what the call costs inside a larger program
+    such as a decode step; None where the trace has no device). Each iteration passes its output through an
+    optimization barrier and feeds one element back into x, so XLA can neither hoist the call out of the loop
+    nor shrink it to the slice that element needs."""
     def loop(x, *rest):
         def body(_, x):
-            out = fn(x, *rest)
-            return x.at[0, 0].add((jnp.sum(out, dtype=jnp.float32) * 0).astype(x.dtype))
-        return jax.lax.fori_loop(0, F.iters, body, x)
+            out = jax.lax.optimization_barrier(fn(x, *rest))
+            first = jax.tree.leaves(out)[0].reshape(-1)[0]
+            return x.at[0, 0].add((first * 0).astype(x.dtype))
+        # unrolled: a rolled loop on the GPU pays ~20 us per iteration for its condition (measured), more than
+        # a decode-size LoRA call
+        return jax.lax.fori_loop(0, F.iters, body, x, unroll=True)
     run = jax.jit(loop)
     jax.block_until_ready(run(*args))
     times = []
@@ -125,7 +180,17 @@ def timed(fn, *args) -> float:
         t0 = time.perf_counter()
         jax.block_until_ready(run(*args))
         times.append((time.perf_counter() - t0) / F.iters)
-    return statistics.median(times)
+    with device_trace.traced() as where:
+        jax.block_until_ready(run(*args))
+    devices = {k: v for k, v in device_trace.summarize(where(), calls=1, top=8).items() if k.startswith("/device:")}
+    device_us = sum(d["busy_us"] for d in devices.values()) / F.iters if devices else None
+    if profile:
+        for device, d in devices.items():
+            print(f"      {device}: busy {d['busy_us'] / F.iters:.1f} us of {d['span_us'] / F.iters:.1f} us per "
+                  f"call, {d['ops_per_call'] / F.iters:.1f} kernels per call")
+            for name, us in d["top_us"]:
+                print(f"        {us / F.iters:8.2f} us  {name}")
+    return dict(wall_us=1e6 * statistics.median(times), device_us=device_us)
 
 
 def _wall(run, *args) -> float:
@@ -143,7 +208,8 @@ def ceilings(n_bytes: int, n: int) -> tuple[float, float]:
     t_copy = statistics.median(_wall(run, buf) / F.iters for _ in range(F.repeats))
     m = jnp.ones((n, n), DT)
     t_mm = timed(lambda v, w: jnp.dot(v, w, preferred_element_type=jnp.float32), m, m)
-    return 2 * buf.nbytes / t_copy, 2 * n ** 3 / t_mm
+    t_mm = t_mm["wall_us"] if t_mm["device_us"] is None else t_mm["device_us"]
+    return 2 * buf.nbytes / t_copy, 2e6 * n ** 3 / t_mm
 
 
 def make_case(rng, tokens, adapters, rank):
@@ -157,6 +223,57 @@ def make_case(rng, tokens, adapters, rank):
     return jnp.asarray(x, DT), jnp.asarray(slots, jnp.int32), jnp.asarray(a, DT), jnp.asarray(b, DT)
 
 
+def make_expert_case(rng, tokens, adapters, rank, experts, top_k, d_in, d_out):
+    """Rows = (token, expert) assignments sorted by expert (as the MoE layer feeds them), one adapter per token;
+    a pool of adapters + 1 slots. Returns (..., distinct pages the rows touch)."""
+    s = adapters + 1
+    a = (rng.normal(size=(s, experts, d_in, rank)) / np.sqrt(d_in)).astype(np.float32)
+    b = (rng.normal(size=(s, experts, rank, d_out)) / np.sqrt(rank)).astype(np.float32)
+    a[0], b[0] = 0, 0
+    token_slots = rng.integers(1, s, size=tokens)
+    chosen = np.stack([rng.choice(experts, size=top_k, replace=False) for _ in range(tokens)])
+    order = np.argsort(chosen.reshape(-1), kind="stable")
+    expert_ids = chosen.reshape(-1)[order]
+    slots = np.repeat(token_slots, top_k)[order]
+    x = rng.normal(size=(tokens * top_k, d_in)).astype(np.float32)
+    pages = len(set(zip(slots.tolist(), expert_ids.tolist())))
+    return (jnp.asarray(x, DT), jnp.asarray(slots, jnp.int32), jnp.asarray(expert_ids, jnp.int32),
+            jnp.asarray(a, DT), jnp.asarray(b, DT), pages)
+
+
+class _Runner:
+    """Checks and times every variant of one case; a failing variant (a new kernel) must not stop the rest."""
+
+    def __init__(self, rows: list, copy_bw: float):
+        self.rows, self.copy_bw = rows, copy_bw
+
+    def __call__(self, op, label, meta, variants, args, n_bytes, want):
+        """Rows for each variant; `us` is its device time less the loop's own (the harness, timed first), or
+        the wall time where there is no device trace (CPU)."""
+        floor_us = 1e6 * n_bytes / self.copy_bw
+        base = timed(harness, *args)
+        print(f"  {op:12s} {label}  loop harness: device {base['device_us'] or 0:.1f} us, "
+              f"wall {base['wall_us']:.1f} us")
+        for name, fn in variants.items():
+            call_args = list(args)
+            if name in RANK_MAJOR:  # A (the pool's second-to-last operand) stored rank-major
+                call_args[-2] = jnp.swapaxes(call_args[-2], -1, -2)
+            try:
+                err = rel_err(jax.jit(fn)(*call_args), want)
+                t = timed(fn, *call_args, profile=F.profile)
+            except Exception as e:  # noqa: BLE001
+                print(f"  {op:12s} {label}  {name:14s} FAILED: {type(e).__name__}: {e}")
+                self.rows.append(dict(op=op, **meta, variant=name, error=f"{type(e).__name__}: {e}"))
+                continue
+            us = (t["wall_us"] if t["device_us"] is None
+                  else max(t["device_us"] - base["device_us"], 0.0))
+            self.rows.append(dict(op=op, **meta, variant=name, us=us, wall_us=t["wall_us"],
+                                  device_us=t["device_us"], harness_device_us=base["device_us"],
+                                  floor_us=floor_us, bytes=n_bytes, rel_err=err))
+            print(f"  {op:12s} {label}  {name:14s} {us:9.1f} us  floor {floor_us:7.1f} us  "
+                  f"({us / floor_us:6.1f}x)  wall {t['wall_us']:8.1f} us  rel err {err:.1e}")
+
+
 def rel_err(got, want) -> float:
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
@@ -166,38 +283,39 @@ def main(argv):
     del argv
     if F.smoke:
         F.hidden, F.slots, F.iters, F.repeats = 256, 16, 2, 1
-        F.cases = ["8,4,16", "64,8,16"]
+        F.cases = ["8:4:16", "64:8:16"]
+        F.expert_cases = ["tiny:8:4:16:4:2:128:256"]
     print(f"  platform {jax.default_backend()}, device {jax.devices()[0].device_kind}, jax {jax.__version__}, "
           f"dispatch backend {dispatch.select_backend().value}")
     copy_bw, mm = ceilings(2**30 if not F.smoke else 2**22, 8192 if not F.smoke else 256)
     print(f"  ceilings: copy {copy_bw / 1e9:.0f} GB/s (read + write), bf16 matmul {mm / 1e12:.1f} TFLOP/s")
     rng = np.random.default_rng(0)
     rows = []
+    run = _Runner(rows, copy_bw)
     for case in F.cases:
-        tokens, adapters, rank = (int(v) for v in case.split(","))
+        tokens, adapters, rank = (int(v) for v in case.split(":"))
         x, slots, a, b = make_case(rng, tokens, adapters, rank)
         h = F.hidden
         page = h * rank * 2
         shrink_bytes = tokens * h * 2 + adapters * page + tokens * rank * 4
         delta_bytes = shrink_bytes + adapters * page + tokens * h * 4
-        want_s, want_d = shrink_gather(x, slots, a, b), reference.lora_delta(x, slots, a, b)
-        for op, variants, n_bytes, want in (("shrink", SHRINK, shrink_bytes, want_s),
-                                            ("delta", DELTA, delta_bytes, want_d)):
-            floor_us = 1e6 * n_bytes / copy_bw
-            for name, fn in variants.items():
-                try:
-                    err = rel_err(jax.jit(fn)(x, slots, a, b), want)
-                    us = 1e6 * timed(fn, x, slots, a, b)
-                except Exception as e:  # noqa: BLE001 - a failing variant (a new kernel) must not stop the rest
-                    print(f"  {op:6s} T={tokens:5d} adapters={adapters:3d} r={rank:3d}  {name:14s} FAILED: "
-                          f"{type(e).__name__}: {e}")
-                    rows.append(dict(op=op, tokens=tokens, adapters=adapters, rank=rank, variant=name,
-                                     error=f"{type(e).__name__}: {e}"))
-                    continue
-                rows.append(dict(op=op, tokens=tokens, adapters=adapters, rank=rank, variant=name, us=us,
-                                 floor_us=floor_us, bytes=n_bytes, rel_err=err))
-                print(f"  {op:6s} T={tokens:5d} adapters={adapters:3d} r={rank:3d}  {name:14s} {us:9.1f} us  "
-                      f"floor {floor_us:7.1f} us  ({us / floor_us:6.1f}x)  rel err {err:.1e}")
+        label = f"T={tokens:5d} adapters={adapters:3d} r={rank:3d}"
+        meta = dict(tokens=tokens, adapters=adapters, rank=rank)
+        run("shrink", label, meta, SHRINK, (x, slots, a, b), shrink_bytes,
+            shrink_gather(x, slots, a, b))
+        run("delta", label, meta, DELTA, (x, slots, a, b), delta_bytes, reference.lora_delta(x, slots, a, b))
+    for case in F.expert_cases:
+        name, *dims = case.split(":")
+        tokens, adapters, rank, experts, top_k, d_in, d_out = (int(v) for v in dims)
+        x, slots, expert_ids, a, b, pages = make_expert_case(rng, tokens, adapters, rank, experts, top_k, d_in,
+                                                            d_out)
+        m = tokens * top_k
+        n_bytes = m * d_in * 2 + pages * (d_in + d_out) * rank * 2 + m * d_out * 4
+        label = f"{name} rows={m} pages={pages} r={rank}"
+        meta = dict(case=name, tokens=tokens, rows=m, adapters=adapters, rank=rank, experts=experts, top_k=top_k,
+                    d_in=d_in, d_out=d_out, pages=pages)
+        run("expert delta", label, meta, EXPERT_DELTA, (x, slots, expert_ids, a, b), n_bytes,
+            reference.expert_lora_delta(x, slots, expert_ids, a, b))
     if F.out:
         os.makedirs(os.path.dirname(F.out) or ".", exist_ok=True)
         with open(F.out + ".json", "w") as f:
