@@ -1,11 +1,12 @@
 """One entry point for multi-LoRA math: picks the implementation by platform and shape.
 
     TPU            -> the Mosaic TPU kernels (pallas_kernels/tpu/); decode or prefill variant by row count
-    GPU            -> by row count: the Mosaic GPU kernels (pallas_kernels/gpu/) for calls of at least
-                      GPU_KERNEL_MIN_ROWS rows (prefill), the pure-JAX reference below (decode). Measured on an
-                      H200 (docs/benchmarks.md): at T=4096, r=64 the kernels' delta takes 0.26 ms against the
-                      reference's 9.3 ms; at decode sizes the reference's gather + einsum takes 17-21 us against
-                      the kernels' 150-200 us. backend="gpu" (or INFINILORA_LORA_BACKEND=gpu) forces the kernels
+    GPU            -> by rows x rank: the Mosaic GPU kernels (pallas_kernels/gpu/) for calls of at least
+                      GPU_KERNEL_MIN_WORK, the pure-JAX reference below (small dense decode calls). Device time
+                      on an H200 (docs/benchmarks.md, ninth session): the reference wins dense calls of 64-256
+                      tokens at rank 16 (4.5-16 us against 19-29 us); the kernels win per-expert decode (1.25-1.9x),
+                      dense rank 64 at 256 tokens (2.7x) and prefill (5.6x at 1,024 tokens, 14x at 8,192).
+                      backend="gpu" (or INFINILORA_LORA_BACKEND=gpu) forces the kernels
     CPU            -> the pure-JAX reference
     TPU_INTERPRET  -> the TPU kernels run by the Pallas TPU interpreter on CPU (tests; asked for explicitly)
     GPU_INTERPRET  -> the GPU kernels run by the Mosaic GPU interpreter on CPU (tests; asked for explicitly)
@@ -66,13 +67,17 @@ def use_backend(backend: LoraBackend | str):
     return CHOICE.use(LoraBackend(backend).value)
 
 
-GPU_KERNEL_MIN_ROWS = 1024  # GPU default: kernels from this many rows (tokens, or token x expert pairs) up
+# GPU default: the kernels for calls of at least this many rows x rank (rows: tokens, or token x expert pairs).
+# Device time on an H200 (docs/benchmarks.md, ninth session): below it (T = 64 or 256 tokens at rank 16) the
+# reference's gather + einsum is 1.9-4x faster; at rank 64 with 256 tokens, per-expert decode (512 rows at
+# rank 32, 128 rows at rank 64) and every prefill shape the kernels win by 1.25-14x.
+GPU_KERNEL_MIN_WORK = 8192
 
 
 def select_backend(backend: LoraBackend | str | None = None, platform: str | None = None,
-                   rows: int | None = None) -> LoraBackend:
+                   rows: int | None = None, rank: int | None = None) -> LoraBackend:
     """Explicit argument, else the `use_backend` context, else $INFINILORA_LORA_BACKEND, else by platform
-    (TPU: kernels; GPU: kernels for calls of at least GPU_KERNEL_MIN_ROWS `rows`, else reference; CPU:
+    (TPU: kernels; GPU: kernels for calls of at least GPU_KERNEL_MIN_WORK rows x rank, else reference; CPU:
     reference)."""
     if backend is not None:
         return LoraBackend(backend)
@@ -82,7 +87,7 @@ def select_backend(backend: LoraBackend | str | None = None, platform: str | Non
     platform = platform or jax.default_backend()
     if platform == "tpu":
         return LoraBackend.TPU
-    if platform == "gpu" and rows is not None and rows >= GPU_KERNEL_MIN_ROWS:
+    if platform == "gpu" and rows is not None and rows * (rank or 1) >= GPU_KERNEL_MIN_WORK:
         return LoraBackend.GPU
     return LoraBackend.REFERENCE
 
@@ -145,8 +150,8 @@ def _gpu_apply(backend, ys, x, slots, experts, pairs, ranks, *, num_experts, slo
 
 
 def _reference_deltas(x, slots, experts, pairs, a_rank_major):
-    return [reference.expert_lora_delta(x, slots, experts, _rank_minor(a, a_rank_major), b) if experts is not None
-            else reference.lora_delta(x, slots, _rank_minor(a, a_rank_major), b) for a, b in pairs]
+    return [reference.expert_lora_delta(x, slots, experts, a, b, a_rank_major=a_rank_major) if experts is not None
+            else reference.lora_delta(x, slots, a, b, a_rank_major=a_rank_major) for a, b in pairs]
 
 
 def _group_keys(slots, experts, num_experts: int):
@@ -165,9 +170,9 @@ def _out_shape(lora_b: jax.Array, expert: bool) -> tuple[int, ...]:
 def lora_delta(x: jax.Array, slots: jax.Array, lora_a: jax.Array, lora_b: jax.Array, *, slot_ranks=None,
                a_rank_major: bool = False, backend=None, blocks: Blocks | None = None) -> jax.Array:
     """[N, *out] float32 delta of a dense projection, one slot per token (reference.lora_delta)."""
-    chosen = select_backend(backend, rows=x.shape[0])
+    chosen = select_backend(backend, rows=x.shape[0], rank=_rank(lora_a, a_rank_major))
     if chosen is LoraBackend.REFERENCE:
-        return reference.lora_delta(x, slots, _rank_minor(lora_a, a_rank_major), lora_b)
+        return reference.lora_delta(x, slots, lora_a, lora_b, a_rank_major=a_rank_major)
     out = _out_shape(lora_b, False)
     zeros = jnp.zeros((x.shape[0], math.prod(out)), jnp.float32)
     (delta,) = _kernel_apply(chosen, (zeros,), x, slots, None, ((lora_a, lora_b),), num_experts=1,
@@ -180,9 +185,9 @@ def expert_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a
                       blocks: Blocks | None = None) -> jax.Array:
     """[M, *out] float32 per-expert delta; rows with an out-of-range expert get zero
     (reference.expert_lora_delta)."""
-    chosen = select_backend(backend, rows=x.shape[0])
+    chosen = select_backend(backend, rows=x.shape[0], rank=_rank(lora_a, a_rank_major))
     if chosen is LoraBackend.REFERENCE:
-        return reference.expert_lora_delta(x, slots, experts, _rank_minor(lora_a, a_rank_major), lora_b)
+        return reference.expert_lora_delta(x, slots, experts, lora_a, lora_b, a_rank_major=a_rank_major)
     out = _out_shape(lora_b, True)
     zeros = jnp.zeros((x.shape[0], math.prod(out)), jnp.float32)
     (delta,) = _kernel_apply(chosen, (zeros,), x, slots, experts, ((lora_a, lora_b),),
@@ -198,8 +203,8 @@ def paged_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array | None, 
     the form the disaggregated LoRA server keeps its pages in (arenas are whole-array views of role buffers).
     On TPU the kernels read the arenas directly; they address A and B with one table, so `b_table` (B pages
     placed at other rows than A's) runs on the reference only."""
-    chosen = select_backend(backend, rows=x.shape[0])
     width = table.max_blocks * table.rank_block
+    chosen = select_backend(backend, rows=x.shape[0], rank=width)
     # the GPU kernels read arena rows in 8-row SMEM tiles (layout.py rank blocks are multiples of 8)
     gpu_ok = (gpu_supports(x, [(a_rows, b_rows)], [b_rows.shape[1]]) and width % 16 == 0
               and a_rows.shape[0] % 8 == 0 and b_rows.shape[0] % 8 == 0)
@@ -232,16 +237,11 @@ def add_lora_fused(ys: tuple[jax.Array, ...], x: jax.Array, slots: jax.Array, pa
     ys[i]: [M, *out_i] in any float dtype (the result has it); pairs: pool pages as in `lora_delta` (or
     `expert_lora_delta` when `experts` [M] is given); slot_ranks: None, one [S] array, or one per pair.
     """
-    chosen = select_backend(backend, rows=x.shape[0])
+    chosen = select_backend(backend, rows=x.shape[0], rank=max(_rank(a, a_rank_major) for a, _ in pairs))
     expert = experts is not None
     if chosen is LoraBackend.REFERENCE:
-        out = []
-        for y, (a, b) in zip(ys, pairs):
-            a = _rank_minor(a, a_rank_major)
-            delta = (reference.expert_lora_delta(x, slots, experts, a, b) if expert
-                     else reference.lora_delta(x, slots, a, b))
-            out.append(reference.add_delta(y, delta))
-        return tuple(out)
+        return tuple(reference.add_delta(y, delta) for y, delta in zip(
+            ys, _reference_deltas(x, slots, experts, pairs, a_rank_major)))
     flat = tuple(y.reshape(y.shape[0], -1) for y in ys)
     res = _kernel_apply(chosen, flat, x, slots, experts, tuple(pairs),
                         num_experts=pairs[0][0].shape[1] if expert else 1, slot_ranks=slot_ranks,
@@ -261,7 +261,6 @@ def add_expert_lora(y: jax.Array, x: jax.Array, slots: jax.Array, experts: jax.A
     return add_lora_fused((y,), x, slots, ((lora_a, lora_b),), experts=experts, **kwargs)[0]
 
 
-def _rank_minor(lora_a: jax.Array, rank_major: bool) -> jax.Array:
-    """The reference reads A as [S, (E,) D_in, R]."""
-    return jnp.swapaxes(lora_a, -1, -2) if rank_major else lora_a
+def _rank(lora_a: jax.Array, rank_major: bool) -> int:
+    return lora_a.shape[-2] if rank_major else lora_a.shape[-1]
 

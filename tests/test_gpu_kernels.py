@@ -147,11 +147,14 @@ def test_packed_arena_through_paged_delta(rng):
 
 
 def test_backend_choice(monkeypatch):
-    # GPU default by row count: the reference at decode sizes, the kernels at prefill sizes (H200 timings)
+    # GPU default by rows x rank: the reference for small dense decode calls, the kernels above (H200 timings)
     assert dispatch.select_backend(platform="gpu") is dispatch.LoraBackend.REFERENCE
-    assert dispatch.select_backend(platform="gpu", rows=dispatch.GPU_KERNEL_MIN_ROWS - 1) is \
+    assert dispatch.select_backend(platform="gpu", rows=256, rank=16) is dispatch.LoraBackend.REFERENCE
+    assert dispatch.select_backend(platform="gpu", rows=256, rank=64) is dispatch.LoraBackend.GPU
+    assert dispatch.select_backend(platform="gpu", rows=dispatch.GPU_KERNEL_MIN_WORK // 32 - 1, rank=32) is \
         dispatch.LoraBackend.REFERENCE
-    assert dispatch.select_backend(platform="gpu", rows=dispatch.GPU_KERNEL_MIN_ROWS) is dispatch.LoraBackend.GPU
+    assert dispatch.select_backend(platform="gpu", rows=dispatch.GPU_KERNEL_MIN_WORK // 32, rank=32) is \
+        dispatch.LoraBackend.GPU
     assert dispatch.select_backend(platform="cpu", rows=1 << 20) is dispatch.LoraBackend.REFERENCE
     monkeypatch.setenv(dispatch.ENV_VAR, "gpu")
     assert dispatch.select_backend(platform="gpu") is dispatch.LoraBackend.GPU

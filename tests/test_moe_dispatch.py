@@ -27,9 +27,10 @@ def _reference(x, slots, router, w_gu, w_down, lora, top_k, normalize):
         w = probs[n, top] / (probs[n, top].sum() if normalize else 1.0)
         s = slots[n]
         for e, we in zip(top, w):
-            gu = np.einsum("h,hgi->gi", x[n], w_gu[e]) + (x[n] @ a_gu[s, e] @ b_gu[s, e].reshape(R, -1)).reshape(2, I)
+            lora_gu = x[n] @ a_gu[s, e].T @ b_gu[s, e].reshape(R, -1)  # A pages rank-major, as the pool keeps them
+            gu = np.einsum("h,hgi->gi", x[n], w_gu[e]) + lora_gu.reshape(2, I)
             act = gu[0] / (1 + np.exp(-gu[0])) * gu[1]
-            out[n] += we * (act @ w_down[e] + act @ a_d[s, e] @ b_d[s, e])
+            out[n] += we * (act @ w_down[e] + act @ a_d[s, e].T @ b_d[s, e])
     return out
 
 
@@ -41,9 +42,9 @@ def test_moe_block_matches_dense_reference(rng, ep, tp, n, top_k, normalize):
     router = rng.normal(size=(H, E)).astype(np.float32)
     w_gu = rng.normal(size=(E, H, 2, I)).astype(np.float32) * 0.3
     w_down = rng.normal(size=(E, I, H)).astype(np.float32) * 0.3
-    lora = {"gate_up": (rng.normal(size=(S, E, H, R)).astype(np.float32) * 0.2,
+    lora = {"gate_up": (rng.normal(size=(S, E, R, H)).astype(np.float32) * 0.2,
                         rng.normal(size=(S, E, R, 2, I)).astype(np.float32) * 0.2),
-            "down": (rng.normal(size=(S, E, I, R)).astype(np.float32) * 0.2,
+            "down": (rng.normal(size=(S, E, R, I)).astype(np.float32) * 0.2,
                      rng.normal(size=(S, E, R, H)).astype(np.float32) * 0.2)}
     for pair in lora.values():
         for arr in pair:
@@ -52,7 +53,7 @@ def test_moe_block_matches_dense_reference(rng, ep, tp, n, top_k, normalize):
 
     mesh = make_mesh(MeshLayout("test", ep=ep, tp=tp))
     specs = (P(), P(), P(), P(EP, None, None, TP), P(EP, TP, None),
-             {"gate_up": (P(None, EP), P(None, EP, None, None, TP)), "down": (P(None, EP, TP), P(None, EP))})
+             {"gate_up": (P(None, EP), P(None, EP, None, None, TP)), "down": (P(None, EP, None, TP), P(None, EP))})
     fn = jax.shard_map(functools.partial(moe_block, top_k=top_k, normalize=normalize, ep=ep), mesh=mesh,
                        in_specs=specs, out_specs=P(), check_vma=False)
     got = jax.jit(fn)(*jax.tree.map(jnp.asarray, (x, slots, router, w_gu, w_down, lora)))
@@ -67,8 +68,8 @@ def test_all_tokens_routed_to_one_device_drop_nothing(rng):
     router[:, 0], router[:, 1] = 5.0, 4.0
     w_gu = rng.normal(size=(E, H, 2, I)).astype(np.float32) * 0.3
     w_down = rng.normal(size=(E, I, H)).astype(np.float32) * 0.3
-    zeros = {"gate_up": (np.zeros((S, E, H, R), np.float32), np.zeros((S, E, R, 2, I), np.float32)),
-             "down": (np.zeros((S, E, I, R), np.float32), np.zeros((S, E, R, H), np.float32))}
+    zeros = {"gate_up": (np.zeros((S, E, R, H), np.float32), np.zeros((S, E, R, 2, I), np.float32)),
+             "down": (np.zeros((S, E, R, I), np.float32), np.zeros((S, E, R, H), np.float32))}
     slots = np.zeros(n, np.int32)
     want = _reference(x, slots, router, w_gu, w_down, zeros, top_k, True)
     mesh = make_mesh(MeshLayout("test", ep=ep))

@@ -77,7 +77,7 @@ class RolePool:
                 (a_shape, _), (b_shape, _) = page_decls(t, cfg, 1, 1, pool_cfg.max_rank)
                 expert = t.startswith("expert_")
                 experts = a_shape[2] // ep if expert else 1
-                d_in = a_shape[-2]
+                d_in = a_shape[-1]
                 out_shape = tuple(b_shape[4 if expert else 3:])
                 pages[t] = TargetPages(t, experts, d_in, out_shape)
             self.layers.append(pages)

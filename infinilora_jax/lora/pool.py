@@ -101,7 +101,7 @@ def adapter_pages(pool: LoraPool, plan: StagePlan, weights: AdapterWeights | Non
         stage, slot = divmod(layer, plan.layers_per_stage)
         page = pages["layers"][slot][target]
         rank = a.shape[-1]
-        page["a"][stage, ..., :rank] = a
+        page["a"][stage, ..., :rank, :] = np.swapaxes(a, -1, -2)  # the pool keeps A rank-major
         rank_axis = 1 if target.startswith("expert_") else 0
         index = (stage,) + (slice(None),) * rank_axis + (slice(0, rank),)
         page["b"][index] = b

@@ -18,13 +18,19 @@ def add_delta(y: jax.Array, delta: jax.Array) -> jax.Array:
     return (y.astype(jnp.float32) + delta.reshape(y.shape)).astype(y.dtype)
 
 
-def lora_delta(x: jax.Array, slots: jax.Array, lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
+def _shrink_spec(a_rank_major: bool, batch: str) -> str:
+    """einsum of x rows with gathered A pages: rank-minor [.., D_in, R] or rank-major [.., R, D_in]."""
+    return f"{batch}i,{batch}ri->{batch}r" if a_rank_major else f"{batch}i,{batch}ir->{batch}r"
+
+
+def lora_delta(x: jax.Array, slots: jax.Array, lora_a: jax.Array, lora_b: jax.Array, *,
+               a_rank_major: bool = False) -> jax.Array:
     """Dense-projection LoRA delta, one adapter slot per token.
 
     Args:
       x: [N, D_in] activations.
       slots: [N] int32 adapter slot of each token (0 = none).
-      lora_a: [S, D_in, R] A pages of every slot.
+      lora_a: [S, D_in, R] A pages of every slot ([S, R, D_in] with a_rank_major, as the pool keeps them).
       lora_b: [S, R, *out] B pages of every slot (scaling folded in); `out` may be several dims.
 
     Returns:
@@ -32,13 +38,13 @@ def lora_delta(x: jax.Array, slots: jax.Array, lora_a: jax.Array, lora_b: jax.Ar
     """
     out_shape = lora_b.shape[2:]
     b = lora_b.reshape(*lora_b.shape[:2], -1)
-    shrink = jnp.einsum("ni,nir->nr", x, lora_a[slots], preferred_element_type=jnp.float32)
+    shrink = jnp.einsum(_shrink_spec(a_rank_major, "n"), x, lora_a[slots], preferred_element_type=jnp.float32)
     delta = jnp.einsum("nr,nro->no", shrink, b[slots].astype(jnp.float32))
     return delta.reshape(x.shape[0], *out_shape)
 
 
 def expert_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a: jax.Array,
-                      lora_b: jax.Array) -> jax.Array:
+                      lora_b: jax.Array, *, a_rank_major: bool = False) -> jax.Array:
     """Per-expert LoRA delta: a row routed to expert e with adapter slot a uses A[a, e] and B[a, e].
 
     Args:
@@ -46,7 +52,7 @@ def expert_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a
       slots: [M] int32 adapter slot of each row (0 = none).
       experts: [M] int32 expert of each row, local to this device's expert shard; rows with an
         out-of-range expert (padding) get a zero delta.
-      lora_a: [S, E, D_in, R].
+      lora_a: [S, E, D_in, R] ([S, E, R, D_in] with a_rank_major).
       lora_b: [S, E, R, *out] (scaling folded in).
 
     Returns:
@@ -58,7 +64,8 @@ def expert_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a
     experts = jnp.where(valid, experts, 0)
     out_shape = lora_b.shape[3:]
     b = lora_b.reshape(*lora_b.shape[:3], -1)
-    shrink = jnp.einsum("mi,mir->mr", x, lora_a[slots, experts], preferred_element_type=jnp.float32)
+    shrink = jnp.einsum(_shrink_spec(a_rank_major, "m"), x, lora_a[slots, experts],
+                        preferred_element_type=jnp.float32)
     delta = jnp.einsum("mr,mro->mo", shrink, b[slots, experts].astype(jnp.float32))
     return delta.reshape(x.shape[0], *out_shape)
 

@@ -15,22 +15,26 @@ ALL_TARGETS = ATTENTION_TARGETS + DENSE_MLP_TARGETS + EXPERT_TARGETS
 
 
 def page_decls(target: str, cfg: ModelConfig, pp: int, slots: int, rank: int):
-    """((A shape, A dims), (B shape, B dims)) for one layer slot of one target, global shapes."""
+    """((A shape, A dims), (B shape, B dims)) for one layer slot of one target, global shapes.
+
+    A pages are rank-major, [..., R, D_in] (PEFT's lora_A.weight orientation): the GPU and TPU kernels read
+    rank rows of D_in (a free view of the page), and the reference's gather + einsum reads them as fast as
+    rank-minor pages or faster (benchmarks/lora_kernels.py, docs/benchmarks.md)."""
     h, q_out, kv_out = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     e, ie, idense = cfg.num_experts, cfg.moe_intermediate_size, cfg.dense_intermediate_size
     lead, lead_dims = (pp, slots), ("stage", None)
     table = {
-        "q": ((h, rank), (None, None), (rank, q_out), (None, "heads")),
-        "k": ((h, rank), (None, None), (rank, kv_out), (None, "kv_heads")),
-        "v": ((h, rank), (None, None), (rank, kv_out), (None, "kv_heads")),
-        "o": ((q_out, rank), ("heads", None), (rank, h), (None, None)),
-        "gate": ((h, rank), (None, None), (rank, idense), (None, "mlp")),
-        "up": ((h, rank), (None, None), (rank, idense), (None, "mlp")),
-        "down": ((idense, rank), ("mlp", None), (rank, h), (None, None)),
-        "router": ((h, rank), (None, None), (rank, e), (None, None)),
-        "expert_gate_up": ((e, h, rank), ("experts", None, None), (e, rank, 2, ie),
+        "q": ((rank, h), (None, None), (rank, q_out), (None, "heads")),
+        "k": ((rank, h), (None, None), (rank, kv_out), (None, "kv_heads")),
+        "v": ((rank, h), (None, None), (rank, kv_out), (None, "kv_heads")),
+        "o": ((rank, q_out), (None, "heads"), (rank, h), (None, None)),
+        "gate": ((rank, h), (None, None), (rank, idense), (None, "mlp")),
+        "up": ((rank, h), (None, None), (rank, idense), (None, "mlp")),
+        "down": ((rank, idense), (None, "mlp"), (rank, h), (None, None)),
+        "router": ((rank, h), (None, None), (rank, e), (None, None)),
+        "expert_gate_up": ((e, rank, h), ("experts", None, None), (e, rank, 2, ie),
                            ("experts", None, None, "expert_mlp")),
-        "expert_down": ((e, ie, rank), ("experts", "expert_mlp", None), (e, rank, h), ("experts", None, None)),
+        "expert_down": ((e, rank, ie), ("experts", None, "expert_mlp"), (e, rank, h), ("experts", None, None)),
     }
     a_shape, a_dims, b_shape, b_dims = table[target]
     return (lead + a_shape, lead_dims + a_dims), (lead + b_shape, lead_dims + b_dims)

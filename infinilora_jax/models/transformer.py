@@ -48,7 +48,7 @@ def _lora_pair(pool_slot, target: str):
 
 
 def _with_lora(y: jax.Array, x: jax.Array, slots: jax.Array, pair) -> jax.Array:
-    return y if pair is None else add_delta(y, lora_delta(x, slots, *pair))
+    return y if pair is None else add_delta(y, lora_delta(x, slots, *pair, a_rank_major=True))
 
 
 class LayerParams:
