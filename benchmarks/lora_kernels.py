@@ -51,6 +51,7 @@ flags.DEFINE_integer("iters", 50, "calls per timed loop")
 flags.DEFINE_integer("repeats", 5, "timed loops per variant")
 flags.DEFINE_bool("smoke", False, "tiny shapes, 2 iterations (CPU check of the script)")
 flags.DEFINE_string("out", None, "write <out>.json")
+flags.DEFINE_string("plot_from", None, "only redraw <run>.png from a recorded <run>.json")
 flags.DEFINE_bool("profile", False, "also trace one timed loop per variant and print its kernels (device time per "
                   "call, by kernel): where a variant's time goes")
 
@@ -193,23 +194,14 @@ def timed(fn, *args, profile: bool = False) -> dict:
     return dict(wall_us=1e6 * statistics.median(times), device_us=device_us)
 
 
-def _wall(run, *args) -> float:
-    t0 = time.perf_counter()
-    jax.block_until_ready(run(*args))
-    return time.perf_counter() - t0
-
-
 def ceilings(n_bytes: int, n: int) -> tuple[float, float]:
     """(copy bytes/s, read + write; bf16 matmul flop/s)."""
-    buf = jnp.ones((n_bytes // 2,), DT)
-    # the whole buffer is the loop carry: every iteration reads and writes all of it
-    run = jax.jit(lambda v: jax.lax.fori_loop(0, F.iters, lambda _, a: a + jnp.asarray(1, DT), v))
-    jax.block_until_ready(run(buf))
-    t_copy = statistics.median(_wall(run, buf) / F.iters for _ in range(F.repeats))
+    buf = jnp.ones((n_bytes // 2 // 1024, 1024), DT)
+    t_copy = timed(lambda v: v + jnp.asarray(1, DT), buf)  # reads and writes the whole buffer
     m = jnp.ones((n, n), DT)
     t_mm = timed(lambda v, w: jnp.dot(v, w, preferred_element_type=jnp.float32), m, m)
-    t_mm = t_mm["wall_us"] if t_mm["device_us"] is None else t_mm["device_us"]
-    return 2 * buf.nbytes / t_copy, 2e6 * n ** 3 / t_mm
+    per_call = lambda t: t["wall_us"] if t["device_us"] is None else t["device_us"]  # noqa: E731
+    return 2e6 * buf.nbytes / per_call(t_copy), 2e6 * n ** 3 / per_call(t_mm)
 
 
 def make_case(rng, tokens, adapters, rank):
@@ -281,6 +273,10 @@ def rel_err(got, want) -> float:
 
 def main(argv):
     del argv
+    if F.plot_from:  # redraw the PNG of a recorded run
+        with open(F.plot_from) as f:
+            plot(json.load(f)["rows"], F.plot_from.removesuffix(".json") + ".png")
+        return
     if F.smoke:
         F.hidden, F.slots, F.iters, F.repeats = 256, 16, 2, 1
         F.cases = ["8:4:16", "64:8:16"]
@@ -321,6 +317,38 @@ def main(argv):
         with open(F.out + ".json", "w") as f:
             json.dump({"copy_bytes_per_s": copy_bw, "matmul_flops": mm, "hidden": F.hidden, "slots": F.slots,
                        "device": jax.devices()[0].device_kind, "rows": rows}, f, indent=1)
+        plot(rows, F.out + ".png")
+
+
+def _case_label(row: dict) -> str:
+    if "case" in row:
+        return f"{row['case']}\n{row['rows']} rows r{row['rank']}"
+    return f"T={row['tokens']} a={row['adapters']}\nr{row['rank']}"
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """One panel per op: time per call of each variant (log scale) by case, with the bytes floor."""
+    from infinilora_jax.bench.plots import plt, save_figure
+
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    fig, axes = plt.subplots(len(ops), 1, figsize=(11, 3.6 * len(ops)), squeeze=False)
+    for ax, op in zip(axes[:, 0], ops):
+        mine = [r for r in rows if r["op"] == op and "us" in r]
+        cases = list(dict.fromkeys(_case_label(r) for r in mine))
+        variants = list(dict.fromkeys(r["variant"] for r in mine))
+        width = 0.8 / max(len(variants), 1)
+        for i, v in enumerate(variants):
+            got = {_case_label(r): r["us"] for r in mine if r["variant"] == v}
+            xs = [c + i * width for c, label in enumerate(cases) if label in got]
+            ax.bar(xs, [got[label] for label in cases if label in got], width, label=v)
+        floors = {_case_label(r): r["floor_us"] for r in mine}
+        ax.scatter([c + 0.4 - width / 2 for c in range(len(cases))], [floors[c] for c in cases], marker="_",
+                   s=600, color="k", label="bytes at copy bandwidth", zorder=3)
+        ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))], cases, fontsize=7)
+        ax.set_yscale("log")
+        ax.set(ylabel="us per call (device)", title=op)
+        ax.legend(fontsize=7, ncol=4)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -134,3 +134,23 @@ def test_feedback_loop_runs_every_call_and_copy_seconds():
     hlo = run.lower(3, x, w).compile().as_text()
     assert "known_trip_count" in hlo
     assert child_items.copy_seconds(jnp.ones((1024,)), 3, 2) > 0
+
+
+def test_lora_kernels_benchmark_redraws_its_plot(tmp_path):
+    """benchmarks/lora_kernels.py --plot_from: the script imports and draws dense and per-expert rows (a failed
+    variant, which has no time, is left out of the bars)."""
+    import json
+    import subprocess
+    import sys
+
+    rows = [dict(op="delta", tokens=64, adapters=32, rank=16, variant=v, us=us, floor_us=3.4)
+            for v, us in (("reference", 9.5), ("gpu-kernel-rm", 18.8))]
+    expert = dict(op="expert delta", case="qwen3-gate_up", tokens=64, rows=512, adapters=32, rank=32)
+    rows += [dict(expert, variant="reference", us=95.7, floor_us=38.9),
+             dict(expert, variant="gpu-kernel-rm", error="RuntimeError: x")]
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"rows": rows}))
+    subprocess.run([sys.executable, "benchmarks/lora_kernels.py", "--plot_from", str(run)], check=True,
+                   env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    png = (tmp_path / "run.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000

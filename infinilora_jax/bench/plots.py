@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _save(fig, path: str) -> None:
+def save_figure(fig, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -40,7 +40,7 @@ def versus_rate(series: dict[str, list[tuple[float, float]]], ylabel: str, path:
         ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def attainment_cdf(per_adapter: dict[str, dict[str, float]], threshold: float, path: str, title: str = "") -> None:
@@ -57,7 +57,7 @@ def attainment_cdf(per_adapter: dict[str, dict[str, float]], threshold: float, p
            xlim=(-0.02, 1.02), ylim=(0, 1.02), title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def cache_admissibility(capacities, curves: dict[str, list[float]], path: str, *,
@@ -80,4 +80,4 @@ def cache_admissibility(capacities, curves: dict[str, list[float]], path: str, *
         ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
