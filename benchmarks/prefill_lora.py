@@ -1,5 +1,5 @@
-"""Prefill with adapters: the platform's LoRA dispatch (GPU: the Mosaic GPU kernels from GPU_KERNEL_MIN_WORK
-rows x rank) against the pure-JAX reference, in the whole model.
+"""Prefill with adapters: the platform's LoRA dispatch (GPU: the Mosaic GPU kernels from GPU_KERNEL_MIN_ROWS rows)
+against the pure-JAX reference, in the whole model.
 
 Builds the same random-weight model twice (one per LoRA backend; the backend is fixed when a step is traced),
 registers R random adapters, and times teacher-forced scoring of one P-token prompt per adapter (prefill chunks of

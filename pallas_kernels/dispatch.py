@@ -1,11 +1,8 @@
 """One entry point for multi-LoRA math: picks the implementation by platform and shape.
 
     TPU            -> the Mosaic TPU kernels (pallas_kernels/tpu/); decode or prefill variant by row count
-    GPU            -> by rows x rank: the Mosaic GPU kernels (pallas_kernels/gpu/) for calls of at least
-                      GPU_KERNEL_MIN_WORK, the pure-JAX reference below (small dense decode calls). Device time
-                      on an H200 (docs/benchmarks.md, ninth session): the reference wins dense calls of 64-256
-                      tokens at rank 16 (4.5-16 us against 19-29 us); the kernels win per-expert decode (1.25-1.9x),
-                      dense rank 64 at 256 tokens (2.7x) and prefill (5.6x at 1,024 tokens, 14x at 8,192).
+    GPU            -> by row count: the Mosaic GPU kernels (pallas_kernels/gpu/) for calls of at least
+                      GPU_KERNEL_MIN_ROWS rows (prefill), the pure-JAX reference below (decode).
                       backend="gpu" (or INFINILORA_LORA_BACKEND=gpu) forces the kernels
     CPU            -> the pure-JAX reference
     TPU_INTERPRET  -> the TPU kernels run by the Pallas TPU interpreter on CPU (tests; asked for explicitly)
@@ -67,17 +64,20 @@ def use_backend(backend: LoraBackend | str):
     return CHOICE.use(LoraBackend(backend).value)
 
 
-# GPU default: the kernels for calls of at least this many rows x rank (rows: tokens, or token x expert pairs).
-# Device time on an H200 (docs/benchmarks.md, ninth session): below it (T = 64 or 256 tokens at rank 16) the
-# reference's gather + einsum is 1.9-4x faster; at rank 64 with 256 tokens, per-expert decode (512 rows at
-# rank 32, 128 rows at rank 64) and every prefill shape the kernels win by 1.25-14x.
-GPU_KERNEL_MIN_WORK = 8192
+# GPU default: the kernels for calls of at least this many rows (tokens, or token x expert pairs). Device time on
+# an H200 (docs/benchmarks.md, ninth session): from 1,024 rows the kernels' delta is 5.6-14x faster than the
+# reference's gather + einsum (2.8x per expert at 8,192 rows). Below, the reference wins small dense calls (rank
+# 16 at 1-256 tokens: 1.6-16 us against 9-29 us); the kernels win some decode shapes (per-expert decode 1.25-1.9x,
+# rank >= 64 at 64-256 tokens 1.3-2.7x), but every Mosaic GPU kernel instance adds to the engine's compile time
+# (with them at decode, a 2-layer Qwen3 engine had not finished compiling after 125 s; without, prefill and
+# compile took 38 s), and the whole decode step's gain is not measured yet: decode stays on the reference.
+GPU_KERNEL_MIN_ROWS = 1024
 
 
 def select_backend(backend: LoraBackend | str | None = None, platform: str | None = None,
-                   rows: int | None = None, rank: int | None = None) -> LoraBackend:
+                   rows: int | None = None) -> LoraBackend:
     """Explicit argument, else the `use_backend` context, else $INFINILORA_LORA_BACKEND, else by platform
-    (TPU: kernels; GPU: kernels for calls of at least GPU_KERNEL_MIN_WORK rows x rank, else reference; CPU:
+    (TPU: kernels; GPU: kernels for calls of at least GPU_KERNEL_MIN_ROWS rows, else reference; CPU:
     reference)."""
     if backend is not None:
         return LoraBackend(backend)
@@ -87,7 +87,7 @@ def select_backend(backend: LoraBackend | str | None = None, platform: str | Non
     platform = platform or jax.default_backend()
     if platform == "tpu":
         return LoraBackend.TPU
-    if platform == "gpu" and rows is not None and rows * (rank or 1) >= GPU_KERNEL_MIN_WORK:
+    if platform == "gpu" and rows is not None and rows >= GPU_KERNEL_MIN_ROWS:
         return LoraBackend.GPU
     return LoraBackend.REFERENCE
 
@@ -170,7 +170,7 @@ def _out_shape(lora_b: jax.Array, expert: bool) -> tuple[int, ...]:
 def lora_delta(x: jax.Array, slots: jax.Array, lora_a: jax.Array, lora_b: jax.Array, *, slot_ranks=None,
                a_rank_major: bool = False, backend=None, blocks: Blocks | None = None) -> jax.Array:
     """[N, *out] float32 delta of a dense projection, one slot per token (reference.lora_delta)."""
-    chosen = select_backend(backend, rows=x.shape[0], rank=_rank(lora_a, a_rank_major))
+    chosen = select_backend(backend, rows=x.shape[0])
     if chosen is LoraBackend.REFERENCE:
         return reference.lora_delta(x, slots, lora_a, lora_b, a_rank_major=a_rank_major)
     out = _out_shape(lora_b, False)
@@ -185,7 +185,7 @@ def expert_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a
                       blocks: Blocks | None = None) -> jax.Array:
     """[M, *out] float32 per-expert delta; rows with an out-of-range expert get zero
     (reference.expert_lora_delta)."""
-    chosen = select_backend(backend, rows=x.shape[0], rank=_rank(lora_a, a_rank_major))
+    chosen = select_backend(backend, rows=x.shape[0])
     if chosen is LoraBackend.REFERENCE:
         return reference.expert_lora_delta(x, slots, experts, lora_a, lora_b, a_rank_major=a_rank_major)
     out = _out_shape(lora_b, True)
@@ -201,18 +201,18 @@ def paged_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array | None, 
                      backend=None, blocks: Blocks | None = None) -> jax.Array:
     """[M, D_out] float32 delta with pages in row arenas addressed by a PageTable (reference.paged_lora_delta):
     the form the disaggregated LoRA server keeps its pages in (arenas are whole-array views of role buffers).
-    On TPU the kernels read the arenas directly; they address A and B with one table, so `b_table` (B pages
-    placed at other rows than A's) runs on the reference only."""
+    The kernels read the arenas directly. `b_table` (B pages placed at other rows than A's, same strides and
+    block counts): the GPU kernels take it; the TPU kernels address A and B with one table, so there it runs on
+    the reference."""
+    chosen = select_backend(backend, rows=x.shape[0])
     width = table.max_blocks * table.rank_block
-    chosen = select_backend(backend, rows=x.shape[0], rank=width)
     # the GPU kernels read arena rows in 8-row SMEM tiles (layout.py rank blocks are multiples of 8)
     gpu_ok = (gpu_supports(x, [(a_rows, b_rows)], [b_rows.shape[1]]) and width % 16 == 0
               and a_rows.shape[0] % 8 == 0 and b_rows.shape[0] % 8 == 0)
     if chosen is LoraBackend.REFERENCE or (chosen in _GPU_BACKENDS and not gpu_ok):
         return reference.paged_lora_delta(x, slots, experts, a_rows, b_rows, table, num_experts, b_table)
-    if b_table is not None:
-        raise NotImplementedError("the kernels address A and B pages with one page table; place both at the "
-                                  "same rows (or use the reference backend)")
+    if b_table is not None and chosen not in _GPU_BACKENDS:
+        return reference.paged_lora_delta(x, slots, experts, a_rows, b_rows, table, num_experts, b_table)
     if blocks is None and chosen not in _GPU_BACKENDS:
         blocks = _blocks(chosen, x, [b_rows.shape[1]], width)
         blocks = dataclasses.replace(blocks, rank_block=table.rank_block)
@@ -221,7 +221,7 @@ def paged_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array | None, 
     if chosen in _GPU_BACKENDS:  # pages of `width` rows; columns past a page's own blocks are masked
         interpret = plgpu.InterpretGPUParams() if chosen is LoraBackend.GPU_INTERPRET else None
         (delta,) = gpu_ops.lora_apply((zeros,), x, keys, active, (a_rows,), (b_rows,), (table,),
-                                      num_experts=num_experts, interpret=interpret)
+                                      num_experts=num_experts, interpret=interpret, b_tables=(b_table,))
         return delta
     interpret = pltpu.InterpretParams() if chosen is LoraBackend.TPU_INTERPRET else False
     (delta,) = lora_apply((zeros,), x, keys, active, (a_rows,), (b_rows,), (table,), num_experts=num_experts,
@@ -237,7 +237,7 @@ def add_lora_fused(ys: tuple[jax.Array, ...], x: jax.Array, slots: jax.Array, pa
     ys[i]: [M, *out_i] in any float dtype (the result has it); pairs: pool pages as in `lora_delta` (or
     `expert_lora_delta` when `experts` [M] is given); slot_ranks: None, one [S] array, or one per pair.
     """
-    chosen = select_backend(backend, rows=x.shape[0], rank=max(_rank(a, a_rank_major) for a, _ in pairs))
+    chosen = select_backend(backend, rows=x.shape[0])
     expert = experts is not None
     if chosen is LoraBackend.REFERENCE:
         return tuple(reference.add_delta(y, delta) for y, delta in zip(
@@ -261,6 +261,4 @@ def add_expert_lora(y: jax.Array, x: jax.Array, slots: jax.Array, experts: jax.A
     return add_lora_fused((y,), x, slots, ((lora_a, lora_b),), experts=experts, **kwargs)[0]
 
 
-def _rank(lora_a: jax.Array, rank_major: bool) -> int:
-    return lora_a.shape[-2] if rank_major else lora_a.shape[-1]
 

@@ -146,15 +146,39 @@ def test_packed_arena_through_paged_delta(rng):
     assert rel_err(got, want) < 1e-5
 
 
+def test_b_pages_placed_apart_from_a_pages(rng):
+    """The disaggregated LoRA server may place a target's B pages at other arena rows than its A pages (a second
+    page table): the GPU kernels address each arena with its own table."""
+    m, d_in, out, num_experts, rank, slots_n = 40, 64, 128, 2, 16, 4
+    a_off, b_off = 16, 56  # rows before each arena's first page (other targets' pages live there)
+
+    def table(offset):
+        start = [0] + [(offset + (s - 1) * num_experts * rank) // rank for s in range(1, slots_n)]
+        return PageTable(jnp.asarray(start, jnp.int32), jnp.full((slots_n,), 1, jnp.int32),
+                         jnp.asarray([0] + [1] * (slots_n - 1), jnp.int32), rank, 1)
+
+    pages = (slots_n - 1) * num_experts * rank
+    a_rows = jnp.asarray(rng.normal(size=(a_off + pages + 64, d_in)) / np.sqrt(d_in), BF)
+    b_rows = jnp.asarray(rng.normal(size=(b_off + pages + 64, out)), BF)
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    slots = jnp.asarray(rng.integers(0, slots_n, size=m), jnp.int32)
+    experts = jnp.asarray(rng.integers(0, num_experts + 1, size=m), jnp.int32)  # expert 2: padding rows
+    got = dispatch.paged_lora_delta(x, slots, experts, a_rows, b_rows, table(a_off), num_experts=num_experts,
+                                    b_table=table(b_off), backend=GPU)
+    want = reference.paged_lora_delta(x, slots, experts, a_rows, b_rows, table(a_off), num_experts, table(b_off))
+    assert float(jnp.abs(want).max()) > 0
+    assert rel_err(got, want) < 1e-5
+    # the same table for both arenas reads other rows of B: the test would catch B addressed through A's table
+    wrong = reference.paged_lora_delta(x, slots, experts, a_rows, b_rows, table(a_off), num_experts)
+    assert rel_err(wrong, want) > 0.1
+
+
 def test_backend_choice(monkeypatch):
-    # GPU default by rows x rank: the reference for small dense decode calls, the kernels above (H200 timings)
+    # GPU default by row count: the reference at decode sizes, the kernels at prefill sizes (H200 timings)
     assert dispatch.select_backend(platform="gpu") is dispatch.LoraBackend.REFERENCE
-    assert dispatch.select_backend(platform="gpu", rows=256, rank=16) is dispatch.LoraBackend.REFERENCE
-    assert dispatch.select_backend(platform="gpu", rows=256, rank=64) is dispatch.LoraBackend.GPU
-    assert dispatch.select_backend(platform="gpu", rows=dispatch.GPU_KERNEL_MIN_WORK // 32 - 1, rank=32) is \
+    assert dispatch.select_backend(platform="gpu", rows=dispatch.GPU_KERNEL_MIN_ROWS - 1) is \
         dispatch.LoraBackend.REFERENCE
-    assert dispatch.select_backend(platform="gpu", rows=dispatch.GPU_KERNEL_MIN_WORK // 32, rank=32) is \
-        dispatch.LoraBackend.GPU
+    assert dispatch.select_backend(platform="gpu", rows=dispatch.GPU_KERNEL_MIN_ROWS) is dispatch.LoraBackend.GPU
     assert dispatch.select_backend(platform="cpu", rows=1 << 20) is dispatch.LoraBackend.REFERENCE
     monkeypatch.setenv(dispatch.ENV_VAR, "gpu")
     assert dispatch.select_backend(platform="gpu") is dispatch.LoraBackend.GPU
@@ -205,7 +229,7 @@ def test_unaligned_rows_hit_the_mosaic_gpu_tiling_check_on_cpu():
     from pallas_kernels.gpu import shrink as gpu_shrink
     from pallas_kernels.gpu.units import Units
     u = 4
-    units = Units(*(jax.ShapeDtypeStruct((u,), jnp.int32) for _ in range(3)), jax.ShapeDtypeStruct((1,), jnp.int32),
+    units = Units(*(jax.ShapeDtypeStruct((u,), jnp.int32) for _ in range(4)), jax.ShapeDtypeStruct((1,), jnp.int32),
                   jax.ShapeDtypeStruct((101,), jnp.int32))
     sds = jax.ShapeDtypeStruct
     with pytest.raises(ValueError, match="x \\(sorted rows\\).*multiple of 8"):

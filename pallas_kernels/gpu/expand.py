@@ -2,7 +2,8 @@
 
     s_hi, s_lo [Mx, R] 16-bit   the float32 shrink output split in two 16-bit parts (s ~= s_hi + s_lo);
                                 Mx a multiple of 8 with a window of slack (common.padded_rows)
-    B          [P, N]           B arena (rank rows, scaling folded in), P a multiple of 8
+    B          [P, N]           B arena (rank rows, scaling folded in), P a multiple of 8; a unit's page starts
+                                at its b_page_row
     d          [Mx, N] f32      delta rows in sorted order; rows of no unit are left unwritten
 
 One CTA per (unit, column tile of BN columns): it loads the unit's s window [64, R] (both parts) and the page's
@@ -87,4 +88,4 @@ def expand(s_hi: jax.Array, s_lo: jax.Array, b_rows: jax.Array, units: Units, *,
         body, out_type=jax.ShapeDtypeStruct((mx, n), jnp.float32),
         grid=(units.bound, n // bn), grid_names=("unit", "col"), compiler_params=compiler_params(),
         interpret=interpret)
-    return kernel(units.row0, units.size, units.page_row, units.count, s_hi, s_lo, b_rows)
+    return kernel(units.row0, units.size, units.b_page_row, units.count, s_hi, s_lo, b_rows)

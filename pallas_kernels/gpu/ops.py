@@ -39,7 +39,8 @@ def pick_ksplit(rows: int, d_in: int) -> int:
 @functools.partial(jax.jit, static_argnames=("num_experts", "ksplit", "interpret"))
 def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active: jax.Array,
                a_rows: tuple[jax.Array, ...], b_rows: tuple[jax.Array, ...], tables: tuple[PageTable, ...], *,
-               num_experts: int, ksplit: int | None = None, interpret=None) -> tuple[jax.Array, ...]:
+               num_experts: int, ksplit: int | None = None, interpret=None,
+               b_tables: tuple[PageTable | None, ...] | None = None) -> tuple[jax.Array, ...]:
     """ys[i] + delta_i (float32 sum, one rounding) for LoRA targets i sharing the input x.
 
     Args:
@@ -48,6 +49,7 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
       keys: [M] int32 slot * num_experts + expert; active: [M] bool rows with an adapter and a real expert.
       a_rows, b_rows: per target its A arena [P_i, D_in] and B arena [P_i, N_i] (layout.py), x's dtype.
       tables: per target its PageTable; the kernels fetch max_blocks * rank_block rows per page (the rank).
+      b_tables: per target None (B's pages at A's rows) or B's own PageTable (same rank block, strides, blocks).
       ksplit: D_in slices of the shrink (None: by variant, pick_ksplit).
       interpret: None on a GPU; a `plgpu.InterpretGPUParams` to run in the Mosaic GPU interpreter on CPU.
     """
@@ -59,9 +61,9 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
     mx = padded_rows(m)
     x_sorted = x[jnp.concatenate([grouping.order, jnp.zeros((mx - m,), jnp.int32)])]
     out = []
-    for y, a, b, table in zip(ys, a_rows, b_rows, tables):
+    for y, a, b, table, b_table in zip(ys, a_rows, b_rows, tables, b_tables or (None,) * len(tables)):
         rank = table.max_blocks * table.rank_block
-        units = build_units(grouping, table, num_experts=num_experts)
+        units = build_units(grouping, table, num_experts=num_experts, b_table=b_table)
         s = shrink(x_sorted, a, units, rank=rank, ksplit=ksplit, interpret=interpret).sum(0)[:m, :rank]
         # Rows of no unit were never written; columns past a page's rank may hold a neighbouring page's rows.
         used = jnp.arange(rank)[None, :] < units.row_rank[:, None]

@@ -1,12 +1,14 @@
 """Work units of the GPU LoRA kernels: one unit per (group, chunk of up to UNIT_ROWS rows of the group).
 
 Rows are sorted by group (grouping.py), so a group's rows are one contiguous run of sorted positions. A unit
-covers rows [row0, row0 + size) of that run and the page of its (slot, expert): arena rows [page_row,
-page_row + R). The kernels read a window of TILE_ROWS (the wgmma M of one warpgroup) rows starting at row0
-rounded down to a multiple of 8 (Mosaic GPU's TMA into tiled SMEM needs 8-row aligned offsets), so a unit has
-at most TILE_ROWS - 8 rows: they sit at window offset row0 % 8. Groups with no work (slot 0, a rank-0 target) get no
-unit, so they cost nothing. The number of units is data-dependent; arrays have the static bound
-rows // UNIT_ROWS + groups (each group adds at most one partial chunk), and the kernels skip units past `count`.
+covers rows [row0, row0 + size) of that run and the page of its (slot, expert): A arena rows [page_row,
+page_row + R) and B arena rows [b_page_row, b_page_row + R) (the same rows unless B's pages are placed
+elsewhere, as the disaggregated LoRA server's placement may do). The kernels read a window of TILE_ROWS (the
+wgmma M of one warpgroup) rows starting at row0 rounded down to a multiple of 8 (Mosaic GPU's TMA into tiled
+SMEM needs 8-row aligned offsets), so a unit has at most TILE_ROWS - 8 rows: they sit at window offset row0 % 8.
+Groups with no work (slot 0, a rank-0 target) get no unit, so they cost nothing. The number of units is
+data-dependent; arrays have the static bound rows // UNIT_ROWS + groups (each group adds at most one partial
+chunk), and the kernels skip units past `count`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ UNIT_ROWS = TILE_ROWS - ALIGN  # rows of one unit
 class Units:
     row0: jax.Array  # [U] int32 first sorted row of the unit (0 for unused units)
     size: jax.Array  # [U] int32 rows of the unit, 1..UNIT_ROWS (0 for unused units)
-    page_row: jax.Array  # [U] int32 first arena row of the unit's page
+    page_row: jax.Array  # [U] int32 first A arena row of the unit's page
+    b_page_row: jax.Array  # [U] int32 first B arena row of the unit's page
     count: jax.Array  # [1] int32 units in use (entries [0, count))
     row_rank: jax.Array  # [M] int32 per SORTED row: rank rows of its page that hold data (0: no work)
 
@@ -46,8 +49,9 @@ def window(row0, page_row):
     return pl.multiple_of(base, ALIGN), row0 - base, pl.multiple_of(page_row, ALIGN)
 
 
-def build_units(grouping: Grouping, table: PageTable, *, num_experts: int) -> Units:
-    """Units for one target. Keys of the grouping are slot * num_experts + expert."""
+def build_units(grouping: Grouping, table: PageTable, *, num_experts: int, b_table: PageTable | None = None) -> Units:
+    """Units for one target. Keys of the grouping are slot * num_experts + expert. b_table: where B's pages start
+    when not at A's rows (it must share A's rank block, strides and block counts)."""
     m = grouping.order.shape[0]
     num_groups = grouping.group_key.shape[0]
     live = jnp.arange(num_groups) < grouping.num_groups
@@ -60,10 +64,14 @@ def build_units(grouping: Grouping, table: PageTable, *, num_experts: int) -> Un
     ug, uw, ok, count = expand_items(chunks.astype(jnp.int32), bound)
     row0 = grouping.group_start[ug] + uw * UNIT_ROWS
     page_row = (table.start[slot] + expert * table.stride[slot]) * table.rank_block
+    b_page_row = page_row
+    if b_table is not None:
+        b_page_row = (b_table.start[slot] + expert * b_table.stride[slot]) * table.rank_block
     # rank rows with data, per sorted row (inactive rows sort last and have group -1)
     sorted_group = grouping.row_group[grouping.order]
     row_rank = jnp.where(sorted_group >= 0, nb[jnp.maximum(sorted_group, 0)], 0) * table.rank_block
     return Units(row0=jnp.where(ok, row0, 0).astype(jnp.int32),
                  size=jnp.where(ok, jnp.minimum(UNIT_ROWS, size[ug] - uw * UNIT_ROWS), 0).astype(jnp.int32),
                  page_row=jnp.where(ok, page_row[ug], 0).astype(jnp.int32),
+                 b_page_row=jnp.where(ok, b_page_row[ug], 0).astype(jnp.int32),
                  count=jnp.reshape(count, (1,)).astype(jnp.int32), row_rank=row_rank.astype(jnp.int32))
