@@ -43,8 +43,8 @@ def run(patched: bool) -> dict:
     from pallas_kernels import dispatch
 
     if patched:
-        dense = lambda *a: dispatch.lora_delta(*a, backend=F.backend)
-        expert = lambda *a: dispatch.expert_lora_delta(*a, backend=F.backend)
+        dense = lambda *a, **k: dispatch.lora_delta(*a, **k, backend=F.backend)
+        expert = lambda *a, **k: dispatch.expert_lora_delta(*a, **k, backend=F.backend)
     else:
         dense, expert = reference.lora_delta, reference.expert_lora_delta
     transformer.lora_delta = moe.lora_delta = dense

@@ -198,9 +198,9 @@ class RolePool:
                         a, b = a[lo:lo + tp.experts], b[lo:lo + tp.experts]
                     else:
                         a, b = a[None], b[None]
-                    r = a.shape[-1]
+                    r = a.shape[-2]
                     a_t = np.zeros((tp.experts, self.rank, tp.d_in), self.dtype)
-                    a_t[:, :r] = np.swapaxes(a, -1, -2)
+                    a_t[:, :r] = a
                     b_t = np.zeros((tp.experts, self.rank, tp.d_out), self.dtype)
                     b_t[:, :r] = b.reshape(tp.experts, r, tp.d_out)
                     a_rows, b_rows = a_t.reshape(-1, tp.d_in), b_t.reshape(-1, tp.d_out)

@@ -61,7 +61,9 @@ _EXPERT_ROLE = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up
 class AdapterWeights:
     """One adapter on the host, independent of any device layout; scaling is folded into B.
 
-    pages[(layer, target)] = (A [..., in, r], B [..., r, *out]); expert targets have a leading E dim.
+    pages[(layer, target)] = (A [..., r, in], B [..., r, *out]); expert targets have a leading E dim. A keeps
+    PEFT's own lora_A orientation (rank-major), which is also the adapter pool's: loading and staging copy it
+    without a transpose.
     """
 
     name: str
@@ -77,7 +79,7 @@ class AdapterWeights:
 
     @property
     def max_page_rank(self) -> int:
-        return max((a.shape[-1] for a, _ in self.pages.values()), default=0)
+        return max((a.shape[-2] for a, _ in self.pages.values()), default=0)
 
     @property
     def targets(self) -> set[str]:
@@ -277,7 +279,7 @@ def _expected_modules(cfg: ModelConfig, t: _Targeting, legacy_experts: bool, blo
 
 
 class _Converter:
-    """Validates shapes and converts PEFT tensors into pages (A [.., in, r], B [.., r, out]), scaling folded in."""
+    """Validates shapes and converts PEFT tensors into pages (A [.., r, in], B [.., r, out]), scaling folded in."""
 
     def __init__(self, cfg: ModelConfig, st: SafetensorsFile, path: str, targeting: _Targeting, max_rank: int,
                  dtype):
@@ -321,14 +323,14 @@ class _Converter:
             r, scale = self._rank(pattern_key, key_a)
             d_in, d_out = self._io(proj)
             a, b = self._read(key_a, (r, d_in)), self._read(key_b, (d_out, r))
-            self.pages[(layer, proj)] = self._cast(a.T, b.T * scale)
+            self.pages[(layer, proj)] = self._cast(a, b.T * scale)
         elif m := _EXPERT.match(module):
             layer, expert, role = int(m.group(1)), int(m.group(3)), _EXPERT_ROLE[m.group(4)]
             r, scale = self._rank(module, key_a)
             h, i = cfg.hidden_size, cfg.moe_intermediate_size
             d_in, d_out = (i, h) if role == "down" else (h, i)
             a, b = self._read(key_a, (r, d_in)), self._read(key_b, (d_out, r))
-            self.legacy.setdefault((layer, role), {})[expert] = (a.T, b.T * scale)
+            self.legacy.setdefault((layer, role), {})[expert] = (a, b.T * scale)
         elif m := _FUSED.match(module):
             self._add_fused(int(m.group(1)), module, key_a, key_b)
         else:
@@ -348,7 +350,7 @@ class _Converter:
                                f"gate_up_proj (A [E*r, {h}], B [{2 * i}, E*r]) nor down_proj (A [E*r, {i}], "
                                f"B [{h}, E*r]) of this base model", path=self.path, field=key_a)
         r, scale = self._rank(f"{module.replace('.base_layer', '')}.{param}", key_a)
-        a = self._read(key_a, (e * r, a_in)).reshape(e, r, a_in).transpose(0, 2, 1)  # [E, in, r] (expert-major)
+        a = self._read(key_a, (e * r, a_in)).reshape(e, r, a_in)  # [E, r, in] (rows expert-major)
         b = self._read(key_b, (b_out, e * r)).reshape(b_out, r, e).transpose(2, 1, 0) * scale  # [E, r, out]
         if target == "expert_gate_up":
             b = b.reshape(e, r, 2, i)
@@ -371,8 +373,8 @@ class _Converter:
                 self.pages[(layer, "expert_down")] = self._cast(*down)
             parts = [(half, p) for half, p in ((0, gate), (1, up)) if p is not None]
             if parts:
-                a = np.concatenate([p[0] for _, p in parts], axis=-1)  # [E, H, r_gate + r_up]
-                b = np.zeros((e, a.shape[-1], 2, i), np.float32)
+                a = np.concatenate([p[0] for _, p in parts], axis=-2)  # [E, r_gate + r_up, H]
+                b = np.zeros((e, a.shape[-2], 2, i), np.float32)
                 start = 0
                 for half, (_, pb) in parts:
                     b[:, start:start + pb.shape[1], half] = pb

@@ -84,7 +84,7 @@ def check_fits(pool: LoraPool, plan: StagePlan, weights: AdapterWeights) -> None
         if target not in pool.layers[layer % plan.layers_per_stage]:
             raise AdapterError(f"adapter targets {target!r} on layer {layer}, which this server's adapter pool does "
                                f"not carry (enabled targets: {pool.pool_cfg.targets})", path=weights.path)
-        rank = a.shape[-1]
+        rank = a.shape[-2]
         if rank > max_rank:
             raise AdapterError(f"{target} of layer {layer} needs rank {rank} (per-expert gate and up LoRAs take 2r), "
                                f"above the configured maximum rank {max_rank}", path=weights.path, field="r")
@@ -100,8 +100,8 @@ def adapter_pages(pool: LoraPool, plan: StagePlan, weights: AdapterWeights | Non
     for (layer, target), (a, b) in (weights.pages.items() if weights is not None else ()):
         stage, slot = divmod(layer, plan.layers_per_stage)
         page = pages["layers"][slot][target]
-        rank = a.shape[-1]
-        page["a"][stage, ..., :rank, :] = np.swapaxes(a, -1, -2)  # the pool keeps A rank-major
+        rank = a.shape[-2]
+        page["a"][stage, ..., :rank, :] = a  # both rank-major: contiguous rows
         rank_axis = 1 if target.startswith("expert_") else 0
         index = (stage,) + (slice(None),) * rank_axis + (slice(0, rank),)
         page["b"][index] = b
