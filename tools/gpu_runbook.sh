@@ -5,7 +5,8 @@
 # reference expand's form, the host's share of a 4-layer decode step, the start-up fix (compile_time), decode
 # with both modes in one call (eighth session: 0.99x). When an nvidia-h200-x4 is lent, x4_decode and x4_sweep
 # (issue 8's 2+2) come first; then mixtral_sweep (rerun with settled caches), then slo_sweep with
-# ADAPTER_LOADING=background. Stages:
+# ADAPTER_LOADING=background. When only one GPU is lent (ninth session): lora_kernels_expert, then lora_step.
+# Stages:
 #
 #   compile_time  (1 GPU, ~2 min) benchmarks/compile_time.py at 2 and 8 layers: checks that the Mosaic GPU expert
 #                 GEMM is built once per program (done in the seventh session: 8 layers 7.3 s, was 42.5 s).
@@ -48,6 +49,12 @@
 #   expert_gemm   (1 GPU, ~8 min) benchmarks/expert_gemm.py: the rows the sixth session's budget did not reach
 #                 (Qwen3 down at T=64 with mgpu, Mixtral at T=64, skewed routing).
 #   kernel_check  (1 GPU, ~1 min) tools/gpu_lora_kernel_check.py numerics (all ok in the fifth session).
+#   lora_kernels_expert (1 GPU, ~5 min) benchmarks/lora_kernels.py, the rows the ninth session's limit cut: per-
+#                 expert prefill (Mixtral gate_up and down, Qwen3 down at 1,024 tokens) and ranks 8 / 128 at decode.
+#   lora_step     (1 GPU, ~9 min) the decode step (coupled1, Qwen3 widths, 2 layers, profiled) with the LoRA math
+#                 on the reference and on the Mosaic GPU kernels (INFINILORA_LORA_BACKEND=gpu), one process each:
+#                 the step-level gain and compile cost that would justify kernels at decode (ninth session: the
+#                 reference adds 379 us of device time per step; with kernels the engine had not compiled in 125 s).
 #
 #   ./tools/gpu_runbook.sh compile_time       # device tool: run(command=..., kind=...), one stage per call
 set -uo pipefail
@@ -83,6 +90,18 @@ case "${1:-}" in
     CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -u benchmarks/compile_time.py --model $QWEN --layers 2,8 \
       --impls auto/auto,ragged_dot/reference --out "$OUT/compile_time.json" > "$OUT/compile_time.log" 2>&1
     echo "compile_time rc=$?"; show "$OUT/compile_time.log" 12 ;;
+  lora_kernels_expert)
+    timeout 560 python3 -u benchmarks/lora_kernels.py --cases 64:32:8,256:64:128 --expert_cases \
+      mixtral-gate_up:1024:32:64:8:2:4096:28672,mixtral-down:1024:32:64:8:2:14336:4096,qwen3-down:1024:32:32:128:8:768:2048 \
+      --iters 4 --repeats 2 --out "$OUT/lora_kernels_expert" > "$OUT/lora_kernels_expert.log" 2>&1
+    echo "lora_kernels_expert rc=$?"; show "$OUT/lora_kernels_expert.log" 40 ;;
+  lora_step)
+    for backend in reference gpu; do
+      INFINILORA_LORA_BACKEND=$backend timeout 270 python3 -u benchmarks/disagg.py --model $QWEN --num_layers 2 \
+        --dtype bfloat16 --rank 32 --parts decode --modes coupled1 --requests 64 --adapters 32 --prompt_len 128 \
+        --steps 16 --profile_steps 2 --out "$OUT/lora_step_$backend" > "$OUT/lora_step_$backend.log" 2>&1
+      echo "lora_step $backend rc=$?"; show "$OUT/lora_step_$backend.log" 20
+    done ;;
   kernel_check)
     timeout 170 python3 -u tools/gpu_lora_kernel_check.py --skip-timing --budget 150 \
       --out "$OUT/gpu_lora_check.json" > "$OUT/kcheck.log" 2>&1
