@@ -28,7 +28,8 @@ def random_adapter(cfg: ModelConfig, name: str, rank: int, targets: tuple[str, .
                 continue
             a_in, b_out = shapes[target]
             lead = a_in[:-1]
-            a = rng.standard_normal((*a_in, rank), np.float32) / np.sqrt(a_in[-1])  # (the draws of older versions)
+            # A is drawn [.., in, r] as before (a seed gives the same adapter as it did) and kept rank-major
+            a = rng.standard_normal((*a_in, rank), np.float32) / np.sqrt(a_in[-1])
             b = rng.standard_normal((*lead, rank, *b_out[len(lead):]), np.float32) * (scale / np.sqrt(rank))
             pages[(layer, target)] = (np.ascontiguousarray(np.swapaxes(a, -1, -2)).astype(dtype), b.astype(dtype))
     return AdapterWeights(name, f"<random seed={seed}>", rank, float(rank), False, pages)
