@@ -1,21 +1,25 @@
-"""Multi-LoRA shrink and delta: the portable baselines and the dispatcher, against copy and matmul ceilings.
+"""Multi-LoRA shrink and delta: the portable baselines, the dispatcher and the Mosaic GPU kernels, against copy and
+matmul ceilings (issue 3's benchmark; results in docs/benchmarks.md, ninth session).
 
-For the GPU machine (not run yet; a --smoke run on CPU checks the script only). Per case (T tokens spread over
-`adapters` distinct adapters of a pool of `slots` slots, rank r, hidden H, bf16) it times, inside one jitted
-`fori_loop` per variant (so host dispatch stays out; each iteration feeds one element of its output back into
-x, so nothing is hoisted), the median over repeats of:
+Per dense case (T tokens spread over `adapters` distinct adapters of a pool of max(slots, adapters + 1) slots,
+rank r, hidden H, bf16) and per-expert case (rows = tokens x top_k (token, expert) assignments at a model's
+widths, sorted by expert as the MoE layer feeds them) it times:
   shrink  x[T, H] . A[slot][H, r] -> [T, r] float32:
             gather+einsum (the reference's shrink), one-hot (x @ every slot's A, then select),
-            ragged_dot (rows sorted by slot), gpu-kernel (pallas_kernels/gpu/, on GPU only)
+            ragged_dot (rows sorted by slot), gpu-kernel / gpu-kernel-rm (pallas_kernels/gpu/, GPU only; A
+            rank-minor, transposed per call, or rank-major as the pool keeps it)
   delta   (x . A[slot]) . B[slot] -> [T, H] float32:
-            reference (lora/reference.py), dispatch (pallas_kernels.dispatch.lora_delta: on GPU the reference
-            unless INFINILORA_LORA_BACKEND=gpu; on TPU the Mosaic TPU kernels), one-hot, ragged_dot,
-            gpu-kernel (the Mosaic GPU kernels through the dispatcher, on GPU only)
-and the ceilings measured in the same run: device copy bandwidth (read + write of a large buffer) and bf16
-matmul throughput. `floor us` is the bytes each case must move (x, the distinct adapters' pages, outputs)
-at the measured copy bandwidth. Every variant's output is checked against the reference (relative error).
+            reference / reference-rm (lora/reference.py on either A layout), dispatch
+            (pallas_kernels.dispatch.lora_delta as the platform picks), one-hot, ragged_dot, gpu-kernel(-rm)
+  expert delta: reference, reference-rm, dispatch, gpu-kernel-rm
+Each variant runs in one jitted, unrolled loop; `us` is its device time per call (kernel time in a profiler
+trace, less the loop's own), which is what it costs inside a step; the wall time per call is kept beside it.
+The ceilings are measured in the same run: device copy bandwidth (read + write of a large buffer) and bf16
+matmul throughput. `floor us` is the bytes each case must move (x, the distinct pages, the float32 output) at
+the measured copy bandwidth. Every variant's output is checked against the reference (relative error).
+Writes <out>.json and <out>.png.
 
-    PYTHONPATH=. python3 benchmarks/lora_kernels.py --out $OUT/lora_kernels
+    PYTHONPATH=. python3 benchmarks/lora_kernels.py --out $OUT/lora_kernels   # GPU; --profile lists kernels
     python benchmarks/lora_kernels.py --smoke       # CPU, tiny shapes: checks the script, not the numbers
 """
 
@@ -41,12 +45,14 @@ from pallas_kernels.gpu import ops as gpu_ops  # noqa: E402
 from pallas_kernels.layout import PageTable, a_rows_from_pool, padded_rank  # noqa: E402
 
 F = flags.FLAGS
-flags.DEFINE_list("cases", ["64:32:16", "256:64:16", "256:64:64", "4096:64:64"], "T:adapters:rank per case")
+flags.DEFINE_list("cases", ["1:1:16", "16:16:16", "64:32:16", "256:64:16", "256:64:64", "64:32:128", "512:512:8",
+                            "1024:64:64", "4096:64:64", "8192:16:64"],
+                  "T:adapters:rank per case (decode T <= 512, prefill above; the pool has max(--slots, adapters + 1))")
 flags.DEFINE_list("expert_cases", ["qwen3-gate_up:64:32:32:128:8:2048:1536", "qwen3-down:64:32:32:128:8:768:2048",
                                    "mixtral-gate_up:64:32:64:8:2:4096:28672", "mixtral-down:64:32:64:8:2:14336:4096"],
                   "per-expert delta cases name:tokens:adapters:rank:experts:top_k:d_in:d_out (rows = tokens * top_k)")
 flags.DEFINE_integer("hidden", 4096, "H (input and output width)")
-flags.DEFINE_integer("slots", 128, "adapter slots in the pool (slot 0 = none)")
+flags.DEFINE_integer("slots", 128, "adapter slots in the pool (slot 0 = none), at least adapters + 1")
 flags.DEFINE_integer("iters", 50, "calls per timed loop")
 flags.DEFINE_integer("repeats", 5, "timed loops per variant")
 flags.DEFINE_bool("smoke", False, "tiny shapes, 2 iterations (CPU check of the script)")
@@ -205,7 +211,7 @@ def ceilings(n_bytes: int, n: int) -> tuple[float, float]:
 
 
 def make_case(rng, tokens, adapters, rank):
-    h, s = F.hidden, F.slots
+    h, s = F.hidden, max(F.slots, adapters + 1)  # the pool grows for cases with more adapters than its slots
     a = rng.normal(size=(s, h, rank)).astype(np.float32) / np.sqrt(h)
     b = rng.normal(size=(s, rank, h)).astype(np.float32) / np.sqrt(rank)
     a[0], b[0] = 0, 0
