@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -38,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from infinilora_jax.bench import device_trace  # noqa: E402
+from infinilora_jax.bench import kernel_timing  # noqa: E402
 from infinilora_jax.lora import reference  # noqa: E402
 from pallas_kernels import dispatch  # noqa: E402
 from pallas_kernels.gpu import ops as gpu_ops  # noqa: E402
@@ -145,10 +143,7 @@ def expert_delta_gpu_kernel_rank_major(x, slots, experts, a, b):
     return dispatch.expert_lora_delta(x, slots, experts, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True)
 
 
-def harness(x, *args):
-    """The timing loop's own cost (the sum of an output and the write into x): subtract it from each row."""
-    del args
-    return x
+harness = kernel_timing.identity
 
 
 SHRINK = {"gather+einsum": shrink_gather, "one-hot": shrink_onehot, "ragged_dot": shrink_ragged}
@@ -166,38 +161,9 @@ if jax.default_backend() == "gpu":
 
 
 def timed(fn, *args, profile: bool = False) -> dict:
-    """Per call of fn(*args), over one jitted, unrolled loop of F.iters calls: `wall_us` (median over repeats;
-    on the GPU it carries a fixed per-program launch cost of tens of us, spread over the calls) and `device_us`
-    (kernel time on the device, from a profiler trace of one loop: what the call costs inside a larger program
-    such as a decode step; None where the trace has no device). Each iteration passes its output through an
-    optimization barrier and feeds one element back into x, so XLA can neither hoist the call out of the loop
-    nor shrink it to the slice that element needs."""
-    def loop(x, *rest):
-        def body(_, x):
-            out = jax.lax.optimization_barrier(fn(x, *rest))
-            first = jax.tree.leaves(out)[0].reshape(-1)[0]
-            return x.at[0, 0].add((first * 0).astype(x.dtype))
-        # unrolled: a rolled loop on the GPU pays ~20 us per iteration for its condition (measured), more than
-        # a decode-size LoRA call
-        return jax.lax.fori_loop(0, F.iters, body, x, unroll=True)
-    run = jax.jit(loop)
-    jax.block_until_ready(run(*args))
-    times = []
-    for _ in range(F.repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run(*args))
-        times.append((time.perf_counter() - t0) / F.iters)
-    with device_trace.traced() as where:
-        jax.block_until_ready(run(*args))
-    devices = {k: v for k, v in device_trace.summarize(where(), calls=1, top=8).items() if k.startswith("/device:")}
-    device_us = sum(d["busy_us"] for d in devices.values()) / F.iters if devices else None
-    if profile:
-        for device, d in devices.items():
-            print(f"      {device}: busy {d['busy_us'] / F.iters:.1f} us of {d['span_us'] / F.iters:.1f} us per "
-                  f"call, {d['ops_per_call'] / F.iters:.1f} kernels per call")
-            for name, us in d["top_us"]:
-                print(f"        {us / F.iters:8.2f} us  {name}")
-    return dict(wall_us=1e6 * statistics.median(times), device_us=device_us)
+    """Per call of fn(*args) over one jitted, unrolled loop of F.iters calls: wall_us and device_us
+    (kernel_timing.per_call)."""
+    return kernel_timing.per_call(fn, *args, iters=F.iters, repeats=F.repeats, profile=profile)
 
 
 def ceilings(n_bytes: int, n: int) -> tuple[float, float]:

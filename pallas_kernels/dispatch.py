@@ -2,7 +2,8 @@
 
     TPU            -> the Mosaic TPU kernels (pallas_kernels/tpu/); decode or prefill variant by row count
     GPU            -> by row count: the Mosaic GPU kernels (pallas_kernels/gpu/) for calls of at least
-                      GPU_KERNEL_MIN_ROWS rows (prefill), the pure-JAX reference below (decode).
+                      gpu_kernel_min_rows() rows (prefill; the GPU block table's per-device crossover), the
+                      pure-JAX reference below (decode)
                       backend="gpu" (or INFINILORA_LORA_BACKEND=gpu) forces the kernels
     CPU            -> the pure-JAX reference
     TPU_INTERPRET  -> the TPU kernels run by the Pallas TPU interpreter on CPU (tests; asked for explicitly)
@@ -21,7 +22,8 @@ Pages come in the pool's layout (A [S, (E,) D_in, R], B [S, (E,) R, *out]). The 
 rows, so A is transposed per call unless `a_rank_major=True` says it is already stored as [S, (E,) R, D_in]
 (see docs/architecture/06-lora-kernels.md: the pool should store it that way). `slot_ranks` ([S] int32, the
 true rank of each slot's adapter) lets the kernels skip the zero padding above each adapter's rank; without it
-every slot but 0 is taken to use the pool's full rank.
+every slot but 0 is taken to use the pool's full rank. `blocks` overrides the kernels' per-device settings:
+TPU `Blocks` (tpu/tuned_blocks.json) or GPU `GpuBlocks` (gpu/tuned_blocks.json), for the backend chosen.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from jax.experimental.pallas import tpu as pltpu
 
 from infinilora_jax.lora import reference
 from infinilora_jax.trace_choice import TraceTimeChoice
+from pallas_kernels.gpu import block_tables as gpu_block_tables
 from pallas_kernels.gpu import ops as gpu_ops
+from pallas_kernels.gpu.block_tables import GpuBlocks
 from pallas_kernels.layout import PageTable, a_rows_from_pool, b_rows_from_pool, padded_rank
 from pallas_kernels.tpu.block_tables import blocks_for, device_key
 from pallas_kernels.tpu.ops import Blocks, lora_apply
@@ -64,21 +68,27 @@ def use_backend(backend: LoraBackend | str):
     return CHOICE.use(LoraBackend(backend).value)
 
 
-# GPU default: the kernels for calls of at least this many rows (tokens, or token x expert pairs). Device time on
-# an H200 (docs/benchmarks.md, ninth session): from 1,024 rows the kernels' delta is 5.6-14x faster than the
-# reference's gather + einsum (2.8x per expert at 8,192 rows). Below, the reference wins small dense calls (rank
-# 16 at 1-256 tokens: 1.6-16 us against 9-29 us); the kernels win some decode shapes (per-expert decode 1.25-1.9x,
-# rank >= 64 at 64-256 tokens 1.3-2.7x), but every Mosaic GPU kernel instance adds to the engine's compile time
-# (with them at decode, a 2-layer Qwen3 engine had not finished compiling after 125 s; without, prefill and
-# compile took 38 s), and the whole decode step's gain is not measured yet: decode stays on the reference.
-GPU_KERNEL_MIN_ROWS = 1024
+def gpu_kernel_min_rows(dtype=jnp.bfloat16) -> int:
+    """GPU default: the kernels for calls of at least this many rows (tokens, or token x expert pairs), from the
+    GPU block table (pallas_kernels/gpu/tuned_blocks.json, `kernel_min_rows`) of this device.
+
+    H200 (docs/benchmarks.md, ninth session, device time): from 1,024 rows the kernels' delta is 5.6-14x faster
+    than the reference's gather + einsum (2.8x per expert at 8,192 rows). Below, the reference wins small dense
+    calls (rank 16 at 1-256 tokens: 1.6-16 us against 9-29 us); the kernels win some decode shapes (per-expert
+    decode 1.25-1.9x, rank >= 64 at 64-256 tokens 1.3-2.7x), but every Mosaic GPU kernel instance adds to the
+    engine's compile time (with them at decode, a 2-layer Qwen3 engine had not finished compiling after 125 s;
+    without, prefill and compile took 38 s), and the whole decode step's gain is not measured yet: the H200
+    entry keeps decode on the reference."""
+    on_gpu = jax.default_backend() == "gpu"
+    device = gpu_block_tables.current_device_key(interpret=not on_gpu)
+    return gpu_block_tables.blocks_for(device, jnp.dtype(dtype).name).kernel_min_rows
 
 
 def select_backend(backend: LoraBackend | str | None = None, platform: str | None = None,
-                   rows: int | None = None) -> LoraBackend:
+                   rows: int | None = None, dtype=jnp.bfloat16) -> LoraBackend:
     """Explicit argument, else the `use_backend` context, else $INFINILORA_LORA_BACKEND, else by platform
-    (TPU: kernels; GPU: kernels for calls of at least GPU_KERNEL_MIN_ROWS rows, else reference; CPU:
-    reference)."""
+    (TPU: kernels; GPU: kernels for 16-bit calls of at least gpu_kernel_min_rows() rows, else reference;
+    CPU: reference)."""
     if backend is not None:
         return LoraBackend(backend)
     name = CHOICE.selected()
@@ -87,7 +97,8 @@ def select_backend(backend: LoraBackend | str | None = None, platform: str | Non
     platform = platform or jax.default_backend()
     if platform == "tpu":
         return LoraBackend.TPU
-    if platform == "gpu" and rows is not None and rows >= GPU_KERNEL_MIN_ROWS:
+    if (platform == "gpu" and rows is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and rows >= gpu_kernel_min_rows(dtype)):
         return LoraBackend.GPU
     return LoraBackend.REFERENCE
 
@@ -100,9 +111,10 @@ def _blocks(backend: LoraBackend, x: jax.Array, out_widths, max_rank: int) -> Bl
 def _kernel_apply(backend, ys, x, slots, experts, pairs, *, num_experts, slot_ranks, a_rank_major, blocks):
     """ys[i] (flat [M, N_i]) + delta of pair i, through the TPU or GPU kernels."""
     ranks = [b.shape[2 if experts is not None else 1] for _, b in pairs]
+    _check_blocks(backend, blocks)
     if backend in _GPU_BACKENDS:
         return _gpu_apply(backend, ys, x, slots, experts, pairs, ranks, num_experts=num_experts,
-                          slot_ranks=slot_ranks, a_rank_major=a_rank_major)
+                          slot_ranks=slot_ranks, a_rank_major=a_rank_major, blocks=blocks)
     if blocks is None:
         blocks = _blocks(backend, x, [y.shape[1] for y in ys], max(ranks))
     rb = blocks.rank_block
@@ -120,6 +132,13 @@ def _kernel_apply(backend, ys, x, slots, experts, pairs, *, num_experts, slot_ra
                       num_experts=num_experts, blocks=blocks, interpret=interpret)
 
 
+def _check_blocks(backend: LoraBackend, blocks) -> None:
+    """`blocks=` is the chosen kernels' kind: TPU `Blocks` or GPU `GpuBlocks` (None: the device's table)."""
+    want = GpuBlocks if backend in _GPU_BACKENDS else Blocks
+    if blocks is not None and not isinstance(blocks, want):
+        raise TypeError(f"blocks={blocks!r} given for the {backend.value} backend, which takes {want.__name__}")
+
+
 def gpu_supports(x: jax.Array, pairs, widths) -> bool:
     """The GPU kernels multiply 16-bit activations by pages of the same dtype (wgmma), in 64-wide blocks of
     D_in and of each (flattened) output width."""
@@ -128,7 +147,7 @@ def gpu_supports(x: jax.Array, pairs, widths) -> bool:
             and all(w % 64 == 0 for w in widths))
 
 
-def _gpu_apply(backend, ys, x, slots, experts, pairs, ranks, *, num_experts, slot_ranks, a_rank_major):
+def _gpu_apply(backend, ys, x, slots, experts, pairs, ranks, *, num_experts, slot_ranks, a_rank_major, blocks):
     """Through the Mosaic GPU kernels: one page = one rank block of the pool rank (padded to 16, the wgmma K
     step), so `slot_ranks` only tells which slots are empty (rank 0)."""
     if not gpu_supports(x, pairs, [y.shape[1] for y in ys]):
@@ -146,7 +165,7 @@ def _gpu_apply(backend, ys, x, slots, experts, pairs, ranks, *, num_experts, slo
     keys, active = _group_keys(slots, experts, num_experts)
     interpret = plgpu.InterpretGPUParams() if backend is LoraBackend.GPU_INTERPRET else None
     return gpu_ops.lora_apply(tuple(ys), x, keys, active, tuple(a_rows), tuple(b_rows), tuple(tables),
-                              num_experts=num_experts, interpret=interpret)
+                              num_experts=num_experts, interpret=interpret, blocks=blocks)
 
 
 def _reference_deltas(x, slots, experts, pairs, a_rank_major):
@@ -168,9 +187,9 @@ def _out_shape(lora_b: jax.Array, expert: bool) -> tuple[int, ...]:
 
 
 def lora_delta(x: jax.Array, slots: jax.Array, lora_a: jax.Array, lora_b: jax.Array, *, slot_ranks=None,
-               a_rank_major: bool = False, backend=None, blocks: Blocks | None = None) -> jax.Array:
+               a_rank_major: bool = False, backend=None, blocks: Blocks | GpuBlocks | None = None) -> jax.Array:
     """[N, *out] float32 delta of a dense projection, one slot per token (reference.lora_delta)."""
-    chosen = select_backend(backend, rows=x.shape[0])
+    chosen = select_backend(backend, rows=x.shape[0], dtype=x.dtype)
     if chosen is LoraBackend.REFERENCE:
         return reference.lora_delta(x, slots, lora_a, lora_b, a_rank_major=a_rank_major)
     out = _out_shape(lora_b, False)
@@ -182,10 +201,10 @@ def lora_delta(x: jax.Array, slots: jax.Array, lora_a: jax.Array, lora_b: jax.Ar
 
 def expert_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a: jax.Array, lora_b: jax.Array, *,
                       slot_ranks=None, a_rank_major: bool = False, backend=None,
-                      blocks: Blocks | None = None) -> jax.Array:
+                      blocks: Blocks | GpuBlocks | None = None) -> jax.Array:
     """[M, *out] float32 per-expert delta; rows with an out-of-range expert get zero
     (reference.expert_lora_delta)."""
-    chosen = select_backend(backend, rows=x.shape[0])
+    chosen = select_backend(backend, rows=x.shape[0], dtype=x.dtype)
     if chosen is LoraBackend.REFERENCE:
         return reference.expert_lora_delta(x, slots, experts, lora_a, lora_b, a_rank_major=a_rank_major)
     out = _out_shape(lora_b, True)
@@ -198,13 +217,13 @@ def expert_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a
 
 def paged_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array | None, a_rows: jax.Array,
                      b_rows: jax.Array, table: PageTable, *, num_experts: int = 1, b_table: PageTable | None = None,
-                     backend=None, blocks: Blocks | None = None) -> jax.Array:
+                     backend=None, blocks: Blocks | GpuBlocks | None = None) -> jax.Array:
     """[M, D_out] float32 delta with pages in row arenas addressed by a PageTable (reference.paged_lora_delta):
     the form the disaggregated LoRA server keeps its pages in (arenas are whole-array views of role buffers).
     The kernels read the arenas directly. `b_table` (B pages placed at other rows than A's, same strides and
     block counts): the GPU kernels take it; the TPU kernels address A and B with one table, so there it runs on
     the reference."""
-    chosen = select_backend(backend, rows=x.shape[0])
+    chosen = select_backend(backend, rows=x.shape[0], dtype=x.dtype)
     width = table.max_blocks * table.rank_block
     # the GPU kernels read arena rows in 8-row SMEM tiles (layout.py rank blocks are multiples of 8)
     gpu_ok = (gpu_supports(x, [(a_rows, b_rows)], [b_rows.shape[1]]) and width % 16 == 0
@@ -213,6 +232,7 @@ def paged_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array | None, 
         return reference.paged_lora_delta(x, slots, experts, a_rows, b_rows, table, num_experts, b_table)
     if b_table is not None and chosen not in _GPU_BACKENDS:
         return reference.paged_lora_delta(x, slots, experts, a_rows, b_rows, table, num_experts, b_table)
+    _check_blocks(chosen, blocks)
     if blocks is None and chosen not in _GPU_BACKENDS:
         blocks = _blocks(chosen, x, [b_rows.shape[1]], width)
         blocks = dataclasses.replace(blocks, rank_block=table.rank_block)
@@ -221,7 +241,8 @@ def paged_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array | None, 
     if chosen in _GPU_BACKENDS:  # pages of `width` rows; columns past a page's own blocks are masked
         interpret = plgpu.InterpretGPUParams() if chosen is LoraBackend.GPU_INTERPRET else None
         (delta,) = gpu_ops.lora_apply((zeros,), x, keys, active, (a_rows,), (b_rows,), (table,),
-                                      num_experts=num_experts, interpret=interpret, b_tables=(b_table,))
+                                      num_experts=num_experts, interpret=interpret, b_tables=(b_table,),
+                                      blocks=blocks)
         return delta
     interpret = pltpu.InterpretParams() if chosen is LoraBackend.TPU_INTERPRET else False
     (delta,) = lora_apply((zeros,), x, keys, active, (a_rows,), (b_rows,), (table,), num_experts=num_experts,
@@ -231,13 +252,13 @@ def paged_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array | None, 
 
 def add_lora_fused(ys: tuple[jax.Array, ...], x: jax.Array, slots: jax.Array, pairs, *, experts=None,
                    slot_ranks=None, a_rank_major: bool = False, backend=None,
-                   blocks: Blocks | None = None) -> tuple[jax.Array, ...]:
+                   blocks: Blocks | GpuBlocks | None = None) -> tuple[jax.Array, ...]:
     """ys[i] + delta of pairs[i] = (A_i, B_i) for targets that share the input x, in one launch on TPU.
 
     ys[i]: [M, *out_i] in any float dtype (the result has it); pairs: pool pages as in `lora_delta` (or
     `expert_lora_delta` when `experts` [M] is given); slot_ranks: None, one [S] array, or one per pair.
     """
-    chosen = select_backend(backend, rows=x.shape[0])
+    chosen = select_backend(backend, rows=x.shape[0], dtype=x.dtype)
     expert = experts is not None
     if chosen is LoraBackend.REFERENCE:
         return tuple(reference.add_delta(y, delta) for y, delta in zip(

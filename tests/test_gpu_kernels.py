@@ -20,6 +20,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from infinilora_jax.lora import reference
 from pallas_kernels import dispatch
 from pallas_kernels.gpu import ops as gpu_ops
+from pallas_kernels.gpu.block_tables import GpuBlocks
 from pallas_kernels.gpu.units import UNIT_ROWS, build_units
 from pallas_kernels.grouping import group_rows
 from pallas_kernels.layout import PageTable, a_rows_from_pool, b_rows_from_pool, total_blocks
@@ -176,9 +177,9 @@ def test_b_pages_placed_apart_from_a_pages(rng):
 def test_backend_choice(monkeypatch):
     # GPU default by row count: the reference at decode sizes, the kernels at prefill sizes (H200 timings)
     assert dispatch.select_backend(platform="gpu") is dispatch.LoraBackend.REFERENCE
-    assert dispatch.select_backend(platform="gpu", rows=dispatch.GPU_KERNEL_MIN_ROWS - 1) is \
+    assert dispatch.select_backend(platform="gpu", rows=dispatch.gpu_kernel_min_rows() - 1) is \
         dispatch.LoraBackend.REFERENCE
-    assert dispatch.select_backend(platform="gpu", rows=dispatch.GPU_KERNEL_MIN_ROWS) is dispatch.LoraBackend.GPU
+    assert dispatch.select_backend(platform="gpu", rows=dispatch.gpu_kernel_min_rows()) is dispatch.LoraBackend.GPU
     assert dispatch.select_backend(platform="cpu", rows=1 << 20) is dispatch.LoraBackend.REFERENCE
     monkeypatch.setenv(dispatch.ENV_VAR, "gpu")
     assert dispatch.select_backend(platform="gpu") is dispatch.LoraBackend.GPU
@@ -220,7 +221,7 @@ def test_kernels_lower_for_cuda(variant, m, r, expert):
         args = (y, x, slots, a, b)
     text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 2
-    assert gpu_ops.pick_ksplit(m, h) == (4 if variant == "decode" else 1)
+    assert gpu_ops.pick_ksplit(m, h, GpuBlocks()) == (4 if variant == "decode" else 1)
 
 
 def test_unaligned_rows_hit_the_mosaic_gpu_tiling_check_on_cpu():

@@ -20,7 +20,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.gpu.units import ALIGN, TILE_ROWS, UNIT_ROWS
 
 NUM_SMS = 132  # H100 / H200 SXM
-STAGES = 4  # pipeline depth (TMA copies in flight per CTA)
 UNIT_ROWS_POW2 = 1 << (UNIT_ROWS.bit_length() - 1)  # largest rung of the store ladder
 TMA_GMEM_BYTES = 16  # global row strides and box inner dimensions: multiples of this
 TMA_SMEM_BYTES = 128  # SMEM address of a TMA copy: a multiple of this

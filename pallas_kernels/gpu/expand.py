@@ -6,8 +6,8 @@
                                 at its b_page_row
     d          [Mx, N] f32      delta rows in sorted order; rows of no unit are left unwritten
 
-One CTA per (unit, column tile of BN columns): it loads the unit's s window [64, R] (both parts) and the page's
-[R, BN] block of B, and accumulates s_hi @ B + s_lo @ B with two wgmmas: s carried to ~16 mantissa bits, as
+One CTA per (unit, column tile of `cols` columns): it loads the unit's s window [64, R] (both parts) and the
+page's [R, cols] block of B, and accumulates s_hi @ B + s_lo @ B with two wgmmas: s carried to ~16 mantissa bits, as
 the reference's float32 expand (a single 16-bit s would lose ~3 decimal digits). Only the unit's rows are stored.
 """
 
@@ -20,11 +20,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.gpu.block_tables import EXPAND_COL_CHOICES
 from pallas_kernels.gpu.common import check_operands, check_tma_array, compiler_params, out_width, store_rows
 from pallas_kernels.gpu.units import TILE_ROWS, Units, window
-
-BN = 128  # output columns per CTA (<= 256: one TMA box)
-
 
 # float32 bits kept by a 16-bit type's mantissa (sign, exponent, the top 7 (bf16) or 10 (f16) mantissa bits)
 _HI_MASK = {jnp.dtype(jnp.bfloat16): 0xFFFF0000, jnp.dtype(jnp.float16): 0xFFFFE000}
@@ -43,9 +41,20 @@ def split_hi_lo(s: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
     return hi.astype(dtype), (s - hi).astype(dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def expand(s_hi: jax.Array, s_lo: jax.Array, b_rows: jax.Array, units: Units, *, interpret=None) -> jax.Array:
-    """[Mx, N] float32 delta rows (sorted order); see the module docstring."""
+def column_tile(n: int, cols: int) -> int:
+    """The widest tile of at most `cols` columns (a power of two times 64) that divides n; 0 if none does."""
+    if cols not in EXPAND_COL_CHOICES:
+        raise ValueError(f"expand columns {cols} not in {EXPAND_COL_CHOICES}")
+    while cols >= 64 and n % cols:
+        cols //= 2
+    return cols if cols >= 64 else 0
+
+
+@functools.partial(jax.jit, static_argnames=("cols", "interpret"))
+def expand(s_hi: jax.Array, s_lo: jax.Array, b_rows: jax.Array, units: Units, *, cols: int = 128,
+           interpret=None) -> jax.Array:
+    """[Mx, N] float32 delta rows (sorted order); see the module docstring. `cols`: output columns per CTA
+    (block_tables.GpuBlocks.expand_cols; narrower where N is not a multiple)."""
     mx, rank = s_hi.shape
     n = b_rows.shape[1]
     check_operands("expand", s_hi, s_lo, b_rows)
@@ -54,8 +63,8 @@ def expand(s_hi: jax.Array, s_lo: jax.Array, b_rows: jax.Array, units: Units, *,
                          f"dtype {b_rows.dtype}")
     if rank % 16 or not 16 <= rank <= 256:
         raise ValueError(f"rank {rank} must be a multiple of 16 in [16, 256] (wgmma K of 16-bit operands)")
-    bn = BN if n % BN == 0 else 64
-    if n % bn:
+    bn = column_tile(n, cols)
+    if not bn:
         raise ValueError(f"output width {n} must be a multiple of 64")
     check_tma_array("expand", "s_hi (sorted rows)", s_hi.shape, s_hi.dtype, rank)
     check_tma_array("expand", "B arena", b_rows.shape, b_rows.dtype, bn)

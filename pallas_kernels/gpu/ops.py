@@ -1,11 +1,13 @@
 """Multi-LoRA on Hopper: group rows, build work units, shrink, expand; decode and prefill variants.
 
-    decode  (BGMV-like: few rows per adapter, rows <= DECODE_ROWS): the shrink splits D_in over KSPLIT CTAs
-            per unit, so a handful of adapters still keeps every SM streaming its pages.
+    decode  (BGMV-like: few rows per adapter, rows <= blocks.decode_rows): the shrink splits D_in over
+            blocks.decode_ksplit CTAs per unit, so a handful of adapters still keeps every SM streaming its pages.
     prefill (SGMV-like: long runs per adapter): one CTA per (unit, D_in), units of up to 64 rows per group.
 Both sort rows by (slot, expert) once (a gather of x), run one shrink and one expand launch per target, and add
 the delta into y in float32 (one rounding) at the rows' original positions; rows with no work (slot 0, padding
 experts, rank-0 targets) keep y bit-identical. Each page is read once per 64-row chunk of its group.
+The tunable settings (pipeline depth, the decode split and its row limit, expand tile) come per device from
+block_tables.py (tuned_blocks.json), or as `blocks=`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.gpu.block_tables import GpuBlocks, blocks_for, current_device_key
 from pallas_kernels.gpu.common import padded_rows
 from pallas_kernels.gpu.expand import expand, split_hi_lo
 from pallas_kernels.gpu.shrink import BK, shrink
@@ -22,25 +25,28 @@ from pallas_kernels.gpu.units import build_units
 from pallas_kernels.grouping import group_rows
 from pallas_kernels.layout import PageTable
 
-DECODE_ROWS = 512
-KSPLIT = 4  # decode: D_in slices per unit (each slice >= 1024 columns at H = 4096)
+
+def device_blocks(dtype, interpret) -> GpuBlocks:
+    """The block table's settings for this device (the interpreter's entry when interpreting) and dtype."""
+    return blocks_for(current_device_key(interpret is not None), jnp.dtype(dtype).name)
 
 
-def pick_ksplit(rows: int, d_in: int) -> int:
+def pick_ksplit(rows: int, d_in: int, blocks: GpuBlocks) -> int:
     """Decode splits D_in (while the slices stay whole BK blocks); prefill does not."""
-    if rows > DECODE_ROWS:
+    if rows > blocks.decode_rows:
         return 1
-    k = KSPLIT
+    k = blocks.decode_ksplit
     while k > 1 and d_in % (BK * k):
         k //= 2
     return k
 
 
-@functools.partial(jax.jit, static_argnames=("num_experts", "ksplit", "interpret"))
+@functools.partial(jax.jit, static_argnames=("num_experts", "ksplit", "interpret", "blocks"))
 def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active: jax.Array,
                a_rows: tuple[jax.Array, ...], b_rows: tuple[jax.Array, ...], tables: tuple[PageTable, ...], *,
                num_experts: int, ksplit: int | None = None, interpret=None,
-               b_tables: tuple[PageTable | None, ...] | None = None) -> tuple[jax.Array, ...]:
+               b_tables: tuple[PageTable | None, ...] | None = None,
+               blocks: GpuBlocks | None = None) -> tuple[jax.Array, ...]:
     """ys[i] + delta_i (float32 sum, one rounding) for LoRA targets i sharing the input x.
 
     Args:
@@ -52,9 +58,11 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
       b_tables: per target None (B's pages at A's rows) or B's own PageTable (same rank block, strides, blocks).
       ksplit: D_in slices of the shrink (None: by variant, pick_ksplit).
       interpret: None on a GPU; a `plgpu.InterpretGPUParams` to run in the Mosaic GPU interpreter on CPU.
+      blocks: the tunable settings (None: the device's block table entry, device_blocks).
     """
     m = x.shape[0]
-    ksplit = pick_ksplit(m, x.shape[1]) if ksplit is None else ksplit
+    blocks = device_blocks(x.dtype, interpret) if blocks is None else blocks
+    ksplit = pick_ksplit(m, x.shape[1], blocks) if ksplit is None else ksplit
     grouping = group_rows(keys, active, num_keys=tables[0].num_slots * num_experts)
     # Padding rows (to a multiple of 8, plus one window) keep every 64-row window in bounds and the row count a
     # multiple of the 8-row SMEM tile; they read row 0 and are never stored.
@@ -64,28 +72,32 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
     for y, a, b, table, b_table in zip(ys, a_rows, b_rows, tables, b_tables or (None,) * len(tables)):
         rank = table.max_blocks * table.rank_block
         units = build_units(grouping, table, num_experts=num_experts, b_table=b_table)
-        s = shrink(x_sorted, a, units, rank=rank, ksplit=ksplit, interpret=interpret).sum(0)[:m, :rank]
+        s = shrink(x_sorted, a, units, rank=rank, ksplit=ksplit, stages=blocks.stages,
+                   interpret=interpret).sum(0)[:m, :rank]
         # Rows of no unit were never written; columns past a page's rank may hold a neighbouring page's rows.
         used = jnp.arange(rank)[None, :] < units.row_rank[:, None]
         s = jnp.where(used, s, 0.0)
         s = jnp.concatenate([s, jnp.zeros((mx - m, rank), jnp.float32)])
         hi, lo = split_hi_lo(s, b.dtype)
-        d = expand(hi, lo, b, units, interpret=interpret)[grouping.inverse]
+        d = expand(hi, lo, b, units, cols=blocks.expand_cols, interpret=interpret)[grouping.inverse]
         work = (units.row_rank > 0)[grouping.inverse]
         out.append(jnp.where(work[:, None], (y.astype(jnp.float32) + d).astype(y.dtype), y))
     return tuple(out)
 
 
-@functools.partial(jax.jit, static_argnames=("num_experts", "ksplit", "interpret"))
+@functools.partial(jax.jit, static_argnames=("num_experts", "ksplit", "interpret", "blocks"))
 def lora_shrink(x: jax.Array, keys: jax.Array, active: jax.Array, a_rows: jax.Array, table: PageTable, *,
-                num_experts: int, ksplit: int | None = None, interpret=None) -> jax.Array:
+                num_experts: int, ksplit: int | None = None, interpret=None,
+                blocks: GpuBlocks | None = None) -> jax.Array:
     """[M, R] float32 shrink alone (x @ A[page]^T per row; 0 for rows with no work): for benchmarks."""
     m = x.shape[0]
-    ksplit = pick_ksplit(m, x.shape[1]) if ksplit is None else ksplit
+    blocks = device_blocks(x.dtype, interpret) if blocks is None else blocks
+    ksplit = pick_ksplit(m, x.shape[1], blocks) if ksplit is None else ksplit
     grouping = group_rows(keys, active, num_keys=table.num_slots * num_experts)
     x_sorted = x[jnp.concatenate([grouping.order, jnp.zeros((padded_rows(m) - m,), jnp.int32)])]
     rank = table.max_blocks * table.rank_block
     units = build_units(grouping, table, num_experts=num_experts)
-    s = shrink(x_sorted, a_rows, units, rank=rank, ksplit=ksplit, interpret=interpret).sum(0)[:m, :rank]
+    s = shrink(x_sorted, a_rows, units, rank=rank, ksplit=ksplit, stages=blocks.stages,
+               interpret=interpret).sum(0)[:m, :rank]
     s = jnp.where(jnp.arange(rank)[None, :] < units.row_rank[:, None], s, 0.0)
     return s[grouping.inverse]

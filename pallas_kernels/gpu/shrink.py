@@ -8,7 +8,7 @@
                                  rows of no unit are left unwritten
 
 One CTA per (unit, D_in slice). It streams its slice of the unit's x window [64, D_in] and of its page
-[R, D_in] through SMEM in (64 | R, bk) blocks (TMA, `STAGES` in flight) and accumulates the [64, R] product
+[R, D_in] through SMEM in (64 | R, bk) blocks (TMA, `stages` in flight) and accumulates the [64, R] product
 with wgmma (A block read transposed, K-major, as wgmma wants it). Only the unit's `size` rows are stored.
 Decode splits D_in (ksplit > 1) so a few adapters still occupy every SM; prefill has enough units and keeps
 ksplit = 1. Pages are fetched whole (R rows): use rank blocks of R, or mask columns past a page's rank.
@@ -23,23 +23,26 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.gpu.common import STAGES, check_operands, check_tma_array, compiler_params, out_width, store_rows
+from pallas_kernels.gpu.block_tables import STAGE_CHOICES
+from pallas_kernels.gpu.common import check_operands, check_tma_array, compiler_params, out_width, store_rows
 from pallas_kernels.gpu.units import TILE_ROWS, Units, window
 
 BK = 64  # 128 bytes of 16-bit values: one swizzle row
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "ksplit", "interpret"))
-def shrink(x: jax.Array, a_rows: jax.Array, units: Units, *, rank: int, ksplit: int = 1,
+@functools.partial(jax.jit, static_argnames=("rank", "ksplit", "stages", "interpret"))
+def shrink(x: jax.Array, a_rows: jax.Array, units: Units, *, rank: int, ksplit: int = 1, stages: int = 4,
            interpret=None) -> jax.Array:
     """[ksplit, Mx, out_width(rank)] float32 partial shrink outputs (sum over axis 0, take [:, :rank]); see the
-    module docstring."""
+    module docstring. `stages`: TMA pipeline depth (block_tables.GpuBlocks)."""
     mx, d_in = x.shape
     check_operands("shrink", x, a_rows)
     if a_rows.ndim != 2 or a_rows.shape[1] != d_in:
         raise ValueError(f"A arena {a_rows.shape} must be [P, {d_in}]")
     if rank % 8 or not 8 <= rank <= 256:
         raise ValueError(f"rank {rank} must be a multiple of 8 in [8, 256] (wgmma N)")
+    if stages not in STAGE_CHOICES:
+        raise ValueError(f"stages {stages} not in {STAGE_CHOICES}")
     if d_in % (BK * ksplit):
         raise ValueError(f"D_in {d_in} must be a multiple of {BK} * ksplit={ksplit}")
     steps = d_in // BK // ksplit
@@ -65,7 +68,7 @@ def shrink(x: jax.Array, a_rows: jax.Array, units: Units, *, rank: int, ksplit: 
                         plgpu.BlockSpec((pl.Element(rank), BK), lambda k: (page, kk * steps + k),
                                         delay_release=1),
                     ],
-                    max_concurrent_steps=min(STAGES, max(steps, 2)),
+                    max_concurrent_steps=min(stages, max(steps, 2)),
                 )(x_ref, a_ref)
                 return acc_ref[...]
 

@@ -1,0 +1,104 @@
+"""Per-device settings of the GPU LoRA kernels, read from tuned_blocks.json beside them.
+
+Key: "<device>/<dtype>", device from `jax.Device.device_kind` ("NVIDIA H200" -> "h200", "NVIDIA H100 80GB
+HBM3" -> "h100"; "interpret" for the Mosaic GPU interpreter on CPU), dtype the 16-bit activation / page dtype.
+Value: the fields of `GpuBlocks` plus provenance: "measured" (true once tools/tune_gpu_lora_blocks.py has timed
+candidates on that device and rewritten the entry, with the jax version and device kind) and "source".
+A missing key falls back to `DEFAULT` with one logged warning per key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import re
+
+import jax.numpy as jnp
+
+TABLE_PATH = os.path.join(os.path.dirname(__file__), "tuned_blocks.json")
+INTERPRET = "interpret"
+STAGE_CHOICES = (2, 3, 4, 5, 6)  # TMA copies in flight: more hides latency, each costs (64 + R) x 128 B of SMEM
+EXPAND_COL_CHOICES = (64, 128, 256)  # one TMA box is at most 256 columns
+KSPLIT_CHOICES = (1, 2, 4, 8)
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuBlocks:
+    """What the GPU kernels leave to tuning (the 64-row unit window and the 64-column K block are fixed by
+    wgmma and the 128-byte swizzle)."""
+    stages: int = 4  # shrink: TMA pipeline depth (blocks of x and A in flight per CTA)
+    decode_ksplit: int = 4  # shrink, decode variant: D_in slices per unit, so few adapters still fill the SMs
+    decode_rows: int = 512  # calls of up to this many rows use the decode variant (ksplit), larger the prefill one
+    expand_cols: int = 128  # expand: output columns per CTA
+    # The dispatcher's automatic choice (dispatch.select_backend): the kernels for calls of at least this many
+    # rows, the reference's gather + einsum below. Not a block size, but a per-device crossover of the same
+    # timings; it also weighs compile time (every kernel instance adds to an engine's start-up).
+    kernel_min_rows: int = 1024
+
+    def __post_init__(self):
+        problems = []
+        if self.stages not in STAGE_CHOICES:
+            problems.append(f"stages {self.stages} not in {STAGE_CHOICES}")
+        if self.expand_cols not in EXPAND_COL_CHOICES:
+            problems.append(f"expand_cols {self.expand_cols} not in {EXPAND_COL_CHOICES}")
+        if self.decode_ksplit not in KSPLIT_CHOICES:
+            problems.append(f"decode_ksplit {self.decode_ksplit} not in {KSPLIT_CHOICES}")
+        if self.decode_rows < 0 or self.kernel_min_rows < 0:
+            problems.append("row counts must be >= 0")
+        if problems:
+            raise ValueError("GpuBlocks: " + "; ".join(problems))
+
+
+DEFAULT = GpuBlocks()
+FIELDS = tuple(f.name for f in dataclasses.fields(GpuBlocks))
+
+
+def device_key(device_kind: str) -> str:
+    """Short name of a GPU `device_kind`: its Hopper part number ("NVIDIA H100 80GB HBM3" -> "h100"; Grace
+    Hopper parts keep "gh200"); other kinds are lower-cased whole."""
+    match = re.search(r"\b(GH200|H200|H100|H800|H20)\b", device_kind, re.IGNORECASE)
+    return match.group(1).lower() if match else device_kind.lower()
+
+
+def table_key(device: str, dtype) -> str:
+    return f"{device}/{jnp.dtype(dtype).name}"
+
+
+@functools.cache
+def load_table(path: str = TABLE_PATH) -> dict[str, dict]:
+    with open(path) as f:
+        return json.load(f)
+
+
+@functools.cache
+def blocks_for(device: str, dtype_name: str) -> GpuBlocks:
+    """The table's GpuBlocks for (device, dtype name), DEFAULT (and a warning) when it has none."""
+    entry = load_table().get(table_key(device, dtype_name))
+    if entry is None:
+        log.warning("no GPU LoRA kernel settings for %s; using defaults %s (run tools/tune_gpu_lora_blocks.py)",
+                    table_key(device, dtype_name), DEFAULT)
+        return DEFAULT
+    return GpuBlocks(**{k: v for k, v in entry.items() if k in FIELDS})
+
+
+def current_device_key(interpret: bool) -> str:
+    import jax  # noqa: PLC0415 (at call time: the backend is chosen after import)
+    return INTERPRET if interpret else device_key(jax.devices()[0].device_kind)
+
+
+def write_entries(entries: dict[str, dict], path: str = TABLE_PATH) -> None:
+    """Merge `entries` into the table at `path` (one entry per line, as committed)."""
+    table = {}
+    if os.path.exists(path) and os.path.getsize(path):
+        with open(path) as f:
+            table = json.load(f)
+    for key, entry in entries.items():
+        table[key] = {**table.get(key, {}), **entry}
+    with open(path, "w") as f:
+        f.write("{\n" + ",\n".join(f'  "{k}": {json.dumps(v)}' for k, v in table.items()) + "\n}\n")
+    load_table.cache_clear()
+    blocks_for.cache_clear()

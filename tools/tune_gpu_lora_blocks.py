@@ -1,0 +1,277 @@
+"""Regenerate this GPU's entry of pallas_kernels/gpu/tuned_blocks.json by timing the Mosaic GPU LoRA kernels.
+
+NOT RUN ON A GPU YET: the H200 entry holds the hand-set values of earlier sessions ("measured": false). On the
+GPU machine (one H200 is enough; ~10 minutes for all phases, so split them over calls if need be):
+
+    PYTHONPATH=. python tools/tune_gpu_lora_blocks.py --phases prefill,decode --log $OUT/tune_gpu_a.json
+    PYTHONPATH=. python tools/tune_gpu_lora_blocks.py --phases crossover,dispatch --log $OUT/tune_gpu_b.json
+
+(or `OUT=$OUT ./tools/gpu_runbook.sh tune_gpu_blocks`). Phases, each rewriting only its own fields of the entry
+"<device>/<dtype>" (block_tables.py), so they can run in separate calls and in this order:
+  prefill    stages x expand_cols on prefill-shaped problems (thousands of rows, dense and per-expert);
+  decode     decode_ksplit (the D_in split of the decode variant) on decode-shaped problems, with the entry's
+             stages and expand_cols;
+  crossover  decode_rows: the largest probed row count at which the decode variant is not slower than the
+             prefill variant on every problem;
+  dispatch   kernel_min_rows: the smallest probed row count from which the kernels beat the reference's
+             gather + einsum on every problem at that count and above ("kernel_crossover_rows"), raised to
+             --kernel_min_rows_floor (compile cost: every kernel instance adds to an engine's start-up; see
+             dispatch.gpu_kernel_min_rows).
+A candidate's score is the geometric mean over problems of its time / the best time on that problem; the lowest
+wins. Times are device time per call (infinilora_jax/bench/kernel_timing.py: an unrolled jitted loop, kernel
+busy time from a profiler trace, less the loop's own), and every candidate's output is checked against the
+reference first (a wrong candidate is dropped). The entry gets "measured": true once all four phases have run
+on this device, with the jax version, the device kind and the date; --log keeps every timing.
+
+`--interpret` runs the same flow on CPU with tiny problems in the Mosaic GPU interpreter: it checks the script,
+not the numbers (interpreter timings mean nothing), and writes only to an --out given explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import itertools
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from infinilora_jax.bench import kernel_timing  # noqa: E402
+from pallas_kernels import dispatch  # noqa: E402
+from pallas_kernels.gpu import block_tables  # noqa: E402
+from pallas_kernels.gpu.block_tables import GpuBlocks  # noqa: E402
+
+PHASES = ("prefill", "decode", "crossover", "dispatch")
+F = flags.FLAGS
+flags.DEFINE_list("phases", list(PHASES), f"which of {PHASES} to run (in that order)")
+flags.DEFINE_list("dtypes", ["bfloat16"], "activation / page dtypes to tune (bfloat16, float16)")
+flags.DEFINE_integer("iters", 10, "calls per timed loop (unrolled: each adds to the loop's compile time)")
+flags.DEFINE_integer("repeats", 3, "wall-clock loops per candidate (kept beside the device time)")
+flags.DEFINE_integer("kernel_min_rows_floor", 1024, "kernel_min_rows is at least this (compile cost)")
+flags.DEFINE_string("out", block_tables.TABLE_PATH, "table to rewrite")
+flags.DEFINE_string("log", None, "write every timing to this JSON file")
+flags.DEFINE_bool("interpret", False, "dry run on CPU with tiny shapes in the Mosaic GPU interpreter")
+flags.DEFINE_bool("write", True, "write the table (with --interpret only if --out is given explicitly)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A LoRA call: `rows` rows (tokens, or token x expert assignments) over `adapters` adapters of rank `rank`,
+    d_in -> d_out; per-expert when experts > 0 (rows = tokens x top_k, sorted by expert as the MoE feeds them)."""
+    name: str
+    rows: int
+    adapters: int
+    rank: int
+    d_in: int
+    d_out: int
+    experts: int = 0
+    top_k: int = 1
+
+    def with_rows(self, rows: int) -> Shape:
+        return dataclasses.replace(self, rows=rows)
+
+
+# Real widths: a dense 4096 x 4096 projection; Qwen3-30B-A3B expert gate_up (2048 -> 2 x 768, 128 experts
+# top-8, r 32); Mixtral-8x7B expert down (14336 -> 4096, 8 experts top-2, r 64).
+PREFILL = [Shape("dense r64", 4096, 16, 64, 4096, 4096), Shape("dense r16", 2048, 64, 16, 4096, 4096),
+           Shape("qwen3 gate_up", 8192, 32, 32, 2048, 1536, 128, 8),
+           Shape("mixtral down", 2048, 16, 64, 14336, 4096, 8, 2)]
+DECODE = [Shape("dense r16", 64, 32, 16, 4096, 4096), Shape("dense r64", 256, 64, 64, 4096, 4096),
+          Shape("qwen3 gate_up", 512, 32, 32, 2048, 1536, 128, 8),
+          Shape("mixtral gate_up", 128, 32, 64, 4096, 28672, 8, 2)]
+DISPATCH_SHAPES = (0, 1, 2)  # of DECODE: where the reference is strongest (dense r16), dense r64, per expert
+CROSSOVER_ROWS = (128, 256, 512, 1024, 2048)
+DISPATCH_ROWS = (256, 512, 1024, 2048, 4096)
+TINY_PREFILL = [Shape("tiny dense", 80, 3, 16, 128, 128), Shape("tiny expert", 80, 3, 16, 128, 128, 4, 2)]
+TINY_DECODE = [Shape("tiny dense", 16, 3, 16, 256, 128)]
+TINY_ROWS = (16, 80)
+
+
+_PROBLEM_IDS = itertools.count()
+
+
+def make_problem(rng, shape: Shape, dtype) -> dict:
+    """Random pool pages (A rank-major [S, (E,) R, D_in], as the pool keeps it; B [S, (E,) R, D_out]; slot 0
+    empty), x, and each row's slot (and expert). Expert rows come sorted by expert."""
+    s = shape.adapters + 1
+    lead = (s,) if not shape.experts else (s, shape.experts)
+    a = (rng.normal(size=(*lead, shape.rank, shape.d_in)) / np.sqrt(shape.d_in)).astype(np.float32)
+    b = (rng.normal(size=(*lead, shape.rank, shape.d_out)) / np.sqrt(shape.rank)).astype(np.float32)
+    a[0], b[0] = 0, 0
+    problem = dict(id=next(_PROBLEM_IDS), shape=shape, a=jnp.asarray(a, dtype), b=jnp.asarray(b, dtype),
+                   x=jnp.asarray(rng.normal(size=(shape.rows, shape.d_in)), dtype))
+    if not shape.experts:
+        problem["slots"] = jnp.asarray(rng.integers(1, s, size=shape.rows), jnp.int32)
+        return problem
+    tokens = -(-shape.rows // shape.top_k)
+    chosen = np.stack([rng.choice(shape.experts, size=shape.top_k, replace=False) for _ in range(tokens)])
+    order = np.argsort(chosen.reshape(-1), kind="stable")[: shape.rows]
+    token_slots = rng.integers(1, s, size=tokens)
+    problem["slots"] = jnp.asarray(np.repeat(token_slots, shape.top_k)[order], jnp.int32)
+    problem["experts"] = jnp.asarray(chosen.reshape(-1)[order], jnp.int32)
+    return problem
+
+
+def delta_fn(problem: dict, backend, blocks: GpuBlocks | None):
+    """(fn, args) computing the problem's float32 delta; x first (the timing loop feeds back into it)."""
+    if "experts" in problem:
+        fn = lambda x, s, e, a, b: dispatch.expert_lora_delta(x, s, e, a, b, a_rank_major=True, backend=backend,
+                                                               blocks=blocks)
+        return fn, (problem["x"], problem["slots"], problem["experts"], problem["a"], problem["b"])
+    fn = lambda x, s, a, b: dispatch.lora_delta(x, s, a, b, a_rank_major=True, backend=backend, blocks=blocks)
+    return fn, (problem["x"], problem["slots"], problem["a"], problem["b"])
+
+
+class Timer:
+    """Device time per call less the loop's own, after checking the output against the reference."""
+
+    def __init__(self, kernels_backend: str, on_device: bool):
+        self.kernels, self.on_device = kernels_backend, on_device
+        self.base, self.want, self.log = {}, {}, []
+
+    def __call__(self, problem: dict, blocks: GpuBlocks | None, tag: str) -> float:
+        """us per call of the kernels with `blocks` (None: the reference's gather + einsum)."""
+        key = problem["id"]
+        fn, args = delta_fn(problem, self.kernels if blocks is not None else "reference", blocks)
+        if key not in self.base:
+            self.base[key] = self._time(kernel_timing.identity, args)
+            ref, _ = delta_fn(problem, "reference", None)
+            self.want[key] = np.asarray(jax.jit(ref)(*args), np.float64)
+        got = np.asarray(jax.jit(fn)(*args), np.float64)
+        err = float(np.linalg.norm(got - self.want[key]) / max(np.linalg.norm(self.want[key]), 1e-30))
+        if not err < 1e-3:
+            raise ValueError(f"{tag} on {problem['shape'].name}: relative error {err:.2e} against the reference")
+        us = kernel_timing.net_us(self._time(fn, args), self.base[key])
+        self.log.append(dict(tag=tag, problem=dataclasses.asdict(problem["shape"]),
+                             blocks=None if blocks is None else dataclasses.asdict(blocks), us=us, rel_err=err))
+        logging.info("  %-34s %-16s %5d rows %9.1f us", tag, problem["shape"].name, problem["shape"].rows, us)
+        return us
+
+    def _time(self, fn, args):
+        return kernel_timing.per_call(fn, *args, iters=F.iters, repeats=F.repeats, trace=self.on_device)
+
+
+def best(candidates: list[GpuBlocks], problems: list[dict], timer: Timer, phase: str) -> GpuBlocks:
+    """The candidate with the lowest geometric mean of time / best time per problem; failing candidates (a
+    lowering or SMEM limit, a wrong result) are logged and skipped."""
+    times = {}
+    for cand in candidates:
+        try:
+            times[cand] = [timer(p, cand, f"{phase} {_short(cand)}") for p in problems]
+        except Exception as e:  # noqa: BLE001 (a candidate that cannot run is simply not a choice)
+            logging.warning("%s candidate %s failed: %s", phase, _short(cand), str(e).splitlines()[0][:300])
+    if not times:
+        raise RuntimeError(f"{phase}: no candidate ran")
+    floor = np.min(np.array(list(times.values())), axis=0)
+    score = {c: float(np.exp(np.mean(np.log(np.maximum(t, 1e-3) / np.maximum(floor, 1e-3)))))
+             for c, t in times.items()}
+    winner = min(score, key=score.get)
+    logging.info("%s: best %s (score %.3f; %d of %d candidates ran)", phase, _short(winner), score[winner],
+                 len(times), len(candidates))
+    return winner
+
+
+def _short(b: GpuBlocks) -> str:
+    return (f"stages={b.stages} cols={b.expand_cols} ksplit={b.decode_ksplit} decode_rows={b.decode_rows}")
+
+
+def winning_from(counts, wins) -> int:
+    """The smallest probed count from which the kernels won at every larger probed count too; twice the largest
+    count when they lost at the largest (past the probes)."""
+    crossover = 2 * counts[-1]
+    for rows, won in zip(reversed(counts), reversed(wins)):
+        if not won:
+            break
+        crossover = rows
+    return crossover
+
+
+def tune(dtype, entry: GpuBlocks, phases, rng, timer: Timer, tiny: bool) -> dict:
+    """The fields each phase settles, starting from `entry` (the table's current settings)."""
+    prefill = [make_problem(rng, s, dtype) for s in (TINY_PREFILL if tiny else PREFILL)]
+    decode_shapes = TINY_DECODE if tiny else DECODE
+    fields = {}
+    if "prefill" in phases:  # decode_rows=0: every call runs the prefill variant
+        grid = ([(2, 64), (3, 128)] if tiny
+                else [(s, c) for s in block_tables.STAGE_CHOICES for c in block_tables.EXPAND_COL_CHOICES])
+        cands = [dataclasses.replace(entry, stages=s, expand_cols=c, decode_rows=0) for s, c in grid]
+        won = best(cands, prefill, timer, "prefill")
+        fields.update(stages=won.stages, expand_cols=won.expand_cols)
+        entry = dataclasses.replace(entry, **fields)
+    if "decode" in phases:  # decode_rows past every problem: the decode variant
+        decode = [make_problem(rng, s, dtype) for s in decode_shapes]
+        ksplits = (1, 2) if tiny else block_tables.KSPLIT_CHOICES
+        cands = [dataclasses.replace(entry, decode_ksplit=k, decode_rows=1 << 30) for k in ksplits]
+        fields["decode_ksplit"] = best(cands, decode, timer, "decode").decode_ksplit
+        entry = dataclasses.replace(entry, **fields)
+    if "crossover" in phases:
+        dec, pre = dataclasses.replace(entry, decode_rows=1 << 30), dataclasses.replace(entry, decode_rows=0)
+        decode_rows = 0
+        for rows in TINY_ROWS if tiny else CROSSOVER_ROWS:
+            problems = [make_problem(rng, s.with_rows(rows), dtype) for s in decode_shapes]
+            if all(timer(p, dec, "crossover decode") <= timer(p, pre, "crossover prefill") for p in problems):
+                decode_rows = rows
+        fields["decode_rows"] = decode_rows
+        entry = dataclasses.replace(entry, **fields)
+    if "dispatch" in phases:
+        shapes = decode_shapes if tiny else [decode_shapes[i] for i in DISPATCH_SHAPES]
+        counts = TINY_ROWS if tiny else DISPATCH_ROWS
+        wins = []
+        for rows in counts:
+            problems = [make_problem(rng, s.with_rows(rows), dtype) for s in shapes]
+            wins.append(all(timer(p, entry, "dispatch kernels") < timer(p, None, "dispatch reference")
+                            for p in problems))
+        crossover = winning_from(counts, wins)
+        fields.update(kernel_crossover_rows=crossover,
+                      kernel_min_rows=max(crossover, F.kernel_min_rows_floor))
+    return fields
+
+
+def main(argv):
+    del argv
+    logging.getLogger().setLevel(logging.INFO)
+    phases = [p for p in PHASES if p in F.phases]
+    if unknown := set(F.phases) - set(PHASES):
+        raise SystemExit(f"unknown phases {sorted(unknown)}; choose from {PHASES}")
+    if F.interpret:
+        backend, device, kind, on_device = "gpu_interpret", block_tables.INTERPRET, "cpu (interpreter)", False
+        F.iters, F.repeats = 1, 1
+    else:
+        if jax.default_backend() != "gpu":
+            raise SystemExit("tune_gpu_lora_blocks.py needs a Hopper GPU (or --interpret for a dry run on CPU)")
+        backend, kind, on_device = "gpu", jax.devices()[0].device_kind, True
+        device = block_tables.device_key(kind)
+    rng = np.random.default_rng(0)
+    timer = Timer(backend, on_device)
+    table = block_tables.load_table(F.out) if os.path.exists(F.out) else {}
+    entries = {}
+    for name in F.dtypes:
+        key = block_tables.table_key(device, name)
+        old = table.get(key, {})
+        start = GpuBlocks(**{k: v for k, v in old.items() if k in block_tables.FIELDS})
+        fields = tune(jnp.dtype(name), start, phases, rng, timer, tiny=F.interpret)
+        done = sorted(set(old.get("measured_phases", [])) | set(phases)) if not F.interpret else []
+        entries[key] = dict(fields, measured=set(done) == set(PHASES), measured_phases=done, jax=jax.__version__,
+                            device_kind=kind, date=datetime.date.today().isoformat(),
+                            source="tools/tune_gpu_lora_blocks.py" + (" --interpret (dry run)" if F.interpret else ""))
+        logging.info("%s: %s", key, entries[key])
+    if F.log:
+        os.makedirs(os.path.dirname(F.log) or ".", exist_ok=True)
+        with open(F.log, "w") as f:
+            json.dump(dict(device_kind=kind, jax=jax.__version__, phases=phases, entries=entries,
+                           timings=timer.log), f, indent=1)
+    if F.write and (not F.interpret or F["out"].present):
+        block_tables.write_entries(entries, F.out)
+        logging.info("wrote %s", F.out)
+
+
+if __name__ == "__main__":
+    app.run(main)
