@@ -303,3 +303,24 @@ def test_hi_lo_split_keeps_sixteen_bits_and_survives_convert_folding(rng, dtype)
              and e.invars[0].aval.dtype == jnp.float32 and e.outvars[0].aval.dtype == dtype}
     back = [e for e in jaxpr.eqns if e.primitive.name == "convert_element_type" and id(e.invars[0]) in to_16]
     assert not back, "a float32 -> 16-bit -> float32 convert pair: XLA GPU folds it and lo becomes 0"
+
+
+def test_fused_targets_of_three_widths(rng):
+    """q/k/v as the model calls them (models/transformer.py: one add_lora_fused call): outputs of three widths and
+    two ranks sharing x, added into bf16 y, with slot-0 rows NaN-poisoned and left untouched."""
+    m, d_in, num_slots = 45, 128, 4
+    widths, ranks = (256, 64, 64), (16, 32, 16)
+    pairs = [make_pages(rng, [0] + [r] * (num_slots - 1), d_in, w) for w, r in zip(widths, ranks)]
+    pairs = [(jnp.swapaxes(a, -1, -2), b) for a, b in pairs]  # the pool's rank-major A
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    slots = jnp.asarray(rng.integers(0, num_slots, size=m), jnp.int32)
+    idle = np.asarray(slots) == 0
+    ys = tuple(jnp.asarray(np.where(idle[:, None], np.nan, rng.normal(size=(m, w))), BF) for w in widths)
+    got = dispatch.add_lora_fused(ys, x, slots, pairs, a_rank_major=True, backend=GPU)
+    for y, g, (a, b) in zip(ys, got, pairs):
+        want = reference.add_delta(y, reference.lora_delta(x, slots, a, b, a_rank_major=True))
+        assert g.dtype == BF and g.shape == y.shape
+        np.testing.assert_array_equal(np.isnan(np.asarray(g, np.float32)), np.isnan(np.asarray(y, np.float32)))
+        live = ~idle
+        np.testing.assert_allclose(np.asarray(g, np.float32)[live], np.asarray(want, np.float32)[live],
+                                   rtol=1e-2, atol=1e-2)

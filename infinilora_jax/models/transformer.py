@@ -23,7 +23,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from infinilora_jax import trace_choice
-from infinilora_jax.lora.reference import add_delta
 from infinilora_jax.models import attention
 from infinilora_jax.models.batch import StepBatch
 from infinilora_jax.models.config import ModelConfig
@@ -33,7 +32,7 @@ from infinilora_jax.models.params import ParamFactory, declare
 from infinilora_jax.models.stages import StagePlan
 from meshes.axes import MODEL_AXES, PP, TP
 from meshes.layouts import MeshLayout
-from pallas_kernels.dispatch import lora_delta  # kernels on TPU, the reference elsewhere
+from pallas_kernels.dispatch import add_lora_fused  # kernels on TPU (GPU from its row threshold), else the reference
 
 
 def _local(p: nnx.Param) -> jax.Array:
@@ -47,8 +46,18 @@ def _lora_pair(pool_slot, target: str):
     return pool_slot[target]["a"][...][0], pool_slot[target]["b"][...][0]
 
 
-def _with_lora(y: jax.Array, x: jax.Array, slots: jax.Array, pair) -> jax.Array:
-    return y if pair is None else add_delta(y, lora_delta(x, slots, *pair, a_rank_major=True))
+def _with_loras(ys: tuple[jax.Array, ...], x: jax.Array, slots: jax.Array, pairs) -> tuple[jax.Array, ...]:
+    """ys[i] + the LoRA delta of pairs[i] (None: that target carries no LoRA), for targets that share the input x
+    (q/k/v, gate/up): one dispatcher call, so the kernels group the rows once and the TPU kernels add every
+    output in one launch. The sum is float32, rounded once per output (reference.add_delta)."""
+    live = [i for i, pair in enumerate(pairs) if pair is not None]
+    if not live:
+        return tuple(ys)
+    out = list(ys)
+    fused = add_lora_fused(tuple(ys[i] for i in live), x, slots, tuple(pairs[i] for i in live), a_rank_major=True)
+    for i, y in zip(live, fused):
+        out[i] = y
+    return tuple(out)
 
 
 class LayerParams:
@@ -83,9 +92,8 @@ class Attention(nnx.Module):
         cfg = self.cfg
         n, hd = x.shape[0], cfg.head_dim
         slots = batch.adapter_slots
-        q = _with_lora(matmul(x, _local(self.wq), "nh,ho->no"), x, slots, _lora_pair(lora_slot, "q"))
-        k = _with_lora(matmul(x, _local(self.wk), "nh,ho->no"), x, slots, _lora_pair(lora_slot, "k"))
-        v = _with_lora(matmul(x, _local(self.wv), "nh,ho->no"), x, slots, _lora_pair(lora_slot, "v"))
+        q, k, v = _with_loras(tuple(matmul(x, _local(w), "nh,ho->no") for w in (self.wq, self.wk, self.wv)), x,
+                              slots, [_lora_pair(lora_slot, t) for t in ("q", "k", "v")])
         q, k, v = (a.reshape(n, -1, hd) for a in (q, k, v))
         if cfg.qk_norm:
             q = rms_norm(q, _local(self.q_norm), cfg.rms_norm_eps)
@@ -93,7 +101,7 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         kv = attention.write_kv(self.backend, kv, k, v, cache_slots)
         attn = attention.paged_attention(self.backend, q, kv, batch, cfg.sliding_window).reshape(n, -1)
-        out = _with_lora(matmul(attn, _local(self.wo), "no,oh->nh"), attn, slots, _lora_pair(lora_slot, "o"))
+        (out,) = _with_loras((matmul(attn, _local(self.wo), "no,oh->nh"),), attn, slots, [_lora_pair(lora_slot, "o")])
         return jax.lax.psum(out, TP), kv
 
 
@@ -105,10 +113,11 @@ class DenseMLP(nnx.Module):
 
     def __call__(self, x, slots, lora_slot):
         gate_up = matmul(x, _local(self.w_gate_up), "nh,hgi->ngi")
-        gate = _with_lora(gate_up[:, 0], x, slots, _lora_pair(lora_slot, "gate"))
-        up = _with_lora(gate_up[:, 1], x, slots, _lora_pair(lora_slot, "up"))
+        gate, up = _with_loras((gate_up[:, 0], gate_up[:, 1]), x, slots,
+                               [_lora_pair(lora_slot, "gate"), _lora_pair(lora_slot, "up")])
         act = jax.nn.silu(gate) * up
-        out = _with_lora(matmul(act, _local(self.w_down), "ni,ih->nh"), act, slots, _lora_pair(lora_slot, "down"))
+        (out,) = _with_loras((matmul(act, _local(self.w_down), "ni,ih->nh"),), act, slots,
+                             [_lora_pair(lora_slot, "down")])
         return jax.lax.psum(out, TP)
 
 
