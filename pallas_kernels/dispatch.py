@@ -148,8 +148,9 @@ def gpu_supports(x: jax.Array, pairs, widths) -> bool:
 
 
 def _gpu_apply(backend, ys, x, slots, experts, pairs, ranks, *, num_experts, slot_ranks, a_rank_major, blocks):
-    """Through the Mosaic GPU kernels: one page = one rank block of the pool rank (padded to 16, the wgmma K
-    step), so `slot_ranks` only tells which slots are empty (rank 0)."""
+    """Through the Mosaic GPU kernels: pages of the pool rank padded to 16 (the wgmma K step) in rank blocks of
+    16, so `slot_ranks` tells each slot's rank rows: the kernels skip empty slots, mask the rest, and with
+    GpuBlocks.rank_buckets read only the rows a slot's rank needs."""
     if not gpu_supports(x, pairs, [y.shape[1] for y in ys]):
         return tuple(reference.add_delta(y, delta) for y, delta in zip(
             ys, _reference_deltas(x, slots, experts, pairs, a_rank_major)))
@@ -161,7 +162,7 @@ def _gpu_apply(backend, ys, x, slots, experts, pairs, ranks, *, num_experts, slo
         a_rows.append(a_rows_from_pool(a, rb, rank_major=a_rank_major))
         b_rows.append(b_rows_from_pool(b, 2 if experts is not None else 1, rb))
         sr = None if sr is None else jnp.minimum(jnp.asarray(sr, jnp.int32), rank)
-        tables.append(PageTable.padded(b.shape[0], num_experts, rb, rb, sr))
+        tables.append(PageTable.padded(b.shape[0], num_experts, rb, 16, sr))
     keys, active = _group_keys(slots, experts, num_experts)
     interpret = plgpu.InterpretGPUParams() if backend is LoraBackend.GPU_INTERPRET else None
     return gpu_ops.lora_apply(tuple(ys), x, keys, active, tuple(a_rows), tuple(b_rows), tuple(tables),

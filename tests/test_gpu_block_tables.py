@@ -94,7 +94,7 @@ def test_expand_column_tiles():
 # with 8 D_in blocks per CTA; 256- and 64-column expand tiles (192 columns: the 256 tile falls back to 64);
 # an 8-way D_in split; decode_rows 0 (the prefill variant at decode sizes).
 SETTINGS = [GpuBlocks(stages=2, expand_cols=256), GpuBlocks(stages=6, expand_cols=64),
-            GpuBlocks(decode_ksplit=8, stages=3), GpuBlocks(decode_rows=0, stages=5)]
+            GpuBlocks(decode_ksplit=8, stages=3), GpuBlocks(decode_rows=0, stages=5, rank_buckets=True)]
 
 
 @pytest.mark.parametrize("blocks", SETTINGS, ids=lambda b: f"s{b.stages}c{b.expand_cols}k{b.decode_ksplit}"
@@ -117,14 +117,15 @@ def test_every_setting_matches_the_reference(rng, blocks, expert):
     assert gpu_ops.pick_ksplit(m, d_in, blocks) == (1 if blocks.decode_rows == 0 else blocks.decode_ksplit)
 
 
-@pytest.mark.parametrize("stages,cols,ksplit", [(s, c, 1) for s in block_tables.STAGE_CHOICES
-                                                for c in block_tables.EXPAND_COL_CHOICES]
-                         + [(4, 128, k) for k in block_tables.KSPLIT_CHOICES if k > 1])
-def test_every_candidate_lowers_for_cuda(stages, cols, ksplit):
+@pytest.mark.parametrize("stages,cols,ksplit,buckets", [(s, c, 1, False) for s in block_tables.STAGE_CHOICES
+                                                        for c in block_tables.EXPAND_COL_CHOICES]
+                         + [(4, 128, k, False) for k in block_tables.KSPLIT_CHOICES if k > 1]
+                         + [(4, 128, 1, True), (4, 128, 4, True), (2, 256, 1, True)])
+def test_every_candidate_lowers_for_cuda(stages, cols, ksplit, buckets):
     """Every candidate the tuner may pick lowers through Mosaic GPU's dialect lowering (TMA boxes, tiling) at the
     widest rank (128) and H = 4096, per expert."""
     blocks = GpuBlocks(stages=stages, expand_cols=cols, decode_ksplit=ksplit, decode_rows=1 << 20 if ksplit > 1
-                       else 0)
+                       else 0, rank_buckets=buckets)
     sds = jax.ShapeDtypeStruct
     m, h, r, e = 100, 4096, 128, 8
     args = (sds((m, h), BF), sds((m, h), BF), sds((m,), jnp.int32), sds((m,), jnp.int32),
@@ -133,6 +134,41 @@ def test_every_candidate_lowers_for_cuda(stages, cols, ksplit):
                                                               backend=dispatch.LoraBackend.GPU, blocks=blocks)
     text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 2
+
+
+@pytest.mark.parametrize("expert", [False, True])
+@pytest.mark.parametrize("m", [21, 150])  # decode (D_in split) and prefill variants
+def test_rank_buckets_read_only_the_rows_a_slot_needs(rng, expert, m):
+    """Mixed ranks (8, 16, 32, 64) in a rank-64 pool. Rows of A and B past each slot's rank bucket (16, 16, 32,
+    64) hold NaN: with rank buckets the kernels never read them and match the reference on the zeroed pages;
+    without, they read every page at rank 64 and the NaN reaches the output (so the test sees the difference)."""
+    ranks, d_in, out, width, num_experts = [0, 8, 16, 32, 64], 256, 128, 64, 3
+    bucket_of = {0: 0, 8: 16, 16: 16, 32: 32, 64: 64}
+    lead = (len(ranks),) if not expert else (len(ranks), num_experts)
+    a = rng.normal(size=(*lead, width, d_in)).astype(np.float32) / np.sqrt(d_in)
+    b = rng.normal(size=(*lead, width, out)).astype(np.float32)
+    poisoned_a, poisoned_b = a.copy(), b.copy()
+    for s, r in enumerate(ranks):
+        a[s, ..., r:, :], b[s, ..., r:, :] = 0, 0
+        poisoned_a[s, ..., r:, :], poisoned_b[s, ..., r:, :] = 0, 0
+        poisoned_a[s, ..., bucket_of[r]:, :], poisoned_b[s, ..., bucket_of[r]:, :] = np.nan, np.nan
+    a, b, pa, pb = (jnp.asarray(v, BF) for v in (a, b, poisoned_a, poisoned_b))
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    slots = jnp.asarray(rng.integers(0, len(ranks), size=m), jnp.int32)
+    slot_ranks = jnp.asarray(ranks, jnp.int32)
+    experts = jnp.asarray(rng.integers(0, num_experts, size=m), jnp.int32)
+
+    def delta(a_, b_, buckets):
+        kw = dict(a_rank_major=True, slot_ranks=slot_ranks, backend=GPU, blocks=GpuBlocks(rank_buckets=buckets))
+        if expert:
+            return dispatch.expert_lora_delta(x, slots, experts, a_, b_, **kw)
+        return dispatch.lora_delta(x, slots, a_, b_, **kw)
+
+    want = (reference.expert_lora_delta(x, slots, experts, a, b, a_rank_major=True) if expert
+            else reference.lora_delta(x, slots, a, b, a_rank_major=True))
+    got = delta(pa, pb, True)
+    assert np.all(np.isfinite(np.asarray(got))) and rel_err(got, want) < 1e-5
+    assert not np.all(np.isfinite(np.asarray(delta(pa, pb, False))))
 
 
 def test_settings_reach_the_kernels():
@@ -148,7 +184,7 @@ def test_settings_reach_the_kernels():
         return str(jax.make_jaxpr(step)(*args))
 
     variants = [GpuBlocks(), GpuBlocks(stages=2), GpuBlocks(expand_cols=256), GpuBlocks(decode_rows=1024),
-                GpuBlocks(decode_rows=1024, decode_ksplit=2)]
+                GpuBlocks(decode_rows=1024, decode_ksplit=2), GpuBlocks(rank_buckets=True)]
     texts = [traced(b) for b in variants]
     assert len(set(texts)) == len(variants)
     assert traced(GpuBlocks(decode_ksplit=2)) == texts[0]  # the prefill variant does not split D_in
@@ -204,6 +240,7 @@ def test_tuner_dry_run_rewrites_only_its_entry(tmp_path):
     assert blocks.kernel_min_rows >= 1024 and entry["kernel_crossover_rows"] in (16, 80, 160)
     timings = json.loads(log.read_text())["timings"]
     tags = {t["tag"].split()[0] for t in timings}
-    assert tags == {"prefill", "decode", "crossover", "dispatch"}
+    assert tags == {"prefill", "decode", "buckets", "crossover", "dispatch"}
+    assert isinstance(entry["rank_buckets"], bool)
     assert all(t["rel_err"] < 1e-3 and t["us"] >= 0 for t in timings)
     assert dataclasses.asdict(blocks)["stages"] in (2, 3)

@@ -129,9 +129,11 @@ def test_all_slot_zero_and_poisoned_rows_untouched(rng):
     assert rel_err(got[~zero], want[~zero]) < 1e-2
 
 
-def test_packed_arena_through_paged_delta(rng):
+@pytest.mark.parametrize("buckets", [False, True])
+def test_packed_arena_through_paged_delta(rng, buckets):
     """A packed arena (each page only its own rank rows, ranks 16/32/48 in 16-row blocks): the kernels read
-    max-rank windows and mask the columns past each page's blocks."""
+    max-rank windows (or, with rank buckets, 16- and 48-row windows) and mask the columns past each page's
+    blocks."""
     m, d_in, out, num_experts = 60, 64, 64, 2
     ranks = [0, 16, 48, 32]
     table = PageTable.packed(ranks, num_experts, 16, 48)
@@ -142,7 +144,7 @@ def test_packed_arena_through_paged_delta(rng):
     slots = jnp.asarray(rng.integers(0, len(ranks), size=m), jnp.int32)
     experts = jnp.asarray(rng.integers(0, num_experts, size=m), jnp.int32)
     got = dispatch.paged_lora_delta(x, slots, experts, a_rows, b_rows, table, num_experts=num_experts,
-                                    backend=GPU)
+                                    backend=GPU, blocks=GpuBlocks(rank_buckets=buckets))
     want = reference.paged_lora_delta(x, slots, experts, a_rows, b_rows, table, num_experts)
     assert rel_err(got, want) < 1e-5
 
@@ -231,7 +233,7 @@ def test_unaligned_rows_hit_the_mosaic_gpu_tiling_check_on_cpu():
     from pallas_kernels.gpu.units import Units
     u = 4
     units = Units(*(jax.ShapeDtypeStruct((u,), jnp.int32) for _ in range(4)), jax.ShapeDtypeStruct((1,), jnp.int32),
-                  jax.ShapeDtypeStruct((101,), jnp.int32))
+                  jax.ShapeDtypeStruct((101,), jnp.int32), jax.ShapeDtypeStruct((u,), jnp.int32))
     sds = jax.ShapeDtypeStruct
     with pytest.raises(ValueError, match="x \\(sorted rows\\).*multiple of 8"):
         gpu_shrink.shrink.trace(sds((101, 256), BF), sds((64, 256), BF), units, rank=16).lower(

@@ -56,10 +56,12 @@
 #                 layers, 2,048-row chunks) with the platform's LoRA dispatch (the Mosaic GPU kernels on the
 #                 rank-major pool, no per-call transpose since the ninth session) against the reference.
 #   tune_gpu_blocks (1 GPU, ~2 x 8 min) tools/tune_gpu_lora_blocks.py, never run yet: rewrites the H200 entry of
-#                 pallas_kernels/gpu/tuned_blocks.json (stages, expand tile, decode split, decode_rows and the
-#                 dispatcher's kernel_min_rows). PHASES=prefill,decode for the first call, then
-#                 PHASES=crossover,dispatch (each call writes its fields; copy $OUT/tuned_blocks.json back and
-#                 commit it). The second call starts from the first's table: carry it in the working tree.
+#                 pallas_kernels/gpu/tuned_blocks.json (stages, expand tile, decode split, rank buckets,
+#                 decode_rows and the dispatcher's kernel_min_rows). PHASES=prefill,decode for the first call,
+#                 then PHASES=buckets,crossover,dispatch (each call writes its fields; copy $OUT/tuned_blocks.json
+#                 back and commit it). The second call starts from the first's table: carry it in the working
+#                 tree. Rank buckets are new kernel paths never run on a GPU: a failure there is logged and the
+#                 candidate dropped.
 #   lora_step     (1 GPU, ~9 min) the decode step (coupled1, Qwen3 widths, 2 layers, profiled) with the LoRA math
 #                 on the reference and on the Mosaic GPU kernels (INFINILORA_LORA_BACKEND=gpu), one process each:
 #                 the step-level gain and compile cost that would justify kernels at decode (ninth session: the

@@ -4,13 +4,15 @@ NOT RUN ON A GPU YET: the H200 entry holds the hand-set values of earlier sessio
 GPU machine (one H200 is enough; ~10 minutes for all phases, so split them over calls if need be):
 
     PYTHONPATH=. python tools/tune_gpu_lora_blocks.py --phases prefill,decode --log $OUT/tune_gpu_a.json
-    PYTHONPATH=. python tools/tune_gpu_lora_blocks.py --phases crossover,dispatch --log $OUT/tune_gpu_b.json
+    PYTHONPATH=. python tools/tune_gpu_lora_blocks.py --phases buckets,crossover,dispatch --log $OUT/tune_gpu_b.json
 
 (or `OUT=$OUT ./tools/gpu_runbook.sh tune_gpu_blocks`). Phases, each rewriting only its own fields of the entry
 "<device>/<dtype>" (block_tables.py), so they can run in separate calls and in this order:
   prefill    stages x expand_cols on prefill-shaped problems (thousands of rows, dense and per-expert);
   decode     decode_ksplit (the D_in split of the decode variant) on decode-shaped problems, with the entry's
              stages and expand_cols;
+  buckets    rank_buckets on or off, on decode and prefill problems whose adapters have mixed ranks (a quarter,
+             half or all of a rank-64 pool, the slots' ranks passed as the models would);
   crossover  decode_rows: the largest probed row count at which the decode variant is not slower than the
              prefill variant on every problem;
   dispatch   kernel_min_rows: the smallest probed row count from which the kernels beat the reference's
@@ -49,7 +51,7 @@ from pallas_kernels import dispatch  # noqa: E402
 from pallas_kernels.gpu import block_tables  # noqa: E402
 from pallas_kernels.gpu.block_tables import GpuBlocks  # noqa: E402
 
-PHASES = ("prefill", "decode", "crossover", "dispatch")
+PHASES = ("prefill", "decode", "buckets", "crossover", "dispatch")
 F = flags.FLAGS
 flags.DEFINE_list("phases", list(PHASES), f"which of {PHASES} to run (in that order)")
 flags.DEFINE_list("dtypes", ["bfloat16"], "activation / page dtypes to tune (bfloat16, float16)")
@@ -74,6 +76,7 @@ class Shape:
     d_out: int
     experts: int = 0
     top_k: int = 1
+    mixed: bool = False  # adapters of ranks rank/4, rank/2 and rank (slot ranks passed); else all of `rank`
 
     def with_rows(self, rows: int) -> Shape:
         return dataclasses.replace(self, rows=rows)
@@ -93,6 +96,8 @@ DISPATCH_ROWS = (256, 512, 1024, 2048, 4096)
 TINY_PREFILL = [Shape("tiny dense", 80, 3, 16, 128, 128), Shape("tiny expert", 80, 3, 16, 128, 128, 4, 2)]
 TINY_DECODE = [Shape("tiny dense", 16, 3, 16, 256, 128)]
 TINY_ROWS = (16, 80)
+BUCKET_SHAPES = [dataclasses.replace(s, mixed=True) for s in (DECODE[1], DECODE[3], PREFILL[0], PREFILL[3])]
+TINY_BUCKETS = [Shape("tiny mixed", 40, 4, 32, 128, 128, mixed=True)]
 
 
 _PROBLEM_IDS = itertools.count()
@@ -106,7 +111,14 @@ def make_problem(rng, shape: Shape, dtype) -> dict:
     a = (rng.normal(size=(*lead, shape.rank, shape.d_in)) / np.sqrt(shape.d_in)).astype(np.float32)
     b = (rng.normal(size=(*lead, shape.rank, shape.d_out)) / np.sqrt(shape.rank)).astype(np.float32)
     a[0], b[0] = 0, 0
-    problem = dict(id=next(_PROBLEM_IDS), shape=shape, a=jnp.asarray(a, dtype), b=jnp.asarray(b, dtype),
+    ranks = np.full(s, shape.rank)
+    if shape.mixed:
+        ranks = rng.choice([max(shape.rank // 4, 1), max(shape.rank // 2, 1), shape.rank], size=s)
+        for slot, r in enumerate(ranks):
+            a[slot, ..., r:, :], b[slot, ..., r:, :] = 0, 0
+    ranks[0] = 0
+    problem = dict(id=next(_PROBLEM_IDS), shape=shape, slot_ranks=jnp.asarray(ranks, jnp.int32),
+                   a=jnp.asarray(a, dtype), b=jnp.asarray(b, dtype),
                    x=jnp.asarray(rng.normal(size=(shape.rows, shape.d_in)), dtype))
     if not shape.experts:
         problem["slots"] = jnp.asarray(rng.integers(1, s, size=shape.rows), jnp.int32)
@@ -122,11 +134,11 @@ def make_problem(rng, shape: Shape, dtype) -> dict:
 
 def delta_fn(problem: dict, backend, blocks: GpuBlocks | None):
     """(fn, args) computing the problem's float32 delta; x first (the timing loop feeds back into it)."""
+    kw = dict(a_rank_major=True, backend=backend, blocks=blocks, slot_ranks=problem["slot_ranks"])
     if "experts" in problem:
-        fn = lambda x, s, e, a, b: dispatch.expert_lora_delta(x, s, e, a, b, a_rank_major=True, backend=backend,
-                                                               blocks=blocks)
+        fn = lambda x, s, e, a, b: dispatch.expert_lora_delta(x, s, e, a, b, **kw)
         return fn, (problem["x"], problem["slots"], problem["experts"], problem["a"], problem["b"])
-    fn = lambda x, s, a, b: dispatch.lora_delta(x, s, a, b, a_rank_major=True, backend=backend, blocks=blocks)
+    fn = lambda x, s, a, b: dispatch.lora_delta(x, s, a, b, **kw)
     return fn, (problem["x"], problem["slots"], problem["a"], problem["b"])
 
 
@@ -180,7 +192,8 @@ def best(candidates: list[GpuBlocks], problems: list[dict], timer: Timer, phase:
 
 
 def _short(b: GpuBlocks) -> str:
-    return (f"stages={b.stages} cols={b.expand_cols} ksplit={b.decode_ksplit} decode_rows={b.decode_rows}")
+    return (f"stages={b.stages} cols={b.expand_cols} ksplit={b.decode_ksplit} decode_rows={b.decode_rows} "
+            f"buckets={b.rank_buckets}")
 
 
 def winning_from(counts, wins) -> int:
@@ -211,6 +224,11 @@ def tune(dtype, entry: GpuBlocks, phases, rng, timer: Timer, tiny: bool) -> dict
         ksplits = (1, 2) if tiny else block_tables.KSPLIT_CHOICES
         cands = [dataclasses.replace(entry, decode_ksplit=k, decode_rows=1 << 30) for k in ksplits]
         fields["decode_ksplit"] = best(cands, decode, timer, "decode").decode_ksplit
+        entry = dataclasses.replace(entry, **fields)
+    if "buckets" in phases:
+        problems = [make_problem(rng, s, dtype) for s in (TINY_BUCKETS if tiny else BUCKET_SHAPES)]
+        cands = [dataclasses.replace(entry, rank_buckets=on) for on in (False, True)]
+        fields["rank_buckets"] = best(cands, problems, timer, "buckets").rank_buckets
         entry = dataclasses.replace(entry, **fields)
     if "crossover" in phases:
         dec, pre = dataclasses.replace(entry, decode_rows=1 << 30), dataclasses.replace(entry, decode_rows=0)

@@ -34,6 +34,10 @@ class GpuBlocks:
     decode_ksplit: int = 4  # shrink, decode variant: D_in slices per unit, so few adapters still fill the SMs
     decode_rows: int = 512  # calls of up to this many rows use the decode variant (ksplit), larger the prefill one
     expand_cols: int = 128  # expand: output columns per CTA
+    # Read each page at the narrowest rank bucket holding its adapter's rank (units.rank_buckets) instead of the
+    # pool's full rank: fewer bytes for small adapters in a large-rank pool, one kernel path per bucket (more
+    # compile time). Off until an H200 run says what it buys.
+    rank_buckets: bool = False
     # The dispatcher's automatic choice (dispatch.select_backend): the kernels for calls of at least this many
     # rows, the reference's gather + einsum below. Not a block size, but a per-device crossover of the same
     # timings; it also weighs compile time (every kernel instance adds to an engine's start-up).

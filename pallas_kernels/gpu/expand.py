@@ -50,27 +50,32 @@ def column_tile(n: int, cols: int) -> int:
     return cols if cols >= 64 else 0
 
 
-@functools.partial(jax.jit, static_argnames=("cols", "interpret"))
+@functools.partial(jax.jit, static_argnames=("cols", "buckets", "interpret"))
 def expand(s_hi: jax.Array, s_lo: jax.Array, b_rows: jax.Array, units: Units, *, cols: int = 128,
-           interpret=None) -> jax.Array:
+           buckets: tuple[int, ...] | None = None, interpret=None) -> jax.Array:
     """[Mx, N] float32 delta rows (sorted order); see the module docstring. `cols`: output columns per CTA
-    (block_tables.GpuBlocks.expand_cols; narrower where N is not a multiple)."""
+    (block_tables.GpuBlocks.expand_cols; narrower where N is not a multiple). `buckets`: the rank widths pages
+    are read at (units.rank_buckets; None: the full rank); a unit reads units.bucket's width of s and B."""
     mx, rank = s_hi.shape
     n = b_rows.shape[1]
+    buckets = buckets or (rank,)
     check_operands("expand", s_hi, s_lo, b_rows)
     if s_lo.shape != s_hi.shape or s_hi.dtype != b_rows.dtype or s_lo.dtype != b_rows.dtype:
         raise ValueError(f"s parts {s_hi.shape} {s_hi.dtype} / {s_lo.shape} {s_lo.dtype} must match, in B's "
                          f"dtype {b_rows.dtype}")
     if rank % 16 or not 16 <= rank <= 256:
         raise ValueError(f"rank {rank} must be a multiple of 16 in [16, 256] (wgmma K of 16-bit operands)")
+    if buckets[-1] != rank or any(b % 16 or rank % b for b in buckets):
+        raise ValueError(f"rank buckets {buckets} must be multiples of 16 dividing rank {rank}, ending at it")
     bn = column_tile(n, cols)
     if not bn:
         raise ValueError(f"output width {n} must be a multiple of 64")
-    check_tma_array("expand", "s_hi (sorted rows)", s_hi.shape, s_hi.dtype, rank)
+    for width in buckets:
+        check_tma_array("expand", "s_hi (sorted rows)", s_hi.shape, s_hi.dtype, width)
     check_tma_array("expand", "B arena", b_rows.shape, b_rows.dtype, bn)
     assert out_width(bn, jnp.float32) == bn  # rows of the staged output are 128-byte multiples
 
-    def body(row0_ref, size_ref, page_ref, count_ref, hi_ref, lo_ref, b_ref, o_ref):
+    def body(row0_ref, size_ref, page_ref, bucket_ref, count_ref, hi_ref, lo_ref, b_ref, o_ref):
         u, j = jax.lax.axis_index("unit"), jax.lax.axis_index("col")
 
         @pl.when(u < count_ref[0])
@@ -78,23 +83,30 @@ def expand(s_hi: jax.Array, s_lo: jax.Array, b_rows: jax.Array, units: Units, *,
             row0 = row0_ref[u]
             base, off, page = window(row0, page_ref[u])
 
-            def acc_scope(acc_ref):
-                def step(_, hi_smem, lo_smem, b_smem):
-                    plgpu.wgmma(acc_ref, hi_smem, b_smem)
-                    plgpu.wgmma(acc_ref, lo_smem, b_smem)
+            def run(width):
+                def acc_scope(acc_ref):
+                    def step(_, hi_smem, lo_smem, b_smem):
+                        plgpu.wgmma(acc_ref, hi_smem, b_smem)
+                        plgpu.wgmma(acc_ref, lo_smem, b_smem)
 
-                s_spec = plgpu.BlockSpec((pl.Element(TILE_ROWS), rank), lambda _: (base, 0))
-                plgpu.emit_pipeline(
-                    step, grid=(1,), max_concurrent_steps=1,
-                    in_specs=[s_spec, s_spec, plgpu.BlockSpec((pl.Element(rank), bn), lambda _: (page, j))],
-                )(hi_ref, lo_ref, b_ref)
-                return acc_ref[...]
+                    s_spec = plgpu.BlockSpec((pl.Element(TILE_ROWS), width), lambda _: (base, 0))
+                    plgpu.emit_pipeline(
+                        step, grid=(1,), max_concurrent_steps=1,
+                        in_specs=[s_spec, s_spec, plgpu.BlockSpec((pl.Element(width), bn), lambda _: (page, j))],
+                    )(hi_ref, lo_ref, b_ref)
+                    return acc_ref[...]
 
-            acc = pl.run_scoped(acc_scope, plgpu.ACC((TILE_ROWS, bn)))
-            store_rows(acc, o_ref, row0, off, size_ref[u], j * bn, bn)
+                acc = pl.run_scoped(acc_scope, plgpu.ACC((TILE_ROWS, bn)))
+                store_rows(acc, o_ref, row0, off, size_ref[u], j * bn, bn)
+
+            if len(buckets) == 1:
+                run(rank)
+            else:  # one static-shaped path per bucket, as in the shrink
+                for i, width in enumerate(buckets):
+                    pl.when(bucket_ref[u] == i)(functools.partial(run, width))
 
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((mx, n), jnp.float32),
         grid=(units.bound, n // bn), grid_names=("unit", "col"), compiler_params=compiler_params(),
         interpret=interpret)
-    return kernel(units.row0, units.size, units.b_page_row, units.count, s_hi, s_lo, b_rows)
+    return kernel(units.row0, units.size, units.b_page_row, units.bucket, units.count, s_hi, s_lo, b_rows)

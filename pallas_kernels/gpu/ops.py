@@ -21,7 +21,7 @@ from pallas_kernels.gpu.block_tables import GpuBlocks, blocks_for, current_devic
 from pallas_kernels.gpu.common import padded_rows
 from pallas_kernels.gpu.expand import expand, split_hi_lo
 from pallas_kernels.gpu.shrink import BK, shrink
-from pallas_kernels.gpu.units import build_units
+from pallas_kernels.gpu.units import build_units, rank_buckets
 from pallas_kernels.grouping import group_rows
 from pallas_kernels.layout import PageTable
 
@@ -71,15 +71,17 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
     out = []
     for y, a, b, table, b_table in zip(ys, a_rows, b_rows, tables, b_tables or (None,) * len(tables)):
         rank = table.max_blocks * table.rank_block
-        units = build_units(grouping, table, num_experts=num_experts, b_table=b_table)
-        s = shrink(x_sorted, a, units, rank=rank, ksplit=ksplit, stages=blocks.stages,
+        buckets = rank_buckets(rank, blocks.rank_buckets)
+        units = build_units(grouping, table, num_experts=num_experts, b_table=b_table, buckets=buckets)
+        s = shrink(x_sorted, a, units, rank=rank, ksplit=ksplit, stages=blocks.stages, buckets=buckets,
                    interpret=interpret).sum(0)[:m, :rank]
         # Rows of no unit were never written; columns past a page's rank may hold a neighbouring page's rows.
         used = jnp.arange(rank)[None, :] < units.row_rank[:, None]
         s = jnp.where(used, s, 0.0)
         s = jnp.concatenate([s, jnp.zeros((mx - m, rank), jnp.float32)])
         hi, lo = split_hi_lo(s, b.dtype)
-        d = expand(hi, lo, b, units, cols=blocks.expand_cols, interpret=interpret)[grouping.inverse]
+        d = expand(hi, lo, b, units, cols=blocks.expand_cols, buckets=buckets,
+                   interpret=interpret)[grouping.inverse]
         work = (units.row_rank > 0)[grouping.inverse]
         out.append(jnp.where(work[:, None], (y.astype(jnp.float32) + d).astype(y.dtype), y))
     return tuple(out)
@@ -96,8 +98,9 @@ def lora_shrink(x: jax.Array, keys: jax.Array, active: jax.Array, a_rows: jax.Ar
     grouping = group_rows(keys, active, num_keys=table.num_slots * num_experts)
     x_sorted = x[jnp.concatenate([grouping.order, jnp.zeros((padded_rows(m) - m,), jnp.int32)])]
     rank = table.max_blocks * table.rank_block
-    units = build_units(grouping, table, num_experts=num_experts)
-    s = shrink(x_sorted, a_rows, units, rank=rank, ksplit=ksplit, stages=blocks.stages,
+    buckets = rank_buckets(rank, blocks.rank_buckets)
+    units = build_units(grouping, table, num_experts=num_experts, buckets=buckets)
+    s = shrink(x_sorted, a_rows, units, rank=rank, ksplit=ksplit, stages=blocks.stages, buckets=buckets,
                interpret=interpret).sum(0)[:m, :rank]
     s = jnp.where(jnp.arange(rank)[None, :] < units.row_rank[:, None], s, 0.0)
     return s[grouping.inverse]

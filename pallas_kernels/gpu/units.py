@@ -9,6 +9,11 @@ SMEM needs 8-row aligned offsets), so a unit has at most TILE_ROWS - 8 rows: the
 Groups with no work (slot 0, a rank-0 target) get no unit, so they cost nothing. The number of units is
 data-dependent; arrays have the static bound rows // UNIT_ROWS + groups (each group adds at most one partial
 chunk), and the kernels skip units past `count`.
+
+Rank buckets: a unit whose page holds fewer rank rows than the arena's page width can read fewer. With static
+`buckets` (ascending widths, each a multiple of 16 dividing the widest), `bucket` is the narrowest that holds
+the unit's rank rows, and the kernels have one static-shaped path per bucket: a rank-16 adapter in a rank-64
+pool then moves 16 rows of A and B per page instead of 64.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class Units:
     b_page_row: jax.Array  # [U] int32 first B arena row of the unit's page
     count: jax.Array  # [1] int32 units in use (entries [0, count))
     row_rank: jax.Array  # [M] int32 per SORTED row: rank rows of its page that hold data (0: no work)
+    bucket: jax.Array  # [U] int32 index into the kernels' static rank buckets (0 with a single bucket)
 
     @property
     def bound(self) -> int:
@@ -49,9 +55,19 @@ def window(row0, page_row):
     return pl.multiple_of(base, ALIGN), row0 - base, pl.multiple_of(page_row, ALIGN)
 
 
-def build_units(grouping: Grouping, table: PageTable, *, num_experts: int, b_table: PageTable | None = None) -> Units:
+def rank_buckets(width: int, enabled: bool) -> tuple[int, ...]:
+    """The static rank widths the kernels read pages at: every multiple of 16 that divides `width` and is a
+    power of two times 16, then `width` itself (only `width` when not enabled)."""
+    if not enabled:
+        return (width,)
+    return tuple(b for b in (16, 32, 64, 128) if b < width and width % b == 0) + (width,)
+
+
+def build_units(grouping: Grouping, table: PageTable, *, num_experts: int, b_table: PageTable | None = None,
+                buckets: tuple[int, ...] | None = None) -> Units:
     """Units for one target. Keys of the grouping are slot * num_experts + expert. b_table: where B's pages start
-    when not at A's rows (it must share A's rank block, strides and block counts)."""
+    when not at A's rows (it must share A's rank block, strides and block counts). buckets: the kernels' rank
+    widths (rank_buckets; None: the page width alone)."""
     m = grouping.order.shape[0]
     num_groups = grouping.group_key.shape[0]
     live = jnp.arange(num_groups) < grouping.num_groups
@@ -70,8 +86,13 @@ def build_units(grouping: Grouping, table: PageTable, *, num_experts: int, b_tab
     # rank rows with data, per sorted row (inactive rows sort last and have group -1)
     sorted_group = grouping.row_group[grouping.order]
     row_rank = jnp.where(sorted_group >= 0, nb[jnp.maximum(sorted_group, 0)], 0) * table.rank_block
+    # the narrowest bucket holding the unit's rank rows (a unit has rows only if its page has some)
+    widths = jnp.asarray(buckets or (table.max_blocks * table.rank_block,), jnp.int32)
+    bucket = jnp.sum(widths[None, :] < (nb[ug] * table.rank_block)[:, None], axis=1)
+    bucket = jnp.minimum(bucket, widths.shape[0] - 1)
     return Units(row0=jnp.where(ok, row0, 0).astype(jnp.int32),
                  size=jnp.where(ok, jnp.minimum(UNIT_ROWS, size[ug] - uw * UNIT_ROWS), 0).astype(jnp.int32),
                  page_row=jnp.where(ok, page_row[ug], 0).astype(jnp.int32),
                  b_page_row=jnp.where(ok, b_page_row[ug], 0).astype(jnp.int32),
-                 count=jnp.reshape(count, (1,)).astype(jnp.int32), row_rank=row_rank.astype(jnp.int32))
+                 count=jnp.reshape(count, (1,)).astype(jnp.int32), row_rank=row_rank.astype(jnp.int32),
+                 bucket=jnp.where(ok, bucket, 0).astype(jnp.int32))
