@@ -3,7 +3,8 @@
 Runs teacher-forced logits of a tiny fixture model for several adapters twice: with every LoRA call of the model
 on the pure-JAX reference, then on the given dispatcher backend (default: the TPU kernels in the interpreter;
 `gpu_interpret` for the Mosaic GPU kernels, which need --dtype bfloat16). Prints the relative difference
-per adapter. Measured on CPU (qwen3-moe-fused, 37 tokens, float32, one device, 2026-12-01): 4.7-5.3e-7 for every
+per adapter. Measured on CPU (qwen3-moe-fused, 37 tokens, float32, one device, 2026-12-01; the kernels skip the
+rank blocks above each slot's page rank, passed from the pool): 4.7-5.3e-7 for every
 adapter and 4.9e-7 without one. The no-adapter row differs because XLA's CPU dot rounds differently when its
 output feeds the kernels' interpreter rather than the reference's add (the kernels leave y bit-identical where
 there is no work: tests/test_pallas_kernels.py); before the model fused q/k/v and gate/up into one call it was

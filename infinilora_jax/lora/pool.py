@@ -49,7 +49,11 @@ def slot_targets(cfg: ModelConfig, plan: StagePlan, slot: int, enabled: tuple[st
 
 
 class LoraPool(nnx.Module):
-    """layers[j][target] = {"a": [pp, S, ...], "b": [pp, S, ...]} for each layer slot j."""
+    """layers[j][target] = {"a": [pp, S, ...], "b": [pp, S, ...], "rank": [pp, S] int32} for each layer slot j.
+
+    "rank" is the rank rows each slot's page of that target holds in that layer (0: none): written with the pages
+    in the same donated update, so the kernels may skip the zero padding above it (pallas_kernels/dispatch.py
+    `slot_ranks`) and never see a stale value."""
 
     def __init__(self, cfg: ModelConfig, plan: StagePlan, pool_cfg: LoraPoolConfig, dtype, factory: ParamFactory):
         self.pool_cfg = pool_cfg
@@ -61,7 +65,8 @@ class LoraPool(nnx.Module):
                                                                    pool_cfg.max_rank)
                 pages[target] = nnx.Dict(
                     a=declare(factory, f"lora.{j}.{target}.a", a_shape, a_dims, dtype),
-                    b=declare(factory, f"lora.{j}.{target}.b", b_shape, b_dims, dtype))
+                    b=declare(factory, f"lora.{j}.{target}.b", b_shape, b_dims, dtype),
+                    rank=declare(factory, f"lora.{j}.{target}.rank", a_shape[:2], a_dims[:2], jnp.int32))
             layers.append(nnx.Dict(pages))
         self.layers = nnx.List(layers)
 
@@ -105,4 +110,5 @@ def adapter_pages(pool: LoraPool, plan: StagePlan, weights: AdapterWeights | Non
         rank_axis = 1 if target.startswith("expert_") else 0
         index = (stage,) + (slice(None),) * rank_axis + (slice(0, rank),)
         page["b"][index] = b
+        page["rank"][stage] = rank
     return pages

@@ -157,12 +157,18 @@ def _expert_ffn(rows: jax.Array, row_experts: jax.Array, row_slots: jax.Array, w
     sorted_slots = row_slots[order]
     if lora is not None and lora.get("gate_up") is not None:
         gate_up = add_delta(gate_up, expert_lora_delta(sorted_rows, sorted_slots, sorted_experts, *lora["gate_up"],
-                                                       a_rank_major=True))
+                                                       a_rank_major=True, slot_ranks=_ranks(lora, "gate_up")))
     act = jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]
     out = expert_down(act, group_sizes, w_down)
     if lora is not None and lora.get("down") is not None:
-        out = add_delta(out, expert_lora_delta(act, sorted_slots, sorted_experts, *lora["down"], a_rank_major=True))
+        out = add_delta(out, expert_lora_delta(act, sorted_slots, sorted_experts, *lora["down"], a_rank_major=True,
+                                               slot_ranks=_ranks(lora, "down")))
     return unsort(out, order)
+
+
+def _ranks(lora: dict, name: str):
+    """[S] int32 page rank of each slot for one LoRA (lora["ranks"], from the pool), or None (full rank)."""
+    return lora.get("ranks", {}).get(name)
 
 
 def unsort(sorted_rows: jax.Array, order: jax.Array) -> jax.Array:
@@ -180,13 +186,15 @@ def moe_block(x: jax.Array, slots: jax.Array, router: jax.Array, w_gate_up: jax.
     x: [N, H] (identical on every device of this stage); slots: [N] adapter slot per token;
     router: [H, E]; w_gate_up: [E/ep, H, 2, I/tp]; w_down: [E/ep, I/tp, H];
     lora: {"gate_up": (A [S, E/ep, R, H], B [S, E/ep, R, 2, I/tp]), "down": (A [S, E/ep, R, I/tp], B [S, E/ep, R, H]),
-           "router": (A [S, R, H], B [S, R, E]) or None} or None (A pages rank-major, as the pool keeps them).
+           "router": (A [S, R, H], B [S, R, E]) or None, "ranks": {same keys: [S] int32 page rank per slot}}
+          or None (A pages rank-major, as the pool keeps them; "ranks" optional: without, full rank).
     Returns [N, H], identical on every device of the stage.
     """
     n, hidden = x.shape
     num_local = w_gate_up.shape[0]
     router_pair = lora.get("router") if lora is not None else None
-    router_delta = lora_delta(x, slots, *router_pair, a_rank_major=True) if router_pair is not None else None
+    router_delta = (lora_delta(x, slots, *router_pair, a_rank_major=True, slot_ranks=_ranks(lora, "router"))
+                    if router_pair is not None else None)
     weights, experts = route(x, router, top_k, normalize, router_delta)
     packed = pack_rows(x, slots, weights, experts, num_local=num_local, ep=ep)
     capacity = packed.send_e.shape[1]

@@ -46,15 +46,26 @@ def _lora_pair(pool_slot, target: str):
     return pool_slot[target]["a"][...][0], pool_slot[target]["b"][...][0]
 
 
-def _with_loras(ys: tuple[jax.Array, ...], x: jax.Array, slots: jax.Array, pairs) -> tuple[jax.Array, ...]:
-    """ys[i] + the LoRA delta of pairs[i] (None: that target carries no LoRA), for targets that share the input x
-    (q/k/v, gate/up): one dispatcher call, so the kernels group the rows once and the TPU kernels add every
-    output in one launch. The sum is float32, rounded once per output (reference.add_delta)."""
+def _lora_ranks(pool_slot, target: str):
+    """[S] int32: the rank rows each slot's page of `target` holds in this layer (0: none; LoraPool)."""
+    if pool_slot is None or target not in pool_slot:
+        return None
+    return pool_slot[target]["rank"][...][0]
+
+
+def _with_loras(ys: tuple[jax.Array, ...], x: jax.Array, slots: jax.Array, pool_slot,
+                targets: tuple[str, ...]) -> tuple[jax.Array, ...]:
+    """ys[i] + the LoRA delta of targets[i] (none where the pool does not carry it), for targets that share the
+    input x (q/k/v, gate/up): one dispatcher call, so the kernels group the rows once, the TPU kernels add every
+    output in one launch, and each slot's page rank lets them skip the padding above it. The sum is float32,
+    rounded once per output (reference.add_delta)."""
+    pairs = [_lora_pair(pool_slot, t) for t in targets]
     live = [i for i, pair in enumerate(pairs) if pair is not None]
     if not live:
         return tuple(ys)
     out = list(ys)
-    fused = add_lora_fused(tuple(ys[i] for i in live), x, slots, tuple(pairs[i] for i in live), a_rank_major=True)
+    fused = add_lora_fused(tuple(ys[i] for i in live), x, slots, tuple(pairs[i] for i in live), a_rank_major=True,
+                           slot_ranks=tuple(_lora_ranks(pool_slot, targets[i]) for i in live))
     for i, y in zip(live, fused):
         out[i] = y
     return tuple(out)
@@ -93,7 +104,7 @@ class Attention(nnx.Module):
         n, hd = x.shape[0], cfg.head_dim
         slots = batch.adapter_slots
         q, k, v = _with_loras(tuple(matmul(x, _local(w), "nh,ho->no") for w in (self.wq, self.wk, self.wv)), x,
-                              slots, [_lora_pair(lora_slot, t) for t in ("q", "k", "v")])
+                              slots, lora_slot, ("q", "k", "v"))
         q, k, v = (a.reshape(n, -1, hd) for a in (q, k, v))
         if cfg.qk_norm:
             q = rms_norm(q, _local(self.q_norm), cfg.rms_norm_eps)
@@ -101,7 +112,7 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         kv = attention.write_kv(self.backend, kv, k, v, cache_slots)
         attn = attention.paged_attention(self.backend, q, kv, batch, cfg.sliding_window).reshape(n, -1)
-        (out,) = _with_loras((matmul(attn, _local(self.wo), "no,oh->nh"),), attn, slots, [_lora_pair(lora_slot, "o")])
+        (out,) = _with_loras((matmul(attn, _local(self.wo), "no,oh->nh"),), attn, slots, lora_slot, ("o",))
         return jax.lax.psum(out, TP), kv
 
 
@@ -113,11 +124,9 @@ class DenseMLP(nnx.Module):
 
     def __call__(self, x, slots, lora_slot):
         gate_up = matmul(x, _local(self.w_gate_up), "nh,hgi->ngi")
-        gate, up = _with_loras((gate_up[:, 0], gate_up[:, 1]), x, slots,
-                               [_lora_pair(lora_slot, "gate"), _lora_pair(lora_slot, "up")])
+        gate, up = _with_loras((gate_up[:, 0], gate_up[:, 1]), x, slots, lora_slot, ("gate", "up"))
         act = jax.nn.silu(gate) * up
-        (out,) = _with_loras((matmul(act, _local(self.w_down), "ni,ih->nh"),), act, slots,
-                             [_lora_pair(lora_slot, "down")])
+        (out,) = _with_loras((matmul(act, _local(self.w_down), "ni,ih->nh"),), act, slots, lora_slot, ("down",))
         return jax.lax.psum(out, TP)
 
 
@@ -133,7 +142,10 @@ class SparseMoE(nnx.Module):
         lora = None
         if lora_slot is not None:
             lora = {"gate_up": _lora_pair(lora_slot, "expert_gate_up"), "down": _lora_pair(lora_slot, "expert_down"),
-                    "router": _lora_pair(lora_slot, "router")}
+                    "router": _lora_pair(lora_slot, "router"),
+                    "ranks": {"gate_up": _lora_ranks(lora_slot, "expert_gate_up"),
+                              "down": _lora_ranks(lora_slot, "expert_down"),
+                              "router": _lora_ranks(lora_slot, "router")}}
         return moe_block(x, slots, _local(self.router), _local(self.w_gate_up), _local(self.w_down), lora,
                          top_k=self.cfg.num_experts_per_tok, normalize=self.cfg.norm_topk_prob, ep=self.ep)
 
