@@ -55,7 +55,7 @@ PHASES = ("prefill", "decode", "buckets", "crossover", "dispatch")
 F = flags.FLAGS
 flags.DEFINE_list("phases", list(PHASES), f"which of {PHASES} to run (in that order)")
 flags.DEFINE_list("dtypes", ["bfloat16"], "activation / page dtypes to tune (bfloat16, float16)")
-flags.DEFINE_integer("iters", 10, "calls per timed loop (unrolled: each adds to the loop's compile time)")
+flags.DEFINE_integer("iters", 5, "calls per timed loop (unrolled: each adds to the loop's compile time)")
 flags.DEFINE_integer("repeats", 3, "wall-clock loops per candidate (kept beside the device time)")
 flags.DEFINE_integer("kernel_min_rows_floor", 1024, "kernel_min_rows is at least this (compile cost)")
 flags.DEFINE_string("out", block_tables.TABLE_PATH, "table to rewrite")
@@ -95,7 +95,7 @@ CROSSOVER_ROWS = (128, 256, 512, 1024, 2048)
 DISPATCH_ROWS = (256, 512, 1024, 2048, 4096)
 TINY_PREFILL = [Shape("tiny dense", 80, 3, 16, 128, 128), Shape("tiny expert", 80, 3, 16, 128, 128, 4, 2)]
 TINY_DECODE = [Shape("tiny dense", 16, 3, 16, 256, 128)]
-TINY_ROWS = (16, 80)
+TINY_ROWS = (80,)
 BUCKET_SHAPES = [dataclasses.replace(s, mixed=True) for s in (DECODE[1], DECODE[3], PREFILL[0], PREFILL[3])]
 TINY_BUCKETS = [Shape("tiny mixed", 40, 4, 32, 128, 128, mixed=True)]
 
@@ -209,10 +209,10 @@ def winning_from(counts, wins) -> int:
 
 def tune(dtype, entry: GpuBlocks, phases, rng, timer: Timer, tiny: bool) -> dict:
     """The fields each phase settles, starting from `entry` (the table's current settings)."""
-    prefill = [make_problem(rng, s, dtype) for s in (TINY_PREFILL if tiny else PREFILL)]
     decode_shapes = TINY_DECODE if tiny else DECODE
     fields = {}
     if "prefill" in phases:  # decode_rows=0: every call runs the prefill variant
+        prefill = [make_problem(rng, s, dtype) for s in (TINY_PREFILL if tiny else PREFILL)]
         grid = ([(2, 64), (3, 128)] if tiny
                 else [(s, c) for s in block_tables.STAGE_CHOICES for c in block_tables.EXPAND_COL_CHOICES])
         cands = [dataclasses.replace(entry, stages=s, expand_cols=c, decode_rows=0) for s, c in grid]
@@ -275,12 +275,22 @@ def main(argv):
         key = block_tables.table_key(device, name)
         old = table.get(key, {})
         start = GpuBlocks(**{k: v for k, v in old.items() if k in block_tables.FIELDS})
-        fields = tune(jnp.dtype(name), start, phases, rng, timer, tiny=F.interpret)
-        done = sorted(set(old.get("measured_phases", [])) | set(phases)) if not F.interpret else []
-        entries[key] = dict(fields, measured=set(done) == set(PHASES), measured_phases=done, jax=jax.__version__,
-                            device_kind=kind, date=datetime.date.today().isoformat(),
-                            source="tools/tune_gpu_lora_blocks.py" + (" --interpret (dry run)" if F.interpret else ""))
-        logging.info("%s: %s", key, entries[key])
+        done = set(old.get("measured_phases", [])) if not F.interpret else set()
+        fields = {}
+        for phase in phases:  # each phase's result is written before the next starts (a call may time out)
+            fields.update(tune(jnp.dtype(name), start, [phase], rng, timer, tiny=F.interpret))
+            start = dataclasses.replace(start, **{k: v for k, v in fields.items() if k in block_tables.FIELDS})
+            done |= {phase} if not F.interpret else set()
+            entries[key] = dict(fields, measured=done == set(PHASES), measured_phases=sorted(done),
+                                jax=jax.__version__, device_kind=kind, date=datetime.date.today().isoformat(),
+                                source="tools/tune_gpu_lora_blocks.py"
+                                + (" --interpret (dry run)" if F.interpret else ""))
+            logging.info("%s after %s: %s", key, phase, entries[key])
+            _save(entries, kind, phases, timer)
+
+
+def _save(entries: dict, kind: str, phases, timer: Timer) -> None:
+    """The log and the table as they stand (after each phase)."""
     if F.log:
         os.makedirs(os.path.dirname(F.log) or ".", exist_ok=True)
         with open(F.log, "w") as f:
