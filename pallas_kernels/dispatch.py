@@ -3,8 +3,8 @@
     TPU            -> the Mosaic TPU kernels (pallas_kernels/tpu/); decode or prefill variant by row count
     GPU            -> by row count: the Mosaic GPU kernels (pallas_kernels/gpu/) for calls of at least
                       gpu_kernel_min_rows() rows (prefill; the GPU block table's per-device crossover), the
-                      pure-JAX reference below (decode)
-                      backend="gpu" (or INFINILORA_LORA_BACKEND=gpu) forces the kernels
+                      pure-JAX reference below (decode); backend="gpu" (or INFINILORA_LORA_BACKEND=gpu)
+                      forces the kernels
     CPU            -> the pure-JAX reference
     TPU_INTERPRET  -> the TPU kernels run by the Pallas TPU interpreter on CPU (tests; asked for explicitly)
     GPU_INTERPRET  -> the GPU kernels run by the Mosaic GPU interpreter on CPU (tests; asked for explicitly)
@@ -20,7 +20,7 @@ place, for several outputs of one input in one launch (q/k/v, gate/up).
 
 Pages come in the pool's layout (A [S, (E,) D_in, R], B [S, (E,) R, *out]). The TPU kernels read rank-major A
 rows, so A is transposed per call unless `a_rank_major=True` says it is already stored as [S, (E,) R, D_in]
-(see docs/architecture/06-lora-kernels.md: the pool should store it that way). `slot_ranks` ([S] int32, the
+(as the adapter pool stores it, and the models pass; docs/architecture/06-lora-kernels.md). `slot_ranks` ([S] int32, the
 true rank of each slot's adapter) lets the kernels skip the zero padding above each adapter's rank; without it
 every slot but 0 is taken to use the pool's full rank. `blocks` overrides the kernels' per-device settings:
 TPU `Blocks` (tpu/tuned_blocks.json) or GPU `GpuBlocks` (gpu/tuned_blocks.json), for the backend chosen.

@@ -23,7 +23,6 @@ script, not the numbers (its timings mean nothing), and writes to --out only whe
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import statistics
@@ -37,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from pallas_kernels import dispatch  # noqa: E402
+from pallas_kernels import block_table_file, dispatch  # noqa: E402
 from pallas_kernels.tpu import block_tables  # noqa: E402
 from pallas_kernels.tpu.ops import Blocks  # noqa: E402
 
@@ -166,13 +165,7 @@ def main(argv):
         entries[block_tables.table_key(device, dtype)] = entry
         logging.info("%s: %s", block_tables.table_key(device, dtype), entry)
     if F.write and (not F.interpret or F["out"].present):
-        table = {}
-        if os.path.exists(F.out) and os.path.getsize(F.out):
-            with open(F.out) as f:
-                table = json.load(f)
-        table.update(entries)
-        with open(F.out, "w") as f:
-            f.write("{\n" + ",\n".join(f'  "{k}": {json.dumps(v)}' for k, v in table.items()) + "\n}\n")
+        block_table_file.write_entries(entries, F.out)
         logging.info("wrote %s", F.out)
 
 

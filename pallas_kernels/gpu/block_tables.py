@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import logging
 import os
 import re
 
 import jax.numpy as jnp
+
+from pallas_kernels import block_table_file
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "tuned_blocks.json")
 INTERPRET = "interpret"
 STAGE_CHOICES = (2, 3, 4, 5, 6)  # TMA copies in flight: more hides latency, each costs (64 + R) x 128 B of SMEM
 EXPAND_COL_CHOICES = (64, 128, 256)  # one TMA box is at most 256 columns
 KSPLIT_CHOICES = (1, 2, 4, 8)
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,21 +71,15 @@ def table_key(device: str, dtype) -> str:
     return f"{device}/{jnp.dtype(dtype).name}"
 
 
-@functools.cache
 def load_table(path: str = TABLE_PATH) -> dict[str, dict]:
-    with open(path) as f:
-        return json.load(f)
+    return block_table_file.load_table(path)
 
 
 @functools.cache
 def blocks_for(device: str, dtype_name: str) -> GpuBlocks:
     """The table's GpuBlocks for (device, dtype name), DEFAULT (and a warning) when it has none."""
-    entry = load_table().get(table_key(device, dtype_name))
-    if entry is None:
-        log.warning("no GPU LoRA kernel settings for %s; using defaults %s (run tools/tune_gpu_lora_blocks.py)",
-                    table_key(device, dtype_name), DEFAULT)
-        return DEFAULT
-    return GpuBlocks(**{k: v for k, v in entry.items() if k in FIELDS})
+    return block_table_file.settings(TABLE_PATH, table_key(device, dtype_name), GpuBlocks, DEFAULT,
+                                     "GPU LoRA kernel settings", "tools/tune_gpu_lora_blocks.py")
 
 
 def current_device_key(interpret: bool) -> str:
@@ -95,14 +88,6 @@ def current_device_key(interpret: bool) -> str:
 
 
 def write_entries(entries: dict[str, dict], path: str = TABLE_PATH) -> None:
-    """Merge `entries` into the table at `path` (one entry per line, as committed)."""
-    table = {}
-    if os.path.exists(path) and os.path.getsize(path):
-        with open(path) as f:
-            table = json.load(f)
-    for key, entry in entries.items():
-        table[key] = {**table.get(key, {}), **entry}
-    with open(path, "w") as f:
-        f.write("{\n" + ",\n".join(f'  "{k}": {json.dumps(v)}' for k, v in table.items()) + "\n}\n")
-    load_table.cache_clear()
+    """Merge `entries` into the table at `path` (block_table_file.write_entries); lookups read it afresh."""
+    block_table_file.write_entries(entries, path)
     blocks_for.cache_clear()

@@ -10,14 +10,12 @@ the rank block must divide the pool rank, and tiles shrink until the kernels fit
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
-import logging
 import os
 
 import jax.numpy as jnp
 
+from pallas_kernels import block_table_file
 from pallas_kernels.tpu.expand import expand_vmem_bytes, pick_column_tile
 from pallas_kernels.tpu.ops import Blocks
 from pallas_kernels.tpu.shrink import shrink_vmem_bytes
@@ -29,18 +27,11 @@ DEFAULT = Blocks()
 VMEM_BUDGET = {"v4": 12, "v5e": 48, "v5p": 40, "v6e": 48, "v7x": 40, "interpret": 12}
 _DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p", "TPU v5p": "v5p",
                  "TPU v6 lite": "v6e", "TPU v6e": "v6e", "TPU7x": "v7x"}
-log = logging.getLogger(__name__)
 
 
 def device_key(device_kind: str) -> str:
     """Short device name of a `device_kind` string ("TPU v5 lite" -> "v5e"); unknown kinds pass through."""
     return _DEVICE_KINDS.get(device_kind, device_kind)
-
-
-@functools.cache
-def load_table(path: str = TABLE_PATH) -> dict[str, dict]:
-    with open(path) as f:
-        return json.load(f)
 
 
 def table_key(device: str, dtype) -> str:
@@ -49,13 +40,8 @@ def table_key(device: str, dtype) -> str:
 
 @functools.cache
 def _lookup(device: str, dtype_name: str) -> Blocks:
-    entry = load_table().get(table_key(device, dtype_name))
-    if entry is None:
-        log.warning("no tuned LoRA kernel blocks for %s; using defaults %s (run tools/tune_tpu_lora_blocks.py)",
-                    table_key(device, dtype_name), DEFAULT)
-        return DEFAULT
-    fields = {f.name for f in dataclasses.fields(Blocks)}
-    return Blocks(**{k: v for k, v in entry.items() if k in fields})
+    return block_table_file.settings(TABLE_PATH, table_key(device, dtype_name), Blocks, DEFAULT,
+                                     "tuned LoRA kernel blocks", "tools/tune_tpu_lora_blocks.py")
 
 
 def blocks_for(device: str, dtype, *, d_in: int, out_widths: tuple[int, ...], max_rank: int) -> Blocks:
