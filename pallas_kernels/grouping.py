@@ -46,25 +46,41 @@ def group_rows(keys: jax.Array, active: jax.Array, *, num_keys: int) -> Grouping
     pos = jnp.arange(m, dtype=jnp.int32)
     if m * m <= DENSE_MAX:
         return _facts_by_comparison(order, sk, live, is_start, pos, g, num_keys)
-    gid_sorted = jnp.where(live, jnp.cumsum(is_start) - 1, -1).astype(jnp.int32)
-    num_groups = jnp.sum(is_start).astype(jnp.int32)
-    # Scatter per-group facts; rows that start no group target index g, which is dropped.
-    slot_of_start = jnp.where(is_start, gid_sorted, g)
-    group_key = jnp.full((g,), num_keys, jnp.int32).at[slot_of_start].set(sk, mode="drop")
-    group_start = jnp.full((g,), m, jnp.int32).at[slot_of_start].set(pos, mode="drop")
-    group_size = jnp.zeros((g,), jnp.int32).at[jnp.where(live, gid_sorted, g)].add(1, mode="drop")
-    inverse = jnp.zeros((m,), jnp.int32).at[order].set(pos)
-    row_group = gid_sorted[inverse]
-    return Grouping(order=order, inverse=inverse, row_group=row_group, group_key=group_key,
-                    group_start=group_start, group_size=group_size, num_groups=num_groups)
+    return _facts_by_search(order, sk, live, is_start, pos, g, num_keys)
 
 
-DENSE_MAX = 1 << 16  # rows * rows up to which group_rows compares all pairs instead of scanning and scattering
+DENSE_MAX = 1 << 16  # rows * rows up to which group_rows compares all pairs instead of scanning and searching
+
+
+def _facts_by_search(order, sk, live, is_start, pos, g: int, num_keys: int) -> Grouping:
+    """group_rows' facts for many rows (prefill) from a scan, binary searches, gathers and one more sort.
+
+    No scatters: on the H200 XLA took ~9 s to compile the four scatters this once used at 4,096 rows (and ~17 s
+    with build_units' gathers of their outputs), against ~0.2 s for all of it at 256 rows, and the kernels
+    themselves ~0.6 s (benchmarks/lora_kernel_compile.py, docs/benchmarks.md): every prefill-shaped LoRA
+    program paid it, once per row count."""
+    m = pos.shape[0]
+    starts_so_far = jnp.cumsum(is_start.astype(jnp.int32))  # groups started at or before each sorted row
+    num_groups = starts_so_far[-1]
+    gid_sorted = jnp.where(live, starts_so_far - 1, -1).astype(jnp.int32)
+    gi = jnp.arange(g, dtype=jnp.int32)
+    # group i starts at the first sorted row where i + 1 groups have started (m past the last group)
+    method = "compare_all" if g * m <= DENSE_MAX else "scan_unrolled"
+    group_start = jnp.searchsorted(starts_so_far, gi + 1, side="left", method=method).astype(jnp.int32)
+    used = gi < num_groups
+    group_key = jnp.where(used, sk[jnp.minimum(group_start, m - 1)], num_keys).astype(jnp.int32)
+    # live rows sort first, so a group ends where the next starts, the last where the live rows end
+    ends = jnp.minimum(jnp.concatenate([group_start[1:], jnp.full((1,), m, jnp.int32)]),
+                       jnp.sum(live).astype(jnp.int32))
+    group_size = jnp.where(used, ends - group_start, 0).astype(jnp.int32)
+    inverse = jnp.argsort(order).astype(jnp.int32)  # a permutation's inverse, by sorting instead of scattering
+    return Grouping(order=order, inverse=inverse, row_group=gid_sorted[inverse], group_key=group_key,
+                    group_start=group_start, group_size=group_size, num_groups=num_groups.astype(jnp.int32))
 
 
 def _facts_by_comparison(order, sk, live, is_start, pos, g: int, num_keys: int) -> Grouping:
     """group_rows' facts for few rows (decode) from all-pairs comparisons: a handful of fusions where the cumsum
-    and the four scatters are a dozen small dependent kernels on GPU, each costing more than its work."""
+    binary searches and sort are a dozen small dependent kernels on GPU, each costing more than its work."""
     m = pos.shape[0]
     gid_sorted = jnp.where(live, jnp.sum(is_start[None, :] & (pos[None, :] <= pos[:, None]), axis=1) - 1, -1)
     gid_sorted = gid_sorted.astype(jnp.int32)

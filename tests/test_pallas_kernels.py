@@ -81,9 +81,9 @@ def test_group_rows_matches_numpy(rng):
 
 @pytest.mark.parametrize("m,num_keys,share", [(37, 11, 0.7), (64, 200, 0.9), (5, 3, 0.0), (1, 4, 1.0),
                                                (300, 40, 0.5)])
-def test_group_rows_comparison_and_scatter_paths_agree(rng, monkeypatch, m, num_keys, share):
-    """Few rows take the all-pairs comparison path (decode), many the scan + scatter path: the same Grouping,
-    unused entries included."""
+def test_group_rows_comparison_and_search_paths_agree(rng, monkeypatch, m, num_keys, share):
+    """Few rows take the all-pairs comparison path (decode), many the scan + binary search path (its searches
+    comparing all pairs or unrolled): the same Grouping, unused entries included."""
     import pallas_kernels.grouping as grouping
 
     keys = jnp.asarray(rng.integers(0, num_keys, size=m).astype(np.int32))
@@ -91,10 +91,25 @@ def test_group_rows_comparison_and_scatter_paths_agree(rng, monkeypatch, m, num_
     run = lambda: jax.tree.map(np.asarray, group_rows(keys, active, num_keys=num_keys))
     monkeypatch.setattr(grouping, "DENSE_MAX", 1 << 30)
     dense = run()
-    monkeypatch.setattr(grouping, "DENSE_MAX", 0)
-    scattered = run()
-    for field in ("order", "inverse", "row_group", "group_key", "group_start", "group_size", "num_groups"):
-        np.testing.assert_array_equal(getattr(dense, field), getattr(scattered, field), err_msg=field)
+    for dense_max in (0, m * m - 1):  # the search path; its searches unrolled, then (where g < m) all pairs
+        monkeypatch.setattr(grouping, "DENSE_MAX", dense_max)
+        searched = run()
+        for field in ("order", "inverse", "row_group", "group_key", "group_start", "group_size", "num_groups"):
+            np.testing.assert_array_equal(getattr(dense, field), getattr(searched, field), err_msg=field)
+
+
+def test_prefill_grouping_has_no_scatters():
+    """XLA on the H200 took ~9 s to compile group_rows' scatters at 4,096 rows (17 s with build_units), every
+    prefill-shaped LoRA program paying it; the search path must stay scatter-free (benchmarks/
+    lora_kernel_compile.py measures the compile times on a GPU)."""
+    from pallas_kernels.gpu.units import build_units
+
+    m, slots = 4096, 17
+    keys = jax.ShapeDtypeStruct((m,), jnp.int32)
+    table = PageTable.padded(slots, 1, 64, 64)
+    fn = lambda k: build_units(group_rows(k, k > 0, num_keys=slots), table, num_experts=1)
+    text = jax.jit(fn).trace(keys).lower(lowering_platforms=("cuda",)).as_text()
+    assert "sort" in text and "scatter" not in text
 
 
 @pytest.mark.parametrize("entries,items", [(7, 20), (65, 64), (300, 1000)])

@@ -5,8 +5,8 @@
 # reference expand's form, the host's share of a 4-layer decode step, the start-up fix (compile_time), decode
 # with both modes in one call (eighth session: 0.99x). When an nvidia-h200-x4 is lent, x4_decode and x4_sweep
 # (issue 8's 2+2) come first; then mixtral_sweep (rerun with settled caches), then slo_sweep with
-# ADAPTER_LOADING=background. When only one GPU is lent (ninth session): prefill_lora, tune_gpu_blocks,
-# lora_kernels_expert, then lora_step.
+# ADAPTER_LOADING=background. When only one GPU is lent: tune_gpu_blocks (its remaining phases), lora_step (the
+# engine's compile with the kernels, now that group_rows compiles in ~0.5 s), prefill_lora, lora_kernels_expert.
 # Stages:
 #
 #   compile_time  (1 GPU, ~2 min) benchmarks/compile_time.py at 2 and 8 layers: checks that the Mosaic GPU expert
@@ -55,13 +55,12 @@
 #   prefill_lora  (1 GPU, ~6 min) benchmarks/prefill_lora.py, never run yet: whole-model prefill (Qwen3 widths, 2
 #                 layers, 2,048-row chunks) with the platform's LoRA dispatch (the Mosaic GPU kernels on the
 #                 rank-major pool, no per-call transpose since the ninth session) against the reference.
-#   tune_gpu_blocks (1 GPU, ~2 x 8 min) tools/tune_gpu_lora_blocks.py, never run yet: rewrites the H200 entry of
-#                 pallas_kernels/gpu/tuned_blocks.json (stages, expand tile, decode split, rank buckets,
-#                 decode_rows and the dispatcher's kernel_min_rows). PHASES=prefill,decode for the first call,
-#                 then PHASES=buckets,crossover,dispatch (each call writes its fields; copy $OUT/tuned_blocks.json
-#                 back and commit it). The second call starts from the first's table: carry it in the working
-#                 tree. Rank buckets are new kernel paths never run on a GPU: a failure there is logged and the
-#                 candidate dropped.
+#   tune_gpu_blocks (1 GPU, ~7 min) tools/tune_gpu_lora_blocks.py: rewrites phases' fields of the H200 entry of
+#                 pallas_kernels/gpu/tuned_blocks.json (copy $OUT/tuned_blocks.json back and commit it).
+#                 Eleventh session: the prefill phase ran (stages 6, expand cols 128) once group_rows' compile
+#                 cost was cut (~40 s -> ~5 s per candidate and problem); next PHASES=decode,buckets,crossover,
+#                 dispatch (the default below). Rank buckets are kernel paths never run on a GPU: a failure
+#                 there is logged and the candidate dropped.
 #   lora_step     (1 GPU, ~9 min) the decode step (coupled1, Qwen3 widths, 2 layers, profiled) with the LoRA math
 #                 on the reference and on the Mosaic GPU kernels (INFINILORA_LORA_BACKEND=gpu), one process each:
 #                 the step-level gain and compile cost that would justify kernels at decode (ninth session: the
@@ -107,7 +106,7 @@ case "${1:-}" in
       --iters 4 --repeats 2 --out "$OUT/lora_kernels_expert" > "$OUT/lora_kernels_expert.log" 2>&1
     echo "lora_kernels_expert rc=$?"; show "$OUT/lora_kernels_expert.log" 40 ;;
   tune_gpu_blocks)
-    phases=${PHASES:-prefill,decode}
+    phases=${PHASES:-decode,buckets,crossover,dispatch}
     timeout 570 python3 -u tools/tune_gpu_lora_blocks.py --phases "$phases" --log "$OUT/tune_gpu_${phases//,/_}.json" \
       > "$OUT/tune_gpu_${phases//,/_}.log" 2>&1
     echo "tune_gpu_blocks rc=$?"; cp pallas_kernels/gpu/tuned_blocks.json "$OUT/tuned_blocks.json"

@@ -1,10 +1,9 @@
 """Regenerate this GPU's entry of pallas_kernels/gpu/tuned_blocks.json by timing the Mosaic GPU LoRA kernels.
 
-NOT RUN ON A GPU YET: the H200 entry holds the hand-set values of earlier sessions ("measured": false). On the
-GPU machine (one H200 is enough; ~10 minutes for all phases, so split them over calls if need be):
+The prefill phase ran on an H200 in the eleventh session (docs/benchmarks.md: stages 6, expand tile 128); the
+other phases have not. On the GPU machine (one H200; each candidate x problem costs ~5 s, mostly compiling):
 
-    PYTHONPATH=. python tools/tune_gpu_lora_blocks.py --phases prefill,decode --log $OUT/tune_gpu_a.json
-    PYTHONPATH=. python tools/tune_gpu_lora_blocks.py --phases buckets,crossover,dispatch --log $OUT/tune_gpu_b.json
+    PYTHONPATH=. python tools/tune_gpu_lora_blocks.py --phases decode,buckets,crossover,dispatch --log $OUT/t.json
 
 (or `OUT=$OUT ./tools/gpu_runbook.sh tune_gpu_blocks`). Phases, each rewriting only its own fields of the entry
 "<device>/<dtype>" (block_tables.py), so they can run in separate calls and in this order:
