@@ -62,7 +62,8 @@ CASES = {
 
 # The glue around the kernels alone, at prefill and decode row counts: name: (piece, rows)
 PIECES = {f"{piece} m{m}": (piece, m) for m in (4096, 256) for piece in
-          ("argsort", "cumsum", "searchsorted", "group_rows", "build_units", "shrink_kernel")}
+          ("argsort", "cumsum", "searchsorted", "group_rows", "build_units", "shrink_kernel", "scatter_set",
+           "scatter_add", "scatter_max")}
 
 
 def make_piece(rng, piece, m, adapters=16, rank=64, d_in=4096):
@@ -80,6 +81,14 @@ def make_piece(rng, piece, m, adapters=16, rank=64, d_in=4096):
         return (lambda k: jnp.cumsum(k)), (keys,)
     if piece == "searchsorted":
         return (lambda k: _expand_items(k % 3, m // 56 + adapters)), (keys,)
+    # single scatters of the kinds the engine's programs still use (moe.py's inverse permutation, attention
+    # metadata's per-sequence lengths): which kind cost group_rows its compile time is not yet known
+    if piece == "scatter_set":
+        return (lambda k: jnp.zeros_like(k).at[jnp.argsort(k)].set(jnp.arange(m, dtype=k.dtype))), (keys,)
+    if piece == "scatter_add":
+        return (lambda k: jnp.zeros((adapters + 1,), jnp.int32).at[k].add(1, mode="drop")), (keys,)
+    if piece == "scatter_max":
+        return (lambda k: jnp.zeros((adapters + 1,), jnp.int32).at[k].max(k, mode="drop")), (keys,)
     if piece == "group_rows":
         return (lambda k: group_rows(k, k > 0, num_keys=adapters + 1)), (keys,)
     if piece == "build_units":

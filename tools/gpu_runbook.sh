@@ -61,6 +61,10 @@
 #                 cost was cut (~40 s -> ~5 s per candidate and problem); next PHASES=decode,buckets,crossover,
 #                 dispatch (the default below). Rank buckets are kernel paths never run on a GPU: a failure
 #                 there is logged and the candidate dropped.
+#   kernel_compile (1 GPU, ~2 min) benchmarks/lora_kernel_compile.py: compile time of the LoRA kernels' programs
+#                 and of their glue's pieces, scatters of each kind included (eleventh session: group_rows'
+#                 scatters cost 9-17 s at 4,096 rows; which kind - set, add with duplicates, max - is not known,
+#                 and moe.py's inverse permutation and the attention metadata still use scatters).
 #   lora_step     (1 GPU, ~9 min) the decode step (coupled1, Qwen3 widths, 2 layers, profiled) with the LoRA math
 #                 on the reference and on the Mosaic GPU kernels (INFINILORA_LORA_BACKEND=gpu), one process each:
 #                 the step-level gain and compile cost that would justify kernels at decode (ninth session: the
@@ -122,6 +126,11 @@ case "${1:-}" in
         --steps 16 --profile_steps 2 --out "$OUT/lora_step_$backend" > "$OUT/lora_step_$backend.log" 2>&1
       echo "lora_step $backend rc=$?"; show "$OUT/lora_step_$backend.log" 20
     done ;;
+  kernel_compile)
+    timeout 560 python3 -u benchmarks/lora_kernel_compile.py --budget_s 480 --out "$OUT/lora_kernel_compile.json" \
+      --cases "scatter_set m4096,scatter_add m4096,scatter_max m4096,group_rows m4096,build_units m4096,delta 4096x4096,delta 4096x4096 decode,ref 4096x4096" \
+      > "$OUT/lora_kernel_compile.log" 2>&1
+    echo "kernel_compile rc=$?"; show "$OUT/lora_kernel_compile.log" 20 ;;
   kernel_check)
     timeout 170 python3 -u tools/gpu_lora_kernel_check.py --skip-timing --budget 150 \
       --out "$OUT/gpu_lora_check.json" > "$OUT/kcheck.log" 2>&1
