@@ -96,7 +96,7 @@ def make_piece(rng, piece, m, adapters=16, rank=64, d_in=4096):
     units = jax.jit(lambda k: build_units(group_rows(k, k > 0, num_keys=adapters + 1), table, num_experts=1))(keys)
     x = jnp.asarray(rng.normal(size=(padded_rows(m), d_in)), jnp.bfloat16)
     a = jnp.asarray(rng.normal(size=((adapters + 1) * rank, d_in)), jnp.bfloat16)
-    return (lambda x, a, u: shrink(x, a, u, rank=rank, ksplit=1, stages=4)), (x, a, units)
+    return (lambda x, a, u: shrink(x, (a,), (u,), ranks=(rank,), ksplit=1, stages=4)), (x, a, units)
 
 
 def run_piece(rng, name, spec) -> dict:

@@ -236,10 +236,10 @@ def test_unaligned_rows_hit_the_mosaic_gpu_tiling_check_on_cpu():
                   jax.ShapeDtypeStruct((101,), jnp.int32), jax.ShapeDtypeStruct((u,), jnp.int32))
     sds = jax.ShapeDtypeStruct
     with pytest.raises(ValueError, match="x \\(sorted rows\\).*multiple of 8"):
-        gpu_shrink.shrink.trace(sds((101, 256), BF), sds((64, 256), BF), units, rank=16).lower(
+        gpu_shrink.shrink.trace(sds((101, 256), BF), (sds((64, 256), BF),), (units,), ranks=(16,)).lower(
             lowering_platforms=("cuda",))
     with pytest.raises(ValueError, match="A arena.*multiple of 8"):
-        gpu_shrink.shrink.trace(sds((104, 256), BF), sds((60, 256), BF), units, rank=16).lower(
+        gpu_shrink.shrink.trace(sds((104, 256), BF), (sds((60, 256), BF),), (units,), ranks=(16,)).lower(
             lowering_platforms=("cuda",))
 
 
@@ -326,3 +326,33 @@ def test_fused_targets_of_three_widths(rng):
         live = ~idle
         np.testing.assert_allclose(np.asarray(g, np.float32)[live], np.asarray(want, np.float32)[live],
                                    rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("buckets", [False, True])
+def test_fused_targets_share_one_launch_with_their_own_ranks(rng, buckets):
+    """Three targets in one shrink and one expand launch (grid: targets x units): per-target column tiles (256 /
+    64 / 128 columns), pool ranks (32 / 16 / 32) and slot ranks, one target rank 0 for every slot (its rows stay
+    bit-identical, NaN-poisoned here), rank buckets on and off; and the lowered program has those two launches."""
+    m, d_in, num_slots = 70, 128, 4
+    widths, ranks = (256, 64, 128), (32, 16, 32)
+    slot_ranks = ((0, 16, 32, 32), (0, 0, 0, 0), (0, 32, 16, 32))
+    pairs = [make_pages(rng, sr if r == 32 else [0] * num_slots, d_in, w) if any(sr) else
+             make_pages(rng, [0] + [r] * (num_slots - 1), d_in, w) for w, r, sr in zip(widths, ranks, slot_ranks)]
+    pairs = [(jnp.swapaxes(a, -1, -2), b) for a, b in pairs]
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    slots = jnp.asarray(rng.integers(0, num_slots, size=m), jnp.int32)
+    idle = [np.asarray(sr)[np.asarray(slots)] == 0 for sr in slot_ranks]
+    ys = tuple(jnp.asarray(np.where(i[:, None], np.nan, rng.normal(size=(m, w))), BF) for i, w in zip(idle, widths))
+    sr = tuple(jnp.asarray(r, jnp.int32) for r in slot_ranks)
+    blocks = GpuBlocks(rank_buckets=buckets)
+    got = dispatch.add_lora_fused(ys, x, slots, pairs, a_rank_major=True, backend=GPU, slot_ranks=sr, blocks=blocks)
+    for y, g, (a, b), i in zip(ys, got, pairs, idle):
+        want = np.asarray(reference.add_delta(y, reference.lora_delta(x, slots, a, b, a_rank_major=True)), np.float32)
+        g = np.asarray(g, np.float32)
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(np.asarray(y, np.float32)))
+        if (~i).any():
+            assert rel_err(g[~i], want[~i]) < 1e-2
+    step = lambda x, ys: dispatch.add_lora_fused(ys, x, slots, pairs, a_rank_major=True, backend="gpu",
+                                                 slot_ranks=sr, blocks=blocks)
+    text = jax.jit(step).trace(x, ys).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 2

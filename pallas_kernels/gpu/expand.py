@@ -6,7 +6,8 @@
                                 at its b_page_row
     d          [Mx, N] f32      delta rows in sorted order; rows of no unit are left unwritten
 
-One CTA per (unit, column tile of `cols` columns): it loads the unit's s window [64, R] (both parts) and the
+Several targets (fused q/k/v, gate/up) run in one launch, each CTA on one target's unit and column tile. One CTA
+per (target's unit, column tile of `cols` columns): it loads the unit's s window [64, R] (both parts) and the
 page's [R, cols] block of B, and accumulates s_hi @ B + s_lo @ B with two wgmmas: s carried to ~16 mantissa bits, as
 the reference's float32 expand (a single 16-bit s would lose ~3 decimal digits). Only the unit's rows are stored.
 """
@@ -22,7 +23,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.gpu.block_tables import EXPAND_COL_CHOICES
 from pallas_kernels.gpu.common import check_operands, check_tma_array, compiler_params, out_width, store_rows
-from pallas_kernels.gpu.units import TILE_ROWS, Units, window
+from pallas_kernels.gpu.units import TILE_ROWS, Units, stack_units, unit_of_target, window
 
 # float32 bits kept by a 16-bit type's mantissa (sign, exponent, the top 7 (bf16) or 10 (f16) mantissa bits)
 _HI_MASK = {jnp.dtype(jnp.bfloat16): 0xFFFF0000, jnp.dtype(jnp.float16): 0xFFFFE000}
@@ -51,35 +52,49 @@ def column_tile(n: int, cols: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("cols", "buckets", "interpret"))
-def expand(s_hi: jax.Array, s_lo: jax.Array, b_rows: jax.Array, units: Units, *, cols: int = 128,
-           buckets: tuple[int, ...] | None = None, interpret=None) -> jax.Array:
-    """[Mx, N] float32 delta rows (sorted order); see the module docstring. `cols`: output columns per CTA
-    (block_tables.GpuBlocks.expand_cols; narrower where N is not a multiple). `buckets`: the rank widths pages
-    are read at (units.rank_buckets; None: the full rank); a unit reads units.bucket's width of s and B."""
-    mx, rank = s_hi.shape
-    n = b_rows.shape[1]
-    buckets = buckets or (rank,)
-    check_operands("expand", s_hi, s_lo, b_rows)
-    if s_lo.shape != s_hi.shape or s_hi.dtype != b_rows.dtype or s_lo.dtype != b_rows.dtype:
-        raise ValueError(f"s parts {s_hi.shape} {s_hi.dtype} / {s_lo.shape} {s_lo.dtype} must match, in B's "
-                         f"dtype {b_rows.dtype}")
-    if rank % 16 or not 16 <= rank <= 256:
-        raise ValueError(f"rank {rank} must be a multiple of 16 in [16, 256] (wgmma K of 16-bit operands)")
-    if buckets[-1] != rank or any(b % 16 or rank % b for b in buckets):
-        raise ValueError(f"rank buckets {buckets} must be multiples of 16 dividing rank {rank}, ending at it")
-    bn = column_tile(n, cols)
-    if not bn:
-        raise ValueError(f"output width {n} must be a multiple of 64")
-    for width in buckets:
-        check_tma_array("expand", "s_hi (sorted rows)", s_hi.shape, s_hi.dtype, width)
-    check_tma_array("expand", "B arena", b_rows.shape, b_rows.dtype, bn)
-    assert out_width(bn, jnp.float32) == bn  # rows of the staged output are 128-byte multiples
+def expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], b_rows: tuple[jax.Array, ...],
+           units: tuple[Units, ...], *, cols: int = 128,
+           buckets: tuple[tuple[int, ...] | None, ...] | None = None, interpret=None) -> tuple[jax.Array, ...]:
+    """Per target t, [Mx, N_t] float32 delta rows (sorted order); see the module docstring. All targets (s parts,
+    B arena and units one each) run in one launch: the grid is (targets x units per target, the widest target's
+    column tiles); CTAs past a narrower target's tiles exit. `cols`: output columns per CTA
+    (block_tables.GpuBlocks.expand_cols; narrower where N_t is not a multiple). `buckets`: per target the rank
+    widths pages are read at (units.rank_buckets; None: its full rank); a unit reads units.bucket's width of s
+    and B."""
+    num_targets = len(b_rows)
+    if not len(s_hi) == len(s_lo) == len(units) == num_targets >= 1:
+        raise ValueError(f"one s pair, B arena and Units per target: {len(s_hi)} / {len(s_lo)} s parts, "
+                         f"{num_targets} arenas, {len(units)} units")
+    mx = s_hi[0].shape[0]
+    ranks = tuple(h.shape[1] for h in s_hi)
+    buckets = tuple(b or (r,) for b, r in zip(buckets or (None,) * num_targets, ranks))
+    tiles = []
+    for hi, lo, b, rank, bs in zip(s_hi, s_lo, b_rows, ranks, buckets):
+        check_operands("expand", hi, lo, b)
+        if lo.shape != hi.shape or hi.shape[0] != mx or hi.dtype != b.dtype or lo.dtype != b.dtype:
+            raise ValueError(f"s parts {hi.shape} {hi.dtype} / {lo.shape} {lo.dtype} must match, with {mx} rows, "
+                             f"in B's dtype {b.dtype}")
+        if rank % 16 or not 16 <= rank <= 256:
+            raise ValueError(f"rank {rank} must be a multiple of 16 in [16, 256] (wgmma K of 16-bit operands)")
+        if bs[-1] != rank or any(w % 16 or rank % w for w in bs):
+            raise ValueError(f"rank buckets {bs} must be multiples of 16 dividing rank {rank}, ending at it")
+        bn = column_tile(b.shape[1], cols)
+        if not bn:
+            raise ValueError(f"output width {b.shape[1]} must be a multiple of 64")
+        for width in bs:
+            check_tma_array("expand", "s_hi (sorted rows)", hi.shape, hi.dtype, width)
+        check_tma_array("expand", "B arena", b.shape, b.dtype, bn)
+        assert out_width(bn, jnp.float32) == bn  # rows of the staged output are 128-byte multiples
+        tiles.append((bn, b.shape[1] // bn))
+    per, meta = stack_units(units)
 
-    def body(row0_ref, size_ref, page_ref, bucket_ref, count_ref, hi_ref, lo_ref, b_ref, o_ref):
+    def body(row0_ref, size_ref, page_ref, bucket_ref, count_ref, *refs):
+        hi_refs, lo_refs = refs[:num_targets], refs[num_targets:2 * num_targets]
+        b_refs, o_refs = refs[2 * num_targets:3 * num_targets], refs[3 * num_targets:]
         u, j = jax.lax.axis_index("unit"), jax.lax.axis_index("col")
 
-        @pl.when(u < count_ref[0])
-        def _unit():
+        def target(t):
+            bn = tiles[t][0]
             row0 = row0_ref[u]
             base, off, page = window(row0, page_ref[u])
 
@@ -93,20 +108,23 @@ def expand(s_hi: jax.Array, s_lo: jax.Array, b_rows: jax.Array, units: Units, *,
                     plgpu.emit_pipeline(
                         step, grid=(1,), max_concurrent_steps=1,
                         in_specs=[s_spec, s_spec, plgpu.BlockSpec((pl.Element(width), bn), lambda _: (page, j))],
-                    )(hi_ref, lo_ref, b_ref)
+                    )(hi_refs[t], lo_refs[t], b_refs[t])
                     return acc_ref[...]
 
                 acc = pl.run_scoped(acc_scope, plgpu.ACC((TILE_ROWS, bn)))
-                store_rows(acc, o_ref, row0, off, size_ref[u], j * bn, bn)
+                store_rows(acc, o_refs[t], row0, off, size_ref[u], j * bn, bn)
 
-            if len(buckets) == 1:
-                run(rank)
+            if len(buckets[t]) == 1:
+                run(ranks[t])
             else:  # one static-shaped path per bucket, as in the shrink
-                for i, width in enumerate(buckets):
+                for i, width in enumerate(buckets[t]):
                     pl.when(bucket_ref[u] == i)(functools.partial(run, width))
 
+        for t in range(num_targets):  # static paths; SMEM is shared between them (one runs per CTA)
+            pl.when(unit_of_target(u, t, per, count_ref) & (j < tiles[t][1]))(functools.partial(target, t))
+
     kernel = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((mx, n), jnp.float32),
-        grid=(units.bound, n // bn), grid_names=("unit", "col"), compiler_params=compiler_params(),
-        interpret=interpret)
-    return kernel(units.row0, units.size, units.b_page_row, units.bucket, units.count, s_hi, s_lo, b_rows)
+        body, out_type=tuple(jax.ShapeDtypeStruct((mx, b.shape[1]), jnp.float32) for b in b_rows),
+        grid=(num_targets * per, max(n for _, n in tiles)), grid_names=("unit", "col"),
+        compiler_params=compiler_params(), interpret=interpret)
+    return tuple(kernel(meta.row0, meta.size, meta.b_page_row, meta.bucket, meta.count, *s_hi, *s_lo, *b_rows))

@@ -3,7 +3,8 @@
     decode  (BGMV-like: few rows per adapter, rows <= blocks.decode_rows): the shrink splits D_in over
             blocks.decode_ksplit CTAs per unit, so a handful of adapters still keeps every SM streaming its pages.
     prefill (SGMV-like: long runs per adapter): one CTA per (unit, D_in), units of up to 64 rows per group.
-Both sort rows by (slot, expert) once (a gather of x), run one shrink and one expand launch per target, and add
+Both sort rows by (slot, expert) once (a gather of x), run one shrink and one expand launch for all the targets
+sharing x (fused q/k/v, gate/up: each CTA takes one target's unit), and add
 the delta into y in float32 (one rounding) at the rows' original positions; rows with no work (slot 0, padding
 experts, rank-0 targets) keep y bit-identical. Each page is read once per 64-row chunk of its group.
 The tunable settings (pipeline depth, the decode split and its row limit, expand tile) come per device from
@@ -68,21 +69,28 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
     # multiple of the 8-row SMEM tile; they read row 0 and are never stored.
     mx = padded_rows(m)
     x_sorted = x[jnp.concatenate([grouping.order, jnp.zeros((mx - m,), jnp.int32)])]
-    out = []
-    for y, a, b, table, b_table in zip(ys, a_rows, b_rows, tables, b_tables or (None,) * len(tables)):
-        rank = table.max_blocks * table.rank_block
-        buckets = rank_buckets(rank, blocks.rank_buckets)
-        units = build_units(grouping, table, num_experts=num_experts, b_table=b_table, buckets=buckets)
-        s = shrink(x_sorted, a, units, rank=rank, ksplit=ksplit, stages=blocks.stages, buckets=buckets,
-                   interpret=interpret).sum(0)[:m, :rank]
+    ranks, buckets, units = [], [], []
+    for table, b_table in zip(tables, b_tables or (None,) * len(tables)):
+        ranks.append(table.max_blocks * table.rank_block)
+        buckets.append(rank_buckets(ranks[-1], blocks.rank_buckets))
+        units.append(build_units(grouping, table, num_experts=num_experts, b_table=b_table, buckets=buckets[-1]))
+    ranks, buckets, units = tuple(ranks), tuple(buckets), tuple(units)
+    # every target in one shrink launch and one expand launch
+    s_parts = shrink(x_sorted, tuple(a_rows), units, ranks=ranks, ksplit=ksplit, stages=blocks.stages,
+                     buckets=buckets, interpret=interpret)
+    his, los = [], []
+    for s, u, rank, b in zip(s_parts, units, ranks, b_rows):
+        s = s.sum(0)[:m, :rank]
         # Rows of no unit were never written; columns past a page's rank may hold a neighbouring page's rows.
-        used = jnp.arange(rank)[None, :] < units.row_rank[:, None]
-        s = jnp.where(used, s, 0.0)
-        s = jnp.concatenate([s, jnp.zeros((mx - m, rank), jnp.float32)])
-        hi, lo = split_hi_lo(s, b.dtype)
-        d = expand(hi, lo, b, units, cols=blocks.expand_cols, buckets=buckets,
-                   interpret=interpret)[grouping.inverse]
-        work = (units.row_rank > 0)[grouping.inverse]
+        s = jnp.where(jnp.arange(rank)[None, :] < u.row_rank[:, None], s, 0.0)
+        hi, lo = split_hi_lo(jnp.concatenate([s, jnp.zeros((mx - m, rank), jnp.float32)]), b.dtype)
+        his.append(hi)
+        los.append(lo)
+    deltas = expand(tuple(his), tuple(los), tuple(b_rows), units, cols=blocks.expand_cols, buckets=buckets,
+                    interpret=interpret)
+    out = []
+    for y, d, u in zip(ys, deltas, units):
+        d, work = d[grouping.inverse], (u.row_rank > 0)[grouping.inverse]
         out.append(jnp.where(work[:, None], (y.astype(jnp.float32) + d).astype(y.dtype), y))
     return tuple(out)
 
@@ -100,7 +108,7 @@ def lora_shrink(x: jax.Array, keys: jax.Array, active: jax.Array, a_rows: jax.Ar
     rank = table.max_blocks * table.rank_block
     buckets = rank_buckets(rank, blocks.rank_buckets)
     units = build_units(grouping, table, num_experts=num_experts, buckets=buckets)
-    s = shrink(x_sorted, a_rows, units, rank=rank, ksplit=ksplit, stages=blocks.stages, buckets=buckets,
-               interpret=interpret).sum(0)[:m, :rank]
+    s = shrink(x_sorted, (a_rows,), (units,), ranks=(rank,), ksplit=ksplit, stages=blocks.stages,
+               buckets=(buckets,), interpret=interpret)[0].sum(0)[:m, :rank]
     s = jnp.where(jnp.arange(rank)[None, :] < units.row_rank[:, None], s, 0.0)
     return s[grouping.inverse]

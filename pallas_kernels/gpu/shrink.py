@@ -7,12 +7,14 @@
                                  of 128 bytes: TMA stores from SMEM at any row); columns past R are zero;
                                  rows of no unit are left unwritten
 
-One CTA per (unit, D_in slice). It streams its slice of the unit's x window [64, D_in] and of its page
-[R, D_in] through SMEM in (64 | R, bk) blocks (TMA, `stages` in flight) and accumulates the [64, R] product
-with wgmma (A block read transposed, K-major, as wgmma wants it). Only the unit's `size` rows are stored.
-Decode splits D_in (ksplit > 1) so a few adapters still occupy every SM; prefill has enough units and keeps
-ksplit = 1. Pages are fetched R rows wide, or at the unit's rank bucket (units.py) when buckets are given;
-columns past a page's rank must be masked by the caller (ops.py does).
+Several targets sharing x (fused q/k/v, gate/up: one A arena, rank and set of units each) run in one launch, each
+CTA on one target's unit, so their CTAs fill the GPU together (at decode a single target's few units leave most SMs
+idle) and the launch is paid once. One CTA per (target's unit, D_in slice). It streams its slice of the unit's x
+window [64, D_in] and of its page [R, D_in] through SMEM in (64 | R, bk) blocks (TMA, `stages` in flight) and
+accumulates the [64, R] product with wgmma (A block read transposed, K-major, as wgmma wants it). Only the unit's
+`size` rows are stored. Decode splits D_in (ksplit > 1) so a few adapters still occupy every SM; prefill has enough
+units and keeps ksplit = 1. Pages are fetched R rows wide, or at the unit's rank bucket (units.py) when buckets are
+given; columns past a page's rank must be masked by the caller (ops.py does).
 """
 
 from __future__ import annotations
@@ -26,41 +28,50 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.gpu.block_tables import STAGE_CHOICES
 from pallas_kernels.gpu.common import check_operands, check_tma_array, compiler_params, out_width, store_rows
-from pallas_kernels.gpu.units import TILE_ROWS, Units, window
+from pallas_kernels.gpu.units import TILE_ROWS, Units, stack_units, unit_of_target, window
 
 BK = 64  # 128 bytes of 16-bit values: one swizzle row
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "ksplit", "stages", "buckets", "interpret"))
-def shrink(x: jax.Array, a_rows: jax.Array, units: Units, *, rank: int, ksplit: int = 1, stages: int = 4,
-           buckets: tuple[int, ...] | None = None, interpret=None) -> jax.Array:
-    """[ksplit, Mx, out_width(rank)] float32 partial shrink outputs (sum over axis 0, take [:, :rank]); see the
-    module docstring. `stages`: TMA pipeline depth (block_tables.GpuBlocks). `buckets`: the rank widths pages
-    are read at (units.rank_buckets; None: `rank` alone); a unit reads units.bucket's width, columns past it
+@functools.partial(jax.jit, static_argnames=("ranks", "ksplit", "stages", "buckets", "interpret"))
+def shrink(x: jax.Array, a_rows: tuple[jax.Array, ...], units: tuple[Units, ...], *, ranks: tuple[int, ...],
+           ksplit: int = 1, stages: int = 4, buckets: tuple[tuple[int, ...] | None, ...] | None = None,
+           interpret=None) -> tuple[jax.Array, ...]:
+    """Per target t, [ksplit, Mx, out_width(ranks[t])] float32 partial shrink outputs (sum over axis 0, take
+    [:, :rank]); see the module docstring. All targets (their A arenas, units and ranks, one each) share x and
+    run in one launch: the grid is (targets x units per target, ksplit), and each CTA takes its target's static
+    path. `stages`: TMA pipeline depth (block_tables.GpuBlocks). `buckets`: per target the rank widths pages
+    are read at (units.rank_buckets; None: its rank alone); a unit reads units.bucket's width, columns past it
     are stored as zeros."""
     mx, d_in = x.shape
-    buckets = buckets or (rank,)
-    check_operands("shrink", x, a_rows)
-    if a_rows.ndim != 2 or a_rows.shape[1] != d_in:
-        raise ValueError(f"A arena {a_rows.shape} must be [P, {d_in}]")
-    if rank % 8 or not 8 <= rank <= 256:
-        raise ValueError(f"rank {rank} must be a multiple of 8 in [8, 256] (wgmma N)")
-    if buckets[-1] != rank or any(b % 8 or b > rank for b in buckets):
-        raise ValueError(f"rank buckets {buckets} must be multiples of 8 up to rank {rank}, ending at it")
+    num_targets = len(a_rows)
+    buckets = tuple(b or (r,) for b, r in zip(buckets or (None,) * num_targets, ranks))
+    if not len(units) == len(ranks) == len(buckets) == num_targets >= 1:
+        raise ValueError(f"one A arena, Units, rank and bucket list per target: {num_targets} arenas, "
+                         f"{len(units)} units, {len(ranks)} ranks, {len(buckets)} bucket lists")
+    check_operands("shrink", x, *a_rows)
+    for a, rank, bs in zip(a_rows, ranks, buckets):
+        if a.ndim != 2 or a.shape[1] != d_in:
+            raise ValueError(f"A arena {a.shape} must be [P, {d_in}]")
+        if rank % 8 or not 8 <= rank <= 256:
+            raise ValueError(f"rank {rank} must be a multiple of 8 in [8, 256] (wgmma N)")
+        if bs[-1] != rank or any(b % 8 or b > rank for b in bs):
+            raise ValueError(f"rank buckets {bs} must be multiples of 8 up to rank {rank}, ending at it")
+        check_tma_array("shrink", "A arena", a.shape, a.dtype, BK)
     if stages not in STAGE_CHOICES:
         raise ValueError(f"stages {stages} not in {STAGE_CHOICES}")
     if d_in % (BK * ksplit):
         raise ValueError(f"D_in {d_in} must be a multiple of {BK} * ksplit={ksplit}")
     steps = d_in // BK // ksplit
     check_tma_array("shrink", "x (sorted rows)", x.shape, x.dtype, BK)
-    check_tma_array("shrink", "A arena", a_rows.shape, a_rows.dtype, BK)
-    ro = out_width(rank, jnp.float32)
+    per, meta = stack_units(units)
 
-    def body(row0_ref, size_ref, page_ref, bucket_ref, count_ref, x_ref, a_ref, o_ref):
+    def body(row0_ref, size_ref, page_ref, bucket_ref, count_ref, x_ref, *refs):
+        a_refs, o_refs = refs[:num_targets], refs[num_targets:]
         u, kk = jax.lax.axis_index("unit"), jax.lax.axis_index("k")
 
-        @pl.when(u < count_ref[0])
-        def _unit():
+        def target(t):
+            rank, ro = ranks[t], out_width(ranks[t], jnp.float32)
             row0 = row0_ref[u]
             base, off, page = window(row0, page_ref[u])
 
@@ -76,20 +87,24 @@ def shrink(x: jax.Array, a_rows: jax.Array, units: Units, *, rank: int, ksplit: 
                                             delay_release=1),
                         ],
                         max_concurrent_steps=min(stages, max(steps, 2)),
-                    )(x_ref, a_ref)
+                    )(x_ref, a_refs[t])
                     return acc_ref[...]
 
                 acc = pl.run_scoped(acc_scope, plgpu.ACC((TILE_ROWS, width)))
-                store_rows(acc, o_ref.at[kk], row0, off, size_ref[u], 0, ro)
+                store_rows(acc, o_refs[t].at[kk], row0, off, size_ref[u], 0, ro)
 
-            if len(buckets) == 1:
+            if len(buckets[t]) == 1:
                 run(rank)
             else:  # one static-shaped path per bucket; a unit takes the narrowest that holds its rank rows
-                for i, width in enumerate(buckets):
+                for i, width in enumerate(buckets[t]):
                     pl.when(bucket_ref[u] == i)(functools.partial(run, width))
 
+        for t in range(num_targets):  # static paths; SMEM is shared between them (one runs per CTA)
+            pl.when(unit_of_target(u, t, per, count_ref))(functools.partial(target, t))
+
     kernel = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((ksplit, mx, ro), jnp.float32),
-        grid=(units.bound, ksplit), grid_names=("unit", "k"), compiler_params=compiler_params(),
+        body, out_type=tuple(jax.ShapeDtypeStruct((ksplit, mx, out_width(r, jnp.float32)), jnp.float32)
+                             for r in ranks),
+        grid=(num_targets * per, ksplit), grid_names=("unit", "k"), compiler_params=compiler_params(),
         interpret=interpret)
-    return kernel(units.row0, units.size, units.page_row, units.bucket, units.count, x, a_rows)
+    return tuple(kernel(meta.row0, meta.size, meta.page_row, meta.bucket, meta.count, x, *a_rows))

@@ -40,13 +40,29 @@ class Units:
     size: jax.Array  # [U] int32 rows of the unit, 1..UNIT_ROWS (0 for unused units)
     page_row: jax.Array  # [U] int32 first A arena row of the unit's page
     b_page_row: jax.Array  # [U] int32 first B arena row of the unit's page
-    count: jax.Array  # [1] int32 units in use (entries [0, count))
+    count: jax.Array  # [1] int32 units in use (entries [0, count)); stacked (stack_units): [targets]
     row_rank: jax.Array  # [M] int32 per SORTED row: rank rows of its page that hold data (0: no work)
     bucket: jax.Array  # [U] int32 index into the kernels' static rank buckets (0 with a single bucket)
 
     @property
     def bound(self) -> int:
         return self.row0.shape[0]
+
+
+def stack_units(units: tuple[Units, ...]) -> tuple[int, Units]:
+    """(units per target, the targets' units end to end) for one launch over several targets: target t's units
+    are entries [t * per, t * per + count[t]). Targets sharing a grouping have the same bound."""
+    per = units[0].bound
+    if any(u.bound != per for u in units):
+        raise ValueError(f"targets of one launch need the same unit bound, got {[u.bound for u in units]}")
+    if len(units) == 1:
+        return per, units[0]
+    return per, jax.tree.map(lambda *fields: jnp.concatenate(fields), *units)
+
+
+def unit_of_target(u, t: int, per: int, count_ref):
+    """In a kernel: whether grid unit u is a unit in use of target t (stack_units' arrangement)."""
+    return (u >= t * per) & (u < t * per + count_ref[t])
 
 
 def window(row0, page_row):
