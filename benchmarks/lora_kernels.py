@@ -12,6 +12,8 @@ widths, sorted by expert as the MoE layer feeds them) it times:
             reference / reference-rm (lora/reference.py on either A layout), dispatch
             (pallas_kernels.dispatch.lora_delta as the platform picks), one-hot, ragged_dot, gpu-kernel(-rm)
   expert delta: reference, reference-rm, dispatch, gpu-kernel-rm
+  qkv delta (three targets sharing x, Qwen3 attention widths; A rank-major): reference, gpu-fused (one
+            add_lora_fused call: one shrink and one expand launch), gpu-separate (three add_lora calls)
 Each variant runs in one jitted, unrolled loop; `us` is its device time per call (kernel time in a profiler
 trace, less the loop's own), which is what it costs inside a step; the wall time per call is kept beside it.
 The ceilings are measured in the same run: device copy bandwidth (read + write of a large buffer) and bf16
@@ -49,6 +51,10 @@ flags.DEFINE_list("cases", ["1:1:16", "16:16:16", "64:32:16", "256:64:16", "256:
 flags.DEFINE_list("expert_cases", ["qwen3-gate_up:64:32:32:128:8:2048:1536", "qwen3-down:64:32:32:128:8:768:2048",
                                    "mixtral-gate_up:64:32:64:8:2:4096:28672", "mixtral-down:64:32:64:8:2:14336:4096"],
                   "per-expert delta cases name:tokens:adapters:rank:experts:top_k:d_in:d_out (rows = tokens * top_k)")
+flags.DEFINE_list("qkv_cases", ["64:32:32", "256:64:32", "2048:16:32"],
+                  "fused q/k/v cases T:adapters:rank at --qkv_widths (one call for three targets vs three calls)")
+flags.DEFINE_list("qkv_widths", ["2048", "4096", "512", "512"], "d_in, then the q, k, v output widths (default: "
+                  "Qwen3-30B-A3B: hidden 2048, 32 query and 4 KV heads of 128)")
 flags.DEFINE_integer("hidden", 4096, "H (input and output width)")
 flags.DEFINE_integer("slots", 128, "adapter slots in the pool (slot 0 = none), at least adapters + 1")
 flags.DEFINE_integer("iters", 50, "calls per timed loop")
@@ -160,6 +166,39 @@ if jax.default_backend() == "gpu":
     EXPERT_DELTA["gpu-kernel-rm"] = expert_delta_gpu_kernel_rank_major
 
 
+def _qkv_pairs(args):
+    x, slots, *ab = args
+    return x, slots, list(zip(ab[0::2], ab[1::2]))
+
+
+def qkv_reference(*args):
+    """q/k/v deltas (A rank-major, as the pool keeps it), concatenated: the reference, one target at a time."""
+    x, slots, pairs = _qkv_pairs(args)
+    return jnp.concatenate([reference.lora_delta(x, slots, a, b, a_rank_major=True) for a, b in pairs], axis=1)
+
+
+def qkv_gpu_fused(*args):
+    """One add_lora_fused call: one grouping, one shrink and one expand launch for the three targets."""
+    x, slots, pairs = _qkv_pairs(args)
+    ys = tuple(jnp.zeros((x.shape[0], b.shape[-1]), jnp.float32) for _, b in pairs)
+    return jnp.concatenate(dispatch.add_lora_fused(ys, x, slots, pairs, a_rank_major=True,
+                                                   backend=dispatch.LoraBackend.GPU), axis=1)
+
+
+def qkv_gpu_separate(*args):
+    """Three add_lora calls: what each target cost before fused launches (a grouping and two launches each)."""
+    x, slots, pairs = _qkv_pairs(args)
+    return jnp.concatenate([dispatch.add_lora(jnp.zeros((x.shape[0], b.shape[-1]), jnp.float32), x, slots, a, b,
+                                              a_rank_major=True, backend=dispatch.LoraBackend.GPU)
+                            for a, b in pairs], axis=1)
+
+
+QKV_DELTA = {"reference": qkv_reference}  # A rank-major in every qkv variant (not in RANK_MAJOR)
+if jax.default_backend() == "gpu":
+    QKV_DELTA["gpu-fused"] = qkv_gpu_fused
+    QKV_DELTA["gpu-separate"] = qkv_gpu_separate
+
+
 def timed(fn, *args, profile: bool = False) -> dict:
     """Per call of fn(*args) over one jitted, unrolled loop of F.iters calls: wall_us and device_us
     (kernel_timing.per_call)."""
@@ -253,6 +292,7 @@ def main(argv):
         F.hidden, F.slots, F.iters, F.repeats = 256, 16, 2, 1
         F.cases = ["8:4:16", "64:8:16"]
         F.expert_cases = ["tiny:8:4:16:4:2:128:256"]
+        F.qkv_cases, F.qkv_widths = ["8:4:16"], ["128", "256", "64", "64"]
     print(f"  platform {jax.default_backend()}, device {jax.devices()[0].device_kind}, jax {jax.__version__}, "
           f"dispatch backend {dispatch.select_backend().value}")
     copy_bw, mm = ceilings(2**30 if not F.smoke else 2**22, 8192 if not F.smoke else 256)
@@ -284,6 +324,24 @@ def main(argv):
                     d_in=d_in, d_out=d_out, pages=pages)
         run("expert delta", label, meta, EXPERT_DELTA, (x, slots, expert_ids, a, b), n_bytes,
             reference.expert_lora_delta(x, slots, expert_ids, a, b))
+    d_in, *widths = (int(w) for w in F.qkv_widths)
+    for case in F.qkv_cases:
+        tokens, adapters, rank = (int(v) for v in case.split(":"))
+        s = adapters + 1
+        x = jnp.asarray(rng.normal(size=(tokens, d_in)), DT)
+        slots = jnp.asarray(rng.integers(1, s, size=tokens), jnp.int32)
+        ab = []
+        for w in widths:
+            a = (rng.normal(size=(s, rank, d_in)) / np.sqrt(d_in)).astype(np.float32)
+            b = (rng.normal(size=(s, rank, w)) / np.sqrt(rank)).astype(np.float32)
+            a[0], b[0] = 0, 0
+            ab += [jnp.asarray(a, DT), jnp.asarray(b, DT)]
+        pages = adapters * rank * (len(widths) * d_in + sum(widths)) * 2
+        n_bytes = tokens * d_in * 2 + pages + tokens * sum(widths) * 4
+        label = f"qkv T={tokens:5d} adapters={adapters:3d} r={rank:3d}"
+        meta = dict(case="qkv", tokens=tokens, rows=tokens, adapters=adapters, rank=rank, d_in=d_in,
+                    d_out=sum(widths))
+        run("qkv delta", label, meta, QKV_DELTA, (x, slots, *ab), n_bytes, qkv_reference(x, slots, *ab))
     if F.out:
         os.makedirs(os.path.dirname(F.out) or ".", exist_ok=True)
         with open(F.out + ".json", "w") as f:

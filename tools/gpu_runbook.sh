@@ -61,6 +61,9 @@
 #                 cost was cut (~40 s -> ~5 s per candidate and problem); next PHASES=decode,buckets,crossover,
 #                 dispatch (the default below). Rank buckets are kernel paths never run on a GPU: a failure
 #                 there is logged and the candidate dropped.
+#   lora_qkv      (1 GPU, ~4 min) benchmarks/lora_kernels.py's fused q/k/v cases alone: one add_lora_fused call
+#                 (one shrink + one expand launch for three targets, eleventh session, never timed) against three
+#                 add_lora calls and the reference, at Qwen3 attention widths, decode and prefill.
 #   kernel_compile (1 GPU, ~2 min) benchmarks/lora_kernel_compile.py: compile time of the LoRA kernels' programs
 #                 and of their glue's pieces, scatters of each kind included (eleventh session: group_rows'
 #                 scatters cost 9-17 s at 4,096 rows; which kind - set, add with duplicates, max - is not known,
@@ -126,6 +129,10 @@ case "${1:-}" in
         --steps 16 --profile_steps 2 --out "$OUT/lora_step_$backend" > "$OUT/lora_step_$backend.log" 2>&1
       echo "lora_step $backend rc=$?"; show "$OUT/lora_step_$backend.log" 20
     done ;;
+  lora_qkv)
+    timeout 560 python3 -u benchmarks/lora_kernels.py --cases= --expert_cases= --iters 10 --repeats 2 \
+      --qkv_cases 16:16:32,64:32:32,256:64:32,2048:16:32 --out "$OUT/lora_qkv" > "$OUT/lora_qkv.log" 2>&1
+    echo "lora_qkv rc=$?"; show "$OUT/lora_qkv.log" 30 ;;
   kernel_compile)
     timeout 560 python3 -u benchmarks/lora_kernel_compile.py --budget_s 480 --out "$OUT/lora_kernel_compile.json" \
       --cases "scatter_set m4096,scatter_add m4096,scatter_max m4096,group_rows m4096,build_units m4096,delta 4096x4096,delta 4096x4096 decode,ref 4096x4096" \
