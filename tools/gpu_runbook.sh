@@ -5,8 +5,9 @@
 # reference expand's form, the host's share of a 4-layer decode step, the start-up fix (compile_time), decode
 # with both modes in one call (eighth session: 0.99x). When an nvidia-h200-x4 is lent, x4_decode and x4_sweep
 # (issue 8's 2+2) come first; then mixtral_sweep (rerun with settled caches), then slo_sweep with
-# ADAPTER_LOADING=background. When only one GPU is lent: tune_gpu_blocks (its remaining phases), lora_step (the
-# engine's compile with the kernels, now that group_rows compiles in ~0.5 s), prefill_lora, lora_kernels_expert.
+# ADAPTER_LOADING=background. When only one GPU is lent: lora_qkv (the fused launch's first timing) and
+# kernel_compile (~6 min together), tune_gpu_blocks (its remaining phases), lora_step (the engine's compile with
+# the kernels, now that group_rows compiles in ~0.5 s), prefill_lora, lora_kernels_expert.
 # Stages:
 #
 #   compile_time  (1 GPU, ~2 min) benchmarks/compile_time.py at 2 and 8 layers: checks that the Mosaic GPU expert
