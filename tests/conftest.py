@@ -77,3 +77,51 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# pytest-xdist (pyproject's addopts run the suite on 2 workers; `-n 0` runs it in one process). Each test file runs
+# whole on one worker, so its module-scoped LLMs load and compile once; the files of the session-wide server
+# (server_support.shared_server) run together on one worker, so it is built once; and the slowest files start
+# first, so that the workers finish together.
+SHARED_SERVER_FILES = {"test_server.py", "test_server_fuzz.py", "test_server_load.py", "test_server_security.py"}
+# Rough seconds of each slow file (the server files together) in a 2-worker run on CI's 2-core machine: only their
+# order matters; files not listed start after these, in collection order.
+SLOW_FILES = {
+    "test_parity_hf.py": 530,
+    "test_disagg.py": 340,
+    "test_server*": 250,
+    "test_replicas.py": 250,
+    "test_gpu_block_tables.py": 190,
+    "test_engine.py": 180,
+    "test_disagg_push.py": 120,
+    "test_pallas_kernels.py": 95,
+    "test_attention.py": 85,
+    "test_gpu_kernels.py": 75,
+    "test_slo.py": 60,
+    "test_grouped_matmul.py": 50,
+    "test_llm_api.py": 50,
+    "test_slot_ranks.py": 40,
+    "test_orbax_store.py": 30,
+    "test_background_loads.py": 30,
+    "test_adapter_errors.py": 25,
+    "test_colab_notebook.py": 25,
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "load":  # the default under -n; another --dist given explicitly is kept
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SlowFilesFirst(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = os.path.basename(nodeid.split("::", 1)[0])
+            return "test_server*" if file in SHARED_SERVER_FILES else file
+
+        def _assign_work_unit(self, node) -> None:
+            slowest = max(self.workqueue, key=lambda scope: SLOW_FILES.get(scope, 0))  # the first of equals
+            self.workqueue.move_to_end(slowest, last=False)
+            super()._assign_work_unit(node)
+
+    return SlowFilesFirst(config, log)
