@@ -18,7 +18,9 @@ wall-clock time (bench/replay.py `measured`, which also counts the engine steps 
 every baseline runs once more at a common rate (the best serviceable rate), where the share of adapters meeting
 the SLO is compared. The simulator (bench/simulator.py), driven by the step calibration --calibration (measured
 separately by calibrate_step_time.py, on one device), replays the same workloads for the coupled rows, and its
-serviceable rates and P95 TTFTs are set beside the measured ones.
+serviceable rates and P95 TTFTs are set beside the measured ones. With a sweep and --calibration measured, every
+row is simulated with the step model its own probes measured (replay.step_model: coefficients, the host gap
+between steps, and for the disaggregated row whole disaggregated steps).
 
 On CPU the tiny model's adapters load in microseconds; --emulated_load_ms makes each adapter load stall its step
 as long as a real adapter's host-to-device copy would (default 50 ms: a ~2.5 GB adapter, e.g. Qwen3-30B-A3B at
@@ -394,7 +396,9 @@ def _sim_config(name: str, model) -> simulator.ClusterConfig:
         return simulator.ClusterConfig("disaggregated", layout.dp, model, F.disagg_slots or F.coupled_slots,
                                        F.emulated_load_ms, 0.0, "fcfs", _disagg_seqs(),
                                        max(F.max_num_batched_tokens, _disagg_seqs()),
-                                       exchange_ms_per_layer=F.sim_exchange_ms_per_layer,
+                                       # a model timed on the disaggregated engine holds the exchange already
+                                       exchange_ms_per_layer=0.0 if model.engine_mode == "disaggregated" else
+                                       F.sim_exchange_ms_per_layer,
                                        lora_devices=layout.num_devices // 2, replica_devices=layout.ep,
                                        adapter_loading=F.adapter_loading)
     slots = baselines.reduced_slots(F.coupled_slots) if b.reduced_cache else F.coupled_slots
@@ -410,20 +414,33 @@ def _calibrated_model():
 
 
 def _measured_step_model(name: str, probes: list[dict]):
-    """A baseline's step model from its own probes (`step_model` of each summary, weighted by steps fitted)."""
-    fits = [p["summary"].get("step_model") for p in probes]
-    fits = [f for f in fits if f]
+    """A baseline's step model from its own probes (`step_model` of each summary): the coefficients weighted by
+    steps fitted, the host gap between steps (`gap_ms`) by gaps measured (runs that predate its recording have
+    none: 0), timed on the baseline's engine (`engine_mode`: a disaggregated baseline's steps are whole
+    disaggregated steps); the probes' rates, steps and gaps in its provenance."""
+    fits = [(p["rate"], p["summary"].get("step_model")) for p in probes]
+    fits = [(rate, f) for rate, f in fits if f]
     if not fits:
         return None
-    n = sum(f["n"] for f in fits)
-    mean = {k: sum(f[k] * f["n"] for f in fits) / n for k in ("const", "tokens_coef", "adapters_coef")}
-    return calibration.StepTimeModel(f"{name} (measured)", fits[0]["layers"], **mean)
+    n = sum(f["n"] for _, f in fits)
+    mean = {k: sum(f[k] * f["n"] for _, f in fits) / n for k in ("const", "tokens_coef", "adapters_coef")}
+    gaps = sum(f.get("gaps", 0) for _, f in fits)
+    gap_ms = sum(f["gap_ms"] * f["gaps"] for _, f in fits if f.get("gaps")) / gaps if gaps else 0.0
+    mode = baselines.BASELINES[name].mode
+    provenance = {"probes": [{"rate": rate, "steps": f["n"], "gaps": f.get("gaps")} for rate, f in fits],
+                  "gap_ms": f"mean of {gaps} host gaps between steps (replay.host_gaps)" if gaps else
+                  "not recorded by this run: 0"}
+    return calibration.StepTimeModel(f"{name} (measured)", fits[0][1]["layers"], **mean, provenance=provenance,
+                                     gap_ms=gap_ms, engine_mode=mode)
 
 
-def _simulate_beside(cfg: simulator.ClusterConfig, spec, probes: list[dict], slo, start: float):
+def _simulate_beside(cfg: simulator.ClusterConfig, spec, probes: list[dict], slo, start: float, name=None):
     """The simulator's serviceable rate for `cfg` on `spec`'s workload (bisection from `start`), and each measured
-    probe's P95 TTFT, mean TPOT, adapters meeting the SLO and hit rate beside the simulated ones at its rate."""
-    def sim_run(rate):
+    probe's P95 TTFT, mean TPOT, adapters meeting the SLO and hit rate beside the simulated ones at its rate. With
+    `name` (a self-calibrated check), also each probe's P95 TTFT simulated with that probe's own step model
+    (`simulated_own_ttft_p95_s`): on a shared machine whose load drifts between probes, that separates the
+    model's structure from the drift the pooled model averages over."""
+    def sim_run(rate, cfg=cfg):
         res = simulator.simulate(workload.generate(dataclasses.replace(spec, rate=rate), None), cfg)
         return {**res.summary(slo), "rate": rate}
 
@@ -434,6 +451,10 @@ def _simulate_beside(cfg: simulator.ClusterConfig, spec, probes: list[dict], slo
     for p in probes:
         sides = (("measured", p["summary"]), ("simulated", sim_run(p["rate"])))
         beside.append({"rate": p["rate"], **{f"{side}_{key}": source[key] for key in keys for side, source in sides}})
+        own = _measured_step_model(name, [p]) if name is not None else None
+        if own is not None:
+            beside[-1]["simulated_own_ttft_p95_s"] = sim_run(p["rate"], dataclasses.replace(cfg, step=own))[
+                "ttft_p95_s"]
     return search.rate, beside
 
 
@@ -445,8 +466,9 @@ def _simulator_sweep_check(report: dict, spec, slo) -> dict:
            "exchange_ms_per_layer": F.sim_exchange_ms_per_layer, "rows": []}
     source = "each baseline's own probes" if model is None else f"{F.calibration}: {F.calibration_model}"
     print(f"\n  simulator ({source}) against the measured sweep")
+    own_note = " (with the probe's own model)" if model is None else ""
     print(f"  {'adapters':>8} {'baseline':>16} {'measured':>9} {'simulated':>9}   probes: rate -> P95 TTFT "
-          "measured / simulated, hit rate measured / simulated")
+          f"measured / simulated{own_note}, hit rate measured / simulated")
     for row in report["sweep"]:
         counted = dataclasses.replace(spec, num_adapters=row["num_adapters"])
         for name, r in row["baselines"].items():
@@ -455,15 +477,20 @@ def _simulator_sweep_check(report: dict, spec, slo) -> dict:
                 print(f"  {row['num_adapters']:>8} {name:>16}: no probe recorded a step model")
                 continue
             cfg = _sim_config(name, own)
-            if model is None and cfg.mode == "disaggregated":  # its measured steps include the exchange
-                cfg = dataclasses.replace(cfg, exchange_ms_per_layer=0.0)
             first = r["probes"][0]["rate"] if r["probes"] else F.start_rate
-            simulated, probes = _simulate_beside(cfg, counted, r["probes"], slo, first)
+            simulated, probes = _simulate_beside(cfg, counted, r["probes"], slo, first,
+                                                 name if model is None else None)
             measured = r.get("serviceable_rate")
             out["rows"].append({"num_adapters": row["num_adapters"], "baseline": name, "measured": measured,
-                                "simulated": simulated, "probes": probes})
-            cells = "; ".join(f"{p['rate']:g} -> {p['measured_ttft_p95_s']:.2f} / {p['simulated_ttft_p95_s']:.2f} s, "
-                              f"{p['measured_hit_rate']:.2f} / {p['simulated_hit_rate']:.2f}" for p in probes)
+                                "simulated": simulated, "probes": probes,
+                                "step_model": {k: getattr(own, k) for k in (
+                                    "layers", "const", "tokens_coef", "adapters_coef", "host_ms", "gap_ms",
+                                    "engine_mode", "provenance")}})
+            own_p95 = lambda p: (f" ({p['simulated_own_ttft_p95_s']:.2f})" if "simulated_own_ttft_p95_s" in p
+                                 else "")
+            cells = "; ".join(f"{p['rate']:g} -> {p['measured_ttft_p95_s']:.2f} / {p['simulated_ttft_p95_s']:.2f}"
+                              f"{own_p95(p)} s, {p['measured_hit_rate']:.2f} / {p['simulated_hit_rate']:.2f}"
+                              for p in probes)
             shown = "cut off" if measured is None else f"{measured:g}"
             print(f"  {row['num_adapters']:>8} {name:>16} {shown:>9} {simulated:>9.3g}   {cells}")
     return out

@@ -613,6 +613,10 @@ def test_simulate_from_a_gpu_sweep_cut_off_mid_search(tmp_path):
     rows = {r["baseline"]: r for r in report["simulator"]["rows"]}
     assert rows["coupled+sjf"]["measured"] == 2.0 and rows["disaggregated"]["measured"] is None
     assert all(r["simulated"] > 0 and r["probes"] for r in rows.values())
+    # timed on their own engines; that run predates the host-gap recording (no gaps: 0)
+    assert [rows[n]["step_model"]["engine_mode"] for n in ("coupled+sjf", "disaggregated")] == [
+        "coupled", "disaggregated"]
+    assert all(r["step_model"]["gap_ms"] == 0.0 for r in rows.values())
     with open(src) as f:
         assert report["sweep"] == json.load(f)["sweep"]
 
@@ -668,6 +672,13 @@ def test_disaggregated_replay_sees_every_instance():
     assert s["wall_s"] >= 0.02 * s["loads"]  # each load stalled its step
     assert "step_model" in s
     assert sum(r.loads for r in log.records) > 0, "StepLog counts the loads each step started"
+    # one step unit (the group), steps one after another; the last step left no work; host gaps between steps
+    starts = [r.start_s for r in log.records]
+    assert {r.unit for r in log.records} == {0} and starts == sorted(starts) and not log.records[-1].pending
+    assert all(b.start_s >= a.start_s + a.ms / 1e3 - 1e-9 for a, b in zip(log.records, log.records[1:]))
+    assert s["gaps"] > 0 and 0 <= s["gap_ms_median"] <= s["wall_s"] * 1e3
+    if s["step_model"] is not None:
+        assert s["step_model"]["engine_mode"] == "disaggregated" and s["step_model"]["gaps"] == s["gaps"]
 
     # placeholders pinned by a slot limit set after the stall are not traffic: the next step does not sleep
     slept = []

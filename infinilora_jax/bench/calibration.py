@@ -7,7 +7,17 @@ One engine step (schedule, pack, one jitted forward, sampling, tokens back on th
 tokens: new tokens in the step (decode tokens plus prefill chunks); adapters: distinct adapters in the batch.
 The part inside the brackets is per layer, so a model measured at a cut depth (the GPU runs use 4-8 layers to
 keep compile times short) extends to the full depth; `host_ms` does not scale with depth. `split` gives the
-base part and the LoRA part separately (the disaggregated mode overlaps them).
+base part and the LoRA part separately (the simulator's disaggregated mode overlaps them when the model was
+measured on a coupled engine).
+
+Two more measured terms describe how steps follow each other and what a step's time holds:
+  gap_ms       host time between two steps of a replica that still has work (bench/replay.py `host_gaps`): the
+               caller's loop adding the requests that arrived, a replica group handing the step back and the
+               next one to the replica's thread. No step's time holds it; the simulator charges it after every
+               step. 0 where it was not measured.
+  engine_mode  the engine whose whole steps the model describes: "coupled", or "disaggregated" for steps timed
+               on the disaggregated engine (base instance, LoRA server, exchange and whatever overlap the two
+               devices had are all in them), which the simulator then takes as they are.
 
 A calibration file (configs/calibration/*.json) holds one model per (machine, model shape) with provenance:
 date, machine, command, the raw measured points, and, for models not measured but derived from others
@@ -23,6 +33,7 @@ import re
 import numpy as np
 
 FEATURES = ("const", "tokens", "adapters")
+ENGINE_MODES = ("coupled", "disaggregated")
 POINT_COLUMNS = ("tokens", "adapters", "rows", "layers", "ms")
 
 
@@ -51,6 +62,8 @@ class StepTimeModel:
     extrapolated: bool = False
     provenance: dict = dataclasses.field(default_factory=dict, compare=False)
     points: tuple = dataclasses.field(default=(), compare=False)  # raw measured points (StepPoint as dicts)
+    gap_ms: float = 0.0  # host time between consecutive steps of a busy replica, outside any step (docstring)
+    engine_mode: str = "coupled"  # the engine the steps were timed on: "coupled" | "disaggregated" (docstring)
 
     def split(self, tokens, adapters, layers: int | None = None) -> tuple:
         """(base ms, LoRA ms) of a step: host and per-layer base work; the per-layer adapter term."""
@@ -61,6 +74,13 @@ class StepTimeModel:
     def step_ms(self, tokens, adapters=0, layers: int | None = None):
         base, lora = self.split(tokens, adapters, layers)
         return base + lora
+
+    def __post_init__(self):
+        if self.engine_mode not in ENGINE_MODES:
+            raise ValueError(f"step-time model {self.name!r}: engine_mode={self.engine_mode!r}, not one of "
+                             f"{ENGINE_MODES}")
+        if self.gap_ms < 0:
+            raise ValueError(f"step-time model {self.name!r}: gap_ms={self.gap_ms} < 0")
 
     def with_layers(self, layers: int) -> StepTimeModel:
         return dataclasses.replace(self, layers=layers)

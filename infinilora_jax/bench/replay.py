@@ -110,39 +110,71 @@ def measured(engine: LLMEngine, requests: list[WorkloadRequest], names: list[str
              slo: metrics.SLO) -> dict:
     """replay, summarised (metrics.summarize), with the adapter cache's hits and misses during the run, the engine
     steps that ran (`steps`: steps that did work; `step_tokens`: new tokens over all of them and all base
-    instances; `step_ms_mean`, `step_ms_max`), the host time the caches spent staging and writing loads
-    (`load_seconds`) and the machine's 1-minute load average before and after (other processes may
-    share it)."""
+    instances; `step_ms_mean`, `step_ms_max`), the host time between steps (`gap_ms_mean`, `gap_ms_median`,
+    `gaps`: host_gaps), the host time the caches spent staging and writing loads (`load_seconds`), the step
+    model fitted to the run (`step_model`) and the machine's 1-minute load average before and after (other
+    processes may share it)."""
     cache = engine.runner.adapters
     before, load = dataclasses.replace(cache.stats), os.getloadavg()[0]
     log = StepLog()
     timings, wall = replay(engine, requests, names, step_log=log)
     summary = metrics.summarize(timings, wall, slo)
     hits, misses = cache.stats.hits - before.hits, cache.stats.misses - before.misses
+    gaps = host_gaps(log.records)
     summary.update(hits=hits, misses=misses, hit_rate=hits / max(1, hits + misses), loads=cache.stats.loads -
                    before.loads, steps=len(log.records), step_tokens=sum(r.tokens for r in log.records),
                    step_ms_mean=sum(r.ms for r in log.records) / max(1, len(log.records)),
                    step_ms_max=max((r.ms for r in log.records), default=0.0),
+                   gap_ms_mean=float(gaps.mean()) if len(gaps) else None,
+                   gap_ms_median=float(np.median(gaps)) if len(gaps) else None, gaps=len(gaps),
                    load_seconds=cache.stats.load_seconds - before.load_seconds,
-                   step_model=step_model(log.records, engine.runner.cfg.num_layers),
+                   step_model=step_model(log.records, engine.runner.cfg.num_layers, engine_mode(engine)),
                    load_average=(load, os.getloadavg()[0]))
     return summary
 
 
-def step_model(records: list[StepRecord], layers: int) -> dict | None:
+def engine_mode(engine) -> str:
+    """"disaggregated" when the engine's steps run the disaggregated step program (an InstanceGroup, or an
+    LLMEngine over a DisaggRunner: base instance(s) and the LoRA server), else "coupled"."""
+    from infinilora_jax.disagg.runner import DisaggRunner
+
+    return "disaggregated" if isinstance(engine.runner, DisaggRunner) else "coupled"
+
+
+def host_gaps(records: list[StepRecord]) -> np.ndarray:
+    """Host time between steps (ms): for each step unit, from the end of a step after which it still had work
+    (`pending`) to the start of its next recorded step. That time is no step's: the caller's loop (adding the
+    requests that arrived, `has_unfinished`), a ReplicaGroup's return of a completed replica's outputs and the
+    hand-off of its next step to its thread. A unit with no work left instead waits for an arrival (idle time,
+    not counted)."""
+    gaps = []
+    by_unit: dict[int, list[StepRecord]] = {}
+    for r in records:
+        by_unit.setdefault(r.unit, []).append(r)
+    for steps in by_unit.values():
+        steps.sort(key=lambda r: r.start_s)
+        gaps += [1e3 * (b.start_s - a.start_s) - a.ms for a, b in zip(steps, steps[1:]) if a.pending]
+    return np.maximum(np.array(gaps, dtype=float), 0.0)
+
+
+def step_model(records: list[StepRecord], layers: int, mode: str = "coupled") -> dict | None:
     """The step-time model (bench/calibration.py: per layer const, per token, per distinct adapter; host time
-    folded into const) fitted to the steps that loaded no adapter, so a run calibrates the simulator for its own
-    engine and machine; with `n` (steps fitted) and `median_error` (median |predicted / measured - 1|). None with
-    fewer than 8 such steps."""
+    inside the step folded into const) fitted to the steps that loaded no adapter, plus the host time between
+    steps (`gap_ms`: the mean of host_gaps; `gaps`: how many), so a run calibrates the simulator for its own
+    engine and machine; with `n` (steps fitted), `median_error` (median |predicted / measured - 1|) and
+    `engine_mode` (the engine whose whole steps these are: replay.engine_mode). None with fewer than 8 such
+    steps."""
     from infinilora_jax.bench import calibration
 
     points = [calibration.StepPoint(r.tokens, r.adapters, r.ms, layers, r.rows) for r in records if not r.loads]
     if len(points) < 8:
         return None
     model = calibration.fit(points, "measured")
+    gaps = host_gaps(records)
     return {"layers": layers, "const": model.const, "tokens_coef": model.tokens_coef,
             "adapters_coef": model.adapters_coef, "n": len(points),
-            "median_error": float(np.median(np.abs(calibration.residuals(model, points))))}
+            "median_error": float(np.median(np.abs(calibration.residuals(model, points)))),
+            "gap_ms": float(gaps.mean()) if len(gaps) else 0.0, "gaps": len(gaps), "engine_mode": mode}
 
 
 @dataclasses.dataclass
@@ -155,6 +187,10 @@ class StepRecord:
     device_ms: float  # inside the runner's step (dispatch, compute, tokens back to the host)
     instances: int = 1  # base instances with work in this step (InstanceGroup: up to dp; a replica's step: 1)
     loads: int = 0  # adapter loads started during the step (its time may include their copies or stalls)
+    unit: int = 0  # which step unit ran it (_step_units: a ReplicaGroup's replica index; else 0)
+    start_s: float = 0.0  # when the step started, seconds since the recording started
+    pending: bool = False  # its unit still had unfinished requests when the step returned, so the caller's loop
+    # starts the unit's next step without waiting for an arrival (host_gaps)
 
 
 class StepLog:
@@ -166,13 +202,15 @@ class StepLog:
 
     def __init__(self):
         self.records: list[StepRecord] = []
+        self.origin = time.perf_counter()
 
     @contextlib.contextmanager
     def recording(self, engine):
         units = _step_units(engine)
+        self.origin = time.perf_counter()
         try:
-            for stepper, instances, runner, entry in units:
-                self._wrap(stepper, instances, runner, entry)
+            for unit, (stepper, instances, runner, entry) in enumerate(units):
+                self._wrap(stepper, instances, runner, entry, unit)
             yield self
         finally:
             for stepper, instances, runner, entry in units:
@@ -180,7 +218,7 @@ class StepLog:
                     if name in vars(obj):
                         delattr(obj, name)  # back to the class methods
 
-    def _wrap(self, stepper, instances, runner, entry) -> None:
+    def _wrap(self, stepper, instances, runner, entry, unit: int = 0) -> None:
         # One unit steps in one thread at a time, so its captures need no lock; list.append is atomic for the
         # records that several replicas' threads append.
         captured, device, calls = [], [0.0], [0]
@@ -216,10 +254,12 @@ class StepLog:
             if rows:
                 if not calls[0]:
                     raise RuntimeError(f"StepLog: the engine scheduled work but never called runner.{entry}")
+                pending = any(inst.scheduler.has_work() for inst in instances)
                 self.records.append(StepRecord(sum(n for _, n in rows),
                                                len({r.adapter for r, _ in rows if r.adapter is not None}),
                                                len(rows), sum(n > 1 for _, n in rows), ms, 1e3 * device[0],
-                                               sum(1 for work in captured if work.rows), loads))
+                                               sum(1 for work in captured if work.rows), loads, unit,
+                                               t - self.origin, pending))
             return out
         stepper.step = recorded_step
 

@@ -6,7 +6,10 @@ lengths only): per step, running requests first (one decode token each, or their
 `max_num_seqs` and the KV cache allow; a request whose adapter cannot get a cache slot (every slot pinned by
 running requests) is passed over within a lookahead of 16, one that does not fit in the KV cache blocks the
 queue. A step's duration comes from a calibrated step-time model (bench/calibration.py) of its tokens and
-distinct adapters, plus the cold loads it waits for.
+distinct adapters, plus the cold loads it waits for. The model's `gap_ms` follows every step: the host time the
+engine's caller spends between two steps of a replica (adding arrivals, handing a replica its next step; measured
+by bench/replay.py `host_gaps`). The step's tokens come back at the end of its own time; the replica starts its
+next step, and counts as in flight for routing, until the gap has passed too.
 
 Modes:
   coupled        every replica holds its own LRU adapter cache of `cache_slots` (S-LoRA style); LoRA math adds
@@ -17,7 +20,11 @@ Modes:
                  one device times replica_devices * num_replicas / lora_devices (the step model's adapter term is
                  per replica, i.e. already divided over its replica_devices; the server's devices are shared by
                  every replica); the LoRA server's devices load their shards in parallel, which the caller folds
-                 into load_ms.
+                 into load_ms. All of that derives a disaggregated step from a coupled engine's model. A model
+                 timed on the disaggregated engine itself (`engine_mode="disaggregated"`, e.g. replay.step_model
+                 of a disaggregated run) already holds the LoRA server's work, the exchange and the overlap the
+                 two devices achieved: its steps are taken as they are (base + adapter term, no max, no
+                 exchange added), for the layout it was measured on.
 
 Cold loads (`adapter_loading`, as LLM(adapter_loading=...)):
   step        a miss stalls the step that admits the request by `load_ms` (times 1 - `load_overlap`), and with
@@ -131,6 +138,12 @@ class ClusterConfig:
             raise ValueError("a step-time model is required")
         if self.mode == "disaggregated" and self.lora_devices < 1:
             raise ValueError("the disaggregated mode needs lora_devices >= 1")
+        if self.step.engine_mode == "disaggregated" and self.mode != "disaggregated":
+            raise ValueError(f"step-time model {self.step.name!r} was timed on the disaggregated engine: it cannot "
+                             "describe a coupled replica's steps")
+        if self.step.engine_mode == "disaggregated" and self.exchange_ms_per_layer:
+            raise ValueError(f"step-time model {self.step.name!r} was timed on the disaggregated engine, so its "
+                             "steps already hold the exchange: exchange_ms_per_layer must be 0")
         if min(self.num_replicas, self.max_num_seqs, self.max_num_batched_tokens, self.max_prefill_rows) < 1:
             raise ValueError(f"invalid cluster config {self}")
 
@@ -402,6 +415,8 @@ class Simulator:
         tokens = sum(n for _, n in rows)
         adapters = len({r.adapter for r, _ in rows if r.adapter is not None})
         dt = self._step_ms(tokens, adapters) + stalls * cfg.load_ms * (1 - cfg.load_overlap)
+        gap = cfg.step.gap_ms  # host time after the step, before the replica's next one can start
+        period = dt + gap
         jump = 1
         if self.jump and not admitted and all(n == 1 for _, n in rows):  # a run of identical decode steps
             jump = min(r.max_tokens - r.generated for r, _ in rows)
@@ -415,8 +430,8 @@ class Simulator:
                 [rep.cache.next_landing(now)] if room else [])
             for at in events:
                 if at < math.inf:
-                    jump = min(jump, max(1, math.ceil((at - now) / (dt / 1e3))))
-        end = now + jump * dt / 1e3
+                    jump = min(jump, max(1, math.ceil((at - now) / (period / 1e3))))
+        end = now + (jump * dt + (jump - 1) * gap) / 1e3  # the last step's tokens come back (the gap follows)
         done = []
         for req, n in rows:
             req.computed += n + (jump - 1)
@@ -434,7 +449,7 @@ class Simulator:
             if req.adapter is not None:
                 rep.cache.release(req.adapter)
                 req.holds_slot = False
-        return jump * dt / 1e3, jump
+        return jump * period / 1e3, jump
 
     def _admit(self, rep: _Replica, now: float, budget: int, rows: list, prefill_rows: int) -> tuple[int, bool]:
         """Admit waiting requests into this step (engine/scheduler.py `_admit`); returns (the loads that stall
@@ -478,7 +493,7 @@ class Simulator:
     def _step_ms(self, tokens: int, adapters: int) -> float:
         cfg, model = self.cfg, self.cfg.step
         base, lora = model.split(tokens, adapters)
-        if cfg.mode == "coupled":
+        if cfg.mode == "coupled" or model.engine_mode == "disaggregated":  # the latter: whole disaggregated steps
             return float(base + lora)
         lora = lora * cfg.replica_devices * cfg.num_replicas / cfg.lora_devices  # the server's time for this step
         layers = model.layers
