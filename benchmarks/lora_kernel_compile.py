@@ -38,7 +38,12 @@ from absl import app, flags  # noqa: E402
 from pallas_kernels import dispatch  # noqa: E402
 from pallas_kernels.gpu import ops as gpu_ops  # noqa: E402
 from pallas_kernels.gpu.block_tables import GpuBlocks  # noqa: E402
+from pallas_kernels.gpu.common import padded_rows  # noqa: E402
+from pallas_kernels.gpu.shrink import shrink  # noqa: E402
+from pallas_kernels.gpu.units import build_units  # noqa: E402
+from pallas_kernels.grouping import group_rows  # noqa: E402
 from pallas_kernels.layout import PageTable  # noqa: E402
+from pallas_kernels.tpu.schedule import _expand_items  # noqa: E402
 
 F = flags.FLAGS
 flags.DEFINE_string("out", None, "write the rows as JSON here")
@@ -68,11 +73,6 @@ PIECES = {f"{piece} m{m}": (piece, m) for m in (4096, 256) for piece in
 
 def make_piece(rng, piece, m, adapters=16, rank=64, d_in=4096):
     """(fn, args) for one piece of the GPU path's glue, or the shrink kernel alone on prebuilt units."""
-    from pallas_kernels.gpu.common import padded_rows
-    from pallas_kernels.gpu.shrink import shrink
-    from pallas_kernels.gpu.units import build_units
-    from pallas_kernels.grouping import group_rows
-    from pallas_kernels.tpu.schedule import _expand_items
     keys = jnp.asarray(rng.integers(1, adapters + 1, size=m), jnp.int32)
     table = PageTable.padded(adapters + 1, 1, rank, rank)
     if piece == "argsort":
@@ -126,10 +126,10 @@ def make_fn(what, rank, stages, decode):
     if what == "delta":
         return lambda x, s, a, b: dispatch.lora_delta(x, s, a, b, a_rank_major=True, backend="gpu", blocks=blocks)
 
-    def shrink(x, s, a):
+    def shrink_alone(x, s, a):
         table = PageTable.padded(a.shape[0], 1, rank, rank)
         return gpu_ops.lora_shrink(x, s, s > 0, a.reshape(-1, a.shape[-1]), table, num_experts=1, blocks=blocks)
-    return shrink
+    return shrink_alone
 
 
 def timed(f):

@@ -336,8 +336,9 @@ def test_fused_targets_share_one_launch_with_their_own_ranks(rng, buckets):
     m, d_in, num_slots = 70, 128, 4
     widths, ranks = (256, 64, 128), (32, 16, 32)
     slot_ranks = ((0, 16, 32, 32), (0, 0, 0, 0), (0, 32, 16, 32))
-    pairs = [make_pages(rng, sr if r == 32 else [0] * num_slots, d_in, w) if any(sr) else
-             make_pages(rng, [0] + [r] * (num_slots - 1), d_in, w) for w, r, sr in zip(widths, ranks, slot_ranks)]
+    # pages at each slot's rank; the rank-0 target still has data, which its zero slot ranks must keep unread
+    pairs = [make_pages(rng, sr if any(sr) else [0] + [r] * (num_slots - 1), d_in, w)
+             for w, r, sr in zip(widths, ranks, slot_ranks)]
     pairs = [(jnp.swapaxes(a, -1, -2), b) for a, b in pairs]
     x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
     slots = jnp.asarray(rng.integers(0, num_slots, size=m), jnp.int32)
