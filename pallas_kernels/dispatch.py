@@ -1,10 +1,10 @@
 """One entry point for multi-LoRA math: picks the implementation by platform and shape.
 
     TPU            -> the Mosaic TPU kernels (pallas_kernels/tpu/); decode or prefill variant by row count
-    GPU            -> by row count: the Mosaic GPU kernels (pallas_kernels/gpu/) for calls of at least
-                      gpu_kernel_min_rows() rows (prefill; the GPU block table's per-device crossover), the
-                      pure-JAX reference below (decode); backend="gpu" (or INFINILORA_LORA_BACKEND=gpu)
-                      forces the kernels
+    GPU            -> by row count and pool rank: the Mosaic GPU kernels (pallas_kernels/gpu/) for calls of
+                      at least gpu_kernel_min_rows(rank) rows (prefill; the GPU block table's per-device
+                      crossover), the pure-JAX reference below (decode); backend="gpu" (or
+                      INFINILORA_LORA_BACKEND=gpu) forces the kernels
     CPU            -> the pure-JAX reference
     TPU_INTERPRET  -> the TPU kernels run by the Pallas TPU interpreter on CPU (tests; asked for explicitly)
     GPU_INTERPRET  -> the GPU kernels run by the Mosaic GPU interpreter on CPU (tests; asked for explicitly)
@@ -68,9 +68,16 @@ def use_backend(backend: LoraBackend | str):
     return CHOICE.use(LoraBackend(backend).value)
 
 
-def gpu_kernel_min_rows(dtype=jnp.bfloat16) -> int:
-    """GPU default: the kernels for calls of at least this many rows (tokens, or token x expert pairs), from the
-    GPU block table (pallas_kernels/gpu/tuned_blocks.json, `kernel_min_rows`) of this device.
+def gpu_kernel_min_rows(dtype=jnp.bfloat16, rank: int | None = None) -> int:
+    """GPU default: the kernels for calls of at least this many rows (tokens, or token x expert pairs) on a pool
+    of rank `rank`, from the GPU block table (pallas_kernels/gpu/tuned_blocks.json, `kernel_min_rows` and
+    `kernel_min_rows_by_rank`) of this device.
+
+    The reference gathers each row's whole page (rows x rank x D_in bytes), the kernels read each distinct page
+    once, so the crossover falls as the rank grows. H200, device time per call (docs/benchmarks.md, ninth and
+    twelfth sessions): rank 16 dense 4096 x 4096 at 1,024 rows reference 37.8 us, kernels 43.3; at 2,048 73.1
+    against 66.6; rank 32 per expert (Qwen3 gate_up) at 512 rows 85.0 against 63.8; rank 64 at 256 rows 102.8
+    against 36.5 (at 16 rows 7.6 against 15.6); rank 128 at 64 rows 38.1 against 30.4.
 
     H200 (docs/benchmarks.md, ninth session, device time): from 1,024 rows the kernels' delta is 5.6-14x faster
     than the reference's gather + einsum (2.8x per expert at 8,192 rows). Below, the reference wins small dense
@@ -78,17 +85,19 @@ def gpu_kernel_min_rows(dtype=jnp.bfloat16) -> int:
     decode 1.25-1.9x, rank >= 64 at 64-256 tokens 1.3-2.7x), but every Mosaic GPU kernel instance adds to the
     engine's compile time (with them at decode, a 2-layer Qwen3 engine had not finished compiling after 125 s;
     without, prefill and compile took 38 s), and the whole decode step's gain is not measured yet: the H200
-    entry keeps decode on the reference."""
+    entry keeps decode on the reference. Twelfth session, the same engine with the kernels for every call
+    compiles in 102 s (reference 38 s) and its step is busier (LoRA adds 550 us of device time, the reference
+    381 us): the H200 entry floors every rank's crossover at 1,024 rows."""
     on_gpu = jax.default_backend() == "gpu"
     device = gpu_block_tables.current_device_key(interpret=not on_gpu)
-    return gpu_block_tables.blocks_for(device, jnp.dtype(dtype).name).kernel_min_rows
+    return gpu_block_tables.blocks_for(device, jnp.dtype(dtype).name).min_rows_for(rank)
 
 
 def select_backend(backend: LoraBackend | str | None = None, platform: str | None = None,
-                   rows: int | None = None, dtype=jnp.bfloat16) -> LoraBackend:
+                   rows: int | None = None, dtype=jnp.bfloat16, rank: int | None = None) -> LoraBackend:
     """Explicit argument, else the `use_backend` context, else $INFINILORA_LORA_BACKEND, else by platform
-    (TPU: kernels; GPU: kernels for 16-bit calls of at least gpu_kernel_min_rows() rows, else reference;
-    CPU: reference)."""
+    (TPU: kernels; GPU: kernels for 16-bit calls of at least gpu_kernel_min_rows(rank) rows, else reference;
+    CPU: reference). `rank`: the pool rank of the call's pages (the largest of its targets')."""
     if backend is not None:
         return LoraBackend(backend)
     name = CHOICE.selected()
@@ -98,7 +107,7 @@ def select_backend(backend: LoraBackend | str | None = None, platform: str | Non
     if platform == "tpu":
         return LoraBackend.TPU
     if (platform == "gpu" and rows is not None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-            and rows >= gpu_kernel_min_rows(dtype)):
+            and rows >= gpu_kernel_min_rows(dtype, rank)):
         return LoraBackend.GPU
     return LoraBackend.REFERENCE
 
@@ -183,6 +192,11 @@ def _group_keys(slots, experts, num_experts: int):
     return keys, valid & (slots > 0)
 
 
+def _pool_rank(lora_b: jax.Array, expert: bool) -> int:
+    """The rank the pool pads a target's pages to (B [S, (E,) R, *out])."""
+    return lora_b.shape[2 if expert else 1]
+
+
 def _out_shape(lora_b: jax.Array, expert: bool) -> tuple[int, ...]:
     return lora_b.shape[3:] if expert else lora_b.shape[2:]
 
@@ -190,7 +204,7 @@ def _out_shape(lora_b: jax.Array, expert: bool) -> tuple[int, ...]:
 def lora_delta(x: jax.Array, slots: jax.Array, lora_a: jax.Array, lora_b: jax.Array, *, slot_ranks=None,
                a_rank_major: bool = False, backend=None, blocks: Blocks | GpuBlocks | None = None) -> jax.Array:
     """[N, *out] float32 delta of a dense projection, one slot per token (reference.lora_delta)."""
-    chosen = select_backend(backend, rows=x.shape[0], dtype=x.dtype)
+    chosen = select_backend(backend, rows=x.shape[0], dtype=x.dtype, rank=_pool_rank(lora_b, False))
     if chosen is LoraBackend.REFERENCE:
         return reference.lora_delta(x, slots, lora_a, lora_b, a_rank_major=a_rank_major)
     out = _out_shape(lora_b, False)
@@ -205,7 +219,7 @@ def expert_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a
                       blocks: Blocks | GpuBlocks | None = None) -> jax.Array:
     """[M, *out] float32 per-expert delta; rows with an out-of-range expert get zero
     (reference.expert_lora_delta)."""
-    chosen = select_backend(backend, rows=x.shape[0], dtype=x.dtype)
+    chosen = select_backend(backend, rows=x.shape[0], dtype=x.dtype, rank=_pool_rank(lora_b, True))
     if chosen is LoraBackend.REFERENCE:
         return reference.expert_lora_delta(x, slots, experts, lora_a, lora_b, a_rank_major=a_rank_major)
     out = _out_shape(lora_b, True)
@@ -224,8 +238,8 @@ def paged_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array | None, 
     The kernels read the arenas directly. `b_table` (B pages placed at other rows than A's, same strides and
     block counts): the GPU kernels take it; the TPU kernels address A and B with one table, so there it runs on
     the reference."""
-    chosen = select_backend(backend, rows=x.shape[0], dtype=x.dtype)
     width = table.max_blocks * table.rank_block
+    chosen = select_backend(backend, rows=x.shape[0], dtype=x.dtype, rank=width)
     # the GPU kernels read arena rows in 8-row SMEM tiles (layout.py rank blocks are multiples of 8)
     gpu_ok = (gpu_supports(x, [(a_rows, b_rows)], [b_rows.shape[1]]) and width % 16 == 0
               and a_rows.shape[0] % 8 == 0 and b_rows.shape[0] % 8 == 0)
@@ -259,8 +273,9 @@ def add_lora_fused(ys: tuple[jax.Array, ...], x: jax.Array, slots: jax.Array, pa
     ys[i]: [M, *out_i] in any float dtype (the result has it); pairs: pool pages as in `lora_delta` (or
     `expert_lora_delta` when `experts` [M] is given); slot_ranks: None, one [S] array, or one per pair.
     """
-    chosen = select_backend(backend, rows=x.shape[0], dtype=x.dtype)
     expert = experts is not None
+    chosen = select_backend(backend, rows=x.shape[0], dtype=x.dtype,
+                            rank=max(_pool_rank(b, expert) for _, b in pairs))
     if chosen is LoraBackend.REFERENCE:
         return tuple(reference.add_delta(y, delta) for y, delta in zip(
             ys, _reference_deltas(x, slots, experts, pairs, a_rank_major)))

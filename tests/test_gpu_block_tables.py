@@ -201,6 +201,45 @@ def test_dispatch_reads_kernel_min_rows_from_the_table(monkeypatch):
         dispatch.LoraBackend.REFERENCE
 
 
+def test_kernel_min_rows_by_rank(monkeypatch):
+    """The crossover falls with the pool rank: a call takes the entry of the largest listed rank <= its own,
+    kernel_min_rows below the smallest listed rank and when the rank is unknown."""
+    blocks = GpuBlocks(kernel_min_rows=2048, kernel_min_rows_by_rank=[[16, 2048], [32, 512], [64, 128]])
+    assert blocks.kernel_min_rows_by_rank == ((16, 2048), (32, 512), (64, 128))
+    assert len({blocks, GpuBlocks(**dataclasses.asdict(blocks))}) == 1  # hashable, JSON lists or tuples alike
+    assert [blocks.min_rows_for(r) for r in (None, 8, 16, 31, 32, 48, 64, 256)] == \
+        [2048, 2048, 2048, 2048, 512, 512, 128, 128]
+    for bad in (((32, 1), (16, 2)), ((16, 1), (16, 2)), ((0, 1),), ((16, -1),)):
+        with pytest.raises(ValueError, match="kernel_min_rows_by_rank"):
+            GpuBlocks(kernel_min_rows_by_rank=bad)
+    monkeypatch.setattr(block_tables, "blocks_for", lambda device, dtype: blocks)
+    assert dispatch.gpu_kernel_min_rows(rank=64) == 128
+    choose = lambda rows, rank: dispatch.select_backend(platform="gpu", rows=rows, rank=rank)
+    assert choose(128, 64) is dispatch.LoraBackend.GPU and choose(127, 64) is dispatch.LoraBackend.REFERENCE
+    assert choose(512, 32) is dispatch.LoraBackend.GPU and choose(512, 16) is dispatch.LoraBackend.REFERENCE
+    assert choose(2047, None) is dispatch.LoraBackend.REFERENCE and choose(2048, None) is dispatch.LoraBackend.GPU
+
+
+def test_dispatch_entry_points_pass_the_pool_rank(monkeypatch, rng):
+    """Every entry point asks for a backend with the rank its pool pads pages to (the largest of fused
+    targets'; a paged arena's page width), whatever the slots' own ranks."""
+    from pallas_kernels.layout import PageTable
+    seen = []
+    real = dispatch.select_backend
+    monkeypatch.setattr(dispatch, "select_backend", lambda *a, **kw: seen.append(kw.get("rank")) or real(*a, **kw))
+    x, slots = jnp.ones((4, 64), BF), jnp.ones((4,), jnp.int32)
+    a16, b16 = pages(rng, 3, 64, 64, 16)
+    a48, b48 = pages(rng, 3, 64, 64, 48)
+    dispatch.lora_delta(x, slots, a48, b48, a_rank_major=True, slot_ranks=jnp.array([0, 8, 8]))
+    ea, eb = pages(rng, 3, 64, 64, 32, experts=2)
+    dispatch.expert_lora_delta(x, slots, jnp.zeros((4,), jnp.int32), ea, eb, a_rank_major=True)
+    dispatch.add_lora_fused((jnp.zeros((4, 64), BF),) * 2, x, slots, ((a16, b16), (a48, b48)), a_rank_major=True)
+    table = PageTable.padded(3, 1, 64, 16)
+    arena = jnp.zeros((3 * 64, 64), BF)
+    dispatch.paged_lora_delta(x, slots, None, arena, arena, table)
+    assert seen == [48, 32, 48, 64]
+
+
 def test_blocks_of_the_wrong_platform_are_refused(rng):
     from pallas_kernels.tpu.ops import Blocks
     a, b = pages(rng, 2, 64, 64, 16)
@@ -221,6 +260,17 @@ def test_tuner_crossover_rule():
     assert winning_from(counts, [True, True, True, False]) == 4096  # lost at the largest: past the probes
 
 
+def test_tuner_decode_rows_rule():
+    """decode_rows: the largest count up to which the decode variant's geometric-mean time ratio stayed <= 1
+    (the H200's crossover timings: a 3% loss per expert does not outweigh 29% gained on a dense call)."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from tune_gpu_lora_blocks import decode_rows_from
+    counts = (128, 256, 512)
+    assert decode_rows_from(counts, [[0.71, 1.03], [0.74, 1.04], [0.79, 0.98]]) == 512
+    assert decode_rows_from(counts, [[0.9, 1.0], [1.2, 1.1], [0.5, 0.5]]) == 128  # a loss ends it
+    assert decode_rows_from(counts, [[1.01, 1.0], [0.5, 0.5], [0.5, 0.5]]) == 0
+
+
 def test_tuner_dry_run_rewrites_only_its_entry(tmp_path):
     """The whole flow (every phase) in the interpreter on tiny shapes: it writes a valid interpret entry with each
     phase's fields, keeps the table's other entries, logs a checked timing for every phase, and says the entry
@@ -239,6 +289,9 @@ def test_tuner_dry_run_rewrites_only_its_entry(tmp_path):
     blocks = GpuBlocks(**{k: v for k, v in entry.items() if k in block_tables.FIELDS})
     assert entry["measured"] is False and "dry run" in entry["source"]
     assert blocks.kernel_min_rows >= 1024 and entry["kernel_crossover_rows"] in (80, 160)
+    assert [r for r, _ in blocks.kernel_min_rows_by_rank] == [16, 32]
+    assert all(rows >= 1024 for _, rows in blocks.kernel_min_rows_by_rank)
+    assert [r for r, rows in entry["kernel_crossover_rows_by_rank"] if rows in (80, 160)] == [16, 32]
     timings = json.loads(log.read_text())["timings"]
     tags = {t["tag"].split()[0] for t in timings}
     assert tags == {"prefill", "decode", "buckets", "crossover", "dispatch"}

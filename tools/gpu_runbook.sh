@@ -5,9 +5,9 @@
 # reference expand's form, the host's share of a 4-layer decode step, the start-up fix (compile_time), decode
 # with both modes in one call (eighth session: 0.99x). When an nvidia-h200-x4 is lent, x4_decode and x4_sweep
 # (issue 8's 2+2) come first; then mixtral_sweep (rerun with settled caches), then slo_sweep with
-# ADAPTER_LOADING=background. When only one GPU is lent: lora_qkv (the fused launch's first timing) and
-# kernel_compile (~6 min together), tune_gpu_blocks (its remaining phases), lora_step (the engine's compile with
-# the kernels, now that group_rows compiles in ~0.5 s), prefill_lora, lora_kernels_expert.
+# ADAPTER_LOADING=background. When only one GPU is lent: tune_gpu_blocks with PHASES=dispatch (the per-rank
+# crossover, never run in that form), lora_kernels_expert, expert_gemm. Done on one GPU in the twelfth session:
+# lora_qkv, kernel_compile, lora_step, prefill_lora, tune_gpu_blocks' decode/buckets/crossover phases.
 # Stages:
 #
 #   compile_time  (1 GPU, ~2 min) benchmarks/compile_time.py at 2 and 8 layers: checks that the Mosaic GPU expert
@@ -53,26 +53,25 @@
 #   kernel_check  (1 GPU, ~1 min) tools/gpu_lora_kernel_check.py numerics (all ok in the fifth session).
 #   lora_kernels_expert (1 GPU, ~5 min) benchmarks/lora_kernels.py, the rows the ninth session's limit cut: per-
 #                 expert prefill (Mixtral gate_up and down, Qwen3 down at 1,024 tokens) and ranks 8 / 128 at decode.
-#   prefill_lora  (1 GPU, ~6 min) benchmarks/prefill_lora.py, never run yet: whole-model prefill (Qwen3 widths, 2
-#                 layers, 2,048-row chunks) with the platform's LoRA dispatch (the Mosaic GPU kernels on the
-#                 rank-major pool, no per-call transpose since the ninth session) against the reference.
+#   prefill_lora  (1 GPU, ~3 min) benchmarks/prefill_lora.py: whole-model prefill (Qwen3 widths, 2 layers,
+#                 2,048-row chunks) with the platform's LoRA dispatch (the Mosaic GPU kernels on the rank-major
+#                 pool) against the reference (twelfth session: 11.3 against 19.1 ms per prompt, 1.69x).
 #   tune_gpu_blocks (1 GPU, ~7 min) tools/tune_gpu_lora_blocks.py: rewrites phases' fields of the H200 entry of
 #                 pallas_kernels/gpu/tuned_blocks.json (copy $OUT/tuned_blocks.json back and commit it).
 #                 Eleventh session: the prefill phase ran (stages 6, expand cols 128) once group_rows' compile
-#                 cost was cut (~40 s -> ~5 s per candidate and problem); next PHASES=decode,buckets,crossover,
-#                 dispatch (the default below). Rank buckets are kernel paths never run on a GPU: a failure
-#                 there is logged and the candidate dropped.
-#   lora_qkv      (1 GPU, ~4 min) benchmarks/lora_kernels.py's fused q/k/v cases alone: one add_lora_fused call
-#                 (one shrink + one expand launch for three targets, eleventh session, never timed) against three
-#                 add_lora calls and the reference, at Qwen3 attention widths, decode and prefill.
-#   kernel_compile (1 GPU, ~2 min) benchmarks/lora_kernel_compile.py: compile time of the LoRA kernels' programs
-#                 and of their glue's pieces, scatters of each kind included (eleventh session: group_rows'
-#                 scatters cost 9-17 s at 4,096 rows; which kind - set, add with duplicates, max - is not known,
-#                 and moe.py's inverse permutation and the attention metadata still use scatters).
+#                 cost was cut (~40 s -> ~5 s per candidate and problem); twelfth: decode (ksplit 4), buckets
+#                 (on), crossover (decode_rows 2048) and the old single-rank dispatch phase. Next:
+#                 PHASES=dispatch, the per-rank crossover (ranks 16/32/64/128 from 64 rows, ~5 min).
+#   lora_qkv      (1 GPU, ~2 min) benchmarks/lora_kernels.py's fused q/k/v cases alone: one add_lora_fused call
+#                 (one shrink + one expand launch for three targets) against three add_lora calls and the
+#                 reference, at Qwen3 attention widths (twelfth session: fused 8% faster at 2,048 rows).
+#   kernel_compile (1 GPU, ~1 min) benchmarks/lora_kernel_compile.py: compile time of the LoRA kernels' programs
+#                 and of their glue's pieces, scatters of each kind included (twelfth session: one scatter of
+#                 any kind compiles in 0.05-0.33 s; the prefill delta 1.5 s).
 #   lora_step     (1 GPU, ~9 min) the decode step (coupled1, Qwen3 widths, 2 layers, profiled) with the LoRA math
 #                 on the reference and on the Mosaic GPU kernels (INFINILORA_LORA_BACKEND=gpu), one process each:
-#                 the step-level gain and compile cost that would justify kernels at decode (ninth session: the
-#                 reference adds 379 us of device time per step; with kernels the engine had not compiled in 125 s).
+#                 the step-level gain and compile cost that would justify kernels at decode (twelfth session:
+#                 kernels 102 s to compile against 38, LoRA 550 us of device time per step against 381).
 #
 #   ./tools/gpu_runbook.sh compile_time       # device tool: run(command=..., kind=...), one stage per call
 set -uo pipefail

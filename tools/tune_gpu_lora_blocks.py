@@ -1,9 +1,11 @@
 """Regenerate this GPU's entry of pallas_kernels/gpu/tuned_blocks.json by timing the Mosaic GPU LoRA kernels.
 
-The prefill phase ran on an H200 in the eleventh session (docs/benchmarks.md: stages 6, expand tile 128); the
-other phases have not. On the GPU machine (one H200; each candidate x problem costs ~5 s, mostly compiling):
+On an H200 (docs/benchmarks.md) the prefill phase ran in the eleventh session (stages 6, expand tile 128), the
+decode, buckets and crossover phases in the twelfth (ksplit 4, buckets on, decode_rows 2048); the dispatch phase
+ran there in an older single-rank form, not yet per rank. On the GPU machine (one H200; each candidate x
+problem costs ~5 s, mostly compiling):
 
-    PYTHONPATH=. python tools/tune_gpu_lora_blocks.py --phases decode,buckets,crossover,dispatch --log $OUT/t.json
+    PYTHONPATH=. python tools/tune_gpu_lora_blocks.py --phases dispatch --log $OUT/t.json
 
 (or `OUT=$OUT ./tools/gpu_runbook.sh tune_gpu_blocks`). Phases, each rewriting only its own fields of the entry
 "<device>/<dtype>" (block_tables.py), so they can run in separate calls and in this order:
@@ -12,12 +14,16 @@ other phases have not. On the GPU machine (one H200; each candidate x problem co
              stages and expand_cols;
   buckets    rank_buckets on or off, on decode and prefill problems whose adapters have mixed ranks (a quarter,
              half or all of a rank-64 pool, the slots' ranks passed as the models would);
-  crossover  decode_rows: the largest probed row count at which the decode variant is not slower than the
-             prefill variant on every problem;
-  dispatch   kernel_min_rows: the smallest probed row count from which the kernels beat the reference's
-             gather + einsum on every problem at that count and above ("kernel_crossover_rows"), raised to
-             --kernel_min_rows_floor (compile cost: every kernel instance adds to an engine's start-up; see
-             dispatch.gpu_kernel_min_rows).
+  crossover  decode_rows: the largest probed row count up to which the decode variant is not slower than the
+             prefill variant at every probed count (geometric mean over the problems of its time / the
+             prefill variant's: a tie on one problem does not outweigh a clear gain on another);
+  dispatch   kernel_min_rows_by_rank: per pool rank (16, 32, 64, 128), the smallest probed row count from
+             which the kernels beat the reference's gather + einsum on every problem of that rank (a dense
+             4096 x 4096 projection, Qwen3's expert gate_up) at that count and above
+             ("kernel_crossover_rows_by_rank"), raised to --kernel_min_rows_floor (compile cost: every kernel
+             instance adds to an engine's start-up; see dispatch.gpu_kernel_min_rows); kernel_min_rows is the
+             smallest rank's (ranks below it, and calls of unknown rank, use it). A rank stops probing after
+             two wins in a row (the kernels' lead grows with the rows).
 A candidate's score is the geometric mean over problems of its time / the best time on that problem; the lowest
 wins. Times are device time per call (infinilora_jax/bench/kernel_timing.py: an unrolled jitted loop, kernel
 busy time from a profiler trace, less the loop's own), and every candidate's output is checked against the
@@ -89,12 +95,13 @@ PREFILL = [Shape("dense r64", 4096, 16, 64, 4096, 4096), Shape("dense r16", 2048
 DECODE = [Shape("dense r16", 64, 32, 16, 4096, 4096), Shape("dense r64", 256, 64, 64, 4096, 4096),
           Shape("qwen3 gate_up", 512, 32, 32, 2048, 1536, 128, 8),
           Shape("mixtral gate_up", 128, 32, 64, 4096, 28672, 8, 2)]
-DISPATCH_SHAPES = (0, 1, 2)  # of DECODE: where the reference is strongest (dense r16), dense r64, per expert
 CROSSOVER_ROWS = (128, 256, 512, 1024, 2048)
-DISPATCH_ROWS = (256, 512, 1024, 2048, 4096)
+DISPATCH_RANKS = (16, 32, 64, 128)
+DISPATCH_ROWS = (64, 128, 256, 512, 1024, 2048, 4096)
 TINY_PREFILL = [Shape("tiny dense", 80, 3, 16, 128, 128), Shape("tiny expert", 80, 3, 16, 128, 128, 4, 2)]
 TINY_DECODE = [Shape("tiny dense", 16, 3, 16, 256, 128)]
 TINY_ROWS = (80,)
+TINY_DISPATCH_RANKS = (16, 32)
 BUCKET_SHAPES = [dataclasses.replace(s, mixed=True) for s in (DECODE[1], DECODE[3], PREFILL[0], PREFILL[3])]
 TINY_BUCKETS = [Shape("tiny mixed", 40, 4, 32, 128, 128, mixed=True)]
 
@@ -206,6 +213,18 @@ def winning_from(counts, wins) -> int:
     return crossover
 
 
+def decode_rows_from(counts, ratios) -> int:
+    """The largest probed count up to which the decode variant was not slower at every probed count: at each
+    count, the geometric mean over its problems of decode time / prefill time is <= 1. 0: it lost at the
+    smallest."""
+    decode_rows = 0
+    for rows, per_problem in zip(counts, ratios):
+        if np.exp(np.mean(np.log(np.maximum(per_problem, 1e-9)))) > 1:
+            break
+        decode_rows = rows
+    return decode_rows
+
+
 def tune(dtype, entry: GpuBlocks, phases, rng, timer: Timer, tiny: bool) -> dict:
     """The fields each phase settles, starting from `entry` (the table's current settings)."""
     decode_shapes = TINY_DECODE if tiny else DECODE
@@ -231,25 +250,42 @@ def tune(dtype, entry: GpuBlocks, phases, rng, timer: Timer, tiny: bool) -> dict
         entry = dataclasses.replace(entry, **fields)
     if "crossover" in phases:
         dec, pre = dataclasses.replace(entry, decode_rows=1 << 30), dataclasses.replace(entry, decode_rows=0)
-        decode_rows = 0
-        for rows in TINY_ROWS if tiny else CROSSOVER_ROWS:
+        counts, ratios = TINY_ROWS if tiny else CROSSOVER_ROWS, []
+        for rows in counts:
             problems = [make_problem(rng, s.with_rows(rows), dtype) for s in decode_shapes]
-            if all(timer(p, dec, "crossover decode") <= timer(p, pre, "crossover prefill") for p in problems):
-                decode_rows = rows
-        fields["decode_rows"] = decode_rows
+            ratios.append([timer(p, dec, "crossover decode") / max(timer(p, pre, "crossover prefill"), 1e-3)
+                           for p in problems])
+        fields["decode_rows"] = decode_rows_from(counts, ratios)
         entry = dataclasses.replace(entry, **fields)
     if "dispatch" in phases:
-        shapes = decode_shapes if tiny else [decode_shapes[i] for i in DISPATCH_SHAPES]
-        counts = TINY_ROWS if tiny else DISPATCH_ROWS
-        wins = []
-        for rows in counts:
-            problems = [make_problem(rng, s.with_rows(rows), dtype) for s in shapes]
-            wins.append(all(timer(p, entry, "dispatch kernels") < timer(p, None, "dispatch reference")
-                            for p in problems))
-        crossover = winning_from(counts, wins)
-        fields.update(kernel_crossover_rows=crossover,
-                      kernel_min_rows=max(crossover, F.kernel_min_rows_floor))
+        crossovers = [(rank, dispatch_crossover(rng, dtype, entry, timer, rank, tiny))
+                      for rank in (TINY_DISPATCH_RANKS if tiny else DISPATCH_RANKS)]
+        floored = [(rank, max(rows, F.kernel_min_rows_floor)) for rank, rows in crossovers]
+        fields.update(kernel_crossover_rows_by_rank=crossovers, kernel_min_rows_by_rank=floored,
+                      kernel_crossover_rows=crossovers[0][1], kernel_min_rows=floored[0][1])
     return fields
+
+
+def dispatch_shapes(rank: int, tiny: bool) -> list[Shape]:
+    """The dispatch phase's problems at one pool rank: a dense projection and a per-expert one."""
+    if tiny:
+        return [Shape("tiny dense", 80, 3, rank, 256, 128)]
+    return [Shape(f"dense r{rank}", 64, 32, rank, 4096, 4096),
+            Shape(f"qwen3 gate_up r{rank}", 64, 32, rank, 2048, 1536, 128, 8)]
+
+
+def dispatch_crossover(rng, dtype, entry: GpuBlocks, timer: Timer, rank: int, tiny: bool) -> int:
+    """The smallest probed row count from which the kernels beat the reference on every problem of this rank
+    (winning_from), probing rising counts until two wins in a row."""
+    counts, wins = [], []
+    for rows in TINY_ROWS if tiny else DISPATCH_ROWS:
+        problems = [make_problem(rng, s.with_rows(rows), dtype) for s in dispatch_shapes(rank, tiny)]
+        counts.append(rows)
+        wins.append(all(timer(p, entry, "dispatch kernels") < timer(p, None, "dispatch reference")
+                        for p in problems))
+        if wins[-2:] == [True, True]:
+            break
+    return winning_from(counts, wins)
 
 
 def main(argv):

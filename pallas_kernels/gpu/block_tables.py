@@ -41,9 +41,19 @@ class GpuBlocks:
     # rows, the reference's gather + einsum below. Not a block size, but a per-device crossover of the same
     # timings; it also weighs compile time (every kernel instance adds to an engine's start-up).
     kernel_min_rows: int = 1024
+    # The same per pool rank, ((rank, min rows), ...) by rising rank: the reference gathers every row's whole
+    # page (rows x rank x D_in), the kernels each distinct page once, so the crossover falls as the rank grows
+    # (H200: 2,048 rows at rank 16, <= 128 at 64). A call takes the entry of the largest listed rank <= its
+    # pool rank; kernel_min_rows when none is (or the list is empty).
+    kernel_min_rows_by_rank: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
+        # JSON gives lists; the settings are hashed (cached lookups, jit static arguments)
+        pairs = tuple((int(r), int(n)) for r, n in self.kernel_min_rows_by_rank)
+        object.__setattr__(self, "kernel_min_rows_by_rank", pairs)
         problems = []
+        if [r for r, _ in pairs] != sorted({r for r, _ in pairs}) or any(r < 1 or n < 0 for r, n in pairs):
+            problems.append(f"kernel_min_rows_by_rank {pairs}: distinct ranks >= 1, rising, rows >= 0")
         if self.stages not in STAGE_CHOICES:
             problems.append(f"stages {self.stages} not in {STAGE_CHOICES}")
         if self.expand_cols not in EXPAND_COL_CHOICES:
@@ -54,6 +64,15 @@ class GpuBlocks:
             problems.append("row counts must be >= 0")
         if problems:
             raise ValueError("GpuBlocks: " + "; ".join(problems))
+
+
+    def min_rows_for(self, rank: int | None) -> int:
+        """The dispatcher's kernels-vs-reference crossover for a call on a pool of rank `rank` (None: unknown)."""
+        rows = self.kernel_min_rows
+        for listed, listed_rows in self.kernel_min_rows_by_rank:
+            if rank is not None and listed <= rank:
+                rows = listed_rows
+        return rows
 
 
 DEFAULT = GpuBlocks()
