@@ -4,7 +4,9 @@ Runs a multi-adapter workload through the engine at several arrival rates (so th
 lone decodes, full decode batches, prefill chunks), records every step's tokens, distinct adapters and time,
 fits step_ms = host_ms + layers * (const + tokens_coef * tokens + adapters_coef * adapters), and writes the
 model, the raw points and where they came from (date, machine, command, git commit) into a calibration JSON.
-host_ms is the median time a step spends outside the runner's jitted call (scheduling, packing, bookkeeping).
+host_ms is the median time a step spends outside the runner's jitted call (scheduling, packing, bookkeeping);
+gap_ms the mean host time between two steps while requests are pending (replay.host_gaps: the caller's loop
+adding arrivals), which no step's time holds and the simulator charges after every step.
 
     # CPU, the bundled tiny model (what configs/calibration/cpu-tiny.json holds)
     python benchmarks/calibrate_step_time.py --out configs/calibration/cpu-tiny.json
@@ -78,6 +80,8 @@ def main(argv):
         logging.info("rate %.1f: %d steps so far", rate, len(log.records))
     recs = log.records
     host_ms = float(np.median([r.ms - r.device_ms for r in recs]))
+    gaps = replay.host_gaps(recs)
+    gap_ms = float(gaps.mean()) if len(gaps) else 0.0
     points = [calibration.StepPoint(r.tokens, r.adapters, r.ms, layers, r.rows) for r in recs]
     provenance = calibration.provenance(" ".join(["python"] + sys.argv), F.machine, {
         "workload": {"rates": F.rates, "num_requests": F.num_requests, "prompt_len": F.prompt_len,
@@ -86,8 +90,9 @@ def main(argv):
         "engine": {"max_num_seqs": F.max_num_seqs, "max_num_batched_tokens": F.max_num_batched_tokens,
                    "max_model_len": F.max_model_len, "dtype": F.dtype, "model": F.model or "bundled tiny",
                    "num_layers": layers},
+        "host_gaps": {"n": len(gaps), "median_ms": float(np.median(gaps)) if len(gaps) else None},
         "load_average_1min": [load_before, os.getloadavg()[0]]})  # other processes may share the machine
-    model = calibration.fit(points, F.name, host_ms=host_ms, provenance=provenance, rank=F.rank,
+    model = calibration.fit(points, F.name, host_ms=host_ms, provenance=provenance, rank=F.rank, gap_ms=gap_ms,
                             targets=tuple(llm.runner.pool.pool_cfg.targets), shape_config=_shape_config())
     err = calibration.residuals(model, points)
     provenance["fit"] = {"median_abs_rel_error": float(np.median(np.abs(err))),
@@ -96,7 +101,7 @@ def main(argv):
     models[F.name] = model
     os.makedirs(os.path.dirname(F.out) or ".", exist_ok=True)
     calibration.save(F.out, models)
-    print(f"  {len(points)} steps; host {host_ms:.2f} ms/step; per layer: const {model.const:.4f} ms, "
+    print(f"  {len(points)} steps; host {host_ms:.2f} ms/step, {gap_ms:.2f} ms between steps; per layer: const {model.const:.4f} ms, "
           f"{model.tokens_coef * 1e3:.3f} us/token, {model.adapters_coef * 1e3:.3f} us/adapter "
           f"({layers} layers)")
     print(f"  fit |relative error|: median {provenance['fit']['median_abs_rel_error']:.1%}, "
