@@ -101,9 +101,9 @@ def main(argv):
     models[F.name] = model
     os.makedirs(os.path.dirname(F.out) or ".", exist_ok=True)
     calibration.save(F.out, models)
-    print(f"  {len(points)} steps; host {host_ms:.2f} ms/step, {gap_ms:.2f} ms between steps; per layer: const {model.const:.4f} ms, "
-          f"{model.tokens_coef * 1e3:.3f} us/token, {model.adapters_coef * 1e3:.3f} us/adapter "
-          f"({layers} layers)")
+    print(f"  {len(points)} steps; host {host_ms:.2f} ms/step, {gap_ms:.2f} ms between steps; "
+          f"per layer: const {model.const:.4f} ms, {model.tokens_coef * 1e3:.3f} us/token, "
+          f"{model.adapters_coef * 1e3:.3f} us/adapter ({layers} layers)")
     print(f"  fit |relative error|: median {provenance['fit']['median_abs_rel_error']:.1%}, "
           f"P90 {provenance['fit']['p90_abs_rel_error']:.1%}")
     logging.info("wrote %s", F.out)

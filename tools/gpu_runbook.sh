@@ -61,7 +61,9 @@
 #                 Eleventh session: the prefill phase ran (stages 6, expand cols 128) once group_rows' compile
 #                 cost was cut (~40 s -> ~5 s per candidate and problem); twelfth: decode (ksplit 4), buckets
 #                 (on), crossover (decode_rows 2048) and the old single-rank dispatch phase. Next:
-#                 PHASES=dispatch, the per-rank crossover (ranks 16/32/64/128 from 64 rows, ~5 min).
+#                 PHASES=dispatch, the per-rank crossover (ranks 16/32/64/128 from 64 rows, ~5-8 min; if it
+#                 runs past the limit, DISPATCH_RANKS=16,32 then DISPATCH_RANKS=64,128 in two calls: each
+#                 call's ranks replace those ranks' in the entry).
 #   lora_qkv      (1 GPU, ~2 min) benchmarks/lora_kernels.py's fused q/k/v cases alone: one add_lora_fused call
 #                 (one shrink + one expand launch for three targets) against three add_lora calls and the
 #                 reference, at Qwen3 attention widths (twelfth session: fused 8% faster at 2,048 rows).
@@ -113,8 +115,9 @@ case "${1:-}" in
       --iters 4 --repeats 2 --out "$OUT/lora_kernels_expert" > "$OUT/lora_kernels_expert.log" 2>&1
     echo "lora_kernels_expert rc=$?"; show "$OUT/lora_kernels_expert.log" 40 ;;
   tune_gpu_blocks)
-    phases=${PHASES:-decode,buckets,crossover,dispatch}
-    timeout 570 python3 -u tools/tune_gpu_lora_blocks.py --phases "$phases" --log "$OUT/tune_gpu_${phases//,/_}.json" \
+    phases=${PHASES:-dispatch}
+    timeout 570 python3 -u tools/tune_gpu_lora_blocks.py --phases "$phases" ${DISPATCH_RANKS:+--dispatch_ranks=$DISPATCH_RANKS} \
+      --log "$OUT/tune_gpu_${phases//,/_}.json" \
       > "$OUT/tune_gpu_${phases//,/_}.log" 2>&1
     echo "tune_gpu_blocks rc=$?"; cp pallas_kernels/gpu/tuned_blocks.json "$OUT/tuned_blocks.json"
     grep -E "best|candidate .* failed|h200/" "$OUT/tune_gpu_${phases//,/_}.log" | tail -20 ;;

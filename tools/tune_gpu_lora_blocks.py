@@ -23,7 +23,8 @@ problem costs ~5 s, mostly compiling):
              ("kernel_crossover_rows_by_rank"), raised to --kernel_min_rows_floor (compile cost: every kernel
              instance adds to an engine's start-up; see dispatch.gpu_kernel_min_rows); kernel_min_rows is the
              smallest rank's (ranks below it, and calls of unknown rank, use it). A rank stops probing after
-             two wins in a row (the kernels' lead grows with the rows).
+             two wins in a row (the kernels' lead grows with the rows). --dispatch_ranks probes some ranks
+             only (a call's time limit); their results replace those ranks' in the entry, others are kept.
 A candidate's score is the geometric mean over problems of its time / the best time on that problem; the lowest
 wins. Times are device time per call (infinilora_jax/bench/kernel_timing.py: an unrolled jitted loop, kernel
 busy time from a profiler trace, less the loop's own), and every candidate's output is checked against the
@@ -63,6 +64,7 @@ flags.DEFINE_list("dtypes", ["bfloat16"], "activation / page dtypes to tune (bfl
 flags.DEFINE_integer("iters", 5, "calls per timed loop (unrolled: each adds to the loop's compile time)")
 flags.DEFINE_integer("repeats", 3, "wall-clock loops per candidate (kept beside the device time)")
 flags.DEFINE_integer("kernel_min_rows_floor", 1024, "kernel_min_rows is at least this (compile cost)")
+flags.DEFINE_list("dispatch_ranks", None, "pool ranks the dispatch phase probes (default: 16, 32, 64, 128)")
 flags.DEFINE_string("out", block_tables.TABLE_PATH, "table to rewrite")
 flags.DEFINE_string("log", None, "write every timing to this JSON file")
 flags.DEFINE_bool("interpret", False, "dry run on CPU with tiny shapes in the Mosaic GPU interpreter")
@@ -258,12 +260,18 @@ def tune(dtype, entry: GpuBlocks, phases, rng, timer: Timer, tiny: bool) -> dict
         fields["decode_rows"] = decode_rows_from(counts, ratios)
         entry = dataclasses.replace(entry, **fields)
     if "dispatch" in phases:
-        crossovers = [(rank, dispatch_crossover(rng, dtype, entry, timer, rank, tiny))
-                      for rank in (TINY_DISPATCH_RANKS if tiny else DISPATCH_RANKS)]
-        floored = [(rank, max(rows, F.kernel_min_rows_floor)) for rank, rows in crossovers]
+        ranks = TINY_DISPATCH_RANKS if tiny else tuple(int(r) for r in F.dispatch_ranks or DISPATCH_RANKS)
+        crossovers = [(rank, dispatch_crossover(rng, dtype, entry, timer, rank, tiny)) for rank in ranks]
+        floored = merge_by_rank(entry.kernel_min_rows_by_rank,
+                                [(rank, max(rows, F.kernel_min_rows_floor)) for rank, rows in crossovers])
         fields.update(kernel_crossover_rows_by_rank=crossovers, kernel_min_rows_by_rank=floored,
-                      kernel_crossover_rows=crossovers[0][1], kernel_min_rows=floored[0][1])
+                      kernel_min_rows=floored[0][1])
     return fields
+
+
+def merge_by_rank(old, new) -> list[tuple[int, int]]:
+    """(rank, rows) pairs of `new` over those of `old` for the same rank, by rising rank."""
+    return sorted({**{int(r): int(n) for r, n in old}, **{int(r): int(n) for r, n in new}}.items())
 
 
 def dispatch_shapes(rank: int, tiny: bool) -> list[Shape]:
@@ -314,6 +322,9 @@ def main(argv):
         fields = {}
         for phase in phases:  # each phase's result is written before the next starts (a call may time out)
             fields.update(tune(jnp.dtype(name), start, [phase], rng, timer, tiny=F.interpret))
+            if "kernel_crossover_rows_by_rank" in fields:  # the measured crossovers, unfloored, of every rank
+                fields["kernel_crossover_rows_by_rank"] = merge_by_rank(
+                    old.get("kernel_crossover_rows_by_rank", []), fields["kernel_crossover_rows_by_rank"])
             start = dataclasses.replace(start, **{k: v for k, v in fields.items() if k in block_tables.FIELDS})
             done |= {phase} if not F.interpret else set()
             entries[key] = dict(fields, measured=done == set(PHASES), measured_phases=sorted(done),
