@@ -136,6 +136,21 @@ def test_feedback_loop_runs_every_call_and_copy_seconds():
     assert child_items.copy_seconds(jnp.ones((1024,)), 3, 2) > 0
 
 
+def test_timing_loop_keeps_every_call_of_integer_and_float_outputs():
+    """kernel_timing's unrolled loop must run the call once per iteration: an integer output fed back as
+    `v * 0` was folded to 0 and the calls dropped as dead code (group_rows timed ~0 us on the H200)."""
+    import jax.numpy as jnp
+
+    from infinilora_jax.bench import kernel_timing
+
+    keys = jnp.arange(100, dtype=jnp.int32)[::-1]
+    sorts = kernel_timing.timing_loop(jnp.argsort, 3).lower(keys).compile().as_text().count(" sort(")
+    assert sorts == 3
+    x = jnp.ones((64, 64))
+    assert kernel_timing.timing_loop(lambda v: v @ v, 3).lower(x).compile().as_text().count(" dot(") == 3
+    assert bool(jnp.all(kernel_timing.timing_loop(jnp.argsort, 3)(keys) == keys))  # the fed-back zero
+
+
 def test_lora_kernels_benchmark_redraws_its_plot(tmp_path):
     """benchmarks/lora_kernels.py --plot_from: the script imports and draws dense and per-expert rows (a failed
     variant, which has no time, is left out of the bars)."""

@@ -6,6 +6,8 @@ profiler trace of one loop. Rolled loops and per-program timing mislead at these
 program launch costs tens of us, more than a decode-size LoRA call (docs/benchmarks.md, ninth session). Each
 iteration passes its output through an optimization barrier and feeds one element back into the first
 argument, so XLA can neither hoist the call out of the loop nor shrink it to the slice that element needs.
+The element is fed back as float32 times zero: XLA folds an integer `v * 0` to 0 (and then drops the call as
+dead code: integer-output calls such as group_rows timed ~0 us), but not a float one (0 * NaN is NaN).
 Subtract the loop's own cost (`per_call(identity, ...)`) from each figure.
 """
 
@@ -15,6 +17,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 
 from infinilora_jax.bench import device_trace
 
@@ -25,19 +28,23 @@ def identity(x, *args):
     return x
 
 
+def timing_loop(fn, iters: int):
+    """jit of `iters` unrolled calls of fn, each depending on the one before through its first argument."""
+    def loop(x, *rest):
+        def body(_, x):
+            out = jax.lax.optimization_barrier(fn(x, *rest))
+            first = jax.tree.leaves(out)[0].reshape(-1)[0].astype(jnp.float32)
+            return x.at[(0,) * x.ndim].add((first * 0).astype(x.dtype))
+        return jax.lax.fori_loop(0, iters, body, x, unroll=True)
+    return jax.jit(loop)
+
+
 def per_call(fn, *args, iters: int, repeats: int, trace: bool = True, profile: bool = False) -> dict:
     """Per call of fn(*args): `wall_us` (median over `repeats` loops; on the GPU it carries the per-program
     launch cost spread over the calls) and `device_us` (kernel busy time per call in a profiler trace of one
     loop; None where the trace shows no device, as on CPU, or when trace=False). `profile` prints the trace's
     top kernels per call."""
-    def loop(x, *rest):
-        def body(_, x):
-            out = jax.lax.optimization_barrier(fn(x, *rest))
-            first = jax.tree.leaves(out)[0].reshape(-1)[0]
-            return x.at[(0,) * x.ndim].add((first * 0).astype(x.dtype))
-        return jax.lax.fori_loop(0, iters, body, x, unroll=True)
-
-    run = jax.jit(loop)
+    run = timing_loop(fn, iters)
     jax.block_until_ready(run(*args))
     times = []
     for _ in range(repeats):
