@@ -85,6 +85,37 @@ def test_device_trace_gaps_split_between_and_inside_calls():
     assert device_trace._gaps(spans) == [50, 2, 2]
 
 
+def test_device_trace_attributes_gaps_to_the_programs_around_them(tmp_path):
+    """Idle time inside a call splits into gaps between two programs and gaps within one, each of the largest
+    listed with the ops around it; the largest calls-1 gaps are the time between calls."""
+    import gzip
+    import json
+
+    from infinilora_jax.bench import device_trace
+
+    def op(name, ts, dur, module):
+        return {"ph": "X", "pid": 1, "tid": 1, "name": name, "ts": ts, "dur": dur, "args": {"hlo_module": module}}
+
+    # two calls (steps), each: program "fwd" with a 30 us stall inside it, a 100 us host gap, program "sample"
+    events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
+    for t0 in (0, 1000):
+        events += [op("gemm_a", t0, 10, "fwd"), op("fusion_b", t0 + 40, 10, "fwd"), op("short", t0 + 42, 2, "fwd"),
+                   op("argmax", t0 + 150, 5, "sample")]
+    path = tmp_path / "plugins" / "profile" / "x"
+    path.mkdir(parents=True)
+    with gzip.open(path / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    s = device_trace.summarize(str(tmp_path), calls=2)["/device:GPU:0"]
+    assert s["between_calls_us"] == 845  # 1000 - 155
+    assert s["idle_between_programs_us"] == 100 and s["idle_within_programs_us"] == 30
+    assert abs(s["in_call_idle_us"] - 130) < 1e-9
+    assert s["program_runs_per_call"] == 2
+    top = s["largest_gaps"][1]
+    assert (top["us"], top["before"], top["after"], top["before_module"], top["after_module"]) == \
+        (100, "fusion_b", "argmax", "fwd", "sample")  # the op that ended last, not the one that started last
+    assert "100 us between programs" in device_trace.format_summary({"/device:GPU:0": s})
+
+
 def test_busy_time_is_the_union_of_intervals():
     from infinilora_jax.bench.device_trace import _busy
 

@@ -5,6 +5,11 @@ traced calls, the time it was busy (union of its kernel/op intervals), the idle 
 a call and the gaps between calls (the host's work between steps), and the total time per
 kernel category (collectives, GEMMs, attention, copies, other) with the top kernels by name. On GPU the idle
 time between kernels is what role branches (the host reads each predicate) and collective waits cost.
+
+Each idle stretch is also attributed by the XLA programs (`hlo_module` of the ops on either side, where the
+trace has it): between two programs (the host's work between jitted calls of one engine step, or between
+steps) or within one program (predicate reads of conditionals, collective waits, launch-bound runs of small
+kernels), and the largest stretches are listed with the ops around them, so a profile says where to look.
 """
 
 from __future__ import annotations
@@ -46,6 +51,23 @@ def _gaps(intervals: list[tuple[float, float]]) -> list[float]:
     return sorted(gaps, reverse=True)
 
 
+def _gap_details(ops: list[dict]) -> list[dict]:
+    """Idle stretches of the union of the ops' intervals, largest first, each with the op that ended last
+    before it and the op that starts it (names and `hlo_module`s; None where the trace has no module)."""
+    details, last = [], None
+    for e in sorted(ops, key=lambda e: e["ts"]):
+        if last is not None and e["ts"] > last["ts"] + last["dur"]:
+            details.append({"us": e["ts"] - last["ts"] - last["dur"], "before": last["name"][:80],
+                            "after": e["name"][:80], "before_module": _module(last), "after_module": _module(e)})
+        if last is None or e["ts"] + e["dur"] > last["ts"] + last["dur"]:
+            last = e
+    return sorted(details, key=lambda d: -d["us"])
+
+
+def _module(event: dict) -> str | None:
+    return (event.get("args") or {}).get("hlo_module")
+
+
 def _busy(intervals: list[tuple[float, float]]) -> float:
     """Length of the union of [start, end) intervals: their span less the gaps (0 for none)."""
     if not intervals:
@@ -72,11 +94,18 @@ def summarize(trace_dir: str, calls: int = 1, top: int = 12) -> dict:
             continue
         spans = [(e["ts"], e["ts"] + e["dur"]) for e in ops]
         span = max(e for _, e in spans) - min(s for s, _ in spans)
-        gaps = _gaps(spans)
+        details = _gap_details(ops)
+        gaps = [d["us"] for d in details]
         busy = span - sum(gaps)
         # with several calls traced, the calls-1 largest gaps are (mostly) the host's time between calls;
         # the rest of the idle time is inside the calls (branch predicates, collective waits, launches)
         between = sum(gaps[: calls - 1])
+        inside = details[calls - 1:]
+        known = [d for d in inside if d["before_module"] and d["after_module"]]
+        across = sum(d["us"] for d in known if d["before_module"] != d["after_module"])
+        within = sum(d["us"] for d in known if d["before_module"] == d["after_module"])
+        modules = [m for m in (_module(e) for e in sorted(ops, key=lambda e: e["ts"])) if m]
+        runs = 1 + sum(a != b for a, b in zip(modules, modules[1:]))
         by_cat, by_name = collections.Counter(), collections.Counter()
         for e in ops:
             by_cat[category(e["name"])] += e["dur"]
@@ -85,6 +114,11 @@ def summarize(trace_dir: str, calls: int = 1, top: int = 12) -> dict:
             "span_us": span / calls, "busy_us": busy / calls, "idle_share": 1 - busy / span if span else 0.0,
             "between_calls_us": between / max(calls - 1, 1), "in_call_idle_us": (span - busy - between) / calls,
             "largest_gaps_us": gaps[:5], "ops_per_call": len(ops) / calls,
+            # idle inside the calls, attributed by the programs around it (gaps whose ops name no program in
+            # neither bucket); program runs: stretches of consecutive ops of one program
+            "idle_between_programs_us": across / calls, "idle_within_programs_us": within / calls,
+            "program_runs_per_call": runs / calls if any(modules) else None,
+            "largest_gaps": details[:8],
             "by_category_us": {k: v / calls for k, v in by_cat.most_common()},
             "top_us": [(n, v / calls) for n, v in by_name.most_common(top)]}
     return out
@@ -106,6 +140,13 @@ def format_summary(summary: dict) -> str:
                      f"(idle {s['idle_share']:.0%}: {s['in_call_idle_us']:.0f} us inside a call, "
                      f"{s['between_calls_us']:.0f} us between calls), {s['ops_per_call']:.0f} ops; {cats}")
         lines.extend(f"    {v:9.1f} us  {n}" for n, v in s["top_us"][:6])
+        if s.get("program_runs_per_call") is not None:
+            lines.append(f"    idle inside a call: {s['idle_between_programs_us']:.0f} us between programs, "
+                         f"{s['idle_within_programs_us']:.0f} us within one; "
+                         f"{s['program_runs_per_call']:.1f} program runs per call")
+        for d in s.get("largest_gaps", [])[:4]:
+            lines.append(f"    gap {d['us']:8.1f} us  after {d['before']} [{d['before_module']}]  "
+                         f"before {d['after']} [{d['after_module']}]")
     return "\n".join(lines)
 
 
