@@ -191,6 +191,29 @@ def test_greedy_mixed_batch_two_instances_4p4(llm44):
         assert outs[rid] == ref[f"greedy__{v}__{i}"].tolist(), (i, v)
 
 
+def test_lora_server_ep4_dp1():
+    """Issue 8's "LoRA server EP4" on four devices (generic layout role_dp1_ep4: one base instance over ep4 |
+    LoRA server ep4, pp1): float32 logits equal the HF + PEFT references and greedy tokens HF's for every
+    (prompt, adapter) pair in one mixed batch; the LoRA devices hold no base weights."""
+    ref, prompts = reference(MODEL), _prompts()
+    llm = LLM(model_dir(MODEL), adapters=adapter_dirs(MODEL), dtype="float32", mesh="role_dp1_ep4",
+              mode="disaggregated", max_num_seqs=16, max_model_len=128, progress=False)
+    for variant in VARIANTS:
+        got = llm.logits(prompts[0], variant_adapter(variant))
+        assert rel_err(got, ref[f"logits_f32__{variant}__0"]) < 1e-4, variant
+    rows = [(i, v) for i in range(3) for v in VARIANTS]
+    outs = llm.generate([prompts[i] for i, _ in rows], GREEDY, [variant_adapter(v) for _, v in rows])
+    for out, (i, v) in zip(outs, rows):
+        assert out.token_ids == ref[f"greedy__{v}__{i}"].tolist(), (i, v)
+    runner = llm.runner
+    assert runner.mesh.axis_names == ("role", "dp", "pp", "ep", "tp") and runner.mesh.devices.shape == (2, 1, 1, 4, 1)
+    lora = [row for row in runner.bytes_by_role() if row["role"] == "lora"]
+    assert len(lora) == 4 and all(0 < row["adapter_pages"] <= row["live_bytes"] for row in lora)
+    largest_weight = max(spec.nbytes for spec in runner.weight_specs.values())
+    for device, sizes in _foreign_device_bytes(runner, _lora_devices(runner)).items():
+        assert all(n < largest_weight for n in sizes), (device, sizes, largest_weight)
+
+
 def test_background_loads_on_the_lora_server_4p4(llm44):
     """Background loads write the LoRA server's role buffers too: cold adapters copied in while both base
     instances step, then committed; tokens identical to HF's."""

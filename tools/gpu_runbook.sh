@@ -44,6 +44,13 @@
 #                 BASELINES=disaggregated as separate calls (TAG=_coupled, TAG=_disagg): on 2 GPUs (seventh
 #                 session) compiling took ~2 min and each baseline's probes at one count ~1.5-2 min.
 #                 Same overrides as `slo_sweep` (BASELINES, COUNTS, REQUESTS, START, TIMEOUT, TAG) and REPLICAS.
+#   x8_decode     (8 GPUs, ~5 min per mode) issue 8: benchmarks/disagg.py decode on LAYOUT=role_dp1_ep4 (LoRA
+#                 server EP4, the default) or LAYOUT=4+4 (EP2 x PP2, two base instances) against coupled on the
+#                 same eight GPUs (MODES=coupled: one ep8 replica; coupled_dp: eight single-device replicas).
+#                 MODEL=$MIXTRAL for Mixtral widths. The layouts run on 8 CPU devices in the tests.
+#   x8_sweep      (8 GPUs, ~9 min per baseline) issue 8's sweep at 512 adapters (COUNTS), coupled as eight
+#                 single-device replicas against the LoRA server layouts (slot arithmetic at the stage); one
+#                 baseline and layout per call. Same overrides as slo_sweep, plus LAYOUT and MODEL.
 #   cmdbuf        (2 GPUs, ~5 min, low priority) the disaggregated decode step with XLA's CUDA-graph command
 #                 buffers extended to conditionals. benchmarks/cond_overhead.py found no gain per role branch on
 #                 a synthetic chain (23 vs 24 us); coupled1 at 2 layers went 4.74 -> 4.05 ms with adapters in one
@@ -184,6 +191,35 @@ case "${1:-}" in
     sweep x4_sweep --baselines ${BASELINES:-coupled,disaggregated} --disagg_layout 2+2 \
       --coupled_replicas ${REPLICAS:-4} --coupled_mesh $CMESH --pool_slots 95 --coupled_slots $CSLOTS \
       --disagg_slots 95 ;;
+  x8_decode)
+    # issue 8 on 8 GPUs: LAYOUT=role_dp1_ep4 (one base instance over ep4 | LoRA server ep4, the default) or
+    # LAYOUT=4+4 (two base instances of ep2 | LoRA server pp2 x ep2); coupled = one ep8 replica, coupled_dp =
+    # eight single-device replicas. One mode per call, as x4_decode.
+    M=${MODES:-disagg}; L=${LAYOUT:-role_dp1_ep4}
+    INFINILORA_EXPERT_GEMM=${EXPERT_GEMM:-auto} timeout 560 python3 -u benchmarks/disagg.py --model ${MODEL:-$QWEN} \
+      --num_layers 8 --dtype bfloat16 --rank 32 --parts decode --modes $M --disagg_mesh $L --coupled_mesh ep8 \
+      --requests 64 --adapters 32 --prompt_len 128 --steps 16 --profile_steps 3 --out "$OUT/x8_decode_${M//,/_}_$L" \
+      > "$OUT/x8_decode_${M//,/_}_$L.log" 2>&1
+    echo "x8_decode $M $L rc=$?"; show "$OUT/x8_decode_${M//,/_}_$L.log" 60 ;;
+  x8_sweep)
+    # issue 8's sweep: 512 adapters, Zipf 1.2, coupled as eight single-device replicas against the LoRA server
+    # layouts. Slots at full depth, as x4_sweep (Qwen3: a rank-32 all-target adapter 2.58 GB, 98% expert pages;
+    # ~126 GB of a LoRA device for pages): a single-device replica 23; LoRA ep4 2.58 x (0.98 / 4 + 0.02) =
+    # 0.68 GB per adapter per device -> 184; pp2 x ep2 (4+4) 2.58 x (0.98 / 2 + 0.02) / 2 = 0.66 -> 191.
+    # Mixtral (MODEL=$MIXTRAL RANK=64, 1.79 GB per adapter, ~95% expert pages): a replica 14; ep4
+    # 1.79 x (0.95 / 4 + 0.05) = 0.51 -> 245; pp2 x ep2 1.79 x (0.95 / 2 + 0.05) / 2 = 0.47 -> 268.
+    # Run BASELINES=coupled and BASELINES=disaggregated (LAYOUT=role_dp1_ep4, then LAYOUT=4+4) as separate
+    # calls (TAG=_coupled, TAG=_ep4, TAG=_4p4).
+    L=${LAYOUT:-role_dp1_ep4}
+    case "${MODEL:-$QWEN}:$L" in
+      "$QWEN:role_dp1_ep4") CSLOTS=23 DSLOTS=184 ;;
+      "$QWEN:4+4") CSLOTS=23 DSLOTS=191 ;;
+      "$MIXTRAL:role_dp1_ep4") CSLOTS=14 DSLOTS=245 ;;
+      "$MIXTRAL:4+4") CSLOTS=14 DSLOTS=268 ;;
+      *) echo "x8_sweep: MODEL=\$QWEN or \$MIXTRAL, LAYOUT=role_dp1_ep4 or 4+4"; exit 2 ;;
+    esac
+    COUNTS=${COUNTS:-512} sweep x8_sweep --baselines ${BASELINES:-coupled,disaggregated} --disagg_layout $L \
+      --coupled_replicas 8 --coupled_mesh single --pool_slots $DSLOTS --coupled_slots $CSLOTS --disagg_slots $DSLOTS ;;
   cmdbuf)
     XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" \
     timeout 560 python3 -u benchmarks/disagg.py --model $QWEN --num_layers 8 --dtype bfloat16 --rank 32 \
