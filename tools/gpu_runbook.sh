@@ -5,9 +5,11 @@
 # reference expand's form, the host's share of a 4-layer decode step, the start-up fix (compile_time), decode
 # with both modes in one call (eighth session: 0.99x). When an nvidia-h200-x4 is lent, x4_decode and x4_sweep
 # (issue 8's 2+2) come first; then mixtral_sweep (rerun with settled caches), then slo_sweep with
-# ADAPTER_LOADING=background. When only one GPU is lent: tune_gpu_blocks with PHASES=dispatch (the per-rank
-# crossover, never run in that form), lora_kernels_expert, expert_gemm. Done on one GPU in the twelfth session:
-# lora_qkv, kernel_compile, lora_step, prefill_lora, tune_gpu_blocks' decode/buckets/crossover phases.
+# ADAPTER_LOADING=background. An 8-GPU machine: x8_decode and x8_sweep (issue 8). When only one GPU is lent:
+# lora_qkv (the flattened expand grid, ~2 min) with tune_gpu_blocks PHASES=dispatch (the per-rank crossover,
+# never run in that form), then lora_step (its profile now attributes the in-call idle time to programs),
+# lora_kernels_expert, expert_gemm. Done on one GPU in the twelfth session: lora_qkv, kernel_compile,
+# lora_step, prefill_lora, tune_gpu_blocks' decode/buckets/crossover phases.
 # Stages:
 #
 #   compile_time  (1 GPU, ~2 min) benchmarks/compile_time.py at 2 and 8 layers: checks that the Mosaic GPU expert
@@ -73,7 +75,8 @@
 #                 call's ranks replace those ranks' in the entry).
 #   lora_qkv      (1 GPU, ~2 min) benchmarks/lora_kernels.py's fused q/k/v cases alone: one add_lora_fused call
 #                 (one shrink + one expand launch for three targets) against three add_lora calls and the
-#                 reference, at Qwen3 attention widths (twelfth session: fused 8% faster at 2,048 rows).
+#                 reference, at Qwen3 attention widths (twelfth session: fused 8% faster at 2,048 rows, 26%
+#                 slower at 256; rerun for the 1-D expand grid that followed).
 #   kernel_compile (1 GPU, ~1 min) benchmarks/lora_kernel_compile.py: compile time of the LoRA kernels' programs
 #                 and of their glue's pieces, scatters of each kind included (twelfth session: one scatter of
 #                 any kind compiles in 0.05-0.33 s; the prefill delta 1.5 s).

@@ -7,7 +7,8 @@
     d          [Mx, N] f32      delta rows in sorted order; rows of no unit are left unwritten
 
 Several targets (fused q/k/v, gate/up) run in one launch, each CTA on one target's unit and column tile. One CTA
-per (target's unit, column tile of `cols` columns): it loads the unit's s window [64, R] (both parts) and the
+per (target's unit, column tile of `cols` columns), the targets' CTAs listed end to end in a 1-D grid so a narrow
+target has no CTAs for the wide one's tiles: it loads the unit's s window [64, R] (both parts) and the
 page's [R, cols] block of B, and accumulates s_hi @ B + s_lo @ B with two wgmmas: s carried to ~16 mantissa bits, as
 the reference's float32 expand (a single 16-bit s would lose ~3 decimal digits). Only the unit's rows are stored.
 """
@@ -56,8 +57,9 @@ def expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], b_rows: tup
            units: tuple[Units, ...], *, cols: int = 128,
            buckets: tuple[tuple[int, ...] | None, ...] | None = None, interpret=None) -> tuple[jax.Array, ...]:
     """Per target t, [Mx, N_t] float32 delta rows (sorted order); see the module docstring. All targets (s parts,
-    B arena and units one each) run in one launch: the grid is (targets x units per target, the widest target's
-    column tiles); CTAs past a narrower target's tiles exit. `cols`: output columns per CTA
+    B arena and units one each) run in one launch: the grid holds, target after target, units per target x that
+    target's column tiles (a 2-D grid over the widest target's tiles left 58% of the CTAs of Qwen3's q/k/v,
+    4096 | 512 | 512 columns, with nothing to do). `cols`: output columns per CTA
     (block_tables.GpuBlocks.expand_cols; narrower where N_t is not a multiple). `buckets`: per target the rank
     widths pages are read at (units.rank_buckets; None: its full rank); a unit reads units.bucket's width of s
     and B."""
@@ -87,14 +89,19 @@ def expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], b_rows: tup
         assert out_width(bn, jnp.float32) == bn  # rows of the staged output are 128-byte multiples
         tiles.append((bn, b.shape[1] // bn))
     per, meta = stack_units(units)
+    first_cta = [0]  # target t's CTAs: [first_cta[t], first_cta[t + 1]), its units fastest, then column tiles
+    for _, n in tiles:
+        first_cta.append(first_cta[-1] + per * n)
 
     def body(row0_ref, size_ref, page_ref, bucket_ref, count_ref, *refs):
         hi_refs, lo_refs = refs[:num_targets], refs[num_targets:2 * num_targets]
         b_refs, o_refs = refs[2 * num_targets:3 * num_targets], refs[3 * num_targets:]
-        u, j = jax.lax.axis_index("unit"), jax.lax.axis_index("col")
+        cta = jax.lax.axis_index("cta")
 
         def target(t):
             bn = tiles[t][0]
+            local = cta - first_cta[t]
+            u, j = t * per + local % per, local // per
             row0 = row0_ref[u]
             base, off, page = window(row0, page_ref[u])
 
@@ -121,10 +128,12 @@ def expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], b_rows: tup
                     pl.when(bucket_ref[u] == i)(functools.partial(run, width))
 
         for t in range(num_targets):  # static paths; SMEM is shared between them (one runs per CTA)
-            pl.when(unit_of_target(u, t, per, count_ref) & (j < tiles[t][1]))(functools.partial(target, t))
+            mine = (cta >= first_cta[t]) & (cta < first_cta[t + 1])
+            in_use = unit_of_target(t * per + (cta - first_cta[t]) % per, t, per, count_ref)
+            pl.when(mine & in_use)(functools.partial(target, t))
 
     kernel = plgpu.kernel(
         body, out_type=tuple(jax.ShapeDtypeStruct((mx, b.shape[1]), jnp.float32) for b in b_rows),
-        grid=(num_targets * per, max(n for _, n in tiles)), grid_names=("unit", "col"),
+        grid=(first_cta[-1],), grid_names=("cta",),
         compiler_params=compiler_params(), interpret=interpret)
     return tuple(kernel(meta.row0, meta.size, meta.b_page_row, meta.bucket, meta.count, *s_hi, *s_lo, *b_rows))
