@@ -50,7 +50,7 @@ flags.DEFINE_string("out", None, "write the rows as JSON here")
 flags.DEFINE_list("cases", None, "only these case or piece names (default: all cases, then all pieces)")
 flags.DEFINE_float("budget_s", 500, "stop starting cases after this many seconds")
 
-# name: (what, rows, d_in, d_out, rank, adapters, stages, decode)
+# name: (what, rows, d_in, d_out, rank, adapters, stages, decode[, rank buckets])
 CASES = {
     "ref 4096x4096": ("reference", 4096, 4096, 4096, 64, 16, 4, False),
     "shrink din1024": ("shrink", 4096, 1024, 0, 64, 16, 4, False),
@@ -62,6 +62,9 @@ CASES = {
     "delta 1024x4096": ("delta", 4096, 1024, 4096, 64, 16, 4, False),
     "delta 4096x4096": ("delta", 4096, 4096, 4096, 64, 16, 4, False),
     "delta 4096x4096 decode": ("delta", 256, 4096, 4096, 64, 16, 4, True),
+    # one static kernel path per rank bucket (16 / 32 / 64): what GpuBlocks.rank_buckets costs at start-up
+    "delta 4096x4096 buckets": ("delta", 4096, 4096, 4096, 64, 16, 6, False, True),
+    "delta 4096x4096 no buckets": ("delta", 4096, 4096, 4096, 64, 16, 6, False, False),
 }
 
 
@@ -119,8 +122,8 @@ def make_args(rng, what, rows, d_in, d_out, rank, adapters):
     return (x, slots, a, b)
 
 
-def make_fn(what, rank, stages, decode):
-    blocks = GpuBlocks(stages=stages, decode_rows=(1 << 30) if decode else 0)
+def make_fn(what, rank, stages, decode, buckets=False):
+    blocks = GpuBlocks(stages=stages, decode_rows=(1 << 30) if decode else 0, rank_buckets=buckets)
     if what == "reference":
         return lambda x, s, a, b: dispatch.lora_delta(x, s, a, b, a_rank_major=True, backend="reference")
     if what == "delta":
@@ -140,23 +143,24 @@ def timed(f):
 
 
 def run_case(rng, name, spec) -> dict:
-    what, rows, d_in, d_out, rank, adapters, stages, decode = spec
+    what, rows, d_in, d_out, rank, adapters, stages, decode, *rest = spec
+    buckets = bool(rest and rest[0])
     args = make_args(rng, what, rows, d_in, d_out, rank, adapters)
-    fn = make_fn(what, rank, stages, decode)
+    fn = make_fn(what, rank, stages, decode, buckets)
     lowered, t_lower = timed(lambda: jax.jit(fn).trace(*args).lower())
     compiled, t_compile = timed(lambda: lowered.compile())
     _, t_first = timed(lambda: compiled(*args))
     _, t_run = timed(lambda: compiled(*args))
     # a new jitted function, same shapes: jax's own cache misses; does the kernel build again?
-    fn2 = make_fn(what, rank, stages, decode)
+    fn2 = make_fn(what, rank, stages, decode, buckets)
     _, t_again = timed(lambda: jax.jit(fn2)(*args))
     # two calls in one program (different inputs, same shapes)
     args2 = make_args(rng, what, rows, d_in, d_out, rank, adapters)
-    fn3 = make_fn(what, rank, stages, decode)
+    fn3 = make_fn(what, rank, stages, decode, buckets)
     both = jax.jit(lambda p, q: (fn3(*p), fn3(*q)))
     _, t_twice = timed(lambda: both(args, args2))
     row = dict(case=name, what=what, rows=rows, d_in=d_in, d_out=d_out, rank=rank, adapters=adapters,
-               stages=stages, decode=decode, lower_s=t_lower, compile_s=t_compile, first_s=t_first,
+               stages=stages, decode=decode, buckets=buckets, lower_s=t_lower, compile_s=t_compile, first_s=t_first,
                again_s=t_again, twice_s=t_twice, run_ms=1e3 * t_run)
     print(f"{name:24s} lower {t_lower:6.2f}  compile {t_compile:6.2f}  first {t_first:6.2f}  again {t_again:6.2f}"
           f"  twice {t_twice:6.2f}  run {1e3 * t_run:7.2f} ms", flush=True)

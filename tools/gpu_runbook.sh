@@ -79,7 +79,8 @@
 #                 slower at 256; rerun for the 1-D expand grid that followed).
 #   kernel_compile (1 GPU, ~1 min) benchmarks/lora_kernel_compile.py: compile time of the LoRA kernels' programs
 #                 and of their glue's pieces, scatters of each kind included (twelfth session: one scatter of
-#                 any kind compiles in 0.05-0.33 s; the prefill delta 1.5 s).
+#                 any kind compiles in 0.05-0.33 s; the prefill delta 1.5 s). Next: what rank buckets (on in
+#                 the H200 entry since the twelfth session's tuning, one kernel path per bucket) add to it.
 #   lora_step     (1 GPU, ~9 min) the decode step (coupled1, Qwen3 widths, 2 layers, profiled) with the LoRA math
 #                 on the reference and on the Mosaic GPU kernels (INFINILORA_LORA_BACKEND=gpu), one process each:
 #                 the step-level gain and compile cost that would justify kernels at decode (twelfth session:
@@ -148,7 +149,7 @@ case "${1:-}" in
     echo "lora_qkv rc=$?"; show "$OUT/lora_qkv.log" 30 ;;
   kernel_compile)
     timeout 560 python3 -u benchmarks/lora_kernel_compile.py --budget_s 480 --out "$OUT/lora_kernel_compile.json" \
-      --cases "scatter_set m4096,scatter_add m4096,scatter_max m4096,group_rows m4096,build_units m4096,delta 4096x4096,delta 4096x4096 decode,ref 4096x4096" \
+      --cases "delta 4096x4096 buckets,delta 4096x4096 no buckets,group_rows m4096,build_units m4096,delta 4096x4096 decode,ref 4096x4096" \
       > "$OUT/lora_kernel_compile.log" 2>&1
     echo "kernel_compile rc=$?"; show "$OUT/lora_kernel_compile.log" 20 ;;
   kernel_check)
