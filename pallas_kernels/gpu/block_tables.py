@@ -65,7 +65,6 @@ class GpuBlocks:
         if problems:
             raise ValueError("GpuBlocks: " + "; ".join(problems))
 
-
     def min_rows_for(self, rank: int | None) -> int:
         """The dispatcher's kernels-vs-reference crossover for a call on a pool of rank `rank` (None: unknown)."""
         rows = self.kernel_min_rows
