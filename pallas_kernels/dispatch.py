@@ -119,7 +119,7 @@ def _blocks(backend: LoraBackend, x: jax.Array, out_widths, max_rank: int) -> Bl
 
 def _kernel_apply(backend, ys, x, slots, experts, pairs, *, num_experts, slot_ranks, a_rank_major, blocks):
     """ys[i] (flat [M, N_i]) + delta of pair i, through the TPU or GPU kernels."""
-    ranks = [b.shape[2 if experts is not None else 1] for _, b in pairs]
+    ranks = [_pool_rank(b, experts is not None) for _, b in pairs]
     _check_blocks(backend, blocks)
     if backend in _GPU_BACKENDS:
         return _gpu_apply(backend, ys, x, slots, experts, pairs, ranks, num_experts=num_experts,

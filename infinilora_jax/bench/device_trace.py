@@ -51,11 +51,12 @@ def _gaps(intervals: list[tuple[float, float]]) -> list[float]:
     return sorted(gaps, reverse=True)
 
 
-def _gap_details(ops: list[dict]) -> list[dict]:
-    """Idle stretches of the union of the ops' intervals, largest first, each with the op that ended last
-    before it and the op that starts it (names and `hlo_module`s; None where the trace has no module)."""
+def _gap_details(ordered: list[dict]) -> list[dict]:
+    """Idle stretches of the union of the ops' intervals (ops by start time), largest first, each with the op
+    that ended last before it and the op that starts it (names and `hlo_module`s; None where the trace has no
+    module)."""
     details, last = [], None
-    for e in sorted(ops, key=lambda e: e["ts"]):
+    for e in ordered:
         if last is not None and e["ts"] > last["ts"] + last["dur"]:
             details.append({"us": e["ts"] - last["ts"] - last["dur"], "before": last["name"][:80],
                             "after": e["name"][:80], "before_module": _module(last), "after_module": _module(e)})
@@ -94,7 +95,8 @@ def summarize(trace_dir: str, calls: int = 1, top: int = 12) -> dict:
             continue
         spans = [(e["ts"], e["ts"] + e["dur"]) for e in ops]
         span = max(e for _, e in spans) - min(s for s, _ in spans)
-        details = _gap_details(ops)
+        ordered = sorted(ops, key=lambda e: e["ts"])
+        details = _gap_details(ordered)
         gaps = [d["us"] for d in details]
         busy = span - sum(gaps)
         # with several calls traced, the calls-1 largest gaps are (mostly) the host's time between calls;
@@ -104,7 +106,7 @@ def summarize(trace_dir: str, calls: int = 1, top: int = 12) -> dict:
         known = [d for d in inside if d["before_module"] and d["after_module"]]
         across = sum(d["us"] for d in known if d["before_module"] != d["after_module"])
         within = sum(d["us"] for d in known if d["before_module"] == d["after_module"])
-        modules = [m for m in (_module(e) for e in sorted(ops, key=lambda e: e["ts"])) if m]
+        modules = [m for m in map(_module, ordered) if m]
         runs = 1 + sum(a != b for a, b in zip(modules, modules[1:]))
         by_cat, by_name = collections.Counter(), collections.Counter()
         for e in ops:
@@ -114,8 +116,8 @@ def summarize(trace_dir: str, calls: int = 1, top: int = 12) -> dict:
             "span_us": span / calls, "busy_us": busy / calls, "idle_share": 1 - busy / span if span else 0.0,
             "between_calls_us": between / max(calls - 1, 1), "in_call_idle_us": (span - busy - between) / calls,
             "largest_gaps_us": gaps[:5], "ops_per_call": len(ops) / calls,
-            # idle inside the calls, attributed by the programs around it (gaps whose ops name no program in
-            # neither bucket); program runs: stretches of consecutive ops of one program
+            # idle inside the calls, attributed by the programs around it (a gap next to an op that names no
+            # program is in neither); program runs: stretches of consecutive ops of one program
             "idle_between_programs_us": across / calls, "idle_within_programs_us": within / calls,
             "program_runs_per_call": runs / calls if any(modules) else None,
             "largest_gaps": details[:8],

@@ -98,10 +98,8 @@ def expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], b_rows: tup
         b_refs, o_refs = refs[2 * num_targets:3 * num_targets], refs[3 * num_targets:]
         cta = jax.lax.axis_index("cta")
 
-        def target(t):
+        def target(t, u, j):
             bn = tiles[t][0]
-            local = cta - first_cta[t]
-            u, j = t * per + local % per, local // per
             row0 = row0_ref[u]
             base, off, page = window(row0, page_ref[u])
 
@@ -128,9 +126,10 @@ def expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], b_rows: tup
                     pl.when(bucket_ref[u] == i)(functools.partial(run, width))
 
         for t in range(num_targets):  # static paths; SMEM is shared between them (one runs per CTA)
+            local = cta - first_cta[t]
+            u, j = t * per + local % per, local // per  # stacked unit index, column tile
             mine = (cta >= first_cta[t]) & (cta < first_cta[t + 1])
-            in_use = unit_of_target(t * per + (cta - first_cta[t]) % per, t, per, count_ref)
-            pl.when(mine & in_use)(functools.partial(target, t))
+            pl.when(mine & unit_of_target(u, t, per, count_ref))(functools.partial(target, t, u, j))
 
     kernel = plgpu.kernel(
         body, out_type=tuple(jax.ShapeDtypeStruct((mx, b.shape[1]), jnp.float32) for b in b_rows),
