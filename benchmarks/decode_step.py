@@ -3,8 +3,8 @@
 B running requests spread over A distinct rank-r adapters (on attention, router and experts); once every request
 is decoding, time K engine steps (host scheduling + one jitted forward + sampling; each step returns sampled
 tokens to the host). Then the same with no adapter pool at all. Prints step time, the ratio and tokens/s, and
-each step's parts: the host's scheduling, batch building and completion, and the run (dispatch, device, tokens
-back): what overlapping host work with the device could save.
+each step's parts: the host's scheduling, batch building and completion, the dispatch (until the step is enqueued)
+and the wait (device, tokens back): what overlapping host work with the device could save.
 
     python benchmarks/decode_step.py --model configs/models/mixtral-8x7b.json --requests 64 --adapters 32 \\
         --rank 16 --dtype bfloat16 --out $OUT/decode_step
@@ -40,7 +40,7 @@ flags.DEFINE_integer("steps", 16, "timed decode steps")
 flags.DEFINE_string("out", None, "write <out>.json")
 
 
-PHASES = ("schedule", "build", "run", "complete")
+PHASES = ("schedule", "build", "dispatch", "wait", "complete")
 
 
 def measure(with_adapters: bool) -> dict:
@@ -73,8 +73,8 @@ def measure(with_adapters: bool) -> dict:
     engine.step()  # compile the decode shape
     times, phases = [], {k: [] for k in PHASES}
     for _ in range(F.steps):
-        # LLMEngine.step's four parts, timed apart: the host's work (schedule, build, complete) and the run
-        # (dispatch, the device's step, tokens back), which on a GPU holds the device time
+        # LLMEngine.step's parts, timed apart: the host's work (schedule, build, complete) and the run: dispatch
+        # (until the step is enqueued) and wait (the device's step, tokens back), which on a GPU holds the device time
         t = [time.perf_counter()]
         plan = engine.schedule_step()
         t.append(time.perf_counter())
@@ -82,6 +82,7 @@ def measure(with_adapters: bool) -> dict:
         t.append(time.perf_counter())
         tokens, top, engine.kv = engine.runner.sample(batch, engine.kv, sampling, logprobs=plan.want_logprobs)
         t.append(time.perf_counter())
+        t.insert(-1, engine.runner.last_enqueued_at)  # the run: dispatch (until the step is enqueued), then wait
         outs = engine.complete_step(plan, tokens, top)
         t.append(time.perf_counter())
         times.append(t[-1] - t[0])

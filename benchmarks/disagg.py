@@ -74,6 +74,9 @@ flags.DEFINE_boolean("smoke", False, "tiny CPU run of --parts (float32, 4 reques
 flags.DEFINE_string("out", "out/disagg", "output path prefix")
 flags.DEFINE_integer("profile_steps", 0, "decode: after timing, trace this many steps and summarise device time "
                      "(busy, idle, collectives, GEMMs) per device (bench/device_trace.py)")
+flags.DEFINE_boolean("no_lora_rows", True, "decode: also time each mode without adapters")
+flags.DEFINE_string("trace_dir", None, "decode: keep the profiled steps' raw traces under "
+                    "<trace_dir>/<mode>_<adapters> (default: a temporary directory)")
 
 DISTINCT = 4  # adapters with their own random pages
 
@@ -148,7 +151,8 @@ def decode_step(mode: str, adapters: int, with_lora: bool = True) -> dict:
     if F.profile_steps:
         from infinilora_jax.bench import device_trace
 
-        with device_trace.traced() as where:
+        trace_dir = F.trace_dir and os.path.join(F.trace_dir, f"{mode}_{adapters}")
+        with device_trace.traced(trace_dir) as where:
             for _ in range(F.profile_steps):
                 engine.step()
         result["device_time"] = device_trace.summarize(where(), calls=F.profile_steps)
@@ -185,7 +189,7 @@ def main(argv):
     if "decode" in F.parts:
         rows = results["decode"] = []
         for mode in F.modes:
-            for adapters, lora in ((F.adapters, True), (0, False)):
+            for adapters, lora in ((F.adapters, True), (0, False))[: 2 if F.no_lora_rows else 1]:
                 rows.append(decode_step(mode, adapters, with_lora=lora))
                 save()
         print(f"  {'mode':8} {'adapters':>8} {'lora':>5} {'step ms':>9} {'tokens/s':>9}")

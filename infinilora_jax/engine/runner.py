@@ -6,6 +6,7 @@ The engine (engine/engine.py) decides what runs; the runner turns a StepBatch in
 from __future__ import annotations
 
 import logging
+import time
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +53,7 @@ class ModelRunner:
                                      max_host_adapters=max_host_adapters, max_adapter_bytes=max_adapter_bytes,
                                      background_loads=background_loads)
         self.steps = StepFunctions(self.model, self.pool, self.mesh)
+        self.last_enqueued_at = 0.0  # perf_counter() when the last `sample` call's step was enqueued (benchmarks)
 
     def new_kv_cache(self, cache: CacheConfig) -> list:
         kv = allocate_kv_cache(self.model, self.mesh, cache.num_pages, cache.page_size, self.dtype)
@@ -101,6 +103,7 @@ class ModelRunner:
             (tokens, *top), pool_state, kv = self.steps.run("sample_loading", self.model_state, cache.pool_state,
                                                             batch, kv, sampling, np.int32(slot), pages)
             cache.pool_state["layers"] = pool_state["layers"]
+        self.last_enqueued_at = time.perf_counter()  # the rest of `sample` waits for the step's tokens
         return np.asarray(tokens), (tuple(np.asarray(x) for x in top) if logprobs else None), kv
 
     def score(self, batch: StepBatch, kv: list) -> tuple[np.ndarray, list]:
