@@ -65,10 +65,10 @@ class DisaggStepFunctions(PrecompiledSteps):
             mesh=mesh, in_specs=(w_specs, kv_specs, batch_specs, PartitionSpec(), batch_specs, PartitionSpec(),
                                  PER_DEVICE),
             out_specs=(PER_DEVICE, w_specs, kv_specs), check_vma=False)
-        self.score = jax.jit(self._score, donate_argnums=(1,))
-        self.sample = jax.jit(self._sample, donate_argnums=(1,))
-        self.prompt_logprobs = jax.jit(self._prompt_logprobs, donate_argnums=(1,))
-        self.sample_loading = jax.jit(self._sample_loading, donate_argnums=(0, 1))
+        self.jit_step("score", self._score, (1,))
+        self.jit_step("sample", self._sample, (1,))
+        self.jit_step("prompt_logprobs", self._prompt_logprobs, (1,))
+        self.jit_step("sample_loading", self._sample_loading, (0, 1))
 
     def _logits(self, per_device: jax.Array) -> jax.Array:
         """[devices, M, V/ep] from the shard_map -> base instances' [dp, M, vocab] float32 logits."""

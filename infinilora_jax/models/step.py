@@ -83,9 +83,9 @@ class StepFunctions(PrecompiledSteps):
                     batch_specs, kv_specs)
         self._forward = jax.shard_map(local, mesh=mesh, in_specs=in_specs,
                                       out_specs=(PartitionSpec(None, MODEL_AXES), kv_specs), check_vma=False)
-        self.score = jax.jit(self._score, donate_argnums=(3,))
-        self.sample = jax.jit(self._sample, donate_argnums=(3,))
-        self.prompt_logprobs = jax.jit(self._prompt_logprobs, donate_argnums=(3,))
+        self.jit_step("score", self._score, (3,))
+        self.jit_step("sample", self._sample, (3,))
+        self.jit_step("prompt_logprobs", self._prompt_logprobs, (3,))
         if self.has_pool:
             pool_specs = partition_specs(pool_state)
             page_specs = incoming_page_specs(pool_specs)
@@ -100,7 +100,7 @@ class StepFunctions(PrecompiledSteps):
                 local_loading, mesh=mesh,
                 in_specs=(*in_specs, PartitionSpec(), page_specs["layers"]),
                 out_specs=(PartitionSpec(None, MODEL_AXES), pool_specs, kv_specs), check_vma=False)
-            self.sample_loading = jax.jit(self._sample_loading, donate_argnums=(1, 3))
+            self.jit_step("sample_loading", self._sample_loading, (1, 3))
 
     def _score(self, model_state, pool_state, batch: StepBatch, kv):
         """-> (float32 logits [M, vocab_size], kv)."""
