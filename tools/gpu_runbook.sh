@@ -6,10 +6,14 @@
 # with both modes in one call (eighth session: 0.99x). When an nvidia-h200-x4 is lent, x4_decode and x4_sweep
 # (issue 8's 2+2) come first; then mixtral_sweep (rerun with settled caches), then slo_sweep with
 # ADAPTER_LOADING=background. An 8-GPU machine: x8_decode and x8_sweep (issue 8). When only one GPU is lent:
-# lora_qkv (the flattened expand grid, ~2 min) with tune_gpu_blocks PHASES=dispatch (the per-rank crossover,
-# never run in that form), then lora_step (its profile now attributes the in-call idle time to programs),
-# lora_kernels_expert, expert_gemm. Done on one GPU in the twelfth session: lora_qkv, kernel_compile,
-# lora_step, prefill_lora, tune_gpu_blocks' decode/buckets/crossover phases.
+# host_inputs (~2 min: the packed step inputs against one copy per array, in one engine), cmdbuf with
+# MODES=coupled1 (the sampler's branches inside CUDA graphs: the host would stop waiting in Execute for the
+# device to reach them; read its trace with tools/step_timeline.py), lora_kernels_expert, expert_gemm, then a lora_step with the kernels only where the thirteenth session's per-rank dispatch phase
+# found them winning (dense rank >= 32 from 64 rows, per expert from 256). Done on one GPU in the twelfth and
+# thirteenth sessions: lora_qkv (1-D grid too), kernel_compile, lora_step (its profile now keeps the trace for
+# tools/step_timeline.py), prefill_lora, every tune_gpu_blocks phase (dispatch per rank included).
+# Don't pipe a stage through `tail`: a call killed at its limit then returns no output (the logs under $OUT
+# still come back).
 # Stages:
 #
 #   compile_time  (1 GPU, ~2 min) benchmarks/compile_time.py at 2 and 8 layers: checks that the Mosaic GPU expert
@@ -53,10 +57,13 @@
 #   x8_sweep      (8 GPUs, ~9 min per baseline) issue 8's sweep at 512 adapters (COUNTS), coupled as eight
 #                 single-device replicas against the LoRA server layouts (slot arithmetic at the stage); one
 #                 baseline and layout per call. Same overrides as slo_sweep, plus LAYOUT and MODEL.
-#   cmdbuf        (2 GPUs, ~5 min, low priority) the disaggregated decode step with XLA's CUDA-graph command
-#                 buffers extended to conditionals. benchmarks/cond_overhead.py found no gain per role branch on
-#                 a synthetic chain (23 vs 24 us); coupled1 at 2 layers went 4.74 -> 4.05 ms with adapters in one
-#                 run (sixth session). Compare with `decode` MODES=disagg.
+#   cmdbuf        (2 GPUs, ~5 min; MODES=coupled1 on one GPU) the decode step (8 layers) with XLA's CUDA-graph
+#                 command buffers extended to conditionals. benchmarks/cond_overhead.py found no gain per role
+#                 branch on a synthetic chain (23 vs 24 us); coupled1 at 2 layers went 4.74 -> 4.05 ms with
+#                 adapters in one run (sixth session). Since the thirteenth session's timeline the question is
+#                 sharper: does `Execute` stop waiting for the sampler's predicates (the host could then run
+#                 ahead)? Keeps $OUT/cmdbuf_trace_<mode>_32.json.gz for tools/step_timeline.py. Compare with
+#                 `decode` in the same MODES.
 #   expert_gemm   (1 GPU, ~8 min) benchmarks/expert_gemm.py: the rows the sixth session's budget did not reach
 #                 (Qwen3 down at T=64 with mgpu, Mixtral at T=64, skewed routing).
 #   kernel_check  (1 GPU, ~1 min) tools/gpu_lora_kernel_check.py numerics (all ok in the fifth session).
@@ -69,14 +76,19 @@
 #                 pallas_kernels/gpu/tuned_blocks.json (copy $OUT/tuned_blocks.json back and commit it).
 #                 Eleventh session: the prefill phase ran (stages 6, expand cols 128) once group_rows' compile
 #                 cost was cut (~40 s -> ~5 s per candidate and problem); twelfth: decode (ksplit 4), buckets
-#                 (on), crossover (decode_rows 2048) and the old single-rank dispatch phase. Next:
-#                 PHASES=dispatch, the per-rank crossover (ranks 16/32/64/128 from 64 rows, ~5-8 min; if it
-#                 runs past the limit, DISPATCH_RANKS=16,32 then DISPATCH_RANKS=64,128 in two calls: each
-#                 call's ranks replace those ranks' in the entry).
+#                 (on), crossover (decode_rows 2048) and the old single-rank dispatch phase; thirteenth: the
+#                 per-rank dispatch phase (DISPATCH_RANKS=64,128: ~8 min, then DISPATCH_RANKS=32: ~3 min;
+#                 each call's ranks replace those ranks' in the entry; crossovers 256 rows at ranks 32-128).
+#                 PHASES=dispatch is the default.
+#   host_inputs   (1 GPU, ~2 min) benchmarks/host_inputs.py: decode steps (Qwen3 widths, 2 layers, 64 requests,
+#                 32 adapters) with the step's numpy inputs packed into one copy against one copy per array,
+#                 alternating blocks in one engine (thirteenth session, separate processes: 4.15 against 4.29 ms,
+#                 within the noise between processes).
 #   lora_qkv      (1 GPU, ~2 min) benchmarks/lora_kernels.py's fused q/k/v cases alone: one add_lora_fused call
 #                 (one shrink + one expand launch for three targets) against three add_lora calls and the
 #                 reference, at Qwen3 attention widths (twelfth session: fused 8% faster at 2,048 rows, 26%
-#                 slower at 256; rerun for the 1-D expand grid that followed).
+#                 slower at 256; thirteenth, 1-D expand grid: fused wins every size, -3% at 256). QKV_CASES
+#                 (rows:adapters:rank,...) overrides the cases.
 #   kernel_compile (1 GPU, ~1 min) benchmarks/lora_kernel_compile.py: compile time of the LoRA kernels' programs
 #                 and of their glue's pieces, scatters of each kind included (twelfth session: one scatter of
 #                 any kind compiles in 0.05-0.33 s; the prefill delta 1.5 s). Next: what rank buckets (on in
@@ -85,6 +97,8 @@
 #                 on the reference and on the Mosaic GPU kernels (INFINILORA_LORA_BACKEND=gpu), one process each:
 #                 the step-level gain and compile cost that would justify kernels at decode (twelfth session:
 #                 kernels 102 s to compile against 38, LoRA 550 us of device time per step against 381).
+#                 BACKENDS (default "reference gpu") picks; each keeps its profile's trace as
+#                 $OUT/lora_step_<backend>_trace.json.gz for tools/step_timeline.py.
 #
 #   ./tools/gpu_runbook.sh compile_time       # device tool: run(command=..., kind=...), one stage per call
 set -uo pipefail
@@ -137,15 +151,22 @@ case "${1:-}" in
       --prompt_len 2048 --chunk 2048 --out "$OUT/prefill_lora" > "$OUT/prefill_lora.log" 2>&1
     echo "prefill_lora rc=$?"; show "$OUT/prefill_lora.log" 20 ;;
   lora_step)
-    for backend in reference gpu; do
+    for backend in ${BACKENDS:-reference gpu}; do
       INFINILORA_LORA_BACKEND=$backend timeout 270 python3 -u benchmarks/disagg.py --model $QWEN --num_layers 2 \
         --dtype bfloat16 --rank 32 --parts decode --modes coupled1 --requests 64 --adapters 32 --prompt_len 128 \
-        --steps 16 --profile_steps 2 --out "$OUT/lora_step_$backend" > "$OUT/lora_step_$backend.log" 2>&1
+        --steps 16 --profile_steps 2 --no_lora_rows=false --trace_dir "/tmp/lora_step_$backend" \
+        --out "$OUT/lora_step_$backend" > "$OUT/lora_step_$backend.log" 2>&1
       echo "lora_step $backend rc=$?"; show "$OUT/lora_step_$backend.log" 20
+      cp "$(ls -t /tmp/lora_step_$backend/coupled1_32/plugins/profile/*/perfetto_trace.json.gz | head -1)" \
+        "$OUT/lora_step_${backend}_trace.json.gz"
     done ;;
+  host_inputs)
+    INFINILORA_LORA_BACKEND=reference timeout 300 python3 -u benchmarks/host_inputs.py --model $QWEN --num_layers 2 \
+      --requests 64 --adapters 32 --rank 32 --block 16 --blocks 4 --out "$OUT/host_inputs" > "$OUT/host_inputs.log" 2>&1
+    echo "host_inputs rc=$?"; show "$OUT/host_inputs.log" 10 ;;
   lora_qkv)
     timeout 560 python3 -u benchmarks/lora_kernels.py --cases= --expert_cases= --iters 10 --repeats 2 \
-      --qkv_cases 16:16:32,64:32:32,256:64:32,2048:16:32 --out "$OUT/lora_qkv" > "$OUT/lora_qkv.log" 2>&1
+      --qkv_cases ${QKV_CASES:-16:16:32,64:32:32,256:64:32,2048:16:32} --out "$OUT/lora_qkv" > "$OUT/lora_qkv.log" 2>&1
     echo "lora_qkv rc=$?"; show "$OUT/lora_qkv.log" 30 ;;
   kernel_compile)
     timeout 560 python3 -u benchmarks/lora_kernel_compile.py --budget_s 480 --out "$OUT/lora_kernel_compile.json" \
@@ -228,8 +249,11 @@ case "${1:-}" in
     XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" \
     timeout 560 python3 -u benchmarks/disagg.py --model $QWEN --num_layers 8 --dtype bfloat16 --rank 32 \
       --parts decode --modes ${MODES:-disagg} --requests 64 --adapters 32 --prompt_len 128 --steps 16 \
-      --profile_steps 2 --out "$OUT/disagg_cmdbuf" > "$OUT/cmdbuf.log" 2>&1
-    echo "cmdbuf rc=$?"; show "$OUT/cmdbuf.log" 30 ;;
+      --profile_steps 2 --trace_dir /tmp/cmdbuf_trace --out "$OUT/disagg_cmdbuf" > "$OUT/cmdbuf.log" 2>&1
+    echo "cmdbuf rc=$?"; show "$OUT/cmdbuf.log" 30
+    for d in /tmp/cmdbuf_trace/*_32; do
+      cp "$(ls -t $d/plugins/profile/*/perfetto_trace.json.gz | head -1)" "$OUT/cmdbuf_trace_$(basename $d).json.gz"
+    done ;;
   push)
     INFINILORA_EXCHANGE=push timeout 560 python3 -u benchmarks/disagg.py --model $QWEN --num_layers 8 \
       --dtype bfloat16 --rank 32 --parts decode --modes disagg --requests 64 --adapters 32 --prompt_len 128 \
