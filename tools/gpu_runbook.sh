@@ -87,7 +87,7 @@
 #   lora_qkv      (1 GPU, ~2 min) benchmarks/lora_kernels.py's fused q/k/v cases alone: one add_lora_fused call
 #                 (one shrink + one expand launch for three targets) against three add_lora calls and the
 #                 reference, at Qwen3 attention widths (twelfth session: fused 8% faster at 2,048 rows, 26%
-#                 slower at 256; thirteenth, 1-D expand grid: fused wins every size, -3% at 256). QKV_CASES
+#                 slower at 256; thirteenth, 1-D expand grid: fused wins at 16, 256 and 2,048 rows, -3% at 256). QKV_CASES
 #                 (rows:adapters:rank,...) overrides the cases.
 #   kernel_compile (1 GPU, ~1 min) benchmarks/lora_kernel_compile.py: compile time of the LoRA kernels' programs
 #                 and of their glue's pieces, scatters of each kind included (twelfth session: one scatter of
