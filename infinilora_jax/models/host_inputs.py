@@ -2,9 +2,9 @@
 
 Each numpy argument of a jitted call is its own host-to-device transfer, and on the GPU each costs far more host
 time than bytes: an H200 profile of a decode step (docs/benchmarks.md, thirteenth session) showed 14 transfers
-of a few hundred bytes, each ~60-100 us of the PjRt client's staging, copy and completion callbacks, ~1.2 ms
-before the step's first kernel. Packed, the step's host inputs cross in one transfer (per device) and the
-program slices them back out, which costs it a few fused slices.
+of a few hundred bytes, each ~60-100 us of the PjRt client's staging, copy and completion callbacks (~1.2 ms
+under the profiler) before the step's first kernel. Packed, the step's host inputs cross in one transfer (per
+device) and the program slices them back out, which costs it a few fused slices.
 
 Leaves of 4-byte dtypes travel bit for bit; bool leaves as 0/1 words. Other dtypes are not packed (`packable`).
 """
