@@ -3,8 +3,8 @@
     TPU            -> the Mosaic TPU kernels (pallas_kernels/tpu/); decode or prefill variant by row count
     GPU            -> by row count and pool rank: the Mosaic GPU kernels (pallas_kernels/gpu/) for calls of
                       at least gpu_kernel_min_rows(rank) rows (prefill; the GPU block table's per-device
-                      crossover), the pure-JAX reference below (decode); backend="gpu" (or
-                      INFINILORA_LORA_BACKEND=gpu) forces the kernels
+                      crossover; INFINILORA_GPU_KERNEL_MIN_ROWS=rank:rows,... overrides it), the pure-JAX
+                      reference below (decode); backend="gpu" (or INFINILORA_LORA_BACKEND=gpu) forces the kernels
     CPU            -> the pure-JAX reference
     TPU_INTERPRET  -> the TPU kernels run by the Pallas TPU interpreter on CPU (tests; asked for explicitly)
     GPU_INTERPRET  -> the GPU kernels run by the Mosaic GPU interpreter on CPU (tests; asked for explicitly)
@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +91,27 @@ def gpu_kernel_min_rows(dtype=jnp.bfloat16, rank: int | None = None) -> int:
     381 us): the H200 entry floors every rank's crossover at 1,024 rows."""
     on_gpu = jax.default_backend() == "gpu"
     device = gpu_block_tables.current_device_key(interpret=not on_gpu)
-    return gpu_block_tables.blocks_for(device, jnp.dtype(dtype).name).min_rows_for(rank)
+    blocks = gpu_block_tables.blocks_for(device, jnp.dtype(dtype).name)
+    if override := os.environ.get(MIN_ROWS_ENV_VAR):
+        blocks = dataclasses.replace(blocks, kernel_min_rows_by_rank=parse_min_rows_by_rank(override))
+    return blocks.min_rows_for(rank)
+
+
+# "rank:rows,...": replaces the block table's per-rank crossover (kernel_min_rows_by_rank), e.g. by the
+# measured, unfloored crossovers (the entry's kernel_crossover_rows_by_rank) for a step-level experiment. Read
+# when a program is traced: set it before the process starts.
+MIN_ROWS_ENV_VAR = "INFINILORA_GPU_KERNEL_MIN_ROWS"
+
+
+def parse_min_rows_by_rank(text: str) -> tuple[tuple[int, int], ...]:
+    """"16:2048,32:256" -> ((16, 2048), (32, 256)); ValueError naming the variable for anything else."""
+    try:
+        pairs = [tuple(int(v) for v in item.split(":")) for item in text.split(",") if item.strip()]
+        if not pairs or any(len(p) != 2 for p in pairs):
+            raise ValueError
+        return gpu_block_tables.GpuBlocks(kernel_min_rows_by_rank=pairs).kernel_min_rows_by_rank
+    except ValueError:
+        raise ValueError(f"{MIN_ROWS_ENV_VAR}={text!r}: rank:rows pairs by rising rank, e.g. 16:2048,32:256") from None
 
 
 def select_backend(backend: LoraBackend | str | None = None, platform: str | None = None,

@@ -220,6 +220,21 @@ def test_kernel_min_rows_by_rank(monkeypatch):
     assert choose(2047, None) is dispatch.LoraBackend.REFERENCE and choose(2048, None) is dispatch.LoraBackend.GPU
 
 
+def test_min_rows_override_from_the_environment(monkeypatch):
+    """INFINILORA_GPU_KERNEL_MIN_ROWS replaces the table's per-rank crossover (kernel_min_rows stays below the
+    first listed rank); a malformed value is an error naming the variable."""
+    monkeypatch.setattr(block_tables, "blocks_for", lambda device, dtype: GpuBlocks(
+        kernel_min_rows=2048, kernel_min_rows_by_rank=[[16, 2048], [32, 1024]]))
+    assert dispatch.gpu_kernel_min_rows(rank=32) == 1024
+    monkeypatch.setenv(dispatch.MIN_ROWS_ENV_VAR, "32:256, 64:64")
+    assert [dispatch.gpu_kernel_min_rows(rank=r) for r in (16, 32, 128)] == [2048, 256, 64]
+    assert dispatch.select_backend(platform="gpu", rows=256, rank=32) is dispatch.LoraBackend.GPU
+    for bad in ("32", "32:a", "64:1,32:1", "32:1:2", ","):
+        monkeypatch.setenv(dispatch.MIN_ROWS_ENV_VAR, bad)
+        with pytest.raises(ValueError, match=dispatch.MIN_ROWS_ENV_VAR):
+            dispatch.gpu_kernel_min_rows(rank=32)
+
+
 def test_dispatch_entry_points_pass_the_pool_rank(monkeypatch, rng):
     """Every entry point asks for a backend with the rank its pool pads pages to (the largest of fused
     targets'; a paged arena's page width), whatever the slots' own ranks."""
