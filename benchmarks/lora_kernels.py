@@ -10,10 +10,12 @@ widths, sorted by expert as the MoE layer feeds them) it times:
             rank-minor, transposed per call, or rank-major as the pool keeps it)
   delta   (x . A[slot]) . B[slot] -> [T, H] float32:
             reference / reference-rm (lora/reference.py on either A layout), dispatch
-            (pallas_kernels.dispatch.lora_delta as the platform picks), one-hot, ragged_dot, gpu-kernel(-rm)
-  expert delta: reference, reference-rm, dispatch, gpu-kernel-rm
+            (pallas_kernels.dispatch.lora_delta as the platform picks), one-hot, ragged_dot, gpu-kernel(-rm),
+            gpu-per-row-rm (the kernels on one work unit per row: no sort, no gathers; GPU only)
+  expert delta: reference, reference-rm, dispatch, gpu-kernel-rm, gpu-per-row-rm
   qkv delta (three targets sharing x, Qwen3 attention widths; A rank-major): reference, gpu-fused (one
-            add_lora_fused call: one shrink and one expand launch), gpu-separate (three add_lora calls)
+            add_lora_fused call: one shrink and one expand launch), gpu-fused-per-row (the same on per-row
+            units), gpu-separate (three add_lora calls)
 Each variant runs in one jitted, unrolled loop; `us` is its device time per call (kernel time in a profiler
 trace, less the loop's own), which is what it costs inside a step; the wall time per call is kept beside it.
 The ceilings are measured in the same run: device copy bandwidth (read + write of a large buffer) and bf16
@@ -27,6 +29,7 @@ Writes <out>.json and <out>.png.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -55,6 +58,8 @@ flags.DEFINE_list("qkv_cases", ["64:32:32", "256:64:32", "2048:16:32"],
                   "fused q/k/v cases T:adapters:rank at --qkv_widths (one call for three targets vs three calls)")
 flags.DEFINE_list("qkv_widths", ["2048", "4096", "512", "512"], "d_in, then the q, k, v output widths (default: "
                   "Qwen3-30B-A3B: hidden 2048, 32 query and 4 KV heads of 128)")
+flags.DEFINE_list("variants", None, "time only these variants (default: all; the reference output is still "
+                  "computed for the error check)")
 flags.DEFINE_integer("hidden", 4096, "H (input and output width)")
 flags.DEFINE_integer("slots", 128, "adapter slots in the pool (slot 0 = none), at least adapters + 1")
 flags.DEFINE_integer("iters", 50, "calls per timed loop")
@@ -142,11 +147,26 @@ def expert_delta_reference_rank_major(x, slots, experts, a, b):
     return jnp.einsum("mr,mro->mo", s, b[slots, experts].astype(jnp.float32))
 
 
-RANK_MAJOR = {"gpu-kernel-rm", "reference-rm"}  # variants that take A as [S, (E,) R, D_in]
+RANK_MAJOR = {"gpu-kernel-rm", "gpu-per-row-rm", "reference-rm"}  # variants that take A as [S, (E,) R, D_in]
 
 
 def expert_delta_gpu_kernel_rank_major(x, slots, experts, a, b):
     return dispatch.expert_lora_delta(x, slots, experts, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True)
+
+
+def per_row_blocks(dtype):
+    """The device's kernel settings with every call on per-row units (units.per_row_units: no sort, no gathers)."""
+    return dataclasses.replace(gpu_ops.device_blocks(dtype, None), per_row_rows=1 << 30)
+
+
+def delta_gpu_per_row(x, slots, a, b):
+    return dispatch.lora_delta(x, slots, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True,
+                               blocks=per_row_blocks(x.dtype))
+
+
+def expert_delta_gpu_per_row(x, slots, experts, a, b):
+    return dispatch.expert_lora_delta(x, slots, experts, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True,
+                                      blocks=per_row_blocks(x.dtype))
 
 
 harness = kernel_timing.identity
@@ -160,10 +180,12 @@ if jax.default_backend() == "gpu":  # Mosaic GPU kernels: Hopper only
     SHRINK["gpu-kernel-rm"] = shrink_gpu_kernel_rank_major
     DELTA["gpu-kernel"] = delta_gpu_kernel
     DELTA["gpu-kernel-rm"] = delta_gpu_kernel_rank_major
+    DELTA["gpu-per-row-rm"] = delta_gpu_per_row
 EXPERT_DELTA = {"reference": reference.expert_lora_delta, "reference-rm": expert_delta_reference_rank_major,
                 "dispatch": dispatch.expert_lora_delta}
 if jax.default_backend() == "gpu":
     EXPERT_DELTA["gpu-kernel-rm"] = expert_delta_gpu_kernel_rank_major
+    EXPERT_DELTA["gpu-per-row-rm"] = expert_delta_gpu_per_row
 
 
 def _qkv_pairs(args):
@@ -185,6 +207,14 @@ def qkv_gpu_fused(*args):
                                                    backend=dispatch.LoraBackend.GPU), axis=1)
 
 
+def qkv_gpu_fused_per_row(*args):
+    """add_lora_fused on per-row units: the three targets' two launches with no grouping at all."""
+    x, slots, pairs = _qkv_pairs(args)
+    ys = tuple(jnp.zeros((x.shape[0], b.shape[-1]), jnp.float32) for _, b in pairs)
+    return jnp.concatenate(dispatch.add_lora_fused(ys, x, slots, pairs, a_rank_major=True, blocks=per_row_blocks(
+        x.dtype), backend=dispatch.LoraBackend.GPU), axis=1)
+
+
 def qkv_gpu_separate(*args):
     """Three add_lora calls: what each target cost before fused launches (a grouping and two launches each)."""
     x, slots, pairs = _qkv_pairs(args)
@@ -197,6 +227,7 @@ QKV_DELTA = {"reference": qkv_reference}  # A rank-major in every qkv variant (n
 if jax.default_backend() == "gpu":
     QKV_DELTA["gpu-fused"] = qkv_gpu_fused
     QKV_DELTA["gpu-separate"] = qkv_gpu_separate
+    QKV_DELTA["gpu-fused-per-row"] = qkv_gpu_fused_per_row
 
 
 def timed(fn, *args, profile: bool = False) -> dict:
@@ -258,6 +289,8 @@ class _Runner:
         print(f"  {op:12s} {label}  loop harness: device {base['device_us'] or 0:.1f} us, "
               f"wall {base['wall_us']:.1f} us")
         for name, fn in variants.items():
+            if F.variants and name not in F.variants:
+                continue
             call_args = list(args)
             if name in RANK_MAJOR:  # A (the pool's second-to-last operand) stored rank-major
                 call_args[-2] = jnp.swapaxes(call_args[-2], -1, -2)

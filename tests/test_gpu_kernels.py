@@ -21,7 +21,7 @@ from infinilora_jax.lora import reference
 from pallas_kernels import dispatch
 from pallas_kernels.gpu import ops as gpu_ops
 from pallas_kernels.gpu.block_tables import GpuBlocks
-from pallas_kernels.gpu.units import UNIT_ROWS, build_units
+from pallas_kernels.gpu.units import UNIT_ROWS, build_units, per_row_units
 from pallas_kernels.grouping import group_rows
 from pallas_kernels.layout import PageTable, a_rows_from_pool, b_rows_from_pool, total_blocks
 
@@ -61,6 +61,73 @@ def test_units_cover_each_group_in_chunks():
         assert int(units.page_row[u]) in (16, 48)  # slots 1 and 3 only
     want = np.isin(np.asarray(slots), [1, 3]).astype(int)
     np.testing.assert_array_equal(covered, want)
+
+
+def test_per_row_units_keep_rows_in_place():
+    """One unit per row at its own position: rows with no work (slot 0, a padding expert, a rank-0 slot) have
+    size 0; the others point at their (slot, expert) page and the narrowest rank bucket holding it."""
+    num_experts = 3
+    slots = jnp.asarray([2, 0, 1, 3, 1, 2], jnp.int32)
+    experts = jnp.asarray([1, 0, 2, 0, 3, 0], jnp.int32)  # row 4: padding expert
+    table = PageTable.padded(4, num_experts, 32, 16, jnp.asarray([0, 16, 32, 0]))  # slot 3: rank 0
+    valid = experts < num_experts
+    keys = slots * num_experts + jnp.where(valid, experts, 0)
+    units = per_row_units(keys, valid & (slots > 0), table, num_experts=num_experts, buckets=(16, 32))
+    np.testing.assert_array_equal(units.row0, np.arange(6))
+    np.testing.assert_array_equal(units.size, [1, 0, 1, 0, 0, 1])
+    np.testing.assert_array_equal(units.row_rank, [32, 0, 16, 0, 0, 32])
+    np.testing.assert_array_equal(units.bucket, [1, 0, 0, 0, 0, 1])
+    page = lambda slot, expert: int((table.start[slot] + expert * table.stride[slot]) * table.rank_block)
+    assert [int(units.page_row[i]) for i in (0, 2, 5)] == [page(2, 1), page(1, 2), page(2, 0)]
+    assert int(units.count[0]) == 6 and np.all(np.asarray(units.b_page_row) == np.asarray(units.page_row))
+
+
+PER_ROW = GpuBlocks(per_row_rows=1 << 20)
+
+
+@pytest.mark.parametrize("ksplit", [1, 2])
+def test_per_row_variant_matches_reference_with_poisoned_idle_rows(rng, ksplit):
+    """The per-row decode variant (no sort, no gathers): unaligned T, mixed ranks with rank buckets, slot-0 rows
+    of y NaN-poisoned and left untouched, an all-slot-0 batch bit-identical, and the grouped variant's result."""
+    m, d_in, out = 29, 128, 128
+    a, b = make_pages(rng, [0, 32, 16, 32], d_in, out)
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    slots = rng.integers(0, 4, size=m).astype(np.int32)
+    idle = slots == 0
+    y = jnp.asarray(np.where(idle[:, None], np.nan, rng.normal(size=(m, out))), BF)
+    slot_ranks = jnp.asarray([0, 32, 16, 32], jnp.int32)
+    blocks = GpuBlocks(per_row_rows=1 << 20, rank_buckets=True, decode_ksplit=ksplit)
+    got = np.asarray(dispatch.add_lora(y, x, jnp.asarray(slots), a, b, backend=GPU, blocks=blocks,
+                                       slot_ranks=slot_ranks), np.float32)
+    assert np.all(np.isnan(got[idle])) and np.all(np.isfinite(got[~idle]))
+    want = np.asarray(reference.add_delta(y, reference.lora_delta(x, jnp.asarray(slots), a, b)), np.float32)
+    assert rel_err(got[~idle], want[~idle]) < 1e-2
+    grouped = np.asarray(dispatch.add_lora(y, x, jnp.asarray(slots), a, b, backend=GPU, slot_ranks=slot_ranks,
+                                           blocks=GpuBlocks(rank_buckets=True, decode_ksplit=ksplit)), np.float32)
+    np.testing.assert_array_equal(got[~idle], grouped[~idle])
+    y0 = jnp.asarray(rng.normal(size=(m, out)), BF)
+    same = dispatch.add_lora(y0, x, jnp.zeros((m,), jnp.int32), a, b, backend=GPU, blocks=blocks)
+    np.testing.assert_array_equal(np.asarray(same, np.float32), np.asarray(y0, np.float32))
+
+
+def test_per_row_variant_per_expert_and_fused(rng):
+    """Per-expert rows (padding experts, empty (slot, expert) pairs) and two fused targets of different widths
+    and ranks in one launch, through the per-row variant."""
+    m, num_slots, num_experts, d_in = 40, 3, 4, 64
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    slots = jnp.asarray(rng.integers(0, num_slots, size=m), jnp.int32)
+    experts = jnp.asarray(rng.integers(0, num_experts + 1, size=m), jnp.int32)
+    a, b = make_pages(rng, [0, 16, 16], d_in, 128, experts=num_experts)
+    got = dispatch.expert_lora_delta(x, slots, experts, a, b, backend=GPU, blocks=PER_ROW)
+    assert rel_err(got, reference.expert_lora_delta(x, slots, experts, a, b)) < 1e-5
+    assert np.all(np.asarray(got)[np.asarray(experts) == num_experts] == 0)
+    pairs = [make_pages(rng, [0] + [r] * (num_slots - 1), d_in, w) for w, r in ((256, 32), (64, 16))]
+    pairs = [(jnp.swapaxes(pa, -1, -2), pb) for pa, pb in pairs]
+    ys = tuple(jnp.zeros((m, w), BF) for w in (256, 64))
+    fused = dispatch.add_lora_fused(ys, x, slots, pairs, a_rank_major=True, backend=GPU, blocks=PER_ROW)
+    for g, (pa, pb) in zip(fused, pairs):
+        want = reference.add_delta(jnp.zeros_like(g), reference.lora_delta(x, slots, pa, pb, a_rank_major=True))
+        assert rel_err(np.asarray(g, np.float32), np.asarray(want, np.float32)) < 1e-2
 
 
 @pytest.mark.parametrize("ksplit", [1, 2])  # prefill (whole D_in per unit) and decode (D_in split)
@@ -201,7 +268,7 @@ def test_float32_falls_back_to_reference(rng):
 
 
 @pytest.mark.parametrize("variant,m,r", [("decode", 37, 8), ("decode", 256, 64), ("prefill", 1500, 16),
-                                         ("prefill", 4096, 64)])
+                                         ("prefill", 4096, 64), ("per_row", 37, 32)])
 @pytest.mark.parametrize("expert", [False, True])
 def test_kernels_lower_for_cuda(variant, m, r, expert):
     """Pallas -> Mosaic GPU lowering on CPU, down to Mosaic GPU's dialect lowering (`lower_mgpu_dialect`, which
@@ -215,15 +282,18 @@ def test_kernels_lower_for_cuda(variant, m, r, expert):
     x, y = sds((m, h), BF), sds((m, h), BF)
     a, b = sds((*lead, h, r), BF), sds((*lead, r, h), BF)
     slots, experts = sds((m,), jnp.int32), sds((m,), jnp.int32)
+    kw = {"backend": dispatch.LoraBackend.GPU, "blocks": PER_ROW if variant == "per_row" else None}
     if expert:
-        step = lambda y, x, s, e, a, b: dispatch.add_expert_lora(y, x, s, e, a, b, backend=dispatch.LoraBackend.GPU)
+        step = lambda y, x, s, e, a, b: dispatch.add_expert_lora(y, x, s, e, a, b, **kw)
         args = (y, x, slots, experts, a, b)
     else:
-        step = lambda y, x, s, a, b: dispatch.add_lora(y, x, s, a, b, backend=dispatch.LoraBackend.GPU)
+        step = lambda y, x, s, a, b: dispatch.add_lora(y, x, s, a, b, **kw)
         args = (y, x, slots, a, b)
     text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 2
-    assert gpu_ops.pick_ksplit(m, h, GpuBlocks()) == (4 if variant == "decode" else 1)
+    assert gpu_ops.pick_ksplit(m, h, GpuBlocks()) == (1 if variant == "prefill" else 4)
+    # the per-row variant sorts nothing (the grouped one argsorts the rows' keys)
+    assert ("stablehlo.sort" in text) is (variant != "per_row")
 
 
 def test_unaligned_rows_hit_the_mosaic_gpu_tiling_check_on_cpu():

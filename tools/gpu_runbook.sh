@@ -6,14 +6,16 @@
 # with both modes in one call (eighth session: 0.99x). When an nvidia-h200-x4 is lent, x4_decode and x4_sweep
 # (issue 8's 2+2) come first; then mixtral_sweep (rerun with settled caches), then slo_sweep with
 # ADAPTER_LOADING=background. An 8-GPU machine: x8_decode and x8_sweep (issue 8). When only one GPU is lent:
-# host_inputs (~2 min: the packed step inputs against one copy per array, in one engine), cmdbuf with
+# lora_per_row (~5 min: the BGMV-like per-row units against the grouped kernels at decode sizes); host_inputs
+# (~2 min: the packed step inputs against one copy per array, in one engine); cmdbuf with
 # MODES=coupled1 (the sampler's branches inside CUDA graphs: the host would stop waiting in Execute for the
-# device to reach them; read its trace with tools/step_timeline.py), lora_kernels_expert, expert_gemm, then a lora_step with the kernels only where the thirteenth session's per-rank dispatch phase
-# found them winning (dense rank >= 32 from 64 rows, per expert from 256). Done on one GPU in the twelfth and
-# thirteenth sessions: lora_qkv (1-D grid too), kernel_compile, lora_step (its profile now keeps the trace for
-# tools/step_timeline.py), prefill_lora, every tune_gpu_blocks phase (dispatch per rank included).
-# Don't pipe a stage through `tail`: a call killed at its limit then returns no output (the logs under $OUT
-# still come back).
+# device to reach them; read its trace with tools/step_timeline.py); lora_step with the kernels only where the
+# thirteenth session's per-rank dispatch phase found them winning (BACKENDS="reference auto"
+# MIN_ROWS=16:2048,32:256,64:256,128:256: see the stage); lora_kernels_expert; expert_gemm. Done on one GPU in
+# the twelfth and thirteenth sessions: lora_qkv (1-D grid too), kernel_compile, lora_step (its profile now
+# keeps the trace for tools/step_timeline.py), prefill_lora, every tune_gpu_blocks phase (per-rank dispatch
+# included). Don't pipe a stage through `tail`: a call killed at its limit then returns no output (the logs
+# under $OUT still come back).
 # Stages:
 #
 #   compile_time  (1 GPU, ~2 min) benchmarks/compile_time.py at 2 and 8 layers: checks that the Mosaic GPU expert
@@ -84,11 +86,17 @@
 #                 32 adapters) with the step's numpy inputs packed into one copy against one copy per array,
 #                 alternating blocks in one engine (thirteenth session, separate processes: 4.15 against 4.29 ms,
 #                 within the noise between processes).
+#   lora_per_row  (1 GPU, ~5 min) benchmarks/lora_kernels.py at decode sizes: the kernels on per-row units
+#                 (units.per_row_units: no sort, no gathers of x or of the delta; GpuBlocks.per_row_rows, 0 in
+#                 the H200 entry until this runs) against the grouped kernels and the reference, dense (ranks
+#                 16-64), per expert (Qwen3 gate_up / down, 512 rows) and fused q/k/v. If per-row wins, set
+#                 per_row_rows in pallas_kernels/gpu/tuned_blocks.json (the device gets the working tree) and
+#                 run lora_step with BACKENDS="reference auto" MIN_ROWS=16:64,32:64,64:64,128:64.
 #   lora_qkv      (1 GPU, ~2 min) benchmarks/lora_kernels.py's fused q/k/v cases alone: one add_lora_fused call
 #                 (one shrink + one expand launch for three targets) against three add_lora calls and the
 #                 reference, at Qwen3 attention widths (twelfth session: fused 8% faster at 2,048 rows, 26%
-#                 slower at 256; thirteenth, 1-D expand grid: fused wins at 16, 256 and 2,048 rows, -3% at 256). QKV_CASES
-#                 (rows:adapters:rank,...) overrides the cases.
+#                 slower at 256; thirteenth, 1-D expand grid: fused wins at 16, 256 and 2,048 rows, -3% at
+#                 256). QKV_CASES (rows:adapters:rank,...) overrides the cases.
 #   kernel_compile (1 GPU, ~1 min) benchmarks/lora_kernel_compile.py: compile time of the LoRA kernels' programs
 #                 and of their glue's pieces, scatters of each kind included (twelfth session: one scatter of
 #                 any kind compiles in 0.05-0.33 s; the prefill delta 1.5 s). Next: what rank buckets (on in
@@ -98,7 +106,10 @@
 #                 the step-level gain and compile cost that would justify kernels at decode (twelfth session:
 #                 kernels 102 s to compile against 38, LoRA 550 us of device time per step against 381).
 #                 BACKENDS (default "reference gpu") picks; each keeps its profile's trace as
-#                 $OUT/lora_step_<backend>_trace.json.gz for tools/step_timeline.py.
+#                 $OUT/lora_step_<backend>_trace.json.gz for tools/step_timeline.py. The kernels only where
+#                 the per-rank dispatch phase found them winning: BACKENDS="reference auto"
+#                 MIN_ROWS=16:2048,32:256,64:256,128:256 (INFINILORA_GPU_KERNEL_MIN_ROWS for `auto`; with
+#                 64 requests the expert calls have 512 rows, the dense ones 64: experts on the kernels).
 #
 #   ./tools/gpu_runbook.sh compile_time       # device tool: run(command=..., kind=...), one stage per call
 set -uo pipefail
@@ -152,7 +163,8 @@ case "${1:-}" in
     echo "prefill_lora rc=$?"; show "$OUT/prefill_lora.log" 20 ;;
   lora_step)
     for backend in ${BACKENDS:-reference gpu}; do
-      INFINILORA_LORA_BACKEND=$backend timeout 270 python3 -u benchmarks/disagg.py --model $QWEN --num_layers 2 \
+      env INFINILORA_LORA_BACKEND=$backend ${MIN_ROWS:+INFINILORA_GPU_KERNEL_MIN_ROWS=$MIN_ROWS} \
+        timeout 270 python3 -u benchmarks/disagg.py --model $QWEN --num_layers 2 \
         --dtype bfloat16 --rank 32 --parts decode --modes coupled1 --requests 64 --adapters 32 --prompt_len 128 \
         --steps 16 --profile_steps 2 --no_lora_rows=false --trace_dir "/tmp/lora_step_$backend" \
         --out "$OUT/lora_step_$backend" > "$OUT/lora_step_$backend.log" 2>&1
@@ -164,6 +176,12 @@ case "${1:-}" in
     INFINILORA_LORA_BACKEND=reference timeout 300 python3 -u benchmarks/host_inputs.py --model $QWEN --num_layers 2 \
       --requests 64 --adapters 32 --rank 32 --block 16 --blocks 4 --out "$OUT/host_inputs" > "$OUT/host_inputs.log" 2>&1
     echo "host_inputs rc=$?"; show "$OUT/host_inputs.log" 10 ;;
+  lora_per_row)
+    timeout 560 python3 -u benchmarks/lora_kernels.py --cases 16:16:16,64:32:16,64:32:32,256:64:16,256:64:64 \
+      --qkv_cases 16:16:32,64:32:32,256:64:32 --iters 10 --repeats 2 \
+      --variants reference-rm,gpu-kernel-rm,gpu-per-row-rm,gpu-fused,gpu-fused-per-row \
+      --out "$OUT/lora_per_row" > "$OUT/lora_per_row.log" 2>&1
+    echo "lora_per_row rc=$?"; show "$OUT/lora_per_row.log" 40 ;;
   lora_qkv)
     timeout 560 python3 -u benchmarks/lora_kernels.py --cases= --expert_cases= --iters 10 --repeats 2 \
       --qkv_cases ${QKV_CASES:-16:16:32,64:32:32,256:64:32,2048:16:32} --out "$OUT/lora_qkv" > "$OUT/lora_qkv.log" 2>&1

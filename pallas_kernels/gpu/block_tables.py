@@ -37,6 +37,9 @@ class GpuBlocks:
     # pool's full rank: fewer bytes for small adapters in a large-rank pool, one kernel path per bucket (more
     # compile time). Off until an H200 run says what it buys.
     rank_buckets: bool = False
+    # Calls of up to this many rows use one work unit per row (units.per_row_units: no sort, no gathers; each
+    # row reads its own page), larger calls group rows by page. 0: never. Off until an H200 run says what it buys.
+    per_row_rows: int = 0
     # The dispatcher's automatic choice (dispatch.select_backend): the kernels for calls of at least this many
     # rows, the reference's gather + einsum below. Not a block size, but a per-device crossover of the same
     # timings; it also weighs compile time (every kernel instance adds to an engine's start-up).
@@ -60,7 +63,7 @@ class GpuBlocks:
             problems.append(f"expand_cols {self.expand_cols} not in {EXPAND_COL_CHOICES}")
         if self.decode_ksplit not in KSPLIT_CHOICES:
             problems.append(f"decode_ksplit {self.decode_ksplit} not in {KSPLIT_CHOICES}")
-        if self.decode_rows < 0 or self.kernel_min_rows < 0:
+        if self.decode_rows < 0 or self.kernel_min_rows < 0 or self.per_row_rows < 0:
             problems.append("row counts must be >= 0")
         if problems:
             raise ValueError("GpuBlocks: " + "; ".join(problems))

@@ -129,7 +129,7 @@ def expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], b_rows: tup
             local = cta - first_cta[t]
             u, j = t * per + local % per, local // per  # stacked unit index, column tile
             mine = (cta >= first_cta[t]) & (cta < first_cta[t + 1])
-            pl.when(mine & unit_of_target(u, t, per, count_ref))(functools.partial(target, t, u, j))
+            pl.when(mine & unit_of_target(u, t, per, count_ref, size_ref))(functools.partial(target, t, u, j))
 
     kernel = plgpu.kernel(
         body, out_type=tuple(jax.ShapeDtypeStruct((mx, b.shape[1]), jnp.float32) for b in b_rows),

@@ -1,12 +1,14 @@
 """Multi-LoRA on Hopper: group rows, build work units, shrink, expand; decode and prefill variants.
 
     decode  (BGMV-like: few rows per adapter, rows <= blocks.decode_rows): the shrink splits D_in over
-            blocks.decode_ksplit CTAs per unit, so a handful of adapters still keeps every SM streaming its pages.
+            blocks.decode_ksplit CTAs per unit, so a handful of adapters still keeps every SM streaming its pages;
+            up to blocks.per_row_rows rows, one unit per row in the rows' own order (no sort, no gathers).
     prefill (SGMV-like: long runs per adapter): one CTA per (unit, D_in), units of up to 64 rows per group.
-Both sort rows by (slot, expert) once (a gather of x), run one shrink and one expand launch for all the targets
-sharing x (fused q/k/v, gate/up: each CTA takes one target's unit), and add
+Both sort rows by (slot, expert) once (a gather of x; per-row units keep the rows in place), run one shrink and
+one expand launch for all the targets sharing x (fused q/k/v, gate/up: each CTA takes one target's unit), and add
 the delta into y in float32 (one rounding) at the rows' original positions; rows with no work (slot 0, padding
-experts, rank-0 targets) keep y bit-identical. Each page is read once per 64-row chunk of its group.
+experts, rank-0 targets) keep y bit-identical. Each page is read once per 64-row chunk of its group (once per
+row with per-row units).
 The tunable settings (pipeline depth, the decode split and its row limit, expand tile) come per device from
 block_tables.py (tuned_blocks.json), or as `blocks=`.
 """
@@ -22,7 +24,7 @@ from pallas_kernels.gpu.block_tables import GpuBlocks, blocks_for, current_devic
 from pallas_kernels.gpu.common import padded_rows
 from pallas_kernels.gpu.expand import expand, split_hi_lo
 from pallas_kernels.gpu.shrink import BK, shrink
-from pallas_kernels.gpu.units import build_units, rank_buckets
+from pallas_kernels.gpu.units import build_units, per_row_units, rank_buckets
 from pallas_kernels.grouping import group_rows
 from pallas_kernels.layout import PageTable
 
@@ -64,16 +66,26 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
     m = x.shape[0]
     blocks = device_blocks(x.dtype, interpret) if blocks is None else blocks
     ksplit = pick_ksplit(m, x.shape[1], blocks) if ksplit is None else ksplit
-    grouping = group_rows(keys, active, num_keys=tables[0].num_slots * num_experts)
     # Padding rows (to a multiple of 8, plus one window) keep every 64-row window in bounds and the row count a
     # multiple of the 8-row SMEM tile; they read row 0 and are never stored.
     mx = padded_rows(m)
-    x_sorted = x[jnp.concatenate([grouping.order, jnp.zeros((mx - m,), jnp.int32)])]
+    per_row = m <= blocks.per_row_rows  # one unit per row, rows in their own order (units.per_row_units)
+    if per_row:
+        grouping = None
+        x_sorted = jnp.concatenate([x, jnp.zeros((mx - m, x.shape[1]), x.dtype)])
+    else:
+        grouping = group_rows(keys, active, num_keys=tables[0].num_slots * num_experts)
+        x_sorted = x[jnp.concatenate([grouping.order, jnp.zeros((mx - m,), jnp.int32)])]
     ranks, buckets, units = [], [], []
     for table, b_table in zip(tables, b_tables or (None,) * len(tables)):
         ranks.append(table.max_blocks * table.rank_block)
         buckets.append(rank_buckets(ranks[-1], blocks.rank_buckets))
-        units.append(build_units(grouping, table, num_experts=num_experts, b_table=b_table, buckets=buckets[-1]))
+        if per_row:
+            units.append(per_row_units(keys, active, table, num_experts=num_experts, b_table=b_table,
+                                       buckets=buckets[-1]))
+        else:
+            units.append(build_units(grouping, table, num_experts=num_experts, b_table=b_table,
+                                     buckets=buckets[-1]))
     ranks, buckets, units = tuple(ranks), tuple(buckets), tuple(units)
     # every target in one shrink launch and one expand launch
     s_parts = shrink(x_sorted, tuple(a_rows), units, ranks=ranks, ksplit=ksplit, stages=blocks.stages,
@@ -90,7 +102,10 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
                     interpret=interpret)
     out = []
     for y, d, u in zip(ys, deltas, units):
-        d, work = d[grouping.inverse], (u.row_rank > 0)[grouping.inverse]
+        if per_row:  # rows never moved
+            d, work = d[:m], u.row_rank > 0
+        else:
+            d, work = d[grouping.inverse], (u.row_rank > 0)[grouping.inverse]
         out.append(jnp.where(work[:, None], (y.astype(jnp.float32) + d).astype(y.dtype), y))
     return tuple(out)
 

@@ -100,7 +100,7 @@ def shrink(x: jax.Array, a_rows: tuple[jax.Array, ...], units: tuple[Units, ...]
                     pl.when(bucket_ref[u] == i)(functools.partial(run, width))
 
         for t in range(num_targets):  # static paths; SMEM is shared between them (one runs per CTA)
-            pl.when(unit_of_target(u, t, per, count_ref))(functools.partial(target, t))
+            pl.when(unit_of_target(u, t, per, count_ref, size_ref))(functools.partial(target, t))
 
     kernel = plgpu.kernel(
         body, out_type=tuple(jax.ShapeDtypeStruct((ksplit, mx, out_width(r, jnp.float32)), jnp.float32)

@@ -10,6 +10,12 @@ Groups with no work (slot 0, a rank-0 target) get no unit, so they cost nothing.
 data-dependent; arrays have the static bound rows // UNIT_ROWS + groups (each group adds at most one partial
 chunk), and the kernels skip units past `count`.
 
+Per-row units (`per_row_units`, the BGMV-like decode variant): one unit per row, over the rows in their own
+order, so nothing is sorted and nothing is gathered: no group facts, no gather of x, no gather of the delta
+back. Each unit reads its row's whole page (a page shared by k rows is read k times, from L2 after the first)
+and a 64-row window of x for one row: at decode, where most pages serve one or two rows, that trades a little
+bandwidth for the dozen small glue kernels grouping costs. Rows with no work get size 0 and are skipped.
+
 Rank buckets: a unit whose page holds fewer rank rows than the arena's page width can read fewer. With static
 `buckets` (ascending widths, each a multiple of 16 dividing the widest), `bucket` is the narrowest that holds
 the unit's rank rows, and the kernels have one static-shaped path per bucket: a rank-16 adapter in a rank-64
@@ -60,15 +66,38 @@ def stack_units(units: tuple[Units, ...]) -> tuple[int, Units]:
     return per, jax.tree.map(lambda *fields: jnp.concatenate(fields), *units)
 
 
-def unit_of_target(u, t: int, per: int, count_ref):
-    """In a kernel: whether grid unit u is a unit in use of target t (stack_units' arrangement)."""
-    return (u >= t * per) & (u < t * per + count_ref[t])
+def unit_of_target(u, t: int, per: int, count_ref, size_ref):
+    """In a kernel: whether grid unit u is a unit in use of target t (stack_units' arrangement) with rows to do
+    (per-row units of rows with no work have size 0)."""
+    return (u >= t * per) & (u < t * per + count_ref[t]) & (size_ref[u] > 0)
 
 
 def window(row0, page_row):
     """In a kernel: (window start, the unit's offset in it, page row), with the divisibility Mosaic GPU needs."""
     base = row0 - row0 % ALIGN
     return pl.multiple_of(base, ALIGN), row0 - base, pl.multiple_of(page_row, ALIGN)
+
+
+def per_row_units(keys: jax.Array, active: jax.Array, table: PageTable, *, num_experts: int,
+                  b_table: PageTable | None = None, buckets: tuple[int, ...] | None = None) -> Units:
+    """One unit per row (row order kept: x needs no sorting); keys and active as grouping.group_rows takes
+    them. Units of rows with no work (inactive, or a rank-0 page) have size 0; the kernels skip them."""
+    m = keys.shape[0]
+    slot = jnp.clip(keys // num_experts, 0, table.num_slots - 1)
+    expert = keys % num_experts
+    nb = jnp.where(active, table.nblocks[slot], 0)
+    page_row = (table.start[slot] + expert * table.stride[slot]) * table.rank_block
+    b_page_row = page_row
+    if b_table is not None:
+        b_page_row = (b_table.start[slot] + expert * b_table.stride[slot]) * table.rank_block
+    widths = jnp.asarray(buckets or (table.max_blocks * table.rank_block,), jnp.int32)
+    bucket = jnp.minimum(jnp.sum(widths[None, :] < (nb * table.rank_block)[:, None], axis=1), widths.shape[0] - 1)
+    work = nb > 0
+    return Units(row0=jnp.arange(m, dtype=jnp.int32), size=work.astype(jnp.int32),
+                 page_row=jnp.where(work, page_row, 0).astype(jnp.int32),
+                 b_page_row=jnp.where(work, b_page_row, 0).astype(jnp.int32),
+                 count=jnp.full((1,), m, jnp.int32), row_rank=(nb * table.rank_block).astype(jnp.int32),
+                 bucket=jnp.where(work, bucket, 0).astype(jnp.int32))
 
 
 def rank_buckets(width: int, enabled: bool) -> tuple[int, ...]:
