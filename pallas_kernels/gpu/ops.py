@@ -70,12 +70,13 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
     # multiple of the 8-row SMEM tile; they read row 0 and are never stored.
     mx = padded_rows(m)
     per_row = m <= blocks.per_row_rows  # one unit per row, rows in their own order (units.per_row_units)
+    # x_rows: x in the kernels' row order (sorted by group, or as given for per-row units), padded
     if per_row:
         grouping = None
-        x_sorted = jnp.concatenate([x, jnp.zeros((mx - m, x.shape[1]), x.dtype)])
+        x_rows = jnp.concatenate([x, jnp.zeros((mx - m, x.shape[1]), x.dtype)])
     else:
         grouping = group_rows(keys, active, num_keys=tables[0].num_slots * num_experts)
-        x_sorted = x[jnp.concatenate([grouping.order, jnp.zeros((mx - m,), jnp.int32)])]
+        x_rows = x[jnp.concatenate([grouping.order, jnp.zeros((mx - m,), jnp.int32)])]
     ranks, buckets, units = [], [], []
     for table, b_table in zip(tables, b_tables or (None,) * len(tables)):
         ranks.append(table.max_blocks * table.rank_block)
@@ -88,7 +89,7 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
                                      buckets=buckets[-1]))
     ranks, buckets, units = tuple(ranks), tuple(buckets), tuple(units)
     # every target in one shrink launch and one expand launch
-    s_parts = shrink(x_sorted, tuple(a_rows), units, ranks=ranks, ksplit=ksplit, stages=blocks.stages,
+    s_parts = shrink(x_rows, tuple(a_rows), units, ranks=ranks, ksplit=ksplit, stages=blocks.stages,
                      buckets=buckets, interpret=interpret)
     his, los = [], []
     for s, u, rank, b in zip(s_parts, units, ranks, b_rows):
