@@ -43,12 +43,14 @@ flags.DEFINE_string("out", None, "write <out>.json")
 PHASES = ("schedule", "build", "dispatch", "wait", "complete")
 
 
-def measure(with_adapters: bool) -> dict:
+def decoding_engine(with_adapters: bool, timed_steps: int):
+    """(LLM whose F.requests requests all decode, room for `timed_steps` more steps each; the seconds their
+    prefill and its compilations took). The decode program is compiled too (one step run)."""
     targets = tuple(F.targets) if with_adapters else ()
     budget = max(256, F.requests)
     # the first requests decode while later prompts prefill: they must not reach max_tokens before the timed steps
     prefill_steps = -(-F.requests * F.prompt_len // budget) + 1
-    max_tokens = prefill_steps + F.steps + 32
+    max_tokens = prefill_steps + timed_steps + 32
     llm = LLM(F.model, dtype=F.dtype, num_layers=F.num_layers, max_lora_rank=F.rank, lora_targets=targets,
               max_adapters=max(F.adapters, 1), max_host_adapters=max(F.adapters, 1), max_num_seqs=F.requests,
               max_num_batched_tokens=budget, max_model_len=F.prompt_len + max_tokens + 1,
@@ -71,6 +73,12 @@ def measure(with_adapters: bool) -> dict:
     prefill_s = time.perf_counter() - t0
     print(f"  prefill (and its compilations) {prefill_s:.1f} s", flush=True)
     engine.step()  # compile the decode shape
+    return llm, prefill_s
+
+
+def measure(with_adapters: bool) -> dict:
+    llm, prefill_s = decoding_engine(with_adapters, F.steps)
+    engine = llm.engine
     times, phases = [], {k: [] for k in PHASES}
     for _ in range(F.steps):
         # LLMEngine.step's parts, timed apart: the host's work (schedule, build, complete) and the run: dispatch

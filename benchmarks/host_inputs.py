@@ -1,67 +1,39 @@
 """Decode steps with the step's numpy inputs packed into one transfer against one transfer per array, in one engine.
 
-B requests over A rank-r adapters decode; blocks of K steps alternate between the two ways of passing the host
-inputs (models/precompiled.py: `pack_host_inputs`), so both see the same process, device and batch. Prints the
-median step time and its host parts per way: dispatch (from the step's start until the program is enqueued:
-schedule, build, transfers, launch) and the rest (the device's step, tokens back, completion).
+decode_step.py's engine and flags (B requests over A rank-r adapters, all decoding); blocks of --steps steps
+alternate between the two ways of passing the host inputs (models/precompiled.py: `pack_host_inputs`), so both
+see the same process, device and batch. Prints the median step time and its parts per way: until the program is
+enqueued (schedule, build, transfers, launch) and the rest (the device's step, tokens back, completion).
 
     python benchmarks/host_inputs.py --model configs/models/qwen3-30b-a3b.json --num_layers 2 --requests 64 \\
-        --adapters 32 --rank 32 --out $OUT/host_inputs
+        --adapters 32 --rank 32 --steps 16 --blocks 4 --out $OUT/host_inputs
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import decode_step  # noqa: E402  (its flags and engine set-up)
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from infinilora_jax import LLM, SamplingParams  # noqa: E402
-from infinilora_jax.lora.random_adapter import random_adapter  # noqa: E402
-from infinilora_jax.lora.targets import ALL_TARGETS  # noqa: E402
-
 F = flags.FLAGS
-flags.DEFINE_string("model", None, "configs/models/*.json (random weights) or an HF dir; default: bundled tiny")
-flags.DEFINE_integer("num_layers", None, "cut the model to this many layers")
-flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "")
-flags.DEFINE_integer("requests", 64, "running requests")
-flags.DEFINE_integer("adapters", 32, "distinct adapters among them")
-flags.DEFINE_integer("rank", 32, "")
-flags.DEFINE_integer("prompt_len", 128, "")
-flags.DEFINE_integer("block", 16, "steps per block")
-flags.DEFINE_integer("blocks", 4, "blocks per way (alternating)")
-flags.DEFINE_string("out", None, "write <out>.json")
+flags.DEFINE_integer("blocks", 4, "blocks of --steps steps per way (alternating)")
 
 WAYS = {"packed": True, "separate": False}
 
 
 def main(argv):
     del argv
-    steps_needed = 2 * F.blocks * F.block + 2 * len(WAYS) + 8
-    llm = LLM(F.model, dtype=F.dtype, num_layers=F.num_layers, max_lora_rank=F.rank, lora_targets=ALL_TARGETS,
-              max_adapters=F.adapters, max_host_adapters=F.adapters, max_num_seqs=F.requests,
-              max_num_batched_tokens=max(256, F.requests), max_model_len=F.prompt_len + steps_needed + 64,
-              progress=False)
-    first = random_adapter(llm.config, "a0", F.rank, ALL_TARGETS, seed=0, dtype=llm.runner.dtype)
-    for k in range(F.adapters):  # contents do not change step times: one random adapter under every name
-        llm.runner.adapters.register_weights(dataclasses.replace(first, name=f"a{k}"))
-    engine, rng = llm.engine, np.random.default_rng(0)
-    params = SamplingParams(max_tokens=steps_needed + 32, temperature=0.0, ignore_eos=True)
-    for i in range(F.requests):
-        engine.add_request(rng.integers(3, llm.config.vocab_size, F.prompt_len).tolist(), params, f"a{i % F.adapters}")
-    t0 = time.perf_counter()
-    while any(len(r.output_token_ids) == 0 for r in engine.requests.values()):
-        engine.step()
-    print(f"  prefill and compile {time.perf_counter() - t0:.1f} s", flush=True)
-    steps = llm.runner.steps
+    llm, prefill_s = decode_step.decoding_engine(True, 2 * F.blocks * F.steps + 2 * len(WAYS))
+    engine, steps = llm.engine, llm.runner.steps
     times = {w: [] for w in WAYS}
-    dispatch = {w: [] for w in WAYS}
+    enqueued = {w: [] for w in WAYS}
     for way, pack in WAYS.items():  # each way's decode program is built before the timed blocks
         steps.pack_host_inputs = pack
         t0 = time.perf_counter()
@@ -71,17 +43,18 @@ def main(argv):
     for _ in range(F.blocks):
         for way, pack in WAYS.items():
             steps.pack_host_inputs = pack
-            for _ in range(F.block):
+            for _ in range(F.steps):
                 start = time.perf_counter()
                 engine.step()
                 times[way].append(time.perf_counter() - start)
-                dispatch[way].append(llm.runner.last_enqueued_at - start)
+                enqueued[way].append(llm.runner.last_enqueued_at - start)
     result = {"config": {k: getattr(F, k) for k in ("model", "num_layers", "dtype", "requests", "adapters", "rank",
-                                                     "prompt_len", "block", "blocks")}}
+                                                     "prompt_len", "steps", "blocks")},
+              "prefill_and_compile_s": prefill_s}
     print(f"  {'way':9} {'step ms':>8} {'until enqueued ms':>18} {'rest ms':>8}")
     for way in WAYS:
-        step, until = 1e3 * float(np.median(times[way])), 1e3 * float(np.median(dispatch[way]))
-        rest = 1e3 * float(np.median(np.subtract(times[way], dispatch[way])))
+        step, until = 1e3 * float(np.median(times[way])), 1e3 * float(np.median(enqueued[way]))
+        rest = 1e3 * float(np.median(np.subtract(times[way], enqueued[way])))
         result[way] = {"step_ms_median": step, "until_enqueued_ms_median": until, "rest_ms_median": rest,
                        "steps": len(times[way])}
         print(f"  {way:9} {step:8.3f} {until:18.3f} {rest:8.3f}")

@@ -174,7 +174,7 @@ case "${1:-}" in
     done ;;
   host_inputs)
     INFINILORA_LORA_BACKEND=reference timeout 300 python3 -u benchmarks/host_inputs.py --model $QWEN --num_layers 2 \
-      --requests 64 --adapters 32 --rank 32 --block 16 --blocks 4 --out "$OUT/host_inputs" > "$OUT/host_inputs.log" 2>&1
+      --requests 64 --adapters 32 --rank 32 --steps 16 --blocks 4 --out "$OUT/host_inputs" > "$OUT/host_inputs.log" 2>&1
     echo "host_inputs rc=$?"; show "$OUT/host_inputs.log" 10 ;;
   lora_per_row)
     timeout 560 python3 -u benchmarks/lora_kernels.py --cases 16:16:16,64:32:16,64:32:32,256:64:16,256:64:64 \
