@@ -31,7 +31,7 @@ def _trace(tmp_path):
 
 
 def test_timeline_nests_engine_spans_and_merges_program_runs(tmp_path):
-    events = step_timeline.load(_trace(tmp_path))
+    events = step_timeline.device_trace.load_events(_trace(tmp_path))
     host = [line for _, line in step_timeline.host_lines(events, min_us=30, max_depth=6)]
     assert host == ["host   $engine.py:162 step  1000 us", "host     $runner.py:97 _sample  600 us",
                     "host       PjitFunction(_sample)  500 us"]  # no 5 us span, no worker thread

@@ -16,22 +16,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
-import json
 import os
+import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-def load(path: str) -> list[dict]:
-    if os.path.isdir(path):
-        found = sorted(glob.glob(os.path.join(path, "**", "perfetto_trace.json.gz"), recursive=True),
-                       key=os.path.getmtime)
-        if not found:
-            raise SystemExit(f"no perfetto_trace.json.gz under {path}")
-        path = found[-1]
-    with gzip.open(path) as f:
-        data = json.load(f)
-    return data["traceEvents"] if isinstance(data, dict) else data
+from infinilora_jax.bench import device_trace  # noqa: E402
 
 
 def host_lines(events: list[dict], min_us: float, max_depth: int) -> list[tuple[float, str]]:
@@ -56,7 +46,7 @@ def host_lines(events: list[dict], min_us: float, max_depth: int) -> list[tuple[
 
 def device_lines(events: list[dict], min_us: float) -> list[tuple[float, str]]:
     """(start, line) per device: runs of one program's ops, copies, and idle stretches."""
-    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    names = device_trace.process_names(events)
     lines = []
     for pid, device in names.items():
         if not device.startswith("/device:"):
@@ -65,7 +55,7 @@ def device_lines(events: list[dict], min_us: float) -> list[tuple[float, str]]:
                      key=lambda e: e["ts"])
         run, end = None, None
         for e in ops + [None]:
-            module = e and (e.get("args") or {}).get("hlo_module")
+            module = e and device_trace.program_of(e)
             if run and (e is None or module is None or module != run["module"]
                         or e["ts"] - end >= min_us):
                 label = run["module"] or run["name"][:60]
@@ -90,7 +80,7 @@ def main() -> None:
     parser.add_argument("--min_us", type=float, default=30.0)
     parser.add_argument("--host_depth", type=int, default=6)
     args = parser.parse_args()
-    events = load(args.trace)
+    events = device_trace.load_events(args.trace)
     lines = sorted(host_lines(events, args.min_us, args.host_depth) + device_lines(events, args.min_us))
     if not lines:
         raise SystemExit("no events")

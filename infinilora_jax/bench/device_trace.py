@@ -43,12 +43,8 @@ def category(name: str) -> str:
 
 def _gaps(intervals: list[tuple[float, float]]) -> list[float]:
     """Idle stretches between the pieces of the union of [start, end) intervals, largest first."""
-    gaps, end = [], None
-    for s, e in sorted(intervals):
-        if end is not None and s > end:
-            gaps.append(s - end)
-        end = e if end is None else max(end, e)
-    return sorted(gaps, reverse=True)
+    ops = [{"ts": s, "dur": e - s, "name": ""} for s, e in sorted(intervals)]
+    return [d["us"] for d in _gap_details(ops)]
 
 
 def _gap_details(ordered: list[dict]) -> list[dict]:
@@ -59,13 +55,14 @@ def _gap_details(ordered: list[dict]) -> list[dict]:
     for e in ordered:
         if last is not None and e["ts"] > last["ts"] + last["dur"]:
             details.append({"us": e["ts"] - last["ts"] - last["dur"], "before": last["name"][:80],
-                            "after": e["name"][:80], "before_module": _module(last), "after_module": _module(e)})
+                            "after": e["name"][:80], "before_module": program_of(last), "after_module": program_of(e)})
         if last is None or e["ts"] + e["dur"] > last["ts"] + last["dur"]:
             last = e
     return sorted(details, key=lambda d: -d["us"])
 
 
-def _module(event: dict) -> str | None:
+def program_of(event: dict) -> str | None:
+    """The XLA program (`hlo_module`) a trace event belongs to, where the trace says."""
     return (event.get("args") or {}).get("hlo_module")
 
 
@@ -76,17 +73,30 @@ def _busy(intervals: list[tuple[float, float]]) -> float:
     return max(e for _, e in intervals) - min(s for s, _ in intervals) - sum(_gaps(intervals))
 
 
+def load_events(path: str) -> list[dict]:
+    """The events of a perfetto trace: `path` is a perfetto_trace.json.gz, or a directory whose newest one
+    (searched recursively) is read."""
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "**", "perfetto_trace.json.gz"), recursive=True),
+                       key=os.path.getmtime)
+        if not found:
+            raise FileNotFoundError(f"no perfetto_trace.json.gz under {path}")
+        path = found[-1]
+    with gzip.open(path) as f:
+        data = json.load(f)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def process_names(events: list[dict]) -> dict:
+    """pid -> process name ("/device:GPU:0", "/host:CPU", ...)."""
+    return {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+
+
 def summarize(trace_dir: str, calls: int = 1, top: int = 12) -> dict:
     """Summary of the newest perfetto trace under trace_dir (jax.profiler.trace(create_perfetto_trace=True)).
     Times in microseconds, per call (divided by `calls`)."""
-    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
-                   key=os.path.getmtime)
-    if not paths:
-        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
-    with gzip.open(paths[-1]) as f:
-        data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
-    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    events = load_events(trace_dir)
+    names = process_names(events)
     devices = [pid for pid, n in names.items() if n.startswith("/device:")] or list(names)
     out = {}
     for pid in devices:
@@ -106,7 +116,7 @@ def summarize(trace_dir: str, calls: int = 1, top: int = 12) -> dict:
         known = [d for d in inside if d["before_module"] and d["after_module"]]
         across = sum(d["us"] for d in known if d["before_module"] != d["after_module"])
         within = sum(d["us"] for d in known if d["before_module"] == d["after_module"])
-        modules = [m for m in map(_module, ordered) if m]
+        modules = [m for m in map(program_of, ordered) if m]
         runs = 1 + sum(a != b for a, b in zip(modules, modules[1:]))
         by_cat, by_name = collections.Counter(), collections.Counter()
         for e in ops:
@@ -152,4 +162,4 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["category", "format_summary", "summarize", "traced"]
+__all__ = ["category", "format_summary", "load_events", "process_names", "program_of", "summarize", "traced"]
