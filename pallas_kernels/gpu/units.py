@@ -78,20 +78,32 @@ def window(row0, page_row):
     return pl.multiple_of(base, ALIGN), row0 - base, pl.multiple_of(page_row, ALIGN)
 
 
+def _pages(keys, live, table: PageTable, num_experts: int, b_table: PageTable | None):
+    """Per key (slot * num_experts + expert): the rank blocks of its page (0 where not `live`), and the first A
+    and B arena rows of that page."""
+    slot = jnp.clip(keys // num_experts, 0, table.num_slots - 1)
+    expert = keys % num_experts
+    nb = jnp.where(live, table.nblocks[slot], 0)
+    page_row = (table.start[slot] + expert * table.stride[slot]) * table.rank_block
+    b_page_row = page_row
+    if b_table is not None:
+        b_page_row = (b_table.start[slot] + expert * b_table.stride[slot]) * table.rank_block
+    return nb, page_row, b_page_row
+
+
+def _bucket(nb, table: PageTable, buckets: tuple[int, ...] | None):
+    """The narrowest of the kernels' rank widths (`buckets`; None: the page width alone) holding nb rank blocks."""
+    widths = jnp.asarray(buckets or (table.max_blocks * table.rank_block,), jnp.int32)
+    return jnp.minimum(jnp.sum(widths[None, :] < (nb * table.rank_block)[:, None], axis=1), widths.shape[0] - 1)
+
+
 def per_row_units(keys: jax.Array, active: jax.Array, table: PageTable, *, num_experts: int,
                   b_table: PageTable | None = None, buckets: tuple[int, ...] | None = None) -> Units:
     """One unit per row (row order kept: x needs no sorting); keys and active as grouping.group_rows takes
     them. Units of rows with no work (inactive, or a rank-0 page) have size 0; the kernels skip them."""
     m = keys.shape[0]
-    slot = jnp.clip(keys // num_experts, 0, table.num_slots - 1)
-    expert = keys % num_experts
-    nb = jnp.where(active, table.nblocks[slot], 0)
-    page_row = (table.start[slot] + expert * table.stride[slot]) * table.rank_block
-    b_page_row = page_row
-    if b_table is not None:
-        b_page_row = (b_table.start[slot] + expert * b_table.stride[slot]) * table.rank_block
-    widths = jnp.asarray(buckets or (table.max_blocks * table.rank_block,), jnp.int32)
-    bucket = jnp.minimum(jnp.sum(widths[None, :] < (nb * table.rank_block)[:, None], axis=1), widths.shape[0] - 1)
+    nb, page_row, b_page_row = _pages(keys, active, table, num_experts, b_table)
+    bucket = _bucket(nb, table, buckets)
     work = nb > 0
     return Units(row0=jnp.arange(m, dtype=jnp.int32), size=work.astype(jnp.int32),
                  page_row=jnp.where(work, page_row, 0).astype(jnp.int32),
@@ -116,25 +128,16 @@ def build_units(grouping: Grouping, table: PageTable, *, num_experts: int, b_tab
     m = grouping.order.shape[0]
     num_groups = grouping.group_key.shape[0]
     live = jnp.arange(num_groups) < grouping.num_groups
-    slot = jnp.clip(grouping.group_key // num_experts, 0, table.num_slots - 1)
-    expert = grouping.group_key % num_experts
-    nb = jnp.where(live, table.nblocks[slot], 0)
+    nb, page_row, b_page_row = _pages(grouping.group_key, live, table, num_experts, b_table)
     size = jnp.where(nb > 0, grouping.group_size, 0)
     chunks = (size + UNIT_ROWS - 1) // UNIT_ROWS
     bound = m // UNIT_ROWS + num_groups
     ug, uw, ok, count = expand_items(chunks.astype(jnp.int32), bound)
     row0 = grouping.group_start[ug] + uw * UNIT_ROWS
-    page_row = (table.start[slot] + expert * table.stride[slot]) * table.rank_block
-    b_page_row = page_row
-    if b_table is not None:
-        b_page_row = (b_table.start[slot] + expert * b_table.stride[slot]) * table.rank_block
     # rank rows with data, per sorted row (inactive rows sort last and have group -1)
     sorted_group = grouping.row_group[grouping.order]
     row_rank = jnp.where(sorted_group >= 0, nb[jnp.maximum(sorted_group, 0)], 0) * table.rank_block
-    # the narrowest bucket holding the unit's rank rows (a unit has rows only if its page has some)
-    widths = jnp.asarray(buckets or (table.max_blocks * table.rank_block,), jnp.int32)
-    bucket = jnp.sum(widths[None, :] < (nb[ug] * table.rank_block)[:, None], axis=1)
-    bucket = jnp.minimum(bucket, widths.shape[0] - 1)
+    bucket = _bucket(nb[ug], table, buckets)  # a unit has rows only if its page has some
     return Units(row0=jnp.where(ok, row0, 0).astype(jnp.int32),
                  size=jnp.where(ok, jnp.minimum(UNIT_ROWS, size[ug] - uw * UNIT_ROWS), 0).astype(jnp.int32),
                  page_row=jnp.where(ok, page_row[ug], 0).astype(jnp.int32),
