@@ -74,7 +74,7 @@ flags.DEFINE_boolean("smoke", False, "tiny CPU run of --parts (float32, 4 reques
 flags.DEFINE_string("out", "out/disagg", "output path prefix")
 flags.DEFINE_integer("profile_steps", 0, "decode: after timing, trace this many steps and summarise device time "
                      "(busy, idle, collectives, GEMMs) per device (bench/device_trace.py)")
-flags.DEFINE_boolean("no_lora_rows", True, "decode: also time each mode without adapters")
+flags.DEFINE_boolean("without_lora", True, "decode: also time each mode without adapters (the no-LoRA baseline row)")
 flags.DEFINE_string("trace_dir", None, "decode: keep the profiled steps' raw traces under "
                     "<trace_dir>/<mode>_<adapters> (default: a temporary directory)")
 
@@ -189,7 +189,7 @@ def main(argv):
     if "decode" in F.parts:
         rows = results["decode"] = []
         for mode in F.modes:
-            for adapters, lora in ((F.adapters, True), (0, False))[: 2 if F.no_lora_rows else 1]:
+            for adapters, lora in ((F.adapters, True), (0, False))[: 2 if F.without_lora else 1]:
                 rows.append(decode_step(mode, adapters, with_lora=lora))
                 save()
         print(f"  {'mode':8} {'adapters':>8} {'lora':>5} {'step ms':>9} {'tokens/s':>9}")

@@ -166,7 +166,7 @@ case "${1:-}" in
       env INFINILORA_LORA_BACKEND=$backend ${MIN_ROWS:+INFINILORA_GPU_KERNEL_MIN_ROWS=$MIN_ROWS} \
         timeout 270 python3 -u benchmarks/disagg.py --model $QWEN --num_layers 2 \
         --dtype bfloat16 --rank 32 --parts decode --modes coupled1 --requests 64 --adapters 32 --prompt_len 128 \
-        --steps 16 --profile_steps 2 --no_lora_rows=false --trace_dir "/tmp/lora_step_$backend" \
+        --steps 16 --profile_steps 2 --without_lora=false --trace_dir "/tmp/lora_step_$backend" \
         --out "$OUT/lora_step_$backend" > "$OUT/lora_step_$backend.log" 2>&1
       echo "lora_step $backend rc=$?"; show "$OUT/lora_step_$backend.log" 20
       cp "$(ls -t /tmp/lora_step_$backend/coupled1_32/plugins/profile/*/perfetto_trace.json.gz | head -1)" \
