@@ -64,7 +64,8 @@ def test_packed_step_matches_separate_and_keeps_donation(precompile):
             steps.precompile([("step", _args())], workers=1)
             assert len(steps._compiled) == 1
         args = _args()
-        fn, call_args, packing = steps._callable("step", args)
+        fn, call_args, key = steps._callable("step", args)
+        packing = key[-1]  # the executable key ends with the packing (None: not packed)
         if pack:  # one int32 buffer for the 4 numpy leaves, the two states (weights, None), then kv
             assert isinstance(call_args[0], np.ndarray) and call_args[0].dtype == np.int32 and len(call_args) == 4
             assert call_args[1] is args[0] and call_args[2] is None and call_args[3] is args[3] and packing

@@ -24,10 +24,6 @@ ENV_VAR = "INFINILORA_HOST_INPUTS"
 MODES = ("packed", "separate")
 
 
-def _shape_key(name: str, batch) -> tuple:
-    return (name, *(tuple(x.shape) for x in jax.tree.leaves(batch)))
-
-
 def pack_host_inputs_default() -> bool:
     mode = os.environ.get(ENV_VAR, "packed").lower()
     if mode not in MODES:
@@ -50,8 +46,8 @@ class PrecompiledSteps:
     def run(self, name: str, *args):
         """Call step `name` with (state, state, batch, ...): through the executable `precompile` made for this
         batch's shapes if there is one, else through jit."""
-        fn, call_args, packing = self._callable(name, args)
-        executable = self._compiled.get((*_shape_key(name, args[2]), packing))
+        fn, call_args, key = self._callable(name, args)
+        executable = self._compiled.get(key)
         return (executable or fn)(*call_args)
 
     def precompile(self, calls: list[tuple[str, tuple]], workers: int = 8, on_done=None) -> None:
@@ -59,8 +55,7 @@ class PrecompiledSteps:
         device."""
         lowered = {}
         for name, args in calls:
-            fn, call_args, packing = self._callable(name, args)
-            key = (*_shape_key(name, args[2]), packing)
+            fn, call_args, key = self._callable(name, args)
             if key not in self._compiled and key not in lowered:
                 lowered[key] = fn.lower(*call_args)
         with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
@@ -71,17 +66,20 @@ class PrecompiledSteps:
                     on_done()
 
     def _callable(self, name: str, args: tuple):
-        """(jitted function, its arguments, packing key) for step `name` on `args`: with several numpy leaves and
-        packing on, a wrapper taking them as one int32 buffer, then the two states (args 0 and 1, device arrays,
-        passed through whole), then the other leaves (key: the host leaves' places and shapes); else the step
-        itself on `args` (key None). Run every step, so it stays cheap: the layout is built once per key."""
+        """(jitted function, its arguments, executable key) for step `name` on `args`: with several numpy leaves
+        and packing on, a wrapper taking them as one int32 buffer, then the two states (args 0 and 1, device
+        arrays, passed through whole), then the other leaves; else the step itself on `args`. The key: the name,
+        the batch's (args[2]) shapes and the packing (the host leaves' places and shapes, or None). Run every
+        step, so it stays cheap: the layout is built once per key."""
+        batch = jax.tree.flatten(args[2])
+        shapes = (name, *(tuple(x.shape) for x in batch[0]))
         if not self.pack_host_inputs:
-            return getattr(self, name), args, None
-        per_arg = [jax.tree.flatten(a) for a in args[2:]]
+            return getattr(self, name), args, (*shapes, None)
+        per_arg = [batch, *(jax.tree.flatten(a) for a in args[3:])]
         flat = [leaf for leaves, _ in per_arg for leaf in leaves]
         host = tuple(i for i, leaf in enumerate(flat) if host_inputs.packable(leaf))
         if len(host) < 2:
-            return getattr(self, name), args, None
+            return getattr(self, name), args, (*shapes, None)
         packing = (host, tuple((flat[i].shape, flat[i].dtype) for i in host))
         key = (name, tuple(t for _, t in per_arg), packing)
         if key not in self._packed:
@@ -89,7 +87,8 @@ class PrecompiledSteps:
             self._packed[key] = (self._packed_step(name, key[1], host, layout),
                                  [i for i in range(len(flat)) if i not in set(host)])
         fn, others = self._packed[key]
-        return fn, (host_inputs.pack([flat[i] for i in host]), *args[:2], *(flat[i] for i in others)), packing
+        return (fn, (host_inputs.pack([flat[i] for i in host]), *args[:2], *(flat[i] for i in others)),
+                (*shapes, packing))
 
     def _packed_step(self, name: str, treedefs: tuple, host: tuple[int, ...], layout):
         """jit(words, state, state, *other leaves) -> step `name`'s outputs (treedefs: of its arguments from the
