@@ -42,15 +42,17 @@ flags.DEFINE_string("layout", "1+1", "role layout of the disaggregated engine (m
 flags.DEFINE_string("out", None, "write this JSON")
 
 
-def sample_args(runner, batch, sampling) -> tuple:
-    """The `sample` step's arguments for one batch, in the engine's mode (weights as shapes only)."""
+def step_program(runner, batch, sampling, rows_out: int) -> tuple:
+    """(the generation step's forward program, its arguments for one batch) in the engine's mode (weights as
+    shapes only): coupled `logits` (its sampler is a separate small program), disaggregated `sample`."""
     if F.mode == "coupled":
-        return runner.model_state, runner.adapters.pool_state, batch, runner._kv_shapes, sampling
+        return runner.steps.logits, runner.logits_args(batch, rows_out)
     import jax
 
     state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                          (runner.weights, runner.kv))
-    return (*state, *runner._stack([batch]), runner._stack_sampling([sampling], len(batch.logits_indices)))
+    return runner.steps.sample, (*state, *runner._stack([batch]),
+                                 runner._stack_sampling([sampling], len(batch.logits_indices)))
 
 
 def time_programs(layers: int, gemm: str, lora: str) -> list[dict]:
@@ -69,10 +71,10 @@ def time_programs(layers: int, gemm: str, lora: str) -> list[dict]:
     for n, prefill in ((engine.shapes.tokens(F.max_num_seqs), False), (engine.shapes.tokens(F.prefill_tokens), True)):
         batch = padding_batch(engine.shapes, n, pages, prefill)
         sampling = SamplingArrays.build([], [], [], len(batch.logits_indices))
-        args = sample_args(engine.runner, batch, sampling)
+        program, args = step_program(engine.runner, batch, sampling, engine.rows_out)
         with grouped_matmul.use_expert_gemm(gemm), dispatch.CHOICE.use(lora):  # "auto": the platform's default
             t0 = time.perf_counter()
-            lowered = steps.sample.trace(*args).lower()
+            lowered = program.trace(*args).lower()
             t1 = time.perf_counter()
         lowered.compile()
         t2 = time.perf_counter()

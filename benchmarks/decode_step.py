@@ -2,9 +2,10 @@
 
 B running requests spread over A distinct rank-r adapters (on attention, router and experts); once every request
 is decoding, time K engine steps (host scheduling + one jitted forward + sampling; each step returns sampled
-tokens to the host). Then the same with no adapter pool at all. Prints step time, the ratio and tokens/s, and
-each step's parts: the host's scheduling, batch building and completion, the dispatch (until the step is enqueued)
-and the wait (device, tokens back): what overlapping host work with the device could save.
+tokens to the host), one at a time (no async scheduling). Then the same with no adapter pool at all. Prints
+step time, the ratio and tokens/s, and each step's parts: the host's scheduling, batch building and completion,
+the dispatch (until the step is enqueued) and the wait (device, tokens back): what async scheduling can hide
+(benchmarks/decode_variants.py measures it).
 
     python benchmarks/decode_step.py --model configs/models/mixtral-8x7b.json --requests 64 --adapters 32 \\
         --rank 16 --dtype bfloat16 --out $OUT/decode_step
@@ -79,6 +80,8 @@ def decoding_engine(with_adapters: bool, timed_steps: int):
 def measure(with_adapters: bool) -> dict:
     llm, prefill_s = decoding_engine(with_adapters, F.steps)
     engine = llm.engine
+    engine.async_scheduling = False
+    engine.step()  # completes a queued step: the parts below run one step at a time
     times, phases = [], {k: [] for k in PHASES}
     for _ in range(F.steps):
         # LLMEngine.step's parts, timed apart: the host's work (schedule, build, complete) and the run: dispatch
@@ -88,9 +91,11 @@ def measure(with_adapters: bool) -> dict:
         t.append(time.perf_counter())
         batch, sampling = engine.build_step(plan)
         t.append(time.perf_counter())
-        tokens, top, engine.kv = engine.runner.sample(batch, engine.kv, sampling, logprobs=plan.want_logprobs)
+        queued, engine.kv = engine.runner.sample(batch, engine.kv, sampling, engine.rows_out)
+        engine.mark_dispatched(plan)
         t.append(time.perf_counter())
-        t.insert(-1, engine.runner.last_enqueued_at)  # the run: dispatch (until the step is enqueued), then wait
+        tokens, top = engine.runner.fetch(queued)
+        t.append(time.perf_counter())
         outs = engine.complete_step(plan, tokens, top)
         t.append(time.perf_counter())
         times.append(t[-1] - t[0])

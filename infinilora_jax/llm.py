@@ -66,7 +66,8 @@ class LLM:
                  lora_targets: Sequence[str] = ALL_TARGETS, max_adapter_bytes: int | None = None,
                  page_size: int = 16, num_pages: int | None = None, max_num_seqs: int = 32,
                  max_num_batched_tokens: int = 256, num_layers: int | None = None, progress: bool = True,
-                 mode: str = "coupled", replicas: int = 1, adapter_loading: str = "step"):
+                 mode: str = "coupled", replicas: int = 1, adapter_loading: str = "step",
+                 async_scheduling: bool = True):
         """
         Args:
           model: a Hugging Face model directory (config.json + safetensors), a directory written by
@@ -92,6 +93,8 @@ class LLM:
           adapter_loading: "step": a cold adapter is copied in by the step that first uses it (layer by layer),
             which that whole batch waits for; "background": the copy runs while steps go on, and the requests
             that need it are admitted once it has landed (lora/adapter_cache.py).
+          async_scheduling: coupled mode: queue each step before reading the previous step's tokens, so the
+            host's scheduling overlaps the device (engine/engine.py); False: one step at a time.
         """
         if mode not in MODES:
             raise ConfigError(f"mode={mode!r}: choose one of {MODES}")
@@ -151,11 +154,12 @@ class LLM:
                        SchedulerConfig(max_num_seqs, max_num_batched_tokens, self.max_model_len),
                        self.tokenizer, self.config.eos_token_ids)
         if replicas > 1:
-            self.engine = ReplicaGroup(runners, *engine_args)
+            self.engine = ReplicaGroup(runners, *engine_args, async_scheduling=async_scheduling)
             self.runner = self.engine.runner  # the replicas' runners seen as one (a shared adapter registry)
+        elif mode == "disaggregated" and self.layout.dp > 1:
+            self.engine = InstanceGroup(self.runner, *engine_args)
         else:
-            engine_cls = InstanceGroup if mode == "disaggregated" and self.layout.dp > 1 else LLMEngine
-            self.engine = engine_cls(self.runner, *engine_args)
+            self.engine = LLMEngine(self.runner, *engine_args, async_scheduling=async_scheduling)
         for name, path in adapters.items():
             self.load_adapter(name, path)
 

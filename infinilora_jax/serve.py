@@ -36,6 +36,9 @@ _REPLICAS = flags.DEFINE_integer("replicas", 1, "coupled mode: independent repli
 _ADAPTER_LOADING = flags.DEFINE_enum("adapter_loading", "step", ["step", "background"], "step: a cold adapter is "
                                      "copied in by the step that first uses it (the batch waits); background: the "
                                      "copy runs while steps go on (docs/architecture/04-engine.md)")
+_ASYNC_SCHEDULING = flags.DEFINE_bool("async_scheduling", True, "queue each engine step before reading the "
+                                      "previous step's tokens, so scheduling overlaps the device (coupled mode; "
+                                      "docs/architecture/04-engine.md)")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "on CPU, split the host into this many devices (for --mesh)")
 _MAX_LORA_RANK = flags.DEFINE_integer("max_lora_rank", 16, "largest adapter rank the pool holds")
 _MAX_ADAPTERS = flags.DEFINE_integer("max_adapters", None, "adapter slots on the device (default: max(4, "
@@ -115,7 +118,7 @@ def main(argv):
     logging.info("compilation cache: %s", cache_dir or "off")
     llm = build_llm(_MODEL.value, parse_adapters(_ADAPTERS.value), dtype=_DTYPE.value,
                     mesh=_MESH.value or _LAYOUT.value, mode=_MODE.value, replicas=_REPLICAS.value,
-                    adapter_loading=_ADAPTER_LOADING.value,
+                    adapter_loading=_ADAPTER_LOADING.value, async_scheduling=_ASYNC_SCHEDULING.value,
                     max_lora_rank=_MAX_LORA_RANK.value, max_adapters=_MAX_ADAPTERS.value,
                     max_host_adapters=_MAX_HOST_ADAPTERS.value, max_model_len=_MAX_MODEL_LEN.value,
                     max_num_seqs=_MAX_NUM_SEQS.value, max_num_batched_tokens=_MAX_BATCHED.value,

@@ -1,5 +1,6 @@
 """The library API as users call it: bundled model, text prompts, sampling controls, and request errors."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -127,3 +128,21 @@ def test_logits_are_teacher_forced_next_token_scores():
     logits = llm.logits(prompt)
     assert logits.shape == (len(prompt), 512) and logits.dtype == np.float32
     assert int(np.argmax(logits[-1])) == ref["greedy__base__1"][0]
+
+
+def test_a_rows_sample_does_not_depend_on_its_batch_mates():
+    """A seeded row draws the same token alone, beside a greedy row, beside a top-p row (which makes the batch take
+    the filtering path), with the path picked on the device or on the host (SamplingArrays.work)."""
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(3, 64)).astype(np.float32) * 3)
+    plain = SamplingParams(temperature=0.8, seed=11)
+    batches = {"alone": [plain], "with greedy": [plain, SamplingParams(temperature=0.0)],
+               "with top-p": [plain, SamplingParams(temperature=1.0, top_p=0.5, seed=2)],
+               "with top-k": [plain, SamplingParams(temperature=1.0, top_k=3, seed=2), SamplingParams(temperature=0)]}
+    for counter in range(6):
+        drawn = set()
+        for params in batches.values():
+            rows = SamplingArrays.build(params, [p.seed or 0 for p in params], [counter] * len(params), 3)
+            for work in (None, rows.work()):
+                drawn.add(int(jax.jit(sample, static_argnums=(2, 3))(logits, rows, 64, work)[0]))
+        assert len(drawn) == 1, (counter, drawn)

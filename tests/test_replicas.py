@@ -193,7 +193,7 @@ def test_a_slow_replica_holds_back_only_its_own_requests(llm2):
         assert group.requests[slow].output_token_ids == [], "replica 0's first step is still on its device"
         late = group.add_request(ref["prompt_2"].tolist(), GREEDY, None, request_id="late")
         assert group.instance_of(late) == 1, "the idle replica takes the new request"
-        group.abort(slow)  # replica 0's step holds its pages now: the abort waits for that step
+        group.abort(slow)  # replica 0's engine is inside its step: the abort waits for that call
         assert not group.requests[slow].finished
         while late not in outs:
             for out in group.step():
@@ -206,7 +206,9 @@ def test_a_slow_replica_holds_back_only_its_own_requests(llm2):
     assert outs[fast].token_ids == ref["greedy__base__1"].tolist()[:6]
     assert outs[late].token_ids == ref["greedy__base__2"].tolist()
     finished = {r.request_id: r for r in group.pop_finished()}
-    assert finished[slow].finish_reason == "abort" and len(finished[slow].output_token_ids) == 1
+    # the held call queued replica 0's first step (async scheduling); the abort took effect when that call
+    # returned, before the step's token was read, so none arrived
+    assert finished[slow].finish_reason == "abort" and finished[slow].output_token_ids == []
     for inst in group.instances:
         assert inst.scheduler.allocator.num_free == inst.scheduler.allocator.capacity
 

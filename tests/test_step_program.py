@@ -4,7 +4,6 @@ time must not grow with depth in Python), and the implementations chosen at trac
 import re
 
 from infinilora_jax import LLM
-from infinilora_jax.engine.sampler import SamplingArrays
 from infinilora_jax.models import grouped_matmul
 from infinilora_jax.models.batch import padding_batch
 
@@ -14,9 +13,7 @@ from infinilora_jax.models.batch import padding_batch
 def _lowered_sample_step(llm: LLM) -> str:
     engine, runner = llm.engine, llm.runner
     batch = padding_batch(engine.shapes, engine.shapes.tokens(4), engine.shapes.page_buckets()[0], False)
-    sampling = SamplingArrays.build([], [], [], len(batch.logits_indices))
-    args = (runner.model_state, runner.adapters.pool_state, batch, runner._kv_shapes, sampling)
-    return runner.steps.sample.trace(*args).lower().as_text()
+    return runner.steps.logits.trace(*runner.logits_args(batch, engine.rows_out)).lower().as_text()
 
 
 def test_each_layer_structure_is_lowered_once_per_program():

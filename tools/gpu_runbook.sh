@@ -6,8 +6,7 @@
 # with both modes in one call (eighth session: 0.99x). When an nvidia-h200-x4 is lent, x4_decode and x4_sweep
 # (issue 8's 2+2) come first; then mixtral_sweep (rerun with settled caches), then slo_sweep with
 # ADAPTER_LOADING=background. An 8-GPU machine: x8_decode and x8_sweep (issue 8). When only one GPU is lent:
-# lora_per_row (~5 min: the BGMV-like per-row units against the grouped kernels at decode sizes); host_inputs
-# (~2 min: the packed step inputs against one copy per array, in one engine); cmdbuf with
+# async_scheduling (the engine's overlap of host and device, against one step at a time); cmdbuf with
 # MODES=coupled1 (the sampler's branches inside CUDA graphs: the host would stop waiting in Execute for the
 # device to reach them; read its trace with tools/step_timeline.py); lora_step with the kernels only where the
 # thirteenth session's per-rank dispatch phase found them winning (BACKENDS="reference auto"
@@ -82,16 +81,18 @@
 #                 per-rank dispatch phase (DISPATCH_RANKS=64,128: ~8 min, then DISPATCH_RANKS=32: ~3 min;
 #                 each call's ranks replace those ranks' in the entry; crossovers 256 rows at ranks 32-128).
 #                 PHASES=dispatch is the default.
-#   host_inputs   (1 GPU, ~2 min) benchmarks/host_inputs.py: decode steps (Qwen3 widths, 2 layers, 64 requests,
-#                 32 adapters) with the step's numpy inputs packed into one copy against one copy per array,
-#                 alternating blocks in one engine (thirteenth session, separate processes: 4.15 against 4.29 ms,
-#                 within the noise between processes).
-#   lora_per_row  (1 GPU, ~5 min) benchmarks/lora_kernels.py at decode sizes: the kernels on per-row units
+#   async_scheduling (1 GPU, ~2 min per depth) benchmarks/decode_variants.py --compare async_scheduling: decode
+#                 steps (Qwen3 widths, 64 requests, 32 rank-32 adapters) with step N+1 queued before step N's
+#                 tokens are read, against one step at a time, alternating blocks in one engine; LAYERS (default
+#                 "2 8") picks the depths, one process each.
+#   host_inputs   (1 GPU, ~2 min) benchmarks/decode_variants.py --compare host_inputs: decode steps (Qwen3 widths,
+#                 2 layers, 64 requests, 32 adapters) with the step's numpy inputs packed into one copy against
+#                 one copy per array, alternating blocks in one engine (fourteenth session: 3.77 against 4.37 ms).
+#   lora_per_row  (1 GPU, ~9 min) benchmarks/lora_kernels.py at decode sizes: the kernels on per-row units
 #                 (units.per_row_units: no sort, no gathers of x or of the delta; GpuBlocks.per_row_rows, 0 in
-#                 the H200 entry until this runs) against the grouped kernels and the reference, dense (ranks
-#                 16-64), per expert (Qwen3 gate_up / down, 512 rows) and fused q/k/v. If per-row wins, set
-#                 per_row_rows in pallas_kernels/gpu/tuned_blocks.json (the device gets the working tree) and
-#                 run lora_step with BACKENDS="reference auto" MIN_ROWS=16:64,32:64,64:64,128:64.
+#                 the H200 entry) against the grouped kernels and the reference, dense (ranks 16-64), per expert
+#                 (Qwen3 gate_up / down, 512 rows) and fused q/k/v. Fourteenth session: per-row loses every
+#                 dense and q/k/v case (up to 2.5x slower) and ties per expert (Qwen3 -2 to -4%, Mixtral +7%).
 #   lora_qkv      (1 GPU, ~2 min) benchmarks/lora_kernels.py's fused q/k/v cases alone: one add_lora_fused call
 #                 (one shrink + one expand launch for three targets) against three add_lora calls and the
 #                 reference, at Qwen3 attention widths (twelfth session: fused 8% faster at 2,048 rows, 26%
@@ -172,9 +173,17 @@ case "${1:-}" in
       cp "$(ls -t /tmp/lora_step_$backend/coupled1_32/plugins/profile/*/perfetto_trace.json.gz | head -1)" \
         "$OUT/lora_step_${backend}_trace.json.gz"
     done ;;
+  async_scheduling)
+    for layers in ${LAYERS:-2 8}; do
+      INFINILORA_LORA_BACKEND=reference timeout 280 python3 -u benchmarks/decode_variants.py \
+        --compare async_scheduling --model $QWEN --num_layers $layers --requests 64 --adapters 32 --rank 32 \
+        --steps 16 --blocks 4 --out "$OUT/async_scheduling_L$layers" > "$OUT/async_scheduling_L$layers.log" 2>&1
+      echo "async_scheduling L=$layers rc=$?"; show "$OUT/async_scheduling_L$layers.log" 8
+    done ;;
   host_inputs)
-    INFINILORA_LORA_BACKEND=reference timeout 300 python3 -u benchmarks/host_inputs.py --model $QWEN --num_layers 2 \
-      --requests 64 --adapters 32 --rank 32 --steps 16 --blocks 4 --out "$OUT/host_inputs" > "$OUT/host_inputs.log" 2>&1
+    INFINILORA_LORA_BACKEND=reference timeout 300 python3 -u benchmarks/decode_variants.py --compare host_inputs \
+      --model $QWEN --num_layers 2 --requests 64 --adapters 32 --rank 32 --steps 16 --blocks 4 \
+      --out "$OUT/host_inputs" > "$OUT/host_inputs.log" 2>&1
     echo "host_inputs rc=$?"; show "$OUT/host_inputs.log" 10 ;;
   lora_per_row)
     timeout 560 python3 -u benchmarks/lora_kernels.py --cases 16:16:16,64:32:16,64:32:32,256:64:16,256:64:64 \

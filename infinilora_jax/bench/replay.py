@@ -94,16 +94,21 @@ def settle_caches(engine, names: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def _step_units(engine) -> list[tuple[object, list[LLMEngine], object, str]]:
+ENGINE_RUNNER_CALLS = ("sample", "fetch")  # an LLMEngine's step queues a step and reads one's tokens back
+
+
+def _step_units(engine) -> list[tuple[object, list[LLMEngine], object, tuple[str, ...]]]:
     """What one recorded step is: (the object whose `step` runs it, the base instances it schedules, the runner
-    and the method that runs its step program). Each replica of a ReplicaGroup steps on its own (its `step`, its
-    runner's `sample`); an InstanceGroup steps all its instances at once (`sample_instances` of the shared
-    runner); an LLMEngine is one unit."""
+    and its methods that run step programs and wait for them). Each replica of a ReplicaGroup steps on its own
+    (its `step`, its runner's `sample` and `fetch`); an InstanceGroup steps all its instances at once
+    (`sample_instances` of the shared runner); an LLMEngine is one unit. With async scheduling, an LLMEngine's
+    `step` queues one step and waits for the one before it, so a record's features (what was scheduled) and its
+    wait belong to consecutive steps: in a steady stream, alike."""
     if getattr(engine, "runners", None) is not None:
-        return [(inst, [inst], inst.runner, "sample") for inst in engine.instances]
+        return [(inst, [inst], inst.runner, ENGINE_RUNNER_CALLS) for inst in engine.instances]
     if hasattr(engine, "instances"):
-        return [(engine, list(engine.instances), engine.runner, "sample_instances")]
-    return [(engine, [engine], engine.runner, "sample")]
+        return [(engine, list(engine.instances), engine.runner, ("sample_instances",))]
+    return [(engine, [engine], engine.runner, ENGINE_RUNNER_CALLS)]
 
 
 def measured(engine: LLMEngine, requests: list[WorkloadRequest], names: list[str],
@@ -209,16 +214,17 @@ class StepLog:
         units = _step_units(engine)
         self.origin = time.perf_counter()
         try:
-            for unit, (stepper, instances, runner, entry) in enumerate(units):
-                self._wrap(stepper, instances, runner, entry, unit)
+            for unit, (stepper, instances, runner, entries) in enumerate(units):
+                self._wrap(stepper, instances, runner, entries, unit)
             yield self
         finally:
-            for stepper, instances, runner, entry in units:
-                for obj, name in [(stepper, "step"), (runner, entry)] + [(i.scheduler, "schedule") for i in instances]:
+            for stepper, instances, runner, entries in units:
+                for obj, name in ([(stepper, "step")] + [(runner, e) for e in entries]
+                                  + [(i.scheduler, "schedule") for i in instances]):
                     if name in vars(obj):
                         delattr(obj, name)  # back to the class methods
 
-    def _wrap(self, stepper, instances, runner, entry, unit: int = 0) -> None:
+    def _wrap(self, stepper, instances, runner, entries: tuple[str, ...], unit: int = 0) -> None:
         # One unit steps in one thread at a time, so its captures need no lock; list.append is atomic for the
         # records that several replicas' threads append.
         captured, device, calls = [], [0.0], [0]
@@ -228,16 +234,17 @@ class StepLog:
                 captured.append(work)
                 return work
             inst.scheduler.schedule = schedule_and_keep
-        run = getattr(runner, entry)
-
-        def timed(*args, **kwargs):
-            t = time.perf_counter()
-            calls[0] += 1
-            try:
-                return run(*args, **kwargs)
-            finally:
-                device[0] += time.perf_counter() - t
-        setattr(runner, entry, timed)
+        def timed(run):
+            def call(*args, **kwargs):
+                t = time.perf_counter()
+                calls[0] += 1
+                try:
+                    return run(*args, **kwargs)
+                finally:
+                    device[0] += time.perf_counter() - t
+            return call
+        for entry in entries:
+            setattr(runner, entry, timed(getattr(runner, entry)))
         step = stepper.step
 
         caches = list({id(c): c for c in (i.runner.adapters for i in instances)}.values())
@@ -253,8 +260,8 @@ class StepLog:
             rows = [(r, n) for work in captured for r, n in work.rows]
             if rows:
                 if not calls[0]:
-                    raise RuntimeError(f"StepLog: the engine scheduled work but never called runner.{entry}")
-                pending = any(inst.scheduler.has_work() for inst in instances)
+                    raise RuntimeError(f"StepLog: the engine scheduled work but never called runner.{entries[0]}")
+                pending = any(inst.has_unfinished() for inst in instances)
                 self.records.append(StepRecord(sum(n for _, n in rows),
                                                len({r.adapter for r, _ in rows if r.adapter is not None}),
                                                len(rows), sum(n > 1 for _, n in rows), ms, 1e3 * device[0],

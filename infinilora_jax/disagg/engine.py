@@ -66,6 +66,8 @@ class InstanceGroup(InstanceSet):
         self.num_steps += 1
         outputs = failed
         for inst, plan in active:
+            inst.mark_dispatched(plan)
+        for inst, plan in active:
             d = self.instances.index(inst)
             outputs += inst.complete_step(plan, tokens[d], None if top is None else tuple(x[d] for x in top))
         return outputs

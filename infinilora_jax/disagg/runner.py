@@ -34,6 +34,7 @@ from infinilora_jax.disagg.roles import (
 )
 from infinilora_jax.disagg.step import DisaggStepFunctions
 from infinilora_jax.engine.kv_cache import CacheConfig
+from infinilora_jax.engine.runner import ModelRunner, StepTokens
 from infinilora_jax.engine.sampler import SamplingArrays
 from infinilora_jax.errors import ConfigError
 from infinilora_jax.lora.adapter_cache import AdapterCache
@@ -236,10 +237,18 @@ class DisaggRunner:
 
     # ---- steps (one base instance: the LLMEngine interface) ----
 
-    def sample(self, batch: StepBatch, kv, sampling: SamplingArrays,
-               logprobs: bool = False) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None, KVHandle]:
-        tokens, top = self.sample_instances([batch], [sampling], logprobs)
-        return tokens[0], (None if top is None else tuple(x[0] for x in top)), KVHandle(self)
+    # The step reads its role branches' predicates back to the host mid-step, so queueing the next step first
+    # would still wait for this one: the engine steps this runner in series (no async scheduling).
+    supports_async = False
+    fetch = staticmethod(ModelRunner.fetch)
+
+    def sample(self, batch: StepBatch, kv, sampling: SamplingArrays, rows_out: int, prev=None,
+               token_src: np.ndarray | None = None) -> tuple[StepTokens, KVHandle]:
+        """ModelRunner.sample's interface, run to the end (the tokens come back on the host)."""
+        if token_src is not None and (token_src >= 0).any():
+            raise ValueError("the disaggregated step takes no tokens from a queued step (no async scheduling)")
+        tokens, top = self.sample_instances([batch], [sampling], sampling.wants_logprobs)
+        return StepTokens(tokens[0], None if top is None else tuple(x[0] for x in top)), KVHandle(self)
 
     def score(self, batch: StepBatch, kv) -> tuple[np.ndarray, KVHandle]:
         self.adapters.flush()
@@ -299,9 +308,10 @@ class DisaggRunner:
         return np.asarray(logits)
 
     def precompile(self, batches: list[StepBatch], score_batches: list[StepBatch] = (), workers: int = 8,
-                   on_done=None) -> int:
+                   on_done=None, rows_out: int | None = None) -> int:
         """Compile ahead of time the programs `sample` (with and without a carried adapter load), `score` and
-        `prompt_logprobs` may run for these (one instance's) batch shapes."""
+        `prompt_logprobs` may run for these (one instance's) batch shapes (rows_out: unused, the sampler is part
+        of the step program here)."""
         dp = self.layout.dp
         shapes = lambda: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                                       (self.weights, self.kv))

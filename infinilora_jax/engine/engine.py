@@ -5,8 +5,18 @@
         for out in engine.step(): ...
 
 Each step: the scheduler picks work (decode tokens and prefill chunks under a token budget), the batch is packed
-into bucketed arrays (models/batch.py), the runner runs one jitted forward with the sampler fused in, and the
+into bucketed arrays (models/batch.py), the runner queues the jitted forward and a sampler program, and the
 sampled tokens are appended; requests stop on EOS, a stop token or string, max_tokens or the context limit.
+
+Async scheduling (on by default where the runner supports it, as vLLM's --async-scheduling): a step queues step
+N+1 before it waits for step N's tokens, so the host's work (fetching and appending N's tokens, detokenizing,
+scheduling and packing N+2) runs while the device computes N+1. Step N+1 is scheduled as if every row of N that
+samples emits its token: the decode row of such a request carries a placeholder that the program replaces with
+the token N sampled, still on the device (models/step.py `with_prev_tokens`). A request that stops in N (EOS,
+stop token or string, abort) has wasted a row in N+1, whose token is dropped; one that would reach max_tokens or
+the context limit with N's token is not scheduled in N+1. Outputs come one step later than they are computed.
+The device runs the steps in order, so the pages and adapter slot a finished request frees may be handed out at
+once: anything that writes them is queued after the step that still reads them.
 
 One thread steps an engine; another may add and abort requests while that step waits on the device (coupled
 replicas step in threads of their own: engine/replicas.py). A lock covers the host phases of a step (schedule,
@@ -30,7 +40,7 @@ from tqdm.auto import tqdm
 from infinilora_jax.engine.detokenizer import IncrementalDetokenizer
 from infinilora_jax.engine.kv_cache import CacheConfig
 from infinilora_jax.engine.request import Request, RequestOutput, Status, TokenLogprob
-from infinilora_jax.engine.runner import ModelRunner
+from infinilora_jax.engine.runner import ModelRunner, StepTokens
 from infinilora_jax.engine.sampler import SamplingArrays
 from infinilora_jax.engine.scheduler import ScheduledWork, Scheduler, SchedulerConfig
 from infinilora_jax.errors import CapacityError, RequestError
@@ -49,6 +59,17 @@ class StepPlan:
     rows: list[RowSpec]
     sampling_reqs: list[Request]  # requests that sample a token this step, in logits order
     want_logprobs: bool
+    # (row index, request) of decode rows whose input token the step in flight samples (async scheduling): the
+    # row holds a placeholder, replaced on the device
+    placeholder_rows: list[tuple[int, Request]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class QueuedStep:
+    """A step on the device whose tokens the engine has not read yet."""
+
+    plan: StepPlan
+    tokens: StepTokens
 
 
 def refuse_if_in_use(requests, name: str) -> None:
@@ -60,8 +81,12 @@ def refuse_if_in_use(requests, name: str) -> None:
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, cache: CacheConfig, scheduler: SchedulerConfig, tokenizer=None,
-                 eos_token_ids: tuple[int, ...] = ()):
+                 eos_token_ids: tuple[int, ...] = (), async_scheduling: bool = True):
+        """async_scheduling: queue each step before reading the previous one's tokens (module docstring); only
+        where the runner supports it (`supports_async`: not the disaggregated runner, whose step reads role-branch
+        predicates back mid-step and so would wait anyway)."""
         self.runner, self.cache_config, self.config = runner, cache, scheduler
+        self.async_scheduling = async_scheduling and runner.supports_async
         self.tokenizer = tokenizer
         self.eos = set(eos_token_ids)
         self.scheduler = Scheduler(scheduler, cache, runner.adapters)
@@ -74,6 +99,8 @@ class LLMEngine:
         self._ids = itertools.count()
         self._seeds = random.Random(0)
         self.num_steps = 0
+        self.rows_out = self.shapes.max_sampled_rows  # every step's tokens come back padded to this many rows
+        self._queued: QueuedStep | None = None  # the step on the device whose tokens are not read yet
         self._lock = threading.RLock()  # host state: requests, scheduler (module docstring)
         self._on_device = False  # a step's batch is on the device: aborts wait for it
         self._aborts_after_step: list[str] = []
@@ -132,6 +159,7 @@ class LLMEngine:
         """Abort every unfinished request (after a failed step) and return their ids. A KV cache whose buffers
         were donated to the failed step is allocated afresh, so the engine can serve again."""
         with self._lock:
+            self._queued = None  # its tokens are not wanted (and may never come, after a failure)
             ids = [r.request_id for r in self.requests.values() if not r.finished]
             for request_id in ids:
                 self.abort(request_id)
@@ -148,7 +176,12 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         with self._lock:
-            return self.scheduler.has_work() or bool(self._aborts_after_step)
+            return self.scheduler.has_work() or bool(self._aborts_after_step) or self._queued_is_wanted()
+
+    def _queued_is_wanted(self) -> bool:
+        """A step is queued whose tokens some unfinished request waits for (once every request it samples for has
+        finished or was aborted, nothing reads it: the device still runs it, in order, but no one waits)."""
+        return self._queued is not None and any(not r.finished for r in self._queued.plan.sampling_reqs)
 
     def pop_finished(self) -> list[Request]:
         with self._lock:
@@ -160,22 +193,64 @@ class LLMEngine:
     # ---- the step ----
 
     def step(self) -> list[RequestOutput]:
+        """Queue the next step (if there is work), then complete the one before it (async scheduling) or this one,
+        and return the completed step's outputs."""
         with self._lock:
             plan = self.schedule_step()
-            failed = self.failed_outputs()
-            if plan is None:
+            outputs = self.failed_outputs()
+            queued = self._queued if self._queued_is_wanted() else None
+            if plan is None and queued is None:
+                self._queued = None
                 self._abort_deferred()
-                return failed
-            batch, sampling = self.build_step(plan)
+                return outputs
+            if plan is not None:
+                batch, sampling = self.build_step(plan)
+                token_src = self.token_sources(plan, batch, queued)
             self._on_device = True
         try:
-            tokens, top, self.kv = self.runner.sample(batch, self.kv, sampling, logprobs=plan.want_logprobs)
-            with self._lock:
-                return failed + self.complete_step(plan, tokens, top)
+            if plan is not None:
+                tokens, self.kv = self.runner.sample(batch, self.kv, sampling, self.rows_out,
+                                                     prev=None if queued is None else queued.tokens,
+                                                     token_src=token_src)
+                with self._lock:
+                    self.mark_dispatched(plan)
+            self._queued = None if plan is None else QueuedStep(plan, tokens)
+            if queued is not None:
+                outputs += self._complete(queued)
+            if not self.async_scheduling and self._queued is not None:
+                queued, self._queued = self._queued, None
+                outputs += self._complete(queued)
+            return outputs
         finally:
             with self._lock:
                 self._on_device = False
                 self._abort_deferred()
+
+    def _complete(self, queued: QueuedStep) -> list[RequestOutput]:
+        tokens, top = self.runner.fetch(queued.tokens)  # waits for that step
+        with self._lock:
+            return self.complete_step(queued.plan, tokens, top)
+
+    def token_sources(self, plan: StepPlan, batch: StepBatch, queued: QueuedStep | None) -> np.ndarray | None:
+        """Per flat token of the batch, the row of the queued step's tokens that is its input (-1: the batch's
+        own token); None when no row takes one."""
+        if not plan.placeholder_rows:
+            return None
+        row_of = {id(req): i for i, req in enumerate(queued.plan.sampling_reqs)}
+        starts = np.cumsum([0] + [len(r.tokens) for r in plan.rows])
+        src = np.full(batch.num_tokens, -1, np.int32)
+        for b, req in plan.placeholder_rows:
+            src[starts[b]] = row_of[id(req)]
+        return src
+
+    def mark_dispatched(self, plan: StepPlan) -> None:
+        """The plan's step is on the device: its rows' tokens count as computed (their KV is written by the time
+        a later step reads it) and each sampling row's token as pending until `complete_step` lands it."""
+        self.num_steps += 1
+        for req, n in plan.work.rows:
+            req.num_computed_tokens += n
+        for req in plan.sampling_reqs:
+            req.num_pending += 1
 
     def failed_outputs(self) -> list[RequestOutput]:
         """Final outputs (finish_reason "error", `error` set) of the requests that failed while being scheduled."""
@@ -204,15 +279,21 @@ class LLMEngine:
             work = self.scheduler.schedule()
         if not work.rows:
             return None
-        rows, sampling_reqs = [], []
+        rows, sampling_reqs, placeholders = [], [], []
         for req, n in work.rows:
             start = req.num_computed_tokens
-            samples = start + n == req.num_tokens
-            rows.append(RowSpec(req.token_slice(start, n), start, req.adapter_slot, req.pages,
-                                "last" if samples else "none"))
+            samples = start + n == req.num_scheduled_tokens
+            if start + n > req.num_tokens:  # its input is the token the queued step samples (a decode row)
+                assert n == 1 and start == req.num_tokens and req.num_pending == 1, (req, n)
+                tokens = [0]
+                placeholders.append((len(rows), req))
+            else:
+                tokens = req.token_slice(start, n)
+            rows.append(RowSpec(tokens, start, req.adapter_slot, req.pages, "last" if samples else "none"))
             if samples:
                 sampling_reqs.append(req)
-        return StepPlan(work, rows, sampling_reqs, any(r.params.logprobs is not None for r in sampling_reqs))
+        return StepPlan(work, rows, sampling_reqs, any(r.params.logprobs is not None for r in sampling_reqs),
+                        placeholders)
 
     def build_step(self, plan: StepPlan, **shape) -> tuple[StepBatch, SamplingArrays]:
         """The step's arrays; `shape` (n_pad, p_pad, prefill) may force larger buckets (build_step_batch)."""
@@ -220,17 +301,19 @@ class LLMEngine:
                                     self.shapes, **shape)
         reqs = plan.sampling_reqs
         sampling = SamplingArrays.build([r.params for r in reqs], [r.seed for r in reqs],
-                                        [len(r.output_token_ids) for r in reqs], len(batch.logits_indices))
+                                        [len(r.output_token_ids) + r.num_pending for r in reqs],
+                                        len(batch.logits_indices))
         return batch, sampling
 
     def complete_step(self, plan: StepPlan, tokens: np.ndarray, top) -> list[RequestOutput]:
-        """Append the sampled tokens, stop what is finished, and return the step's outputs."""
-        self.num_steps += 1
+        """Append the sampled tokens (of a step `mark_dispatched` counted), stop what is finished, and return the
+        step's outputs. A request that finished while the step was queued (async scheduling) drops its token."""
         now = time.monotonic()
-        for req, n in plan.work.rows:
-            req.num_computed_tokens += n
         outputs = []
         for i, (req, token) in enumerate(zip(plan.sampling_reqs, tokens[: len(plan.sampling_reqs)])):
+            req.num_pending -= 1
+            if req.finished:
+                continue
             req.output_token_ids.append(int(token))
             if req.first_token_time is None:
                 req.first_token_time = now
@@ -296,8 +379,10 @@ class LLMEngine:
         score = [padding_batch(self.shapes, n, p, prefill, all_logits=True)
                  for n, p, prefill in (self.program_shapes(scoring=True) if scoring else [])]
         programs = (2 if self.runner.steps.has_pool else 1) * len(shapes) + 2 * len(score)
+        if self.runner.supports_async:  # its sampler programs: 3 works x with / without logprobs per rows bucket
+            programs += 6 * len({len(b.logits_indices) for b in shapes})
         with tqdm(total=programs, desc="compiling", disable=not progress, leave=False) as bar:
-            self.runner.precompile(shapes, score, workers, on_done=bar.update)
+            self.runner.precompile(shapes, score, workers, on_done=bar.update, rows_out=self.rows_out)
         return len(shapes) + len(score)
 
     # ---- teacher forcing ----
@@ -351,4 +436,4 @@ class LLMEngine:
             self.runner.adapters.release(adapter)
 
 
-__all__ = ["LLMEngine", "Status", "StepPlan"]
+__all__ = ["LLMEngine", "QueuedStep", "Status", "StepPlan"]

@@ -209,20 +209,23 @@ def shares_compiled_programs(device) -> bool:
 def outstanding_tokens(req: Request) -> int:
     """Work a request still brings to its replica: prompt (or recomputed) tokens not yet computed, plus the tokens
     it may still generate."""
-    return (req.num_tokens - req.num_computed_tokens) + max(0, req.params.max_tokens - len(req.output_token_ids))
+    return ((req.num_scheduled_tokens - req.num_computed_tokens)
+            + max(0, req.params.max_tokens - len(req.output_token_ids) - req.num_pending))
 
 
 class ReplicaGroup(InstanceSet):
     def __init__(self, runners: list[ModelRunner], cache: CacheConfig, scheduler: SchedulerConfig, tokenizer=None,
-                 eos_token_ids: tuple[int, ...] = (), *, affinity_slack: int | None = None):
+                 eos_token_ids: tuple[int, ...] = (), *, affinity_slack: int | None = None,
+                 async_scheduling: bool = True):
         """One LLMEngine per runner (each runner on its own devices). affinity_slack: the most outstanding tokens
         a replica holding a request's adapter may carry beyond the least loaded replica and still get the
-        request (None: max_num_batched_tokens)."""
+        request (None: max_num_batched_tokens). async_scheduling: each replica's engine's (LLMEngine)."""
         if not runners:
             raise ConfigError("a ReplicaGroup needs at least one runner")
         self.runners = runners
         self.runner = ReplicaRunners(runners)
-        self.instances = [LLMEngine(r, cache, scheduler, tokenizer, eos_token_ids) for r in runners]
+        self.instances = [LLMEngine(r, cache, scheduler, tokenizer, eos_token_ids, async_scheduling)
+                          for r in runners]
         self.cache_config, self.config, self.tokenizer = cache, scheduler, tokenizer
         self.affinity_slack = scheduler.max_num_batched_tokens if affinity_slack is None else affinity_slack
         self._pool = concurrent.futures.ThreadPoolExecutor(len(runners), thread_name_prefix="replica")

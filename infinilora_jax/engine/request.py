@@ -28,7 +28,8 @@ class Request:
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" (see `error`)
     error: str | None = None  # why the request failed (finish_reason "error": its adapter could not be read)
-    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache (or will be, once the queued steps run)
+    num_pending: int = 0  # tokens sampled by steps on the device, not yet appended (async scheduling)
     pages: list[int] = dataclasses.field(default_factory=list)
     adapter_slot: int | None = None  # pool slot while running, or queued for its adapter's background load
     num_preemptions: int = 0
@@ -54,6 +55,11 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens including those still on the device: what the scheduler plans the next step from."""
+        return self.num_tokens + self.num_pending
 
     @property
     def finished(self) -> bool:

@@ -15,6 +15,8 @@ import numpy as np
 
 from infinilora_jax.sampling import MAX_LOGPROBS, SamplingParams
 
+GREEDY, PLAIN, FILTERED = 0, 1, 2  # the sampler's work: argmax only, a tempered draw, top-k / top-p filtering
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +44,27 @@ class SamplingArrays:
             counters=fill(counters, np.int32, 0),
             logprobs=fill([p.logprobs is not None for p in params], np.bool_, False))
 
+    def work(self) -> int:
+        """The sampler work these (host) rows need: what `sample` would pick on the device."""
+        random_rows = np.asarray(self.temperature) > 0
+        if np.any(random_rows & ((np.asarray(self.top_k) > 0) | (np.asarray(self.top_p) < 1))):
+            return FILTERED
+        return PLAIN if random_rows.any() else GREEDY
 
-def sample(logits: jax.Array, s: SamplingArrays, vocab_size: int) -> jax.Array:
+    @property
+    def wants_logprobs(self) -> bool:
+        return bool(np.any(self.logprobs))
+
+
+def sample(logits: jax.Array, s: SamplingArrays, vocab_size: int, work: int | None = None) -> jax.Array:
     """logits: [M, V_padded] float32 -> sampled token ids [M] int32.
 
-    A branch taken on the device picks the work: argmax only when every row is greedy (the common decode batch
-    pays for no random draws over the vocabulary), a draw from the tempered distribution when some row samples,
-    and the top-k / top-p filter (a sort over the vocabulary) only when some row asks for it; one compiled
-    program serves every mix of sampling parameters.
+    The work: argmax only when every row is greedy (the common decode batch pays for no random draws over the
+    vocabulary), a draw from the tempered distribution when some row samples, and the top-k / top-p filter (a
+    sort over the vocabulary) only when some row asks for it. `work` None: a branch taken on the device picks
+    it, so one compiled program serves every mix of sampling parameters; else the caller picked it on the host
+    (`SamplingArrays.work`) and the program holds that path alone: XLA:GPU reads a branch's predicate back to the host,
+    which blocks the dispatching thread until the device reaches the branch (docs/architecture/04-engine.md).
     """
     logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -68,24 +83,33 @@ def sample(logits: jax.Array, s: SamplingArrays, vocab_size: int) -> jax.Array:
         keep &= (jnp.cumsum(probs, axis=-1) - probs) < s.top_p[:, None]  # smallest prefix reaching top_p
         keep = keep.at[:, 0].set(True)
         choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, ranked, -jnp.inf))
-        return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        chosen = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        # rows that filter nothing draw as `plain` does: a row's token must not depend on its batch-mates' settings
+        return jnp.where(filters, chosen, plain(logits))
 
     def plain(logits):
         return jax.vmap(jax.random.categorical)(keys, scaled(logits)).astype(jnp.int32)
 
     random_rows = s.temperature > 0
-    work = jnp.where(jnp.any(random_rows & ((s.top_k > 0) | (s.top_p < 1))), 2, jnp.any(random_rows).astype(jnp.int32))
-    sampled = jax.lax.switch(work, [lambda logits: greedy, plain, filtered], logits)
+    filters = (s.top_k > 0) | (s.top_p < 1)
+    paths = [lambda logits: greedy, plain, filtered]
+    if work is None:
+        work = jnp.where(jnp.any(random_rows & filters), FILTERED, jnp.any(random_rows).astype(jnp.int32))
+        sampled = jax.lax.switch(work, paths, logits)
+    elif work == GREEDY:
+        return greedy
+    else:
+        sampled = paths[work](logits)
     return jnp.where(random_rows, sampled, greedy)
 
 
-def token_logprobs(logits: jax.Array, tokens: jax.Array, wanted: jax.Array,
-                   vocab_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def token_logprobs(logits: jax.Array, tokens: jax.Array, wanted: jax.Array, vocab_size: int,
+                   compute_them: bool | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """logits: [M, V_padded] float32, tokens: [M] int32, wanted: [M] bool ->
     (logprob of each token [M] float32, top ids [M, K] int32, top logprobs [M, K] float32), K = min(20, vocab).
 
     Computed only when some row wants them (a branch on the device, so one compiled program serves every mix);
-    zeros otherwise.
+    zeros otherwise. `compute_them` True / False: the caller decided on the host (no branch; see `sample`).
     """
     k = min(MAX_LOGPROBS, vocab_size)
     m = logits.shape[0]
@@ -99,4 +123,7 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, wanted: jax.Array,
     def skip(logits):
         return jnp.zeros(m, jnp.float32), jnp.zeros((m, k), jnp.int32), jnp.zeros((m, k), jnp.float32)
 
-    return jax.lax.cond(jnp.any(wanted), compute, skip, logits.astype(jnp.float32))
+    logits = logits.astype(jnp.float32)
+    if compute_them is not None:
+        return compute(logits) if compute_them else skip(logits)
+    return jax.lax.cond(jnp.any(wanted), compute, skip, logits)

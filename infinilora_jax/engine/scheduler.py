@@ -85,7 +85,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             i += 1
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_pending and self._ends_with_pending(req):
+                continue  # the token on the device is its last: it finishes when that lands
+            n = min(req.num_scheduled_tokens - req.num_computed_tokens, budget)
             if n > 1 and self._prefill_rows(work) >= self.config.max_prefill_rows:
                 continue  # this step's prefill rows are taken: the chunk waits for the next step
             if not self._grow(req, req.num_computed_tokens + n, work):
@@ -98,6 +100,11 @@ class Scheduler:
             self._admit(budget, work)
         self.adapters.prefetch([r.adapter for r in list(self.waiting)[: self.config.lookahead]])
         return work
+
+    def _ends_with_pending(self, req: Request) -> bool:
+        """Its tokens on the device reach max_tokens or the context limit (async scheduling)."""
+        return (len(req.output_token_ids) + req.num_pending >= req.params.max_tokens
+                or req.num_scheduled_tokens >= self.config.max_model_len)
 
     @staticmethod
     def _prefill_rows(work: ScheduledWork) -> int:
@@ -123,6 +130,10 @@ class Scheduler:
         while (index < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs
                and scanned < self.config.lookahead):
             req = self.waiting[index]
+            if req.num_pending:  # preempted with a token on the device: admitted once it has landed
+                index += 1
+                scanned += 1
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if n > 1 and self._prefill_rows(work) >= self.config.max_prefill_rows:
                 return  # no prefill row left this step (first come, first served: no skipping)

@@ -94,6 +94,11 @@ class ShapePolicy:
         """Rows of the decode block (and sampled rows) of an N-token step: one token per row."""
         return min(n_pad, bucket(self.max_rows, 1))
 
+    @property
+    def max_sampled_rows(self) -> int:
+        """The most rows a sampling step samples (its logits rows: one per decode row or prefill chunk)."""
+        return self.decode_rows(self.tokens(self.max_tokens))
+
     def prefill_tiles(self, n_pad: int) -> int:
         return -(-n_pad // self.query_tile) + self.max_prefill_rows
 

@@ -58,10 +58,15 @@ class PrecompiledSteps:
             fn, call_args, key = self._callable(name, args)
             if key not in self._compiled and key not in lowered:
                 lowered[key] = fn.lower(*call_args)
+        self._compile_all(lowered, self._compiled, workers, on_done)
+
+    @staticmethod
+    def _compile_all(lowered: dict, into: dict, workers: int, on_done=None) -> None:
+        """Compile each lowered program (`workers` at once) into `into` under its key."""
         with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
             futures = {pool.submit(low.compile): key for key, low in lowered.items()}
             for future in concurrent.futures.as_completed(futures):
-                self._compiled[futures[future]] = future.result()
+                into[futures[future]] = future.result()
                 if on_done is not None:
                     on_done()
 
