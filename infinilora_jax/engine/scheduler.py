@@ -13,9 +13,12 @@ Per step, in order:
      requests) is passed over for one whose adapter can, within a lookahead window, so one busy adapter does
      not block the queue; a request that does not fit in the free pages blocks the queue (so long prompts are
      not starved).
-The adapters of the next queued requests are prefetched after each schedule. A request whose adapter cannot be
-read when it is admitted (its files changed or vanished since registration: AdapterLoadError) finishes with
-finish_reason "error" and is listed in `failed` for the engine to report; the queue goes on.
+With async scheduling (engine/engine.py) a step is planned while the one before it is still on the device: each
+request counts the tokens that step will append (`Request.num_scheduled_tokens`), one whose pending token is its
+last (max_tokens, the context limit) is skipped, and a preempted request is admitted again only once its pending
+token has landed. The adapters of the next queued requests are prefetched after each schedule. A request whose
+adapter cannot be read when it is admitted (its files changed or vanished since registration: AdapterLoadError)
+finishes with finish_reason "error" and is listed in `failed` for the engine to report; the queue goes on.
 """
 
 from __future__ import annotations
