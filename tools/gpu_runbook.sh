@@ -111,6 +111,8 @@
 #                 the per-rank dispatch phase found them winning: BACKENDS="reference auto"
 #                 MIN_ROWS=16:2048,32:256,64:256,128:256 (INFINILORA_GPU_KERNEL_MIN_ROWS for `auto`; with
 #                 64 requests the expert calls have 512 rows, the dense ones 64: experts on the kernels).
+#                 LAYERS (default 2) sets the depth: with async scheduling (fourteenth session) 2 layers are still
+#                 host-bound (2.09 ms per step, 1.58 ms of device time), 8 are device-bound.
 #
 #   ./tools/gpu_runbook.sh compile_time       # device tool: run(command=..., kind=...), one stage per call
 set -uo pipefail
@@ -165,7 +167,7 @@ case "${1:-}" in
   lora_step)
     for backend in ${BACKENDS:-reference gpu}; do
       env INFINILORA_LORA_BACKEND=$backend ${MIN_ROWS:+INFINILORA_GPU_KERNEL_MIN_ROWS=$MIN_ROWS} \
-        timeout 270 python3 -u benchmarks/disagg.py --model $QWEN --num_layers 2 \
+        timeout 270 python3 -u benchmarks/disagg.py --model $QWEN --num_layers ${LAYERS:-2} \
         --dtype bfloat16 --rank 32 --parts decode --modes coupled1 --requests 64 --adapters 32 --prompt_len 128 \
         --steps 16 --profile_steps 2 --without_lora=false --trace_dir "/tmp/lora_step_$backend" \
         --out "$OUT/lora_step_$backend" > "$OUT/lora_step_$backend.log" 2>&1
