@@ -13,6 +13,7 @@ the dispatch (until the step is enqueued) and the wait (device, tokens back): wh
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -38,6 +39,9 @@ flags.DEFINE_integer("rank", 16, "")
 flags.DEFINE_list("targets", list(ALL_TARGETS), "")
 flags.DEFINE_integer("prompt_len", 128, "")
 flags.DEFINE_integer("steps", 16, "timed decode steps")
+flags.DEFINE_integer("distinct_adapters", 4, "adapters with pages of their own; the others reuse theirs in turn "
+                     "(each still its own adapter and slot: contents do not change step times, and generating "
+                     "random pages takes seconds per adapter at real widths)")
 flags.DEFINE_string("out", None, "write <out>.json")
 
 
@@ -58,9 +62,13 @@ def decoding_engine(with_adapters: bool, timed_steps: int):
               progress=False)
     names = [None] * F.requests
     if with_adapters:
+        made = []
         for k in range(F.adapters):
-            llm.runner.adapters.register_weights(random_adapter(llm.config, f"a{k}", F.rank, targets, seed=k,
-                                                                dtype=llm.runner.dtype))
+            if k < max(1, F.distinct_adapters):
+                made.append(random_adapter(llm.config, f"a{k}", F.rank, targets, seed=k, dtype=llm.runner.dtype))
+            else:
+                made.append(dataclasses.replace(made[k % len(made)], name=f"a{k}"))
+            llm.runner.adapters.register_weights(made[-1])
         names = [f"a{i % F.adapters}" for i in range(F.requests)]
     rng = np.random.default_rng(0)
     engine = llm.engine

@@ -6,6 +6,7 @@ eviction in the engine; memory by role (no device holds bytes for a role it does
 exist only on LoRA devices).
 """
 
+import gc
 import json
 
 import jax
@@ -284,6 +285,12 @@ def _lora_devices(runner):
     return {d for d, r in runner.roles().items() if r == "lora"}
 
 
+def _describe_big(device, nbytes: int) -> list[str]:
+    """The live arrays on `device` of at least `nbytes` (for a failure's message)."""
+    return [f"{a.shape} {a.dtype} {a.sharding}" for a in jax.live_arrays()
+            if not a.is_deleted() and device in a.sharding.device_set and a.nbytes >= nbytes][:8]
+
+
 def _foreign_device_bytes(runner, devices):
     """Bytes of device memory, per device in `devices`, held by arrays that are not the runner's role buffers
     and live on its mesh or on one of those devices alone."""
@@ -325,8 +332,10 @@ def test_memory_by_role(llm44):
     assert len(lora) == 4 and all(0 < row["adapter_pages"] <= row["live_bytes"] for row in lora)
     lora_devices = _lora_devices(runner)
     largest_weight = max(s.nbytes for s in runner.weight_specs.values())
+    gc.collect()  # unreachable arrays of the module's earlier tests, not yet collected, are nobody's buffers
     for device, sizes in _foreign_device_bytes(runner, lora_devices).items():
-        assert all(n < largest_weight for n in sizes), (device, sizes, largest_weight)
+        assert all(n < largest_weight for n in sizes), (device, sizes, largest_weight, _describe_big(
+            device, largest_weight))
     # the check is not vacuous: a base weight replicated over the role mesh would be caught
     name = max(runner.weight_specs, key=lambda n: runner.weight_specs[n].nbytes)
     naive = jax.device_put(np.zeros(runner.weight_specs[name].shape, np.float32),

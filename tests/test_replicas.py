@@ -241,11 +241,13 @@ def test_replay_hooks_see_every_replica(llm2):
     steps = [inst.num_steps - n for inst, n in zip(llm2.engine.instances, steps)]
     assert min(steps) > 0 and len(log.records) == sum(steps), "one record per replica step, both replicas"
     assert all(r.instances == 1 for r in log.records)
-    assert not any("step" in vars(inst) or "sample" in vars(inst.runner) for inst in llm2.engine.instances)
+    assert not any("step" in vars(inst) or {"sample", "fetch"} & set(vars(inst.runner))
+                   for inst in llm2.engine.instances)
     assert sum(r.tokens for r in log.records) == sum(len(r.prompt) + r.max_tokens - 1 for r in reqs)
     assert all(r.device_ms > 0 for r in log.records)
     summary = replay.measured(llm2.engine, reqs, names, metrics.SLO(10.0, 10.0))
     assert summary["steps"] > 0 and summary["hits"] + summary["misses"] == 4
+    assert summary["async_scheduling"] is True  # the replicas' engines queue steps ahead (the default)
     # The slot limit and the policy switch act on every replica.
     limit = replay.AdapterSlotLimit(llm2)
     limit.set(1)

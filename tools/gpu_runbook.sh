@@ -6,15 +6,14 @@
 # with both modes in one call (eighth session: 0.99x). When an nvidia-h200-x4 is lent, x4_decode and x4_sweep
 # (issue 8's 2+2) come first; then mixtral_sweep (rerun with settled caches), then slo_sweep with
 # ADAPTER_LOADING=background. An 8-GPU machine: x8_decode and x8_sweep (issue 8). When only one GPU is lent:
-# async_scheduling (the engine's overlap of host and device, against one step at a time); cmdbuf with
-# MODES=coupled1 (the sampler's branches inside CUDA graphs: the host would stop waiting in Execute for the
-# device to reach them; read its trace with tools/step_timeline.py); lora_step with the kernels only where the
-# thirteenth session's per-rank dispatch phase found them winning (BACKENDS="reference auto"
-# MIN_ROWS=16:2048,32:256,64:256,128:256: see the stage); lora_kernels_expert; expert_gemm. Done on one GPU in
-# the twelfth and thirteenth sessions: lora_qkv (1-D grid too), kernel_compile, lora_step (its profile now
-# keeps the trace for tools/step_timeline.py), prefill_lora, every tune_gpu_blocks phase (per-rank dispatch
-# included). Don't pipe a stage through `tail`: a call killed at its limit then returns no output (the logs
-# under $OUT still come back).
+# async_scheduling with CMDBUF=off LAYERS=8 (~3 min: is the CUDA graph's per-step update and launch now the
+# step's bound?); lora_kernels_expert; expert_gemm. With two GPUs, also cmdbuf (MODES=disagg: the role branches'
+# conditionals inside CUDA graphs, so the disaggregated step would stop reading predicates back and could be
+# queued ahead like coupled steps). Done on one GPU in the twelfth to fourteenth sessions: lora_qkv (1-D grid
+# too), kernel_compile, lora_step (reference against kernels at decode, at 2 and 8 layers: the reference wins),
+# prefill_lora, every tune_gpu_blocks phase (per-rank dispatch included), lora_per_row, host_inputs,
+# async_scheduling (LAYERS="2 8"). Don't pipe a stage through `tail`: a call killed at its limit then returns no
+# output (the logs under $OUT still come back).
 # Stages:
 #
 #   compile_time  (1 GPU, ~2 min) benchmarks/compile_time.py at 2 and 8 layers: checks that the Mosaic GPU expert
@@ -84,7 +83,11 @@
 #   async_scheduling (1 GPU, ~2 min per depth) benchmarks/decode_variants.py --compare async_scheduling: decode
 #                 steps (Qwen3 widths, 64 requests, 32 rank-32 adapters) with step N+1 queued before step N's
 #                 tokens are read, against one step at a time, alternating blocks in one engine; LAYERS (default
-#                 "2 8") picks the depths, one process each.
+#                 "2 8") picks the depths, one process each. Fourteenth session: 0.82x at 2 layers, 0.67x at 8
+#                 (5.65 ms). Next: CMDBUF=off LAYERS=8 (XLA's CUDA-graph command buffers off: the 8-layer trace
+#                 shows `command_buffer::update` 1.4-1.7 ms and `cuGraphLaunch` 1.1-1.3 ms of host time per step
+#                 inside `Execute` before the device starts, while the device is busy ~2.9 ms per step; launching
+#                 kernels one by one lets the device start with the first; compare with 5.65 ms).
 #   host_inputs   (1 GPU, ~2 min) benchmarks/decode_variants.py --compare host_inputs: decode steps (Qwen3 widths,
 #                 2 layers, 64 requests, 32 adapters) with the step's numpy inputs packed into one copy against
 #                 one copy per array, alternating blocks in one engine (fourteenth session: 3.77 against 4.37 ms).
@@ -112,7 +115,8 @@
 #                 MIN_ROWS=16:2048,32:256,64:256,128:256 (INFINILORA_GPU_KERNEL_MIN_ROWS for `auto`; with
 #                 64 requests the expert calls have 512 rows, the dense ones 64: experts on the kernels).
 #                 LAYERS (default 2) sets the depth: with async scheduling (fourteenth session) 2 layers are still
-#                 host-bound (2.09 ms per step, 1.58 ms of device time), 8 are device-bound.
+#                 host-bound (2.09 ms per step, 1.58 ms of device time), and 8 too (5.61 ms, ~2.85 ms of device
+#                 time: the CUDA graph's update and launch, see async_scheduling).
 #
 #   ./tools/gpu_runbook.sh compile_time       # device tool: run(command=..., kind=...), one stage per call
 set -uo pipefail
@@ -176,11 +180,13 @@ case "${1:-}" in
         "$OUT/lora_step_${backend}_trace.json.gz"
     done ;;
   async_scheduling)
+    tag=""; [ "${CMDBUF:-on}" = off ] && tag=_nocmdbuf
     for layers in ${LAYERS:-2 8}; do
-      INFINILORA_LORA_BACKEND=reference timeout 280 python3 -u benchmarks/decode_variants.py \
-        --compare async_scheduling --model $QWEN --num_layers $layers --requests 64 --adapters 32 --rank 32 \
-        --steps 16 --blocks 4 --out "$OUT/async_scheduling_L$layers" > "$OUT/async_scheduling_L$layers.log" 2>&1
-      echo "async_scheduling L=$layers rc=$?"; show "$OUT/async_scheduling_L$layers.log" 8
+      env ${tag:+XLA_FLAGS=--xla_gpu_enable_command_buffer=} INFINILORA_LORA_BACKEND=reference timeout 280 \
+        python3 -u benchmarks/decode_variants.py --compare async_scheduling --model $QWEN --num_layers $layers \
+        --requests 64 --adapters 32 --rank 32 --steps 16 --blocks 4 --out "$OUT/async_scheduling_L$layers$tag" \
+        > "$OUT/async_scheduling_L$layers$tag.log" 2>&1
+      echo "async_scheduling L=$layers$tag rc=$?"; show "$OUT/async_scheduling_L$layers$tag.log" 8
     done ;;
   host_inputs)
     INFINILORA_LORA_BACKEND=reference timeout 300 python3 -u benchmarks/decode_variants.py --compare host_inputs \

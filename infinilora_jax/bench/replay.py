@@ -117,8 +117,9 @@ def measured(engine: LLMEngine, requests: list[WorkloadRequest], names: list[str
     steps that ran (`steps`: steps that did work; `step_tokens`: new tokens over all of them and all base
     instances; `step_ms_mean`, `step_ms_max`), the host time between steps (`gap_ms_mean`, `gap_ms_median`,
     `gaps`: host_gaps), the host time the caches spent staging and writing loads (`load_seconds`), the step
-    model fitted to the run (`step_model`) and the machine's 1-minute load average before and after (other
-    processes may share it)."""
+    model fitted to the run (`step_model`), whether the engine queued steps ahead (`async_scheduling`: then a
+    step's time is the period between steps, host work overlapped) and the machine's 1-minute load average
+    before and after (other processes may share it)."""
     cache = engine.runner.adapters
     before, load = dataclasses.replace(cache.stats), os.getloadavg()[0]
     log = StepLog()
@@ -134,7 +135,7 @@ def measured(engine: LLMEngine, requests: list[WorkloadRequest], names: list[str
                    gap_ms_median=float(np.median(gaps)) if len(gaps) else None, gaps=len(gaps),
                    load_seconds=cache.stats.load_seconds - before.load_seconds,
                    step_model=step_model(log.records, engine.runner.cfg.num_layers, engine_mode(engine)),
-                   load_average=(load, os.getloadavg()[0]))
+                   async_scheduling=queues_steps_ahead(engine), load_average=(load, os.getloadavg()[0]))
     return summary
 
 
@@ -144,6 +145,13 @@ def engine_mode(engine) -> str:
     from infinilora_jax.disagg.runner import DisaggRunner
 
     return "disaggregated" if isinstance(engine.runner, DisaggRunner) else "coupled"
+
+
+def queues_steps_ahead(engine) -> bool:
+    """Whether the engine's base instances use async scheduling (engine/engine.py; an InstanceGroup does not)."""
+    if hasattr(engine, "instances") and getattr(engine, "runners", None) is None:
+        return False
+    return all(inst.async_scheduling for inst in getattr(engine, "instances", [engine]))
 
 
 def host_gaps(records: list[StepRecord]) -> np.ndarray:
