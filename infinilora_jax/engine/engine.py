@@ -20,8 +20,8 @@ once: anything that writes them is queued after the step that still reads them.
 
 One thread steps an engine; another may add and abort requests while that step waits on the device (coupled
 replicas step in threads of their own: engine/replicas.py). A lock covers the host phases of a step (schedule,
-build, complete) and the request operations; an abort that arrives while a step is on the device takes effect
-when that step completes, since the step still writes the request's KV pages and tokens.
+build, complete) and the request operations; an abort that arrives while `step` queues a step or waits for one
+takes effect when that call returns (a token of the request still on the device is then dropped).
 """
 
 from __future__ import annotations
