@@ -64,6 +64,8 @@ flags.DEFINE_integer("coupled_slots", 8, "usable adapter slots of the coupled ba
 flags.DEFINE_float("emulated_load_ms", 50.0, "time per adapter load (0: none): a stall of the step that carries "
                    "it, or with --adapter_loading=background the earliest its requests run")
 flags.DEFINE_enum("adapter_loading", "step", ["step", "background"], "LLM(adapter_loading=...) of every engine")
+flags.DEFINE_bool("async_scheduling", True, "LLM(async_scheduling=...) of the coupled engines, and the simulator's "
+                  "model of them (the disaggregated engine steps one at a time)")
 flags.DEFINE_integer("max_num_seqs", 16, "")
 flags.DEFINE_integer("max_num_batched_tokens", 128, "")
 flags.DEFINE_integer("max_model_len", 256, "")
@@ -117,6 +119,8 @@ def main(argv):
         for key, value in measured.get("config", {}).items():
             if key in F and not F[key].present:
                 setattr(F, key, value)
+        if "async_scheduling" not in measured.get("config", {}) and not F["async_scheduling"].present:
+            F.async_scheduling = False  # recorded before async scheduling existed: one step at a time
     if F.sweep_adapters:
         F.num_adapters = max(F.num_adapters, *(int(n) for n in F.sweep_adapters))
     slo = metrics.SLO(F.slo_ttft, F.slo_tpot)
@@ -232,7 +236,8 @@ def _measure(wanted, spec, slo) -> dict:
                                           max_num_batched_tokens=F.max_num_batched_tokens,
                                           max_model_len=F.max_model_len, mesh=coupled_mesh,
                                           replicas=F.coupled_replicas, workers=F.compile_workers,
-                                          distinct=F.distinct_adapters, adapter_loading=F.adapter_loading)
+                                          distinct=F.distinct_adapters, adapter_loading=F.adapter_loading,
+                                          async_scheduling=F.async_scheduling)
         replay.emulate_cold_loads(llm.engine, F.emulated_load_ms / 1e3)
         limit = replay.AdapterSlotLimit(llm)
         for b in coupled:
@@ -267,7 +272,7 @@ def _measure(wanted, spec, slo) -> dict:
                     "emulated_load_ms", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_requests",
                     "prompt_len", "output_len", "zipf", "burstiness", "slo_ttft", "slo_tpot", "rel_tol",
                     "max_probes", "seed", "disagg_layout", "coupled_mesh", "coupled_replicas", "disagg_slots",
-                    "disagg_num_pages", "adapter_loading")},
+                    "disagg_num_pages", "adapter_loading", "async_scheduling")},
                 "layouts": {"coupled": _coupled_label(coupled_mesh), "disaggregated": disagg_layout},
                 "common_rate": common, "baselines": results, "disaggregated": disagg_note, "simulator": {}}
 
@@ -299,7 +304,8 @@ def _sweep(engines: dict, slots: dict, layouts: dict, spec, slo) -> dict:
         "model", "num_layers", "dtype", "rank", "pool_slots", "coupled_slots", "disagg_slots", "emulated_load_ms",
         "max_num_seqs", "disagg_max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_requests",
         "prompt_len", "output_len", "zipf", "burstiness", "slo_ttft", "slo_tpot", "rel_tol", "max_probes", "seed",
-        "disagg_layout", "coupled_mesh", "coupled_replicas", "sweep_adapters", "adapter_loading")},
+        "disagg_layout", "coupled_mesh", "coupled_replicas", "sweep_adapters", "adapter_loading",
+        "async_scheduling")},
         "layouts": layouts, "baselines": {}, "sweep": rows, "simulator": {}}
     for count in (int(n) for n in F.sweep_adapters):
         row = {"num_adapters": count, "baselines": {}}
@@ -403,7 +409,8 @@ def _sim_config(name: str, model) -> simulator.ClusterConfig:
                                        adapter_loading=F.adapter_loading)
     slots = baselines.reduced_slots(F.coupled_slots) if b.reduced_cache else F.coupled_slots
     return simulator.ClusterConfig("coupled", F.coupled_replicas, model, slots, F.emulated_load_ms, 0.0, b.policy,
-                                   F.max_num_seqs, F.max_num_batched_tokens, adapter_loading=F.adapter_loading)
+                                   F.max_num_seqs, F.max_num_batched_tokens, adapter_loading=F.adapter_loading,
+                                   async_scheduling=F.async_scheduling)
 
 
 def _calibrated_model():

@@ -261,6 +261,33 @@ def test_simulator_one_request_by_hand():
     (t,) = res.timings
     assert t.ttft == pytest.approx(prefill / 1e3) and t.finish == pytest.approx((prefill + 4 * step(1)) / 1e3)
     assert (res.hits, res.misses, res.steps) == (0, 1, 7)
+    # async scheduling: the first token comes back with the next step (a decode step); the last one at once, as
+    # no step follows it
+    res = simulator.simulate([req], dataclasses.replace(cfg, async_scheduling=True))
+    (t,) = res.timings
+    assert t.ttft == pytest.approx((prefill + step(1)) / 1e3)
+    assert t.finish == pytest.approx((prefill + 4 * step(1)) / 1e3) and res.steps == 7
+
+
+def test_simulator_async_scheduling_holds_a_finished_requests_pages_one_step():
+    """Async scheduling: a request's last token reaches the caller with the replica's next step, and its KV stays
+    taken until then, so a request waiting for that KV is admitted one step later than one step at a time."""
+    flat = calibration.StepTimeModel("flat", 1, 10.0, 1.0, 0.0)  # 10 ms + 1 ms per token
+    reqs = [workload.WorkloadRequest(0.0, 0, None, 2, prompt_tokens=4),
+            workload.WorkloadRequest(0.0, 0, None, 2, prompt_tokens=4),
+            workload.WorkloadRequest(0.0, 0, None, 1, prompt_tokens=4)]
+    cfg = simulator.ClusterConfig(step=flat, cache_slots=1, kv_tokens=12, max_num_seqs=4, prewarm=False)
+    sync = simulator.simulate(reqs, cfg).timings
+    async_ = simulator.simulate(reqs, dataclasses.replace(cfg, async_scheduling=True)).timings
+    # one step at a time: step 1 prefills both (18 ms), step 2 decodes both (12 ms), they finish and free 12 KV
+    # tokens, step 3 prefills the third (14 ms)
+    assert [t.finish for t in sync] == pytest.approx([0.030, 0.030, 0.044])
+    assert [t.first_token for t in sync] == pytest.approx([0.018, 0.018, 0.044])
+    # async: the first tokens come back with step 2; the finishes with step 3, which cannot use their KV yet
+    # (nothing to run: it only reads the tokens back, at 30 ms); step 4 prefills the third (14 ms); its token
+    # comes back when no step follows
+    assert [t.first_token for t in async_] == pytest.approx([0.030, 0.030, 0.044])
+    assert [t.finish for t in async_] == pytest.approx([0.030, 0.030, 0.044])
 
 
 @pytest.mark.parametrize("between", [True, False])
@@ -270,14 +297,15 @@ def test_simulator_jumps_change_nothing(between):
     routed between steps, where an arrival waits for a step boundary inside another replica's run)."""
     reqs = workload.generate(_spec(12.0, 300), None)
     firsts = []
-    for mode, policy, loading, routing, replicas in (
-            ("coupled", "fcfs", "step", None, 3), ("coupled", "sjf", "step", None, 3),
-            ("disaggregated", "fcfs", "step", None, 3), ("coupled", "fcfs", "background", None, 3),
-            ("disaggregated", "sjf", "background", None, 3), ("coupled", "fcfs", "step", "round_robin", 3),
-            ("coupled", "fcfs", "background", None, 1)):
+    for mode, policy, loading, routing, replicas, queued in (
+            ("coupled", "fcfs", "step", None, 3, False), ("coupled", "sjf", "step", None, 3, False),
+            ("disaggregated", "fcfs", "step", None, 3, False), ("coupled", "fcfs", "background", None, 3, False),
+            ("disaggregated", "sjf", "background", None, 3, False),
+            ("coupled", "fcfs", "step", "round_robin", 3, False), ("coupled", "fcfs", "background", None, 1, False),
+            ("coupled", "fcfs", "step", None, 3, True), ("coupled", "sjf", "background", None, 1, True)):
         kw = dict(mode=mode, policy=policy, num_replicas=replicas, lora_devices=2, exchange_ms_per_layer=0.05,
                   kv_tokens=4000, adapter_loading=loading, max_num_seqs=6,  # full batches: jumps past arrivals
-                  routing=routing, arrivals_between_steps=between)
+                  routing=routing, arrivals_between_steps=between, async_scheduling=queued)
         cfg = simulator.ClusterConfig(step=MODEL, cache_slots=8, load_ms=30.0, **kw)
         jumping, events = simulator.Simulator(cfg), []
         step = jumping._step

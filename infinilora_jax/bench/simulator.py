@@ -74,6 +74,13 @@ admission (prompt + max_tokens), so there is no preemption; prefetching into fre
 matters only while a cache is still filling). The disaggregated mode's base instances step independently here,
 while the engine steps them together as one program (disagg/engine.py).
 
+Async scheduling (`async_scheduling`, as LLM(async_scheduling=True), coupled engines' default): the engine
+queues a step before it reads the previous step's tokens, so a step's tokens reach the caller at the end of the
+replica's next step (at once when it has none), and a request whose last token is still on the device is not
+scheduled again but holds its KV and adapter slot until then (the next step's scheduling cannot use them). The
+step model should then be one fitted to async steps (replay.measured on such a run): their time is the period
+between steps. Off, a step's tokens come back at the end of the step itself.
+
 Steps that only decode, with nothing to admit until the next finish, arrival or landed load, repeat identically:
 they are advanced in one jump, so a simulated hour of decoding costs a few events. A jump ends at the first step
 boundary at or after the next event that may change what the replica does: a finish, a landed load, an arrival
@@ -121,6 +128,7 @@ class ClusterConfig:
     routing: str | None = None  # ROUTINGS; None: the engine's for the mode (module docstring)
     affinity_slack: int | None = None  # affinity routing, tokens; None: max_num_batched_tokens (as the engine)
     adapter_loading: str = "step"  # ADAPTER_LOADINGS (module docstring)
+    async_scheduling: bool = False  # outputs reach the caller one step late (module docstring)
     arrivals_between_steps: bool = True  # an arrival is routed (and can be admitted) only when no step is in
     # flight or at the first step completion at or after it, as the engine's callers add requests between steps
     # (module docstring, "When requests are routed"); False: at its arrival time, as the simulator did before
@@ -260,9 +268,12 @@ class _Replica:
         self.next_at = -math.inf  # its scheduled event: the end of its step in flight (or of its load wait)
         self.completes = True  # the step in flight completes at next_at (False: a load wait, then a step)
         self.version = 0  # of its next step: the event heap's older entries for it are stale
+        # async scheduling: requests whose first token / last token is on the device, not yet handed back
+        self.first_pending: list[_Req] = []
+        self.finishing: list[_Req] = []  # no longer scheduled; they keep their KV and slot until delivered
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.first_pending or self.finishing)
 
     def add(self, req: _Req) -> bool:
         """Queue a routed request; False if it can never fit (it never finishes: SimResult.unfinished)."""
@@ -282,7 +293,7 @@ class _Replica:
         return self.waiting_tokens + sum(r.size - r.computed for r in self.running)
 
     def unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return len(self.waiting) + len(self.running) + len(self.finishing)
 
     def has_affinity(self, adapter) -> bool:
         return adapter is not None and (adapter in self.cache.resident or self.adapter_users[adapter] > 0)
@@ -411,14 +422,19 @@ class Simulator:
             budget -= n
         stalls, admitted = self._admit(rep, now, budget, rows, prefill_rows)
         if not rows:
+            # async: a step with nothing new to queue reads the last one's tokens back; the caller's next step
+            # (after the host gap) may use what the finished requests gave up
+            if self._deliver(rep, now, finish) is not None:
+                return cfg.step.gap_ms / 1e3, 0
             return None, 0
         tokens = sum(n for _, n in rows)
         adapters = len({r.adapter for r, _ in rows if r.adapter is not None})
         dt = self._step_ms(tokens, adapters) + stalls * cfg.load_ms * (1 - cfg.load_overlap)
         gap = cfg.step.gap_ms  # host time after the step, before the replica's next one can start
         period = dt + gap
+        freed = self._deliver(rep, now + dt / 1e3, finish)  # async: the previous step's outputs, after scheduling
         jump = 1
-        if self.jump and not admitted and all(n == 1 for _, n in rows):  # a run of identical decode steps
+        if self.jump and not admitted and not freed and all(n == 1 for _, n in rows):  # identical decode steps
             jump = min(r.max_tokens - r.generated for r, _ in rows)
             room = len(rep.running) < cfg.max_num_seqs  # an arrival or a landed load could be admitted
             routed_by_state = cfg.num_replicas > 1 and cfg.router != "round_robin"
@@ -437,19 +453,45 @@ class Simulator:
             req.computed += n + (jump - 1)
             if req.computed >= req.num_tokens:  # the row's last token was computed: it samples one
                 req.generated += jump
-                if math.isnan(req.first_token):
-                    req.first_token = now + dt / 1e3
+                if math.isnan(req.first_token) and req not in rep.first_pending:
+                    if not cfg.async_scheduling:
+                        req.first_token = now + dt / 1e3
+                    elif jump > 1:  # sampled by the run's first step, handed back by its second
+                        req.first_token = now + (2 * dt + gap) / 1e3
+                    else:
+                        rep.first_pending.append(req)
                 if req.generated >= req.max_tokens:
                     done.append(req)
         for req in done:
-            finish[req.index] = end
             rep.running.remove(req)
-            rep.kv_free += req.size
-            rep.adapter_users[req.adapter] -= 1
-            if req.adapter is not None:
-                rep.cache.release(req.adapter)
-                req.holds_slot = False
+            if cfg.async_scheduling:
+                rep.finishing.append(req)
+            else:
+                finish[req.index] = end
+                self._release(rep, req)
         return jump * period / 1e3, jump
+
+    def _deliver(self, rep: _Replica, at: float, finish: dict) -> bool | None:
+        """Async scheduling: hand back the previous step's outputs at `at` (first tokens; finished requests give
+        up their KV and slot). Returns whether any request finished; None when nothing was waiting."""
+        if not (rep.first_pending or rep.finishing):
+            return None
+        for req in rep.first_pending:
+            req.first_token = at
+        rep.first_pending = []
+        done, rep.finishing = rep.finishing, []
+        for req in done:
+            finish[req.index] = at
+            self._release(rep, req)
+        return bool(done)
+
+    @staticmethod
+    def _release(rep: _Replica, req: _Req) -> None:
+        rep.kv_free += req.size
+        rep.adapter_users[req.adapter] -= 1
+        if req.adapter is not None:
+            rep.cache.release(req.adapter)
+            req.holds_slot = False
 
     def _admit(self, rep: _Replica, now: float, budget: int, rows: list, prefill_rows: int) -> tuple[int, bool]:
         """Admit waiting requests into this step (engine/scheduler.py `_admit`); returns (the loads that stall
@@ -457,7 +499,7 @@ class Simulator:
         cfg = self.cfg
         background = cfg.adapter_loading == "background"
         stalls, admitted, index, scanned = 0, False, 0, 0
-        while (index < len(rep.waiting) and budget > 0 and len(rep.running) < cfg.max_num_seqs
+        while (index < len(rep.waiting) and budget > 0 and len(rep.running) + len(rep.finishing) < cfg.max_num_seqs
                and scanned < cfg.lookahead):
             req = rep.waiting[index][2]
             n = min(req.prompt, budget)
