@@ -70,6 +70,9 @@ flags.DEFINE_integer("steps", 16, "decode: timed steps")
 flags.DEFINE_list("sweep", ["1", "8", "32", "64", "128"], "sweep: adapter counts (pool slots = count)")
 flags.DEFINE_integer("max_num_batched_tokens", 512, "")
 flags.DEFINE_integer("num_pages", None, "KV pages (default: the LLM's)")
+flags.DEFINE_boolean("async_scheduling", True, "coupled modes queue each step before reading the previous one's "
+                     "tokens (the engine's default); the disaggregated engine steps one at a time either way, so "
+                     "--noasync_scheduling compares the two modes' steps like for like")
 flags.DEFINE_boolean("smoke", False, "tiny CPU run of --parts (float32, 4 requests, rank 8)")
 flags.DEFINE_string("out", "out/disagg", "output path prefix")
 flags.DEFINE_integer("profile_steps", 0, "decode: after timing, trace this many steps and summarise device time "
@@ -92,7 +95,7 @@ def make_llm(mode: str, max_adapters: int, targets, max_num_seqs: int, max_model
                num_layers=F.num_layers, max_lora_rank=F.rank, lora_targets=targets, max_adapters=max_adapters,
                max_host_adapters=max(max_adapters, 1), max_num_seqs=max_num_seqs,
                max_num_batched_tokens=max(F.max_num_batched_tokens, max_num_seqs), max_model_len=max_model_len,
-               num_pages=F.num_pages, progress=False)
+               num_pages=F.num_pages, progress=False, async_scheduling=F.async_scheduling)
 
 
 def register(llm, count: int, targets) -> list[str]:
@@ -179,7 +182,8 @@ def main(argv):
         F.dtype, F.requests, F.adapters, F.prompt_len, F.steps = "float32", 4, 2, 8, 2
         F.sweep, F.rank, F.max_num_batched_tokens = ["1", "4"], 8, 16
     results = {"config": {k: getattr(F, k) for k in ("model", "num_layers", "dtype", "coupled_mesh", "disagg_mesh",
-                                                      "rank", "requests", "adapters", "prompt_len")}}
+                                                      "rank", "requests", "adapters", "prompt_len",
+                                                      "async_scheduling")}}
     os.makedirs(os.path.dirname(F.out) or ".", exist_ok=True)
 
     def save():  # after every row: a run cut off by a device-call limit keeps what it finished
