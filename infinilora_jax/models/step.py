@@ -136,7 +136,7 @@ class StepFunctions(PrecompiledSteps):
 
     def sampler(self, logits, sampling: SamplingArrays, work: int, logprobs: bool, rows_out: int):
         """Sample rows of `logits` (a `logits` step's output, on the device) with the host-chosen `work`
-        (sampler.sampler_work). -> (token ids [rows_out] int32, rows past M zero, replicated over the mesh so the
+        (SamplingArrays.work). -> (token ids [rows_out] int32, rows past M zero, replicated over the mesh so the
         next step reads them as `prev_tokens`; and when `logprobs`, their logprobs [M], top ids [M, K], top
         logprobs [M, K]). Nothing waits for the device; the sampling rows cross in one transfer."""
         key = self.sampler_key(logits.shape[0], work, logprobs, rows_out)
