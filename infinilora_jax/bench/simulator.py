@@ -453,7 +453,7 @@ class Simulator:
             req.computed += n + (jump - 1)
             if req.computed >= req.num_tokens:  # the row's last token was computed: it samples one
                 req.generated += jump
-                if math.isnan(req.first_token) and req not in rep.first_pending:
+                if math.isnan(req.first_token):
                     if not cfg.async_scheduling:
                         req.first_token = now + dt / 1e3
                     elif jump > 1:  # sampled by the run's first step, handed back by its second
