@@ -83,6 +83,9 @@
 #                 per-rank dispatch phase (DISPATCH_RANKS=64,128: ~8 min, then DISPATCH_RANKS=32: ~3 min;
 #                 each call's ranks replace those ranks' in the entry; crossovers 256 rows at ranks 32-128).
 #                 PHASES=dispatch is the default.
+#   cond_host_wait (1 GPU, ~1 min) benchmarks/cond_overhead.py --host_wait: does a call whose lax.conds depend
+#                 on its own results return before the device is done (default flags; CONDITIONAL in CUDA graphs)?
+#                 Decides whether the disaggregated step can be queued ahead with its role branches.
 #   async_scheduling (1 GPU, ~2 min per depth) benchmarks/decode_variants.py --compare async_scheduling: decode
 #                 steps (Qwen3 widths, 64 requests, 32 rank-32 adapters) with step N+1 queued before step N's
 #                 tokens are read, against one step at a time, alternating blocks in one engine; LAYERS (default
@@ -191,6 +194,10 @@ case "${1:-}" in
         > "$OUT/async_scheduling_L$layers$tag.log" 2>&1
       echo "async_scheduling L=$layers$tag rc=$?"; show "$OUT/async_scheduling_L$layers$tag.log" 8
     done ;;
+  cond_host_wait)
+    timeout 200 python3 -u benchmarks/cond_overhead.py --host_wait --variants plain,cond,cond+cb,cond+cb1 \
+      --layers 32 --hidden 8192 --tokens 64 --iters 20 --out "$OUT/cond_host_wait" > "$OUT/cond_host_wait.log" 2>&1
+    echo "cond_host_wait rc=$?"; show "$OUT/cond_host_wait.log" 10 ;;
   host_inputs)
     INFINILORA_LORA_BACKEND=reference timeout 300 python3 -u benchmarks/decode_variants.py --compare host_inputs \
       --model $QWEN --num_layers 2 --requests 64 --adapters 32 --rank 32 --steps 16 --blocks 4 \
