@@ -70,9 +70,8 @@ flags.DEFINE_integer("steps", 16, "decode: timed steps")
 flags.DEFINE_list("sweep", ["1", "8", "32", "64", "128"], "sweep: adapter counts (pool slots = count)")
 flags.DEFINE_integer("max_num_batched_tokens", 512, "")
 flags.DEFINE_integer("num_pages", None, "KV pages (default: the LLM's)")
-flags.DEFINE_boolean("async_scheduling", True, "coupled modes queue each step before reading the previous one's "
-                     "tokens (the engine's default); the disaggregated engine steps one at a time either way, so "
-                     "--noasync_scheduling compares the two modes' steps like for like")
+flags.DEFINE_boolean("async_scheduling", True, "every mode queues each step before reading the previous one's "
+                     "tokens (the engine's default); --noasync_scheduling: one step at a time")
 flags.DEFINE_boolean("smoke", False, "tiny CPU run of --parts (float32, 4 requests, rank 8)")
 flags.DEFINE_string("out", "out/disagg", "output path prefix")
 flags.DEFINE_integer("profile_steps", 0, "decode: after timing, trace this many steps and summarise device time "

@@ -64,8 +64,8 @@ flags.DEFINE_integer("coupled_slots", 8, "usable adapter slots of the coupled ba
 flags.DEFINE_float("emulated_load_ms", 50.0, "time per adapter load (0: none): a stall of the step that carries "
                    "it, or with --adapter_loading=background the earliest its requests run")
 flags.DEFINE_enum("adapter_loading", "step", ["step", "background"], "LLM(adapter_loading=...) of every engine")
-flags.DEFINE_bool("async_scheduling", True, "LLM(async_scheduling=...) of the coupled engines, and the simulator's "
-                  "model of them (the disaggregated engine steps one at a time)")
+flags.DEFINE_bool("async_scheduling", True, "LLM(async_scheduling=...) of every engine, and the simulator's model of "
+                  "them")
 flags.DEFINE_integer("max_num_seqs", 16, "")
 flags.DEFINE_integer("max_num_batched_tokens", 128, "")
 flags.DEFINE_integer("max_model_len", 256, "")
@@ -202,7 +202,7 @@ def _disagg_llm(pool_slots: int, share_from=None):
                                         max_model_len=F.max_model_len, mode="disaggregated",
                                         mesh=F.disagg_layout, num_pages=num_pages, share_from=share_from,
                                         workers=F.compile_workers, distinct=F.distinct_adapters,
-                                        adapter_loading=F.adapter_loading)
+                                        adapter_loading=F.adapter_loading, async_scheduling=F.async_scheduling)
         except ConfigError as e:
             if "role buffers hold pages" not in str(e) or attempt == 4:
                 raise
@@ -390,10 +390,13 @@ def _runner(llm, names, spec, vocab, slo):
     return run
 
 
-def _sim_config(name: str, model) -> simulator.ClusterConfig:
-    """The simulator's config for a baseline of this run: its settings, its --adapter_loading, and requests
-    routed as the engine routes them (the simulator's default: by adapter affinity over coupled replicas, to
-    the base instance with the fewest requests when disaggregated)."""
+def _sim_config(name: str, model, probes: list[dict] = ()) -> simulator.ClusterConfig:
+    """The simulator's config for a baseline of this run: its settings, its --adapter_loading, requests routed
+    as the engine routes them (the simulator's default: by adapter affinity over coupled replicas, to the base
+    instance with the fewest requests when disaggregated), and async scheduling as the engine ran its measured
+    `probes` (recordings before the fifteenth session's disaggregated engine stepped one at a time)."""
+    recorded = [p["summary"]["async_scheduling"] for p in probes if "async_scheduling" in p.get("summary", {})]
+    async_scheduling = recorded[0] if recorded else F.async_scheduling
     b = baselines.BASELINES[name]
     if b.mode == "disaggregated":
         from meshes.layouts import resolve_role_layout
@@ -406,11 +409,11 @@ def _sim_config(name: str, model) -> simulator.ClusterConfig:
                                        exchange_ms_per_layer=0.0 if model.engine_mode == "disaggregated" else
                                        F.sim_exchange_ms_per_layer,
                                        lora_devices=layout.num_devices // 2, replica_devices=layout.ep,
-                                       adapter_loading=F.adapter_loading)
+                                       adapter_loading=F.adapter_loading, async_scheduling=async_scheduling)
     slots = baselines.reduced_slots(F.coupled_slots) if b.reduced_cache else F.coupled_slots
     return simulator.ClusterConfig("coupled", F.coupled_replicas, model, slots, F.emulated_load_ms, 0.0, b.policy,
                                    F.max_num_seqs, F.max_num_batched_tokens, adapter_loading=F.adapter_loading,
-                                   async_scheduling=F.async_scheduling)
+                                   async_scheduling=async_scheduling)
 
 
 def _calibrated_model():
@@ -483,7 +486,7 @@ def _simulator_sweep_check(report: dict, spec, slo) -> dict:
             if own is None:
                 print(f"  {row['num_adapters']:>8} {name:>16}: no probe recorded a step model")
                 continue
-            cfg = _sim_config(name, own)
+            cfg = _sim_config(name, own, r["probes"])
             first = r["probes"][0]["rate"] if r["probes"] else F.start_rate
             simulated, probes = _simulate_beside(cfg, counted, r["probes"], slo, first,
                                                  name if model is None else None)
@@ -513,7 +516,8 @@ def _simulator_check(results: dict, spec, slo) -> dict:
         if baselines.BASELINES[name].mode != "coupled":
             out[name] = {"note": "no step calibration of the disaggregated engine yet"}
             continue
-        simulated, probes = _simulate_beside(_sim_config(name, model), spec, r["probes"], slo, F.start_rate)
+        cfg = _sim_config(name, model, r["probes"])
+        simulated, probes = _simulate_beside(cfg, spec, r["probes"], slo, F.start_rate)
         measured = r["serviceable_rate"]
         out[name] = {"serviceable_rate": simulated,
                      "gap": simulated / measured - 1 if measured > 0 else None, "probes": probes}

@@ -93,8 +93,8 @@ class LLM:
           adapter_loading: "step": a cold adapter is copied in by the step that first uses it (layer by layer),
             which that whole batch waits for; "background": the copy runs while steps go on, and the requests
             that need it are admitted once it has landed (lora/adapter_cache.py).
-          async_scheduling: coupled mode: queue each step before reading the previous step's tokens, so the
-            host's scheduling overlaps the device (engine/engine.py); False: one step at a time.
+          async_scheduling: queue each step before reading the previous step's tokens, so the host's
+            scheduling overlaps the device (engine/engine.py); False: one step at a time. Both modes.
         """
         if mode not in MODES:
             raise ConfigError(f"mode={mode!r}: choose one of {MODES}")
@@ -157,7 +157,7 @@ class LLM:
             self.engine = ReplicaGroup(runners, *engine_args, async_scheduling=async_scheduling)
             self.runner = self.engine.runner  # the replicas' runners seen as one (a shared adapter registry)
         elif mode == "disaggregated" and self.layout.dp > 1:
-            self.engine = InstanceGroup(self.runner, *engine_args)
+            self.engine = InstanceGroup(self.runner, *engine_args, async_scheduling=async_scheduling)
         else:
             self.engine = LLMEngine(self.runner, *engine_args, async_scheduling=async_scheduling)
         for name, path in adapters.items():

@@ -37,7 +37,7 @@ _ADAPTER_LOADING = flags.DEFINE_enum("adapter_loading", "step", ["step", "backgr
                                      "copied in by the step that first uses it (the batch waits); background: the "
                                      "copy runs while steps go on (docs/architecture/04-engine.md)")
 _ASYNC_SCHEDULING = flags.DEFINE_bool("async_scheduling", True, "queue each engine step before reading the "
-                                      "previous step's tokens, so scheduling overlaps the device (coupled mode; "
+                                      "previous step's tokens, so scheduling overlaps the device (both modes; "
                                       "docs/architecture/04-engine.md)")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "on CPU, split the host into this many devices (for --mesh)")
 _MAX_LORA_RANK = flags.DEFINE_integer("max_lora_rank", 16, "largest adapter rank the pool holds")

@@ -82,6 +82,11 @@ def test_async_scheduling_outputs_equal_one_step_at_a_time(engines):
     jobs = _workload(reference(MODEL))
     sync, _ = _run(engines[False], jobs)
     async_, preempted = _run(engines[True], jobs)
+    _assert_same_outputs(sync, async_, jobs)
+    assert preempted > 0, "the KV cache never ran out: preemption with a token on the device is untested"
+
+
+def _assert_same_outputs(sync, async_, jobs):
     assert set(sync) == set(async_) == set(range(len(jobs)))
     for i in range(len(jobs)):
         (tokens, reason, logprobs, text), want = async_[i], sync[i]
@@ -96,7 +101,44 @@ def test_async_scheduling_outputs_equal_one_step_at_a_time(engines):
     assert any(r == "stop" and len(t) < jobs[i][1].max_tokens for i, (t, r, _, _) in sync.items()), \
         "no request stopped early: a stop landing while the next step is queued is untested"
     assert any(len(t) + len(jobs[i][0]) == 28 for i, (t, _, _, _) in sync.items()), "the context limit untested"
-    assert preempted > 0, "the KV cache never ran out: preemption with a token on the device is untested"
+
+
+def test_disaggregated_instances_async_equal_one_step_at_a_time():
+    """Two base instances sharing one LoRA server (2+2_dp2: the InstanceGroup steps both in one program, each
+    instance's placeholders taking its own devices' tokens of the step before) with 2 adapter slots for 4
+    adapters: the same outputs queued ahead as one step at a time. An instance whose waiting requests need the
+    slots the other holds idles meanwhile (it used to raise "cannot be scheduled")."""
+    llm = LLM(model_dir(MODEL), adapters=adapter_dirs(MODEL), dtype="float32", max_adapters=2, max_host_adapters=2,
+              max_num_batched_tokens=8, max_num_seqs=6, page_size=4, num_pages=9, max_model_len=28, progress=False,
+              mode="disaggregated", mesh="2+2_dp2")
+    group, runner = llm.engine, llm.runner
+    assert group.async_scheduling and len(group.instances) == 2
+    jobs = _workload(reference(MODEL))
+    group.async_scheduling = False
+    sync, _ = _run(llm, jobs)
+    group.async_scheduling = True
+    calls, took_tokens = [], set()
+    sample, fetch = runner.sample_instances, runner.fetch_instances
+
+    def sample_instances(*args, **kwargs):
+        calls.append("s")
+        took_tokens.update(d for d, src in enumerate(kwargs["token_srcs"]) if src is not None and (src >= 0).any())
+        return sample(*args, **kwargs)
+
+    def fetch_instances(step):
+        calls.append("f")
+        return fetch(step)
+
+    runner.sample_instances, runner.fetch_instances = sample_instances, fetch_instances
+    try:
+        async_, preempted = _run(llm, jobs)
+    finally:
+        del runner.sample_instances, runner.fetch_instances
+    _assert_same_outputs(sync, async_, jobs)
+    assert took_tokens == {0, 1}, "each instance's rows took tokens of the step queued before"
+    order = "".join(calls)
+    assert order.startswith("ss") and "fff" not in order, order
+    assert preempted > 0
 
 
 class _CallLog:

@@ -139,15 +139,10 @@ def test_no_vocab_sized_all_reduce_in_the_sampling_step_1p1():
     across roles (the H200 profile's 0.15 / 0.33 ms AllReduce per step before), only [M]-sized results."""
     llm = LLM(model_dir(MODEL), dtype="float32", mesh="1+1", mode="disaggregated", max_lora_rank=8,
               max_adapters=2, max_model_len=64, max_num_seqs=2, progress=False)
-    # the role branches' predicates are read back mid-step, so its engine does not queue steps ahead
-    assert not llm.engine.async_scheduling
     runner = llm.runner
     batch, _ = build_step_batch([RowSpec([5, 6, 7], 0, 1, [1], "last")], 16, llm.engine.cache_config.num_pages,
                                 llm.engine.shapes)
-    w, kv = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                         (runner.weights, runner.kv))
-    sampling = runner._stack_sampling([], len(batch.logits_indices))
-    hlo = runner.steps.sample.lower(w, kv, *runner._stack([batch]), sampling).compile().as_text()
+    hlo = runner.steps.sample.lower(*runner.sample_args(batch, llm.engine.rows_out)).compile().as_text()
     with open(model_dir(MODEL) + "/config.json") as f:
         vocab = json.load(f)["vocab_size"]
     reduces = [line for line in hlo.splitlines() if " all-reduce(" in line or " all-reduce-start(" in line]
@@ -366,12 +361,10 @@ def test_compiled_step_copies_no_role_buffer(tmp_path):
     kv_bytes = sum(s.nbytes for s in runner.kv_specs.values())
     batch, _ = build_step_batch([RowSpec([5, 6, 7], 0, 1, [1], "last")], 16, llm.engine.cache_config.num_pages,
                                 llm.engine.shapes)
-    w, kv = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                         (runner.weights, runner.kv))
     slot, pages = runner.adapters.warmup_load()
-    stacked, sampling = runner._stack([batch]), runner._stack_sampling([], len(batch.logits_indices))
-    for name, args, aliased in [("sample", (w, kv, *stacked, sampling), kv_bytes),
-                                ("sample_loading", (w, kv, *stacked, sampling, np.int32(slot), pages), role_bytes)]:
+    sample_args = runner.sample_args(batch, llm.engine.rows_out)
+    for name, args, aliased in [("sample", sample_args, kv_bytes),
+                                ("sample_loading", (*sample_args, np.int32(slot), pages), role_bytes)]:
         stats = getattr(runner.steps, name).lower(*args).compile().memory_analysis()
         print(f"\n{name} (1+1, f32) per device: arguments {stats.argument_size_in_bytes}, aliased "
               f"{stats.alias_size_in_bytes}, temp {stats.temp_size_in_bytes} bytes; MLP block {mlp_block}")

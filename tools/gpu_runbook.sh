@@ -83,6 +83,9 @@
 #                 per-rank dispatch phase (DISPATCH_RANKS=64,128: ~8 min, then DISPATCH_RANKS=32: ~3 min;
 #                 each call's ranks replace those ranks' in the entry; crossovers 256 rows at ranks 32-128).
 #                 PHASES=dispatch is the default.
+#   layer_loop    (1 GPU, ~3 min) benchmarks/layer_loop.py: host ms to queue a many-layer step, layers unrolled
+#                 (as the model) or scanned, per XLA command-buffer setting and update mode (SKIP_TEMP,
+#                 SKIP_PROFILED). async_scheduling takes UPDATE_MODE=SKIP_TEMP|SKIP_PROFILED for the real engine.
 #   cond_host_wait (1 GPU, ~1 min) benchmarks/cond_overhead.py --host_wait: does a call whose lax.conds depend
 #                 on its own results return before the device is done (default flags; CONDITIONAL in CUDA graphs)?
 #                 Decides whether the disaggregated step can be queued ahead with its role branches.
@@ -186,14 +189,20 @@ case "${1:-}" in
         "$OUT/lora_step_${backend}_trace.json.gz"
     done ;;
   async_scheduling)
-    tag=""; [ "${CMDBUF:-on}" = off ] && tag=_nocmdbuf
+    tag=""; xla=""
+    [ "${CMDBUF:-on}" = off ] && tag=_nocmdbuf && xla="--xla_gpu_enable_command_buffer="
+    [ -n "${UPDATE_MODE:-}" ] && tag="${tag}_$UPDATE_MODE" && xla="$xla --xla_gpu_command_buffer_update_mode=$UPDATE_MODE"
     for layers in ${LAYERS:-2 8}; do
-      env ${tag:+XLA_FLAGS=--xla_gpu_enable_command_buffer=} INFINILORA_LORA_BACKEND=reference timeout 280 \
+      env ${xla:+XLA_FLAGS="$xla"} INFINILORA_LORA_BACKEND=reference timeout 280 \
         python3 -u benchmarks/decode_variants.py --compare async_scheduling --model $QWEN --num_layers $layers \
         --requests 64 --adapters 32 --rank 32 --steps 16 --blocks 4 --out "$OUT/async_scheduling_L$layers$tag" \
         > "$OUT/async_scheduling_L$layers$tag.log" 2>&1
       echo "async_scheduling L=$layers$tag rc=$?"; show "$OUT/async_scheduling_L$layers$tag.log" 8
     done ;;
+  layer_loop)
+    timeout 400 python3 -u benchmarks/layer_loop.py --layers ${LAYERS_LIST:-8,32} --out "$OUT/layer_loop" \
+      > "$OUT/layer_loop.log" 2>&1
+    echo "layer_loop rc=$?"; show "$OUT/layer_loop.log" 20 ;;
   cond_host_wait)
     timeout 200 python3 -u benchmarks/cond_overhead.py --host_wait --variants plain,cond,cond+cb,cond+cb1 \
       --layers 32 --hidden 8192 --tokens 64 --iters 20 --out "$OUT/cond_host_wait" > "$OUT/cond_host_wait.log" 2>&1

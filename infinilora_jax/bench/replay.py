@@ -101,13 +101,13 @@ def _step_units(engine) -> list[tuple[object, list[LLMEngine], object, tuple[str
     """What one recorded step is: (the object whose `step` runs it, the base instances it schedules, the runner
     and its methods that run step programs and wait for them). Each replica of a ReplicaGroup steps on its own
     (its `step`, its runner's `sample` and `fetch`); an InstanceGroup steps all its instances at once
-    (`sample_instances` of the shared runner); an LLMEngine is one unit. With async scheduling, an LLMEngine's
-    `step` queues one step and waits for the one before it, so a record's features (what was scheduled) and its
-    wait belong to consecutive steps: in a steady stream, alike."""
+    (`sample_instances` and `fetch_instances` of the shared runner); an LLMEngine is one unit. With async
+    scheduling, a unit's `step` queues one step and waits for the one before it, so a record's features (what
+    was scheduled) and its wait belong to consecutive steps: in a steady stream, alike."""
     if getattr(engine, "runners", None) is not None:
         return [(inst, [inst], inst.runner, ENGINE_RUNNER_CALLS) for inst in engine.instances]
     if hasattr(engine, "instances"):
-        return [(engine, list(engine.instances), engine.runner, ("sample_instances",))]
+        return [(engine, list(engine.instances), engine.runner, ("sample_instances", "fetch_instances"))]
     return [(engine, [engine], engine.runner, ENGINE_RUNNER_CALLS)]
 
 
@@ -148,9 +148,7 @@ def engine_mode(engine) -> str:
 
 
 def queues_steps_ahead(engine) -> bool:
-    """Whether the engine's base instances use async scheduling (engine/engine.py; an InstanceGroup does not)."""
-    if hasattr(engine, "instances") and getattr(engine, "runners", None) is None:
-        return False
+    """Whether the engine's base instances use async scheduling (engine/engine.py)."""
     return all(inst.async_scheduling for inst in getattr(engine, "instances", [engine]))
 
 

@@ -32,9 +32,9 @@ from infinilora_jax.disagg.roles import (
     weight_buffers,
     zeros_buffer,
 )
-from infinilora_jax.disagg.step import DisaggStepFunctions
+from infinilora_jax.disagg.step import DisaggStepFunctions, base_rows
 from infinilora_jax.engine.kv_cache import CacheConfig
-from infinilora_jax.engine.runner import ModelRunner, StepTokens
+from infinilora_jax.engine.runner import StepTokens
 from infinilora_jax.engine.sampler import SamplingArrays
 from infinilora_jax.errors import ConfigError
 from infinilora_jax.lora.adapter_cache import AdapterCache
@@ -92,8 +92,8 @@ class DisaggRunner:
     def __init__(self, cfg: ModelConfig, layout: RoleLayout, dtype, make_factory, pool_cfg: LoraPoolConfig, *,
                  max_host_adapters: int = 64, max_adapter_bytes: int | None = None, devices=None,
                  progress: bool = True, rank_block: int = 8, background_loads: bool = False):
-        """make_factory(mesh, on_param) -> ParamFactory supplies base weights (as for ModelRunner); they are
-        made on base instance 0's devices and copied to the other instances. background_loads: as for
+        """make_factory(mesh, on_param) -> ParamFactory supplies base weights (as for the coupled ModelRunner);
+        they are made on base instance 0's devices and copied to the other instances. background_loads: as for
         ModelRunner."""
         self.cfg, self.layout, self.dtype = cfg, layout, jnp.dtype(dtype)
         layout.check_fits(cfg)
@@ -118,6 +118,7 @@ class DisaggRunner:
         self.kv_specs: dict[str, BufferSpec] = {}
         self._writer = None
         self._zero_blocks: dict = {}  # base device -> its pinned zero block of one adapter's pages (stage_pages)
+        self._zero_tokens: dict[int, jax.Array] = {}  # rows_out -> the no-previous-step tokens (_no_tokens)
         log.info("disaggregated: %s", layout.describe())
 
     # ---- KV pages (and the LoRA devices' arenas in them) ----
@@ -237,18 +238,28 @@ class DisaggRunner:
 
     # ---- steps (one base instance: the LLMEngine interface) ----
 
-    # The step reads its role branches' predicates back to the host mid-step, so queueing the next step first
-    # would still wait for this one: the engine steps this runner in series (no async scheduling).
-    supports_async = False
-    fetch = staticmethod(ModelRunner.fetch)
+    # `sample` queues the step and returns its tokens on the devices (engine: async scheduling). On GPUs the call
+    # itself may still wait mid-step: XLA reads each role branch's predicate back to the host (07-disaggregated.md).
+    supports_async = True
+    sampler_programs_per_bucket = 0  # the sampler is part of the step program (disagg/step.py)
 
-    def sample(self, batch: StepBatch, kv, sampling: SamplingArrays, rows_out: int, prev=None,
+    def sample(self, batch: StepBatch, kv, sampling: SamplingArrays, rows_out: int, prev: StepTokens | None = None,
                token_src: np.ndarray | None = None) -> tuple[StepTokens, KVHandle]:
-        """ModelRunner.sample's interface, run to the end (the tokens come back on the host)."""
-        if token_src is not None and (token_src >= 0).any():
-            raise ValueError("the disaggregated step takes no tokens from a queued step (no async scheduling)")
-        tokens, top = self.sample_instances([batch], [sampling], sampling.wants_logprobs)
-        return StepTokens(tokens[0], None if top is None else tuple(x[0] for x in top)), KVHandle(self)
+        """ModelRunner.sample's interface for base instance 0 (the others idle); its tokens on the devices, per
+        device (`fetch`)."""
+        step = self.sample_instances([batch], [sampling], rows_out, prev, [token_src], sampling.wants_logprobs)
+        return step, KVHandle(self)
+
+    def fetch(self, step: StepTokens) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """Instance 0's tokens [rows_out] and logprobs on the host (waits for the step)."""
+        tokens, top = self.fetch_instances(step)
+        return tokens[0], (None if top is None else tuple(x[0] for x in top))
+
+    def fetch_instances(self, step: StepTokens) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """Every base instance's tokens [dp, rows_out] and, when asked, (logprobs [dp, M], top ids [dp, M, K], top
+        logprobs) on the host (waits for the step)."""
+        pick = lambda a: base_rows(self.layout, np.asarray(a))
+        return pick(step.tokens), (None if step.top is None else tuple(pick(x) for x in step.top))
 
     def score(self, batch: StepBatch, kv) -> tuple[np.ndarray, KVHandle]:
         self.adapters.flush()
@@ -285,21 +296,46 @@ class DisaggRunner:
         samplings = list(samplings) + [idle] * (self.layout.dp - len(samplings))
         return jax.tree.map(lambda *xs: np.stack(xs), *samplings)
 
-    def sample_instances(self, batches: list[StepBatch], samplings: list[SamplingArrays], logprobs: bool = False):
-        """One step for every base instance (batches of equal shapes, one per instance). Returns (tokens
-        [dp, M], (logprobs [dp, M], top ids [dp, M, K], top logprobs) or None). A pending adapter load is
-        carried into the step layer by layer."""
+    def sample_instances(self, batches: list[StepBatch], samplings: list[SamplingArrays], rows_out: int,
+                         prev: StepTokens | None = None, token_srcs: list | None = None,
+                         logprobs: bool = False) -> StepTokens:
+        """Queue one step for every base instance (batches of equal shapes, one per instance, the rest idle):
+        tokens [devices, rows_out] on the devices (`fetch_instances`), with (logprobs, top ids, top logprobs) when
+        `logprobs`. Instance d's token t is prev's token token_srcs[d][t] where that is >= 0 (tokens of the step
+        queued before, not fetched yet). A pending adapter load is carried into the step layer by layer."""
         needed = set(np.unique(np.concatenate([b.adapter_slots for b in batches])).tolist())
         load = self.adapters.take_load(needed)
         batch, all_slots = self._stack(batches)
         sampling = self._stack_sampling(samplings, len(batches[0].logits_indices))
+        prev_tokens = prev.tokens if prev is not None else self._no_tokens(rows_out)
+        token_src = np.full((self.layout.dp, len(batches[0].tokens)), -1, np.int32)
+        for d, src in enumerate(token_srcs or []):
+            if src is not None:
+                token_src[d] = src
+        args = (self.weights, self.kv, batch, all_slots, sampling, prev_tokens, token_src)
         if load is None:
-            (tokens, *top), self.kv = self.steps.run("sample", self.weights, self.kv, batch, all_slots, sampling)
+            (tokens, *top), self.kv = self.steps.run("sample", *args)
         else:
             slot, pages = load
-            (tokens, *top), self.weights, self.kv = self.steps.run(
-                "sample_loading", self.weights, self.kv, batch, all_slots, sampling, np.int32(slot), pages)
-        return np.asarray(tokens), (tuple(np.asarray(x) for x in top) if logprobs else None)
+            (tokens, *top), self.weights, self.kv = self.steps.run("sample_loading", *args, np.int32(slot), pages)
+        return StepTokens(tokens, tuple(top) if logprobs else None)
+
+    def sample_args(self, batch: StepBatch, rows_out: int) -> tuple:
+        """The `sample` step's arguments for one instance's batch on every instance, no sampling rows and no
+        tokens of a queued step, the role buffers as shapes (to lower or precompile it)."""
+        shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                              (self.weights, self.kv))
+        dp = self.layout.dp
+        return (*shapes, *self._stack([batch] * dp), self._stack_sampling([], len(batch.logits_indices)),
+                self._no_tokens(rows_out), np.full((dp, len(batch.tokens)), -1, np.int32))
+
+    def _no_tokens(self, rows_out: int) -> jax.Array:
+        """The `prev` tokens of a step that takes none: zeros [devices, rows_out], per device."""
+        if rows_out not in self._zero_tokens:
+            n = self.mesh.devices.size
+            self._zero_tokens[rows_out] = jax.device_put(np.zeros((n, rows_out), np.int32),
+                                                         jax.sharding.NamedSharding(self.mesh, PER_DEVICE))
+        return self._zero_tokens[rows_out]
 
     def score_instances(self, batches: list[StepBatch]) -> np.ndarray:
         """float32 logits [dp, M, vocab] of one step over every instance's batch."""
@@ -309,9 +345,9 @@ class DisaggRunner:
 
     def precompile(self, batches: list[StepBatch], score_batches: list[StepBatch] = (), workers: int = 8,
                    on_done=None, rows_out: int | None = None) -> int:
-        """Compile ahead of time the programs `sample` (with and without a carried adapter load), `score` and
-        `prompt_logprobs` may run for these (one instance's) batch shapes (rows_out: unused, the sampler is part
-        of the step program here)."""
+        """Compile ahead of time the programs `sample` (with and without a carried adapter load; the sampler is
+        part of them), `score` and `prompt_logprobs` may run for these (one instance's) batch shapes, the sampled
+        tokens padded to rows_out rows (default: each batch's sampling rows)."""
         dp = self.layout.dp
         shapes = lambda: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                                       (self.weights, self.kv))
@@ -319,10 +355,9 @@ class DisaggRunner:
         slot, pages = self.adapters.warmup_load()  # one no-op load serves every shape
         calls = []
         for batch in batches:
-            stacked = self._stack([batch] * dp)
-            sampling = self._stack_sampling([], len(batch.logits_indices))
-            calls.append(("sample", (w, kv, *stacked, sampling)))
-            calls.append(("sample_loading", (w, kv, *stacked, sampling, np.int32(slot), pages)))
+            args = self.sample_args(batch, rows_out or len(batch.logits_indices))
+            calls.append(("sample", args))
+            calls.append(("sample_loading", (*args, np.int32(slot), pages)))
         for batch in score_batches:
             stacked = self._stack([batch] * dp)
             calls.append(("score", (w, kv, *stacked)))

@@ -72,6 +72,9 @@ class QueuedStep:
     tokens: StepTokens
 
 
+STUCK = "queued requests cannot be scheduled (KV cache or adapter slots exhausted)"
+
+
 def refuse_if_in_use(requests, name: str) -> None:
     """AdapterBusyError when a queued or running request among `requests` uses adapter `name`."""
     users = sum(1 for r in requests if not r.finished and r.adapter == name)
@@ -83,8 +86,7 @@ class LLMEngine:
     def __init__(self, runner: ModelRunner, cache: CacheConfig, scheduler: SchedulerConfig, tokenizer=None,
                  eos_token_ids: tuple[int, ...] = (), async_scheduling: bool = True):
         """async_scheduling: queue each step before reading the previous one's tokens (module docstring); only
-        where the runner supports it (`supports_async`: not the disaggregated runner, whose step reads role-branch
-        predicates back mid-step and so would wait anyway)."""
+        where the runner supports it (`supports_async`)."""
         self.runner, self.cache_config, self.config = runner, cache, scheduler
         self.async_scheduling = async_scheduling and runner.supports_async
         self.tokenizer = tokenizer
@@ -268,13 +270,14 @@ class LLMEngine:
 
     def schedule_step(self, wait_for_loads: bool = True) -> StepPlan | None:
         """Pick this step's work (None: nothing to run now). When only requests waiting for background adapter
-        loads remain, wait for the oldest load first (unless `wait_for_loads` is off: the caller waits)."""
+        loads remain, wait for the oldest load first (unless `wait_for_loads` is off: then the caller waits, or
+        raises if nothing can ever run)."""
         work = self.scheduler.schedule()
         while not work.rows and self.scheduler.waiting and not self.scheduler.running:
-            if not self.runner.adapters.loading:
-                raise RuntimeError("queued requests cannot be scheduled (KV cache or adapter slots exhausted)")
-            if not wait_for_loads:
+            if not wait_for_loads:  # e.g. base instances sharing adapter slots: another one may hold them
                 return None
+            if not self.runner.adapters.loading:
+                raise RuntimeError(STUCK)
             self.runner.adapters.wait_for_load()
             work = self.scheduler.schedule()
         if not work.rows:
@@ -379,8 +382,7 @@ class LLMEngine:
         score = [padding_batch(self.shapes, n, p, prefill, all_logits=True)
                  for n, p, prefill in (self.program_shapes(scoring=True) if scoring else [])]
         programs = (2 if self.runner.steps.has_pool else 1) * len(shapes) + 2 * len(score)
-        if self.runner.supports_async:  # its sampler programs: 3 works x with / without logprobs per rows bucket
-            programs += 6 * len({len(b.logits_indices) for b in shapes})
+        programs += self.runner.sampler_programs_per_bucket * len({len(b.logits_indices) for b in shapes})
         with tqdm(total=programs, desc="compiling", disable=not progress, leave=False) as bar:
             self.runner.precompile(shapes, score, workers, on_done=bar.update, rows_out=self.rows_out)
         return len(shapes) + len(score)

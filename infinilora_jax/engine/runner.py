@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 class StepTokens:
     """A queued step's sampled tokens, on the device until `ModelRunner.fetch`."""
 
-    tokens: jax.Array  # [rows_out] int32: row i's token (rows past the step's sampling rows: 0)
+    # [rows_out] int32: row i's token (rows past the step's sampling rows: 0); the disaggregated runner's are
+    # [devices, rows_out], each device's own (disagg/step.py)
+    tokens: jax.Array
     top: tuple | None  # when logprobs were asked: (their logprobs [M], top ids [M, K], top logprobs [M, K])
 
 
@@ -47,6 +49,7 @@ def count_params(cfg: ModelConfig, layout: MeshLayout, mesh) -> int:
 
 class ModelRunner:
     supports_async = True  # `sample` queues the step without reading anything back (engine: async scheduling)
+    sampler_programs_per_bucket = 6  # its own sampler programs: 3 works x with / without logprobs per rows bucket
 
     def __init__(self, cfg: ModelConfig, layout: MeshLayout, dtype, make_factory, pool_cfg: LoraPoolConfig, *,
                  max_host_adapters: int = 64, max_adapter_bytes: int | None = None, devices=None,
