@@ -85,7 +85,11 @@
 #                 PHASES=dispatch is the default.
 #   layer_loop    (1 GPU, ~3 min) benchmarks/layer_loop.py: host ms to queue a many-layer step, layers unrolled
 #                 (as the model) or scanned, per XLA command-buffer setting and update mode (SKIP_TEMP,
-#                 SKIP_PROFILED). async_scheduling takes UPDATE_MODE=SKIP_TEMP|SKIP_PROFILED for the real engine.
+#                 SKIP_PROFILED). async_scheduling takes UPDATE_MODE=SKIP_TEMP|SKIP_PROFILED for the real engine,
+#                 and STAGING=via_device|device (lora/staging.py: those modes' VMM allocator crashed putting numpy
+#                 into pinned host memory).
+#   host_memory_kinds (1 GPU, ~1 min) tools/probe_host_memory_kinds.py under UPDATE_MODE (default SKIP_TEMP):
+#                 which host-memory transfers the VMM allocator survives, one process per transfer.
 #   cond_host_wait (1 GPU, ~1 min) benchmarks/cond_overhead.py --host_wait: does a call whose lax.conds depend
 #                 on its own results return before the device is done (default flags; CONDITIONAL in CUDA graphs)?
 #                 Decides whether the disaggregated step can be queued ahead with its role branches.
@@ -192,13 +196,19 @@ case "${1:-}" in
     tag=""; xla=""
     [ "${CMDBUF:-on}" = off ] && tag=_nocmdbuf && xla="--xla_gpu_enable_command_buffer="
     [ -n "${UPDATE_MODE:-}" ] && tag="${tag}_$UPDATE_MODE" && xla="$xla --xla_gpu_command_buffer_update_mode=$UPDATE_MODE"
+    [ -n "${STAGING:-}" ] && tag="${tag}_$STAGING"
     for layers in ${LAYERS:-2 8}; do
-      env ${xla:+XLA_FLAGS="$xla"} INFINILORA_LORA_BACKEND=reference timeout 280 \
+      env ${xla:+XLA_FLAGS="$xla"} ${STAGING:+INFINILORA_ADAPTER_STAGING=$STAGING} \
+        INFINILORA_LORA_BACKEND=reference timeout 280 \
         python3 -u benchmarks/decode_variants.py --compare async_scheduling --model $QWEN --num_layers $layers \
         --requests 64 --adapters 32 --rank 32 --steps 16 --blocks 4 --out "$OUT/async_scheduling_L$layers$tag" \
         > "$OUT/async_scheduling_L$layers$tag.log" 2>&1
       echo "async_scheduling L=$layers$tag rc=$?"; show "$OUT/async_scheduling_L$layers$tag.log" 8
     done ;;
+  host_memory_kinds)
+    XLA_FLAGS="--xla_gpu_command_buffer_update_mode=${UPDATE_MODE:-SKIP_TEMP}" timeout 200 \
+      python3 -u tools/probe_host_memory_kinds.py > "$OUT/host_memory_kinds_${UPDATE_MODE:-SKIP_TEMP}.log" 2>&1
+    echo "host_memory_kinds rc=$?"; show "$OUT/host_memory_kinds_${UPDATE_MODE:-SKIP_TEMP}.log" 8 ;;
   layer_loop)
     timeout 400 python3 -u benchmarks/layer_loop.py --layers ${LAYERS_LIST:-8,32} --out "$OUT/layer_loop" \
       > "$OUT/layer_loop.log" 2>&1

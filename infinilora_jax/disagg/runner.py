@@ -37,6 +37,7 @@ from infinilora_jax.engine.kv_cache import CacheConfig
 from infinilora_jax.engine.runner import StepTokens
 from infinilora_jax.engine.sampler import SamplingArrays
 from infinilora_jax.errors import ConfigError
+from infinilora_jax.lora import staging
 from infinilora_jax.lora.adapter_cache import AdapterCache
 from infinilora_jax.lora.pool import LoraPoolConfig
 from infinilora_jax.models.batch import QueryBlock, StepBatch
@@ -205,13 +206,14 @@ class DisaggRunner:
                     zeros = jax.tree.map(np.zeros_like, self.pool.host_pages(None, 0, 0))
                     self._zero_blocks[device] = self._pinned_block(zeros, device)
                 blocks.append(self._zero_blocks[device])
-        return jax.tree.map(lambda *per_device: assemble(self.mesh, list(per_device), "pinned_host"), *blocks)
+        kind = staging.memory_kind(self.adapters.staging)
+        return jax.tree.map(lambda *per_device: assemble(self.mesh, list(per_device), kind), *blocks)
 
-    @staticmethod
-    def _pinned_block(host: dict, device) -> dict:
-        """Host pages of one device as [1, rows, width] blocks in that device's pinned host memory."""
-        pinned = SingleDeviceSharding(device, memory_kind="pinned_host")
-        return jax.device_put(jax.tree.map(lambda x: x[None], host), pinned)
+    def _pinned_block(self, host: dict, device) -> dict:
+        """Host pages of one device as [1, rows, width] blocks staged for that device (lora/staging.py: in its
+        pinned host memory by default)."""
+        return staging.stage(jax.tree.map(lambda x: x[None], host), SingleDeviceSharding(device),
+                             self.adapters.staging)
 
     def write_slot(self, slot: int, pages: dict) -> None:
         """Write staged pages into `slot` on the LoRA devices (one jitted, donated update of the role buffers;

@@ -49,6 +49,7 @@ from jax.sharding import NamedSharding
 
 from infinilora_jax.errors import AdapterError, AdapterLoadError, AdapterNotFoundError
 from infinilora_jax.loading.peft_adapter import AdapterWeights, load_peft_adapter
+from infinilora_jax.lora import staging
 from infinilora_jax.lora.pool import LoraPool, adapter_pages, check_fits, make_layer_writer
 from infinilora_jax.models.config import ModelConfig
 from infinilora_jax.models.stages import StagePlan
@@ -101,7 +102,8 @@ class AdapterCache:
         self._loader_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.min_load_seconds = 0.0
         self.pending: collections.OrderedDict[int, str | None] = collections.OrderedDict()  # slot -> adapter
-        self.staged: dict[str | None, dict] = {}  # adapter (None: zeros) -> its pages in pinned host memory
+        self.staged: dict[str | None, dict] = {}  # adapter (None: zeros) -> its staged pages (lora/staging.py)
+        self.staging = staging.staging_mode()  # where staged pages live (pinned host memory by default)
         self._host_shardings = None
         self.paths: dict[str, str | None] = {}  # registered name -> directory (None: given in memory)
         self.host: collections.OrderedDict[str, AdapterWeights] = collections.OrderedDict()  # LRU order
@@ -427,8 +429,8 @@ class AdapterCache:
         return self._host_shardings
 
     def staged_pages(self, name: str | None) -> dict:
-        """Adapter `name`'s pages for one pool slot (zeros for None), per layer slot, in pinned host memory; staged
-        once and kept while the adapter stays in the host store."""
+        """Adapter `name`'s pages for one pool slot (zeros for None), per layer slot, staged (lora/staging.py: in
+        pinned host memory by default) once and kept while the adapter stays in the host store."""
         pages = self.staged.get(name)
         if pages is None:
             pages = self._stage(None if name is None else self._host_weights(name))
@@ -436,8 +438,9 @@ class AdapterCache:
         return pages
 
     def _stage(self, weights: AdapterWeights | None) -> dict:
-        """One adapter's pool pages (zeros for None), per layer slot, put in pinned host memory."""
-        return jax.device_put(adapter_pages(self.pool, self.plan, weights)["layers"], self._staging_shardings())
+        """One adapter's pool pages (zeros for None), per layer slot, staged (pinned host memory by default)."""
+        return staging.stage(adapter_pages(self.pool, self.plan, weights)["layers"], self._staging_shardings(),
+                             self.staging)
 
     def _write_now(self, slot: int, name: str | None) -> None:
         start = time.perf_counter()
