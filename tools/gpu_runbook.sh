@@ -88,6 +88,11 @@
 #                 SKIP_PROFILED). async_scheduling takes UPDATE_MODE=SKIP_TEMP|SKIP_PROFILED for the real engine,
 #                 and STAGING=via_device|device (lora/staging.py: those modes' VMM allocator crashed putting numpy
 #                 into pinned host memory).
+#   step_program_ops (1 GPU, ~3 min) tools/step_program_ops.py: the compiled decode `logits` program's kernels by
+#                 kind, at 2 and 8 layers, with and without LoRA (kernels per layer: what bounds the async step).
+#   flag_parity   (1 GPU, ~4 min) tools/flag_parity.py: greedy tokens (Qwen3 widths, 4 layers, float32, adapters
+#                 loaded through fewer slots) with default flags against UPDATE_MODE (default SKIP_TEMP) and
+#                 STAGING (default via_device): must be equal.
 #   host_memory_kinds (1 GPU, ~1 min) tools/probe_host_memory_kinds.py under UPDATE_MODE (default SKIP_TEMP):
 #                 which host-memory transfers the VMM allocator survives, one process per transfer.
 #   cond_host_wait (1 GPU, ~1 min) benchmarks/cond_overhead.py --host_wait: does a call whose lax.conds depend
@@ -205,6 +210,20 @@ case "${1:-}" in
         > "$OUT/async_scheduling_L$layers$tag.log" 2>&1
       echo "async_scheduling L=$layers$tag rc=$?"; show "$OUT/async_scheduling_L$layers$tag.log" 8
     done ;;
+  step_program_ops)
+    INFINILORA_LORA_BACKEND=reference timeout 400 python3 -u tools/step_program_ops.py --layers ${LAYERS_LIST:-2,8} \
+      --out "$OUT/step_program_ops.json" > "$OUT/step_program_ops.log" 2>&1
+    echo "step_program_ops rc=$?"; show "$OUT/step_program_ops.log" 40 ;;
+  flag_parity)
+    INFINILORA_LORA_BACKEND=reference timeout 250 python3 -u tools/flag_parity.py --out "$OUT/tokens_default.json" \
+      > "$OUT/flag_parity_default.log" 2>&1
+    echo "flag_parity default rc=$?"; show "$OUT/flag_parity_default.log" 3
+    XLA_FLAGS="--xla_gpu_command_buffer_update_mode=${UPDATE_MODE:-SKIP_TEMP}" \
+      INFINILORA_ADAPTER_STAGING=${STAGING:-via_device} INFINILORA_LORA_BACKEND=reference timeout 250 \
+      python3 -u tools/flag_parity.py --out "$OUT/tokens_${UPDATE_MODE:-SKIP_TEMP}.json" \
+      > "$OUT/flag_parity_${UPDATE_MODE:-SKIP_TEMP}.log" 2>&1
+    echo "flag_parity ${UPDATE_MODE:-SKIP_TEMP} rc=$?"; show "$OUT/flag_parity_${UPDATE_MODE:-SKIP_TEMP}.log" 3
+    python3 tools/flag_parity.py --compare "$OUT/tokens_default.json" "$OUT/tokens_${UPDATE_MODE:-SKIP_TEMP}.json" ;;
   host_memory_kinds)
     XLA_FLAGS="--xla_gpu_command_buffer_update_mode=${UPDATE_MODE:-SKIP_TEMP}" timeout 200 \
       python3 -u tools/probe_host_memory_kinds.py > "$OUT/host_memory_kinds_${UPDATE_MODE:-SKIP_TEMP}.log" 2>&1
