@@ -31,9 +31,9 @@ def generate(args) -> dict:
     from infinilora_jax.bench.replay import benchmark_llm
 
     llm, names = benchmark_llm(args.model or None, args.adapters, args.rank, args.slots, dtype="float32",
-                               num_layers=args.num_layers or None, max_num_seqs=args.requests, max_num_batched_tokens=256,
-                               max_model_len=args.prompt_len + args.max_tokens + 1, precompile=False,
-                               distinct=args.adapters)
+                               num_layers=args.num_layers or None, max_num_seqs=args.requests,
+                               max_num_batched_tokens=256, max_model_len=args.prompt_len + args.max_tokens + 1,
+                               precompile=False, distinct=args.adapters)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, llm.config.vocab_size, args.prompt_len).tolist() for _ in range(args.requests)]
     adapters = [None if i % 5 == 4 else names[i % len(names)] for i in range(args.requests)]
