@@ -261,12 +261,23 @@ def test_simulator_one_request_by_hand():
     (t,) = res.timings
     assert t.ttft == pytest.approx(prefill / 1e3) and t.finish == pytest.approx((prefill + 4 * step(1)) / 1e3)
     assert (res.hits, res.misses, res.steps) == (0, 1, 7)
-    # async scheduling: the first token comes back with the next step (a decode step); the last one at once, as
-    # no step follows it
+    # async scheduling: a step's 1 ms of host work runs while the device computes the step before (each step
+    # lasts the longer of the two, here the device's); the first token comes back with the next step (a decode
+    # step); the last one at once, as no step follows it
     res = simulator.simulate([req], dataclasses.replace(cfg, async_scheduling=True))
     (t,) = res.timings
-    assert t.ttft == pytest.approx((prefill + step(1)) / 1e3)
-    assert t.finish == pytest.approx((prefill + 4 * step(1)) / 1e3) and res.steps == 7
+    overlapped = lambda tokens: step(tokens) - 1.0
+    prefill = overlapped(128) + 40.0 + overlapped(128) + overlapped(44)
+    assert t.ttft == pytest.approx((prefill + overlapped(1)) / 1e3)
+    assert t.finish == pytest.approx((prefill + 4 * overlapped(1)) / 1e3) and res.steps == 7
+    # a host-bound step (5 ms of host work, 1 ms of device work): 6 ms one at a time, 5 ms queued ahead
+    host_bound = calibration.StepTimeModel("host-bound", 1, 1.0, 0.0, 0.0, host_ms=5.0)
+    short = workload.WorkloadRequest(0.0, 0, None, 3, prompt_tokens=4)
+    for queued, period in ((False, 6.0), (True, 5.0)):
+        cfg = simulator.ClusterConfig(step=host_bound, cache_slots=1, prewarm=False, async_scheduling=queued)
+        (t,) = simulator.simulate([short], cfg).timings
+        assert t.finish == pytest.approx(3 * period / 1e3), queued
+        assert t.ttft == pytest.approx((2 if queued else 1) * period / 1e3), queued
 
 
 def test_simulator_async_scheduling_holds_a_finished_requests_pages_one_step():

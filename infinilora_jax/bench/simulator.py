@@ -74,12 +74,14 @@ admission (prompt + max_tokens), so there is no preemption; prefetching into fre
 matters only while a cache is still filling). The disaggregated mode's base instances step independently here,
 while the engine steps them together as one program (disagg/engine.py).
 
-Async scheduling (`async_scheduling`, as LLM(async_scheduling=True), coupled engines' default): the engine
+Async scheduling (`async_scheduling`, as LLM(async_scheduling=True), the engines' default): the engine
 queues a step before it reads the previous step's tokens, so a step's tokens reach the caller at the end of the
 replica's next step (at once when it has none), and a request whose last token is still on the device is not
-scheduled again but holds its KV and adapter slot until then (the next step's scheduling cannot use them). The
-step model should then be one fitted to async steps (replay.measured on such a run): their time is the period
-between steps. Off, a step's tokens come back at the end of the step itself.
+scheduled again but holds its KV and adapter slot until then (the next step's scheduling cannot use them). A
+step then lasts the longer of the model's `host_ms` (the host's per-step work, measured apart in the stored
+calibrations) and the rest, instead of their sum; a model fitted to async steps (replay.measured on such a run:
+`host_ms` 0, the period between steps) is taken as it is. Off, a step's tokens come back at the end of the step
+itself.
 
 Steps that only decode, with nothing to admit until the next finish, arrival or landed load, repeat identically:
 they are advanced in one jump, so a simulated hour of decoding costs a few events. A jump ends at the first step
@@ -445,8 +447,8 @@ class Simulator:
             events = ([self._next_arrival(k, between)] if room or routed_by_state or between else []) + (
                 [rep.cache.next_landing(now)] if room else [])
             for at in events:
-                if at < math.inf:
-                    jump = min(jump, max(1, math.ceil((at - now) / (period / 1e3))))
+                if at < math.inf:  # (less a rounding error: an event landing on a boundary is seen at it)
+                    jump = min(jump, max(1, math.ceil((at - now) / (period / 1e3) - 1e-9)))
         end = now + (jump * dt + (jump - 1) * gap) / 1e3  # the last step's tokens come back (the gap follows)
         done = []
         for req, n in rows:
@@ -536,11 +538,15 @@ class Simulator:
         cfg, model = self.cfg, self.cfg.step
         base, lora = model.split(tokens, adapters)
         if cfg.mode == "coupled" or model.engine_mode == "disaggregated":  # the latter: whole disaggregated steps
-            return float(base + lora)
-        lora = lora * cfg.replica_devices * cfg.num_replicas / cfg.lora_devices  # the server's time for this step
-        layers = model.layers
-        per_layer_base = (base - model.host_ms) / layers
-        return float(model.host_ms + layers * (max(per_layer_base, lora / layers) + cfg.exchange_ms_per_layer))
+            device = float(base + lora - model.host_ms)
+        else:
+            lora = lora * cfg.replica_devices * cfg.num_replicas / cfg.lora_devices  # the server's time, this step
+            layers = model.layers
+            per_layer_base = (base - model.host_ms) / layers
+            device = float(layers * (max(per_layer_base, lora / layers) + cfg.exchange_ms_per_layer))
+        if cfg.async_scheduling:  # the host's part of a step runs while the device computes the one before
+            return max(model.host_ms, device)
+        return model.host_ms + device
 
 
 def simulate(requests: list[WorkloadRequest], cfg: ClusterConfig) -> SimResult:
