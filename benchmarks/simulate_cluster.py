@@ -66,6 +66,8 @@ flags.DEFINE_enum("routing", "engine", ["engine", *simulator.ROUTINGS], "request
                   "in each mode, or as named (bench/simulator.py)")
 flags.DEFINE_bool("arrivals_between_steps", True, "requests reach the replicas only between steps, as in the "
                   "engine (bench/simulator.py ClusterConfig.arrivals_between_steps)")
+flags.DEFINE_bool("async_scheduling", True, "the engines queue each step before reading the previous one's tokens "
+                  "(their default; bench/simulator.py ClusterConfig.async_scheduling)")
 flags.DEFINE_float("memory_gb", 141.0, "")
 flags.DEFINE_float("reserve", 0.1, "")
 flags.DEFINE_string("prompt_len", "burstgpt:16:512", "BurstGPT-like, cut at 512 tokens: longer prompts (P95 ~800 at "
@@ -100,7 +102,7 @@ def deployments(shape, rank: int, num_adapters: int, spec, measured) -> tuple[di
     load_ms = 1e3 * adapter / device.h2d_bytes_per_s
     common = dict(step=step, max_num_seqs=F.max_num_seqs, max_num_batched_tokens=F.max_num_batched_tokens,
                   replica_devices=g, adapter_loading=F.adapter_loading,
-                  arrivals_between_steps=F.arrivals_between_steps,
+                  arrivals_between_steps=F.arrivals_between_steps, async_scheduling=F.async_scheduling,
                   routing=None if F.routing == "engine" else F.routing)
     out = {}
     for b in (baselines.BASELINES[n] for n in F.baselines):

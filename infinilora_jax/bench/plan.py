@@ -64,6 +64,7 @@ class PlanRequest:
     step_adapters: int = 64
     step_tokens: int = 256
     coupled_lora_share: float = 0.8
+    async_scheduling: bool = True  # the engine's default: the host's work overlaps the device (bench/simulator.py)
     seed: int = 0
 
 
@@ -86,7 +87,7 @@ def simulated_ttft(r: PlanRequest, model: calibration.StepTimeModel, slots: int,
                                  workload.LengthDist.parse(r.prompt_len), workload.LengthDist.parse(r.output_len),
                                  r.seed)
     cfg = simulator.ClusterConfig("coupled", 1, model, slots, 1e3 * load_s, max_num_seqs=r.max_num_seqs,
-                                  max_num_batched_tokens=r.max_num_batched_tokens)
+                                  max_num_batched_tokens=r.max_num_batched_tokens, async_scheduling=r.async_scheduling)
     result = simulator.simulate(workload.generate(spec, None), cfg)
     return np.array([t.ttft for t in result.timings] + [math.inf] * result.unfinished)
 

@@ -50,6 +50,7 @@ flags.DEFINE_integer("max_devices", 8, "LoRA-server devices considered")
 flags.DEFINE_integer("step_adapters", 64, "adapters in one LoRA-server step (all base replicas' batches)")
 flags.DEFINE_integer("step_tokens", 256, "tokens in one LoRA-server step")
 flags.DEFINE_float("coupled_lora_share", 0.8, "coupled replica: share of spare memory for adapters")
+flags.DEFINE_bool("async_scheduling", True, "simulate the engine queueing each step ahead (its default)")
 flags.DEFINE_integer("seed", 0, "")
 flags.DEFINE_string("out", None, "also write the plan as JSON here")
 
