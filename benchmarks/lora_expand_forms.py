@@ -1,4 +1,4 @@
-"""The reference LoRA expand at decode sizes in two forms: which should lora/reference.py use on the GPU?
+"""The reference LoRA expand (and shrink) at decode sizes in several forms: which should lora/reference.py use?
 
     einsum    einsum("nr,nro->no", shrink, B rows gathered as [n, R, O] float32): lora/reference.py's form.
               On an H200, XLA computed it as a transpose of the gathered [n, O, R] plus a reduction (~43-56 us
@@ -6,11 +6,19 @@
     rows      sum over r of shrink[:, r] * (B row r of each row's adapter): one loop fusion that reads each B row
               once; on XLA:CPU it doubled the tests' compile times.
 
-Shapes: per-expert decode of Qwen3-30B-A3B widths (512 expert rows, 33 slots x 128 experts, rank 32) for the
-gate_up (O = 1536) and down (O = 2048) expand, and a dense projection (64 rows, O = 4096). Prints run time
-(median, inside a jitted loop of static trip count) and compile time per form, and writes JSON.
+The shrink (`--ops shrink`; x [n, D_in] against each row's gathered rank-major A rows [n, R, D_in], float32
+out), which the fifteenth session's profile put among the 8-layer decode step's largest LoRA items (the
+reference takes ~2.2x the bytes floor per expert call, the expand alone runs near it):
+    einsum    einsum("ni,nri->nr", x, A rows gathered, preferred float32): lora/reference.py's form
+    mulsum    sum over i of float32(A rows) * float32(x): an elementwise product and a reduction
+    batched   dot_general with n as the batch dimension (a batched matrix-vector product)
 
-    PYTHONPATH=. python3 benchmarks/lora_expand_forms.py --out $OUT/lora_expand_forms.json
+Shapes: per-expert decode of Qwen3-30B-A3B widths (512 expert rows, 33 slots x 128 experts, rank 32) for the
+gate_up (O = 1536) and down (O = 2048) expand (shrink: D_in 2048 and 768), and a dense projection (64 rows,
+O = 4096; shrink D_in 2048). Prints run time (median, inside a jitted loop of static trip count) and compile
+time per form, and writes JSON.
+
+    PYTHONPATH=. python3 benchmarks/lora_expand_forms.py --ops expand,shrink --out $OUT/lora_expand_forms.json
     PYTHONPATH=. python3 benchmarks/lora_expand_forms.py --smoke    # CPU, small shapes
 """
 
@@ -46,6 +54,38 @@ def expand_rows(shrink, b_rows, idx):
 FORMS = {"einsum": expand_einsum, "rows": expand_rows}
 
 
+def shrink_einsum(x, a_rows, idx):
+    return jnp.einsum("ni,nri->nr", x, a_rows[idx], preferred_element_type=F32)
+
+
+def shrink_mulsum(x, a_rows, idx):
+    return jnp.sum(a_rows[idx].astype(F32) * x[:, None, :].astype(F32), axis=-1)
+
+
+def shrink_batched(x, a_rows, idx):
+    return jax.lax.dot_general(a_rows[idx], x[:, :, None], (((2,), (1,)), ((0,), (0,))),
+                               preferred_element_type=F32)[..., 0]
+
+
+SHRINK_FORMS = {"einsum": shrink_einsum, "mulsum": shrink_mulsum, "batched": shrink_batched}
+
+
+def shrink_cases(smoke: bool):
+    if smoke:
+        return [("expert gate_up shrink (small)", 32, 5 * 4, 8, 192)]
+    return [("expert gate_up shrink", 512, 33 * 128, 32, 2048), ("expert down shrink", 512, 33 * 128, 32, 768),
+            ("dense shrink 2048", 64, 33, 32, 2048)]
+
+
+def run_shrink_case(name, n, pages, rank, width, iters, repeats):
+    k = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(k[0], (n, width), jnp.bfloat16)
+    a_rows = jax.random.normal(k[1], (pages * rank, width), jnp.bfloat16)
+    idx = jax.random.randint(k[2], (n, 1), 0, pages) * rank + jnp.arange(rank)[None, :]
+    return _time_forms(name, SHRINK_FORMS, (x, a_rows, idx), dict(rows=n, rank=rank, width=width), iters,
+                       repeats)
+
+
 def cases(smoke: bool):
     if smoke:
         return [("expert gate_up (small)", 32, 5 * 4, 8, 192), ("dense (small)", 8, 5, 8, 256)]
@@ -58,18 +98,22 @@ def run_case(name, n, pages, rank, width, iters, repeats):
     shrink = jax.random.normal(k[0], (n, rank), F32)
     b_rows = jax.random.normal(k[1], (pages * rank, width), jnp.bfloat16)
     idx = jax.random.randint(k[2], (n, 1), 0, pages) * rank + jnp.arange(rank)[None, :]
+    return _time_forms(name, FORMS, (shrink, b_rows, idx), dict(rows=n, rank=rank, width=width), iters, repeats)
+
+
+def _time_forms(name, forms, args, info, iters, repeats):
+    """Each form on args: compile time, run time in a jitted loop, max error against the first form."""
     rows = []
     want = None
-    for form, fn in FORMS.items():
+    for form, fn in forms.items():
         t0 = time.perf_counter()
-        compiled = jax.jit(fn).lower(shrink, b_rows, idx).compile()
+        compiled = jax.jit(fn).lower(*args).compile()
         compile_s = time.perf_counter() - t0
-        got = compiled(shrink, b_rows, idx)
+        got = compiled(*args)
         want = got if want is None else want
         err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-        seconds = loop_seconds(fn, (shrink, b_rows, idx), iters, repeats)
-        rows.append(dict(case=name, form=form, rows=n, rank=rank, width=width, us=1e6 * seconds,
-                         compile_s=compile_s, err=err))
+        seconds = loop_seconds(fn, args, iters, repeats)
+        rows.append(dict(case=name, form=form, **info, us=1e6 * seconds, compile_s=compile_s, err=err))
         print(f"  {name:24} {form:7} {rows[-1]['us']:10.1f} us   compile {compile_s:6.2f} s   err {err:.1e}",
               flush=True)
     return rows
@@ -80,11 +124,17 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--ops", default="expand", help="expand, shrink or both (comma-separated)")
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args()
-    iters = 2 if a.smoke else a.iters
-    print(f"== LoRA expand forms on {jax.devices()[0].device_kind}")
-    rows = [r for c in cases(a.smoke) for r in run_case(*c, iters=iters, repeats=2 if a.smoke else a.repeats)]
+    iters, repeats = (2, 2) if a.smoke else (a.iters, a.repeats)
+    ops = a.ops.split(",")
+    print(f"== LoRA reference forms ({a.ops}) on {jax.devices()[0].device_kind}")
+    rows = []
+    if "expand" in ops:
+        rows += [r for c in cases(a.smoke) for r in run_case(*c, iters=iters, repeats=repeats)]
+    if "shrink" in ops:
+        rows += [r for c in shrink_cases(a.smoke) for r in run_shrink_case(*c, iters=iters, repeats=repeats)]
     if a.out:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         with open(a.out, "w") as f:

@@ -59,3 +59,31 @@ def test_bf16_delta_close_to_float64(rng):
                      jnp.asarray(b, jnp.bfloat16))
     want = np.stack([x[i].astype(np.float64) @ a[s] @ b[s] for i, s in enumerate(slots)])
     assert np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want) < 2e-2
+
+
+@pytest.mark.parametrize("form", ["einsum", "mulsum", "batched"])
+def test_every_shrink_form_gives_the_same_deltas(rng, monkeypatch, form):
+    """INFINILORA_LORA_SHRINK picks the shrink's form (for measuring on GPUs): dense and per-expert deltas on
+    rank-major pages, float32 and bfloat16, match the per-row loop whichever it is; an unknown form is refused."""
+    from infinilora_jax.errors import ConfigError
+    from infinilora_jax.lora import reference
+
+    monkeypatch.setenv(reference.SHRINK_ENV, form)
+    m, d_in, d_out, rank, slots, experts = 24, 16, 9, 8, 3, 5
+    x = rng.normal(size=(m, d_in)).astype(np.float32)
+    row_slots = rng.integers(0, slots, size=m).astype(np.int32)
+    row_experts = rng.integers(0, experts, size=m).astype(np.int32)
+    a, b = _pool(rng, slots, experts, rank, d_in), _pool(rng, slots, experts, rank, d_out)  # A rank-major
+    want = np.stack([x[i] @ a[s, e].T @ b[s, e] for i, (s, e) in enumerate(zip(row_slots, row_experts))])
+    got = expert_lora_delta(jnp.asarray(x), jnp.asarray(row_slots), jnp.asarray(row_experts), jnp.asarray(a),
+                            jnp.asarray(b), a_rank_major=True)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    dense = lora_delta(jnp.asarray(x, jnp.bfloat16), jnp.asarray(row_slots), jnp.asarray(a[:, 0], jnp.bfloat16),
+                       jnp.asarray(b[:, 0], jnp.bfloat16), a_rank_major=True)
+    want = np.stack([x[i] @ a[s, 0].T @ b[s, 0] for i, s in enumerate(row_slots)])
+    assert dense.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(dense), want, rtol=5e-2, atol=5e-2 * np.abs(want).max())
+    monkeypatch.setenv(reference.SHRINK_ENV, "loop")
+    with pytest.raises(ConfigError, match=reference.SHRINK_ENV):
+        lora_delta(jnp.asarray(x), jnp.asarray(row_slots), jnp.asarray(a[:, 0]), jnp.asarray(b[:, 0]),
+                   a_rank_major=True)

@@ -90,6 +90,10 @@
 #                 SKIP_PROFILED). async_scheduling takes UPDATE_MODE=SKIP_TEMP|SKIP_PROFILED for the real engine,
 #                 and STAGING=via_device|device (lora/staging.py: those modes' VMM allocator crashed putting numpy
 #                 into pinned host memory).
+#   lora_forms    (1 GPU, ~1 min, ~5 with the engine runs) benchmarks/lora_expand_forms.py --ops shrink,expand:
+#                 the reference LoRA shrink's forms (INFINILORA_LORA_SHRINK) at decode shapes; when another form
+#                 beats the einsum per expert, the 8-layer async step with it and with the einsum, one after the
+#                 other (async_scheduling takes SHRINK=form).
 #   step_program_ops (1 GPU, ~3 min) tools/step_program_ops.py: the compiled decode `logits` program's kernels by
 #                 kind, at 2 and 8 layers, with and without LoRA (kernels per layer: what bounds the async step).
 #   flag_parity   (1 GPU, ~4 min) tools/flag_parity.py: greedy tokens (Qwen3 widths, 4 layers, float32, adapters
@@ -204,14 +208,24 @@ case "${1:-}" in
     [ "${CMDBUF:-on}" = off ] && tag=_nocmdbuf && xla="--xla_gpu_enable_command_buffer="
     [ -n "${UPDATE_MODE:-}" ] && tag="${tag}_$UPDATE_MODE" && xla="$xla --xla_gpu_command_buffer_update_mode=$UPDATE_MODE"
     [ -n "${STAGING:-}" ] && tag="${tag}_$STAGING"
+    [ -n "${SHRINK:-}" ] && tag="${tag}_shrink_$SHRINK"
     for layers in ${LAYERS:-2 8}; do
       env ${xla:+XLA_FLAGS="$xla"} ${STAGING:+INFINILORA_ADAPTER_STAGING=$STAGING} \
+        ${SHRINK:+INFINILORA_LORA_SHRINK=$SHRINK} \
         INFINILORA_LORA_BACKEND=reference timeout 280 \
         python3 -u benchmarks/decode_variants.py --compare async_scheduling --model $QWEN --num_layers $layers \
         --requests 64 --adapters 32 --rank 32 --steps 16 --blocks 4 --out "$OUT/async_scheduling_L$layers$tag" \
         > "$OUT/async_scheduling_L$layers$tag.log" 2>&1
       echo "async_scheduling L=$layers$tag rc=$?"; show "$OUT/async_scheduling_L$layers$tag.log" 8
     done ;;
+  lora_forms)
+    timeout 200 python3 -u benchmarks/lora_expand_forms.py --ops shrink,expand --out "$OUT/lora_forms.json" \
+      > "$OUT/lora_forms.log" 2>&1
+    echo "lora_forms rc=$?"; show "$OUT/lora_forms.log" 14
+    best=$(python3 -c "import json, collections; t = collections.Counter(); rows = json.load(open('$OUT/lora_forms.json'))['rows']; \
+[t.update({r['form']: r['us']}) for r in rows if 'expert' in r['case'] and 'shrink' in r['case']]; print(min(t, key=t.get))")
+    echo "fastest per-expert shrink form: $best"
+    if [ "$best" != einsum ]; then SHRINK=$best LAYERS=8 "$0" async_scheduling; LAYERS=8 "$0" async_scheduling; fi ;;
   step_program_ops)
     INFINILORA_LORA_BACKEND=reference timeout 400 python3 -u tools/step_program_ops.py --layers ${LAYERS_LIST:-2,8} \
       --out "$OUT/step_program_ops.json" > "$OUT/step_program_ops.log" 2>&1

@@ -5,12 +5,41 @@ Every token carries an adapter slot; slot 0 means "no adapter" and its pool rows
 `(x @ A[slot]) @ B[slot]`. Ranks below the pool's rank R are zero-padded, which leaves the result exact.
 
 This gathers one A and one B per token (memory O(tokens * in * R)): it is the reference, not the fast path.
+It is also what the engine runs at decode sizes on GPUs (pallas_kernels/dispatch.py), so the shrink's form is
+selectable for measurement: INFINILORA_LORA_SHRINK (read at trace time) = einsum (default), mulsum (a float32
+product and a sum) or batched (a dot_general batched over rows); benchmarks/lora_expand_forms.py times them.
 """
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
+
+from infinilora_jax.errors import ConfigError
+
+SHRINK_ENV = "INFINILORA_LORA_SHRINK"
+SHRINK_FORMS = ("einsum", "mulsum", "batched")
+
+
+def shrink_form() -> str:
+    form = os.environ.get(SHRINK_ENV, "einsum").lower()
+    if form not in SHRINK_FORMS:
+        raise ConfigError(f"{SHRINK_ENV}={form!r}: one of {', '.join(SHRINK_FORMS)}")
+    return form
+
+
+def _shrink(x: jax.Array, a: jax.Array, a_rank_major: bool) -> jax.Array:
+    """x [N, D_in] against each row's gathered A pages ([N, R, D_in] rank-major, else [N, D_in, R]) -> [N, R]
+    float32, in the form INFINILORA_LORA_SHRINK names (rank-minor pages: always the einsum)."""
+    form = shrink_form() if a_rank_major else "einsum"
+    if form == "mulsum":
+        return jnp.sum(a.astype(jnp.float32) * x[:, None, :].astype(jnp.float32), axis=-1)
+    if form == "batched":
+        return jax.lax.dot_general(a, x[:, :, None], (((2,), (1,)), ((0,), (0,))),
+                                   preferred_element_type=jnp.float32)[..., 0]
+    return jnp.einsum(_shrink_spec(a_rank_major, "n"), x, a, preferred_element_type=jnp.float32)
 
 
 def add_delta(y: jax.Array, delta: jax.Array) -> jax.Array:
@@ -38,7 +67,7 @@ def lora_delta(x: jax.Array, slots: jax.Array, lora_a: jax.Array, lora_b: jax.Ar
     """
     out_shape = lora_b.shape[2:]
     b = lora_b.reshape(*lora_b.shape[:2], -1)
-    shrink = jnp.einsum(_shrink_spec(a_rank_major, "n"), x, lora_a[slots], preferred_element_type=jnp.float32)
+    shrink = _shrink(x, lora_a[slots], a_rank_major)
     delta = jnp.einsum("nr,nro->no", shrink, b[slots].astype(jnp.float32))
     return delta.reshape(x.shape[0], *out_shape)
 
@@ -64,8 +93,7 @@ def expert_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a
     experts = jnp.where(valid, experts, 0)
     out_shape = lora_b.shape[3:]
     b = lora_b.reshape(*lora_b.shape[:3], -1)
-    shrink = jnp.einsum(_shrink_spec(a_rank_major, "m"), x, lora_a[slots, experts],
-                        preferred_element_type=jnp.float32)
+    shrink = _shrink(x, lora_a[slots, experts], a_rank_major)
     delta = jnp.einsum("mr,mro->mo", shrink, b[slots, experts].astype(jnp.float32))
     return delta.reshape(x.shape[0], *out_shape)
 
@@ -104,7 +132,7 @@ def paged_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array | None, 
     idx = jnp.where(used, first[:, None] + r[None, :], 0)
     # contract over the gathered rows' minor dim ([M, W, D_in] as gathered): on the H200 this is one gather +
     # reduction fusion, without a transpose
-    shrink = jnp.einsum("ni,nri->nr", x, a_rows[idx], preferred_element_type=jnp.float32)
+    shrink = _shrink(x, a_rows[idx], a_rank_major=True)
     shrink = jnp.where(used, shrink, 0.0)
     if b_table is not None:
         first = (b_table.start[slots] + expert * b_table.stride[slots]) * rb
