@@ -59,8 +59,8 @@ class RoleAdapterCache(AdapterCache):
         self.runner = runner
 
     def _stage(self, weights) -> dict:
-        """One adapter's pages (zeros for None), per LoRA layer slot, as per-device blocks in pinned host memory
-        (a LoRA device's block holds its stage's layers and expert shard; base devices' blocks are zeros)."""
+        """One adapter's pages (zeros for None), per LoRA layer slot, as staged per-device blocks (lora/staging.py;
+        a LoRA device's block holds its stage's layers and expert shard; base devices' blocks are zeros)."""
         return self.runner.stage_pages(weights)
 
     def _write_now(self, slot: int, name: str | None) -> None:
@@ -118,7 +118,7 @@ class DisaggRunner:
         self.kv: dict[str, jax.Array] = {}
         self.kv_specs: dict[str, BufferSpec] = {}
         self._writer = None
-        self._zero_blocks: dict = {}  # base device -> its pinned zero block of one adapter's pages (stage_pages)
+        self._zero_blocks: dict = {}  # base device -> its staged zero block of one adapter's pages (stage_pages)
         self._zero_tokens: dict[int, jax.Array] = {}  # rows_out -> the no-previous-step tokens (_no_tokens)
         log.info("disaggregated: %s", layout.describe())
 
@@ -193,23 +193,23 @@ class DisaggRunner:
     # ---- adapter pages ----
 
     def stage_pages(self, weights) -> dict:
-        """One adapter's pages for one slot, {j: {t: {"a", "b": [devices, rows, width]}}} in pinned host memory
-        (PER_DEVICE: each LoRA device's block holds its stage's layer and expert shard). Base devices' blocks are
-        zeros the writer drops: one pinned zero block per base device, made once and shared by every staging
+        """One adapter's pages for one slot, {j: {t: {"a", "b": [devices, rows, width]}}}, staged (pinned host memory
+        by default; PER_DEVICE: each LoRA device's block holds its stage's layer and expert shard). Base devices'
+        blocks are zeros the writer drops: one zero block per base device, made once and shared by every staging
         (staging stays one copy of the adapter's own bytes, however many base devices the mesh has)."""
         blocks = []
         for device, role, dp, ep in device_roles(self.mesh):
             if role == LORA_ROLE:
-                blocks.append(self._pinned_block(self.pool.host_pages(weights, stage=dp, ep_index=ep), device))
+                blocks.append(self._staged_block(self.pool.host_pages(weights, stage=dp, ep_index=ep), device))
             else:
                 if device not in self._zero_blocks:
                     zeros = jax.tree.map(np.zeros_like, self.pool.host_pages(None, 0, 0))
-                    self._zero_blocks[device] = self._pinned_block(zeros, device)
+                    self._zero_blocks[device] = self._staged_block(zeros, device)
                 blocks.append(self._zero_blocks[device])
         kind = staging.memory_kind(self.adapters.staging)
         return jax.tree.map(lambda *per_device: assemble(self.mesh, list(per_device), kind), *blocks)
 
-    def _pinned_block(self, host: dict, device) -> dict:
+    def _staged_block(self, host: dict, device) -> dict:
         """Host pages of one device as [1, rows, width] blocks staged for that device (lora/staging.py: in its
         pinned host memory by default)."""
         return staging.stage(jax.tree.map(lambda x: x[None], host), SingleDeviceSharding(device),
@@ -240,8 +240,9 @@ class DisaggRunner:
 
     # ---- steps (one base instance: the LLMEngine interface) ----
 
-    # `sample` queues the step and returns its tokens on the devices (engine: async scheduling). On GPUs the call
-    # itself may still wait mid-step: XLA reads each role branch's predicate back to the host (07-disaggregated.md).
+    # `sample` queues the step and returns its tokens on the devices (engine: async scheduling). XLA:GPU reads the
+    # role branches' predicates back, but not on the caller's thread: it returns before the device is done
+    # (one H200, benchmarks/cond_overhead.py --host_wait; 07-disaggregated.md).
     supports_async = True
     sampler_programs_per_bucket = 0  # the sampler is part of the step program (disagg/step.py)
 
