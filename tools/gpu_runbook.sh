@@ -6,13 +6,13 @@
 # with both modes in one call (eighth session: 0.99x). When an nvidia-h200-x4 is lent, x4_decode and x4_sweep
 # (issue 8's 2+2) come first; then mixtral_sweep (rerun with settled caches), then slo_sweep with
 # ADAPTER_LOADING=background. An 8-GPU machine: x8_decode and x8_sweep (issue 8). When only one GPU is lent:
-# lora_kernels_expert; expert_gemm; lora_step with XLA_FLAGS=--xla_enable_command_buffers_during_profiling=true
-# if not yet read (where the 8-layer async step's device time goes). With two GPUs: decode (both modes now queue
-# steps ahead; ASYNC=false for one at a time), then the sweeps. Done on one GPU in the fifteenth session:
-# cond_host_wait (conditionals do not block the caller), async_scheduling CMDBUF=off and UPDATE_MODE=SKIP_TEMP
-# STAGING=via_device at 8 layers (no gain: the step is device-bound), layer_loop, host_memory_kinds,
-# step_program_ops. Done on one GPU in the twelfth to fourteenth sessions: lora_qkv (1-D grid
-# too), kernel_compile, lora_step (reference against kernels at decode, at 2 and 8 layers: the reference wins),
+# lora_kernels_expert; expert_gemm; flag_parity before any XLA setting becomes a default. With two GPUs: decode
+# (both modes now queue steps ahead; ASYNC=false for one at a time), then the sweeps. Done on one GPU in the
+# fifteenth session: cond_host_wait (conditionals do not block the caller), async_scheduling CMDBUF=off and
+# UPDATE_MODE=SKIP_TEMP STAGING=via_device at 8 layers (no gain: the step is device-bound), layer_loop,
+# host_memory_kinds, step_program_ops, lora_step with command buffers kept on under the profiler (the forward
+# busy 5.7 ms per step), lora_forms (no shrink form beats the einsum in the step). Done on one GPU in the
+# twelfth to fourteenth sessions: lora_qkv (1-D grid too), kernel_compile, lora_step (reference against kernels at decode, at 2 and 8 layers: the reference wins),
 # prefill_lora, every tune_gpu_blocks phase (per-rank dispatch included), lora_per_row, host_inputs,
 # async_scheduling (LAYERS="2 8"). Don't pipe a stage through `tail`: a call killed at its limit then returns no
 # output (the logs under $OUT still come back).
