@@ -26,11 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from infinilora_jax.bench.child_items import emit, run_child  # noqa: E402
 
 _TYPES = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"
 VARIANTS = {  # name -> (layer loop, XLA_FLAGS)
@@ -121,8 +122,8 @@ def main():
         args.layers, args.blocks, args.tokens, args.hidden, args.queue, args.repeats = "2,3", 2, 8, 64, 3, 2
     if args.one:
         variant, layers = args.one.split(":")
-        print(json.dumps(measure(VARIANTS[variant][0], int(layers), args.blocks, args.tokens, args.hidden,
-                                 args.queue, args.repeats)))
+        emit(measure(VARIANTS[variant][0], int(layers), args.blocks, args.tokens, args.hidden, args.queue,
+                     args.repeats))
         return
     rows = []
     for layers in args.layers.split(","):
@@ -133,15 +134,12 @@ def main():
                    str(args.blocks), "--tokens", str(args.tokens), "--hidden", str(args.hidden), "--queue",
                    str(args.queue), "--repeats", str(args.repeats)]
             row = {"variant": variant, "layers": int(layers), "xla_flags": VARIANTS[variant][1]}
-            try:
-                proc = subprocess.run(cmd + (["--smoke"] if args.smoke else []), env=env, capture_output=True,
-                                      text=True, timeout=args.timeout)
-            except subprocess.TimeoutExpired:
-                proc = subprocess.CompletedProcess(cmd, 1, "", f"timed out after {args.timeout} s")
-            if proc.returncode:
-                row["error"] = proc.stderr.strip().splitlines()[-1:]
+            run = run_child(cmd + (["--smoke"] if args.smoke else []), env, args.timeout)
+            if run.failure:
+                fields = run.failure_fields()
+                row.update(error=fields["detail"], tail=fields["tail"][-3:])
             else:
-                row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+                row.update(run.rows[0])
             rows.append(row)
             print(_line(row), flush=True)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

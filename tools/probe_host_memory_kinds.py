@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from infinilora_jax.bench.child_items import emit, run_child  # noqa: E402
 
 CASES = ["np->device", "np->pinned", "dev->pinned", "np->unpinned", "pinned->in-jit", "pinned->device"]
 
@@ -54,19 +57,15 @@ def run_case(case: str) -> str:
 
 def main():
     if len(sys.argv) > 2 and sys.argv[1] == "--one":
-        print(run_case(sys.argv[2]))
+        emit({"result": run_case(sys.argv[2])})
         return
     rows = {}
     for case in CASES:
-        try:
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", case], capture_output=True,
-                                  text=True, timeout=120)
-            if proc.returncode == 0:
-                rows[case] = proc.stdout.strip().splitlines()[-1]
-            else:
-                rows[case] = f"rc={proc.returncode}: " + " | ".join(proc.stderr.strip().splitlines()[-2:])[-200:]
-        except subprocess.TimeoutExpired:
-            rows[case] = "timed out"
+        run = run_child([sys.executable, os.path.abspath(__file__), "--one", case], dict(os.environ), 120)
+        if run.failure:
+            rows[case] = f"{run.failure}: " + " | ".join(run.failure_fields()["tail"][-2:])[-200:]
+        else:
+            rows[case] = run.rows[0]["result"]
         print(f"  {case:16} {rows[case]}", flush=True)
     print(json.dumps({"xla_flags": os.environ.get("XLA_FLAGS", ""), "cases": rows}))
 

@@ -326,11 +326,14 @@ class DisaggRunner:
     def sample_args(self, batch: StepBatch, rows_out: int) -> tuple:
         """The `sample` step's arguments for one instance's batch on every instance, no sampling rows and no
         tokens of a queued step, the role buffers as shapes (to lower or precompile it)."""
-        shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                              (self.weights, self.kv))
         dp = self.layout.dp
-        return (*shapes, *self._stack([batch] * dp), self._stack_sampling([], len(batch.logits_indices)),
+        return (*self._state_shapes(), *self._stack([batch] * dp), self._stack_sampling([], len(batch.logits_indices)),
                 self._no_tokens(rows_out), np.full((dp, len(batch.tokens)), -1, np.int32))
+
+    def _state_shapes(self) -> tuple:
+        """(weights, kv) role buffers as shapes with their shardings (to lower or precompile steps)."""
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                            (self.weights, self.kv))
 
     def _no_tokens(self, rows_out: int) -> jax.Array:
         """The `prev` tokens of a step that takes none: zeros [devices, rows_out], per device."""
@@ -352,9 +355,7 @@ class DisaggRunner:
         part of them), `score` and `prompt_logprobs` may run for these (one instance's) batch shapes, the sampled
         tokens padded to rows_out rows (default: each batch's sampling rows)."""
         dp = self.layout.dp
-        shapes = lambda: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                                      (self.weights, self.kv))
-        w, kv = shapes()
+        w, kv = self._state_shapes()
         slot, pages = self.adapters.warmup_load()  # one no-op load serves every shape
         calls = []
         for batch in batches:

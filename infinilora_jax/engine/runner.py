@@ -31,6 +31,8 @@ from meshes.layouts import MeshLayout, make_mesh
 
 log = logging.getLogger(__name__)
 
+SAMPLER_WORKS = (GREEDY, PLAIN, FILTERED)  # the sampler programs' works (engine/sampler.py SamplingArrays.work)
+
 
 @dataclasses.dataclass(frozen=True)
 class StepTokens:
@@ -49,7 +51,8 @@ def count_params(cfg: ModelConfig, layout: MeshLayout, mesh) -> int:
 
 class ModelRunner:
     supports_async = True  # `sample` queues the step without reading anything back (engine: async scheduling)
-    sampler_programs_per_bucket = 6  # its own sampler programs: 3 works x with / without logprobs per rows bucket
+    sampler_programs_per_bucket = 2 * len(SAMPLER_WORKS)  # its own sampler programs per rows bucket: every work,
+    # with and without logprobs (`precompile`)
 
     def __init__(self, cfg: ModelConfig, layout: MeshLayout, dtype, make_factory, pool_cfg: LoraPoolConfig, *,
                  max_host_adapters: int = 64, max_adapter_bytes: int | None = None, devices=None,
@@ -143,7 +146,7 @@ class ModelRunner:
                 slot, pages = load
                 calls.append(("logits_loading", (*args, np.int32(slot), pages)))
             samplers += [self.steps.sampler_key(len(batch.logits_indices), work, logprobs, out)
-                         for work in (GREEDY, PLAIN, FILTERED) for logprobs in (False, True)]
+                         for work in SAMPLER_WORKS for logprobs in (False, True)]
         for batch in score_batches:
             calls.append(("score", (m, pool, batch, kv)))
             calls.append(("prompt_logprobs", (m, pool, batch, kv, np.zeros(len(batch.logits_indices), np.int32))))

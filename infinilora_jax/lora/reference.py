@@ -6,34 +6,27 @@ Every token carries an adapter slot; slot 0 means "no adapter" and its pool rows
 
 This gathers one A and one B per token (memory O(tokens * in * R)): it is the reference, not the fast path.
 It is also what the engine runs at decode sizes on GPUs (pallas_kernels/dispatch.py), so the shrink's form is
-selectable for measurement: INFINILORA_LORA_SHRINK (read at trace time) = einsum (default), mulsum (a float32
-product and a sum) or batched (a dot_general batched over rows); benchmarks/lora_expand_forms.py times them.
+selectable for measurement (`SHRINK`, a trace-time choice: `SHRINK.use(...)` or INFINILORA_LORA_SHRINK) = einsum
+(default), mulsum (a float32 product and a sum) or batched (a dot_general batched over rows);
+benchmarks/lora_expand_forms.py times them.
 """
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 
-from infinilora_jax.errors import ConfigError
+from infinilora_jax.trace_choice import TraceTimeChoice
 
 SHRINK_ENV = "INFINILORA_LORA_SHRINK"
 SHRINK_FORMS = ("einsum", "mulsum", "batched")
-
-
-def shrink_form() -> str:
-    form = os.environ.get(SHRINK_ENV, "einsum").lower()
-    if form not in SHRINK_FORMS:
-        raise ConfigError(f"{SHRINK_ENV}={form!r}: one of {', '.join(SHRINK_FORMS)}")
-    return form
+SHRINK = TraceTimeChoice("LoRA shrink form", SHRINK_ENV, SHRINK_FORMS, "einsum", "reference.SHRINK.use")
 
 
 def _shrink(x: jax.Array, a: jax.Array, a_rank_major: bool) -> jax.Array:
     """x [N, D_in] against each row's gathered A pages ([N, R, D_in] rank-major, else [N, D_in, R]) -> [N, R]
-    float32, in the form INFINILORA_LORA_SHRINK names (rank-minor pages: always the einsum)."""
-    form = shrink_form() if a_rank_major else "einsum"
+    float32, in the form `SHRINK` selects (rank-minor pages: always the einsum)."""
+    form = SHRINK.selected() if a_rank_major else "einsum"
     if form == "mulsum":
         return jnp.sum(a.astype(jnp.float32) * x[:, None, :].astype(jnp.float32), axis=-1)
     if form == "batched":

@@ -14,21 +14,16 @@ is not in a slot. INFINILORA_ADAPTER_STAGING (read when an adapter cache is made
 
 from __future__ import annotations
 
-import os
-
 import jax
 
-from infinilora_jax.errors import ConfigError
+from infinilora_jax.trace_choice import env_choice
 
 ENV_VAR = "INFINILORA_ADAPTER_STAGING"
 MODES = ("pinned", "via_device", "device")
 
 
 def staging_mode() -> str:
-    mode = os.environ.get(ENV_VAR, "pinned").lower()
-    if mode not in MODES:
-        raise ConfigError(f"{ENV_VAR}={mode!r}: one of {', '.join(MODES)}")
-    return mode
+    return env_choice(ENV_VAR, MODES, "pinned")
 
 
 def memory_kind(mode: str) -> str:

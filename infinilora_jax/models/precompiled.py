@@ -13,22 +13,18 @@ INFINILORA_HOST_INPUTS=separate passes them one by one as before (for comparison
 from __future__ import annotations
 
 import concurrent.futures
-import os
 
 import jax
 
-from infinilora_jax.errors import ConfigError
 from infinilora_jax.models import host_inputs
+from infinilora_jax.trace_choice import env_choice
 
 ENV_VAR = "INFINILORA_HOST_INPUTS"
 MODES = ("packed", "separate")
 
 
 def pack_host_inputs_default() -> bool:
-    mode = os.environ.get(ENV_VAR, "packed").lower()
-    if mode not in MODES:
-        raise ConfigError(f"{ENV_VAR}={mode!r}: one of {', '.join(MODES)}")
-    return mode == "packed"
+    return env_choice(ENV_VAR, MODES, "packed") == "packed"
 
 
 class PrecompiledSteps:
