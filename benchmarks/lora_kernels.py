@@ -12,7 +12,8 @@ widths, sorted by expert as the MoE layer feeds them) it times:
             reference / reference-rm (lora/reference.py on either A layout), dispatch
             (pallas_kernels.dispatch.lora_delta as the platform picks), one-hot, ragged_dot, gpu-kernel(-rm),
             gpu-per-row-rm (the kernels on one work unit per row: no sort, no gathers; GPU only)
-  expert delta: reference, reference-rm, dispatch, gpu-kernel-rm, gpu-per-row-rm
+  expert delta: reference, reference-rm, dispatch, gpu-kernel-rm, gpu-per-row-rm, gpu-grouped-rm (rows taken
+            in place: the case's rows come sorted by (expert, slot), as the MoE layer sorts them)
   qkv delta (three targets sharing x, Qwen3 attention widths; A rank-major): reference, gpu-fused (one
             add_lora_fused call: one shrink and one expand launch), gpu-fused-per-row (the same on per-row
             units), gpu-separate (three add_lora calls)
@@ -147,11 +148,19 @@ def expert_delta_reference_rank_major(x, slots, experts, a, b):
     return jnp.einsum("mr,mro->mo", s, b[slots, experts].astype(jnp.float32))
 
 
-RANK_MAJOR = {"gpu-kernel-rm", "gpu-per-row-rm", "reference-rm"}  # variants that take A as [S, (E,) R, D_in]
+# variants that take A as [S, (E,) R, D_in]
+RANK_MAJOR = {"gpu-kernel-rm", "gpu-per-row-rm", "gpu-grouped-rm", "reference-rm"}
 
 
 def expert_delta_gpu_kernel_rank_major(x, slots, experts, a, b):
     return dispatch.expert_lora_delta(x, slots, experts, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True)
+
+
+def expert_delta_gpu_grouped(x, slots, experts, a, b):
+    """The kernels on rows taken in place (rows_grouped: the case's rows come sorted by (expert, slot), as the
+    MoE layer sorts them): no sort, no gather of x, none of the delta back."""
+    return dispatch.expert_lora_delta(x, slots, experts, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True,
+                                      rows_grouped=True)
 
 
 def per_row_blocks(dtype):
@@ -186,6 +195,7 @@ EXPERT_DELTA = {"reference": reference.expert_lora_delta, "reference-rm": expert
 if jax.default_backend() == "gpu":
     EXPERT_DELTA["gpu-kernel-rm"] = expert_delta_gpu_kernel_rank_major
     EXPERT_DELTA["gpu-per-row-rm"] = expert_delta_gpu_per_row
+    EXPERT_DELTA["gpu-grouped-rm"] = expert_delta_gpu_grouped
 
 
 def _qkv_pairs(args):
@@ -258,15 +268,15 @@ def make_case(rng, tokens, adapters, rank):
 
 
 def make_expert_case(rng, tokens, adapters, rank, experts, top_k, d_in, d_out):
-    """Rows = (token, expert) assignments sorted by expert (as the MoE layer feeds them), one adapter per token;
-    a pool of adapters + 1 slots. Returns (..., distinct pages the rows touch)."""
+    """Rows = (token, expert) assignments sorted by (expert, slot) (as the MoE layer feeds them), one adapter per
+    token; a pool of adapters + 1 slots. Returns (..., distinct pages the rows touch)."""
     s = adapters + 1
     a = (rng.normal(size=(s, experts, d_in, rank)) / np.sqrt(d_in)).astype(np.float32)
     b = (rng.normal(size=(s, experts, rank, d_out)) / np.sqrt(rank)).astype(np.float32)
     a[0], b[0] = 0, 0
     token_slots = rng.integers(1, s, size=tokens)
     chosen = np.stack([rng.choice(experts, size=top_k, replace=False) for _ in range(tokens)])
-    order = np.argsort(chosen.reshape(-1), kind="stable")
+    order = np.argsort(chosen.reshape(-1) * s + np.repeat(token_slots, top_k), kind="stable")
     expert_ids = chosen.reshape(-1)[order]
     slots = np.repeat(token_slots, top_k)[order]
     x = rng.normal(size=(tokens * top_k, d_in)).astype(np.float32)

@@ -138,13 +138,16 @@ def _blocks(backend: LoraBackend, x: jax.Array, out_widths, max_rank: int) -> Bl
     return blocks_for(device, x.dtype, d_in=x.shape[-1], out_widths=tuple(out_widths), max_rank=max_rank)
 
 
-def _kernel_apply(backend, ys, x, slots, experts, pairs, *, num_experts, slot_ranks, a_rank_major, blocks):
-    """ys[i] (flat [M, N_i]) + delta of pair i, through the TPU or GPU kernels."""
+def _kernel_apply(backend, ys, x, slots, experts, pairs, *, num_experts, slot_ranks, a_rank_major, blocks,
+                  rows_grouped=False):
+    """ys[i] (flat [M, N_i]) + delta of pair i, through the TPU or GPU kernels. rows_grouped: see
+    expert_lora_delta (the GPU kernels then leave the rows in place; the TPU kernels sort them anyway)."""
     ranks = [_pool_rank(b, experts is not None) for _, b in pairs]
     _check_blocks(backend, blocks)
     if backend in _GPU_BACKENDS:
         return _gpu_apply(backend, ys, x, slots, experts, pairs, ranks, num_experts=num_experts,
-                          slot_ranks=slot_ranks, a_rank_major=a_rank_major, blocks=blocks)
+                          slot_ranks=slot_ranks, a_rank_major=a_rank_major, blocks=blocks,
+                          rows_grouped=rows_grouped)
     if blocks is None:
         blocks = _blocks(backend, x, [y.shape[1] for y in ys], max(ranks))
     rb = blocks.rank_block
@@ -177,7 +180,8 @@ def gpu_supports(x: jax.Array, pairs, widths) -> bool:
             and all(w % 64 == 0 for w in widths))
 
 
-def _gpu_apply(backend, ys, x, slots, experts, pairs, ranks, *, num_experts, slot_ranks, a_rank_major, blocks):
+def _gpu_apply(backend, ys, x, slots, experts, pairs, ranks, *, num_experts, slot_ranks, a_rank_major, blocks,
+               rows_grouped):
     """Through the Mosaic GPU kernels: pages of the pool rank padded to 16 (the wgmma K step) in rank blocks of
     16, so `slot_ranks` tells each slot's rank rows: the kernels skip empty slots, mask the rest, and with
     GpuBlocks.rank_buckets read only the rows a slot's rank needs."""
@@ -196,7 +200,8 @@ def _gpu_apply(backend, ys, x, slots, experts, pairs, ranks, *, num_experts, slo
     keys, active = _group_keys(slots, experts, num_experts)
     interpret = plgpu.InterpretGPUParams() if backend is LoraBackend.GPU_INTERPRET else None
     return gpu_ops.lora_apply(tuple(ys), x, keys, active, tuple(a_rows), tuple(b_rows), tuple(tables),
-                              num_experts=num_experts, interpret=interpret, blocks=blocks)
+                              num_experts=num_experts, interpret=interpret, blocks=blocks,
+                              rows_grouped=rows_grouped)
 
 
 def _reference_deltas(x, slots, experts, pairs, a_rank_major):
@@ -237,9 +242,11 @@ def lora_delta(x: jax.Array, slots: jax.Array, lora_a: jax.Array, lora_b: jax.Ar
 
 def expert_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a: jax.Array, lora_b: jax.Array, *,
                       slot_ranks=None, a_rank_major: bool = False, backend=None,
-                      blocks: Blocks | GpuBlocks | None = None) -> jax.Array:
+                      blocks: Blocks | GpuBlocks | None = None, rows_grouped: bool = False) -> jax.Array:
     """[M, *out] float32 per-expert delta; rows with an out-of-range expert get zero
-    (reference.expert_lora_delta)."""
+    (reference.expert_lora_delta). rows_grouped: the caller guarantees that the rows of each (slot, expert)
+    pair with work are contiguous (rows sorted by (expert, slot), as the MoE layer sorts them); the GPU kernels
+    then neither sort x nor gather the delta back. Other rows (slot 0, padding experts) may lie anywhere."""
     chosen = select_backend(backend, rows=x.shape[0], dtype=x.dtype, rank=_pool_rank(lora_b, True))
     if chosen is LoraBackend.REFERENCE:
         return reference.expert_lora_delta(x, slots, experts, lora_a, lora_b, a_rank_major=a_rank_major)
@@ -247,7 +254,7 @@ def expert_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a
     zeros = jnp.zeros((x.shape[0], math.prod(out)), jnp.float32)
     (delta,) = _kernel_apply(chosen, (zeros,), x, slots, experts, ((lora_a, lora_b),),
                              num_experts=lora_a.shape[1], slot_ranks=slot_ranks, a_rank_major=a_rank_major,
-                             blocks=blocks)
+                             blocks=blocks, rows_grouped=rows_grouped)
     return delta.reshape(x.shape[0], *out)
 
 

@@ -4,6 +4,11 @@ A row is one token (dense projections, key = slot) or one (token, expert) assign
 key = slot * E + expert). Inactive rows (slot 0, padding experts) belong to no group and sort last. Group ids
 follow key order, so groups are contiguous in the sorted order. The group arrays have the static length
 G = min(rows, keys), enough for any input; entries past `num_groups` are unused (size 0).
+
+Rows that arrive grouped (`presorted=True`: the rows of each active key are one contiguous run, as the MoE layer
+delivers (token, expert) rows sorted by (expert, slot)) are not sorted: the "sorted order" is the rows' own
+order (order and inverse are the identity), groups are the runs in row order, and inactive rows may sit
+between them. Then the GPU kernels need no gather of x and none of the delta back.
 """
 
 from __future__ import annotations
@@ -26,33 +31,36 @@ class Grouping:
     num_groups: jax.Array  # [] int32 groups in use (entries [0, num_groups) of the group arrays)
 
 
-def group_rows(keys: jax.Array, active: jax.Array, *, num_keys: int) -> Grouping:
-    """Sort rows by key and describe the groups.
+def group_rows(keys: jax.Array, active: jax.Array, *, num_keys: int, presorted: bool = False) -> Grouping:
+    """Sort rows by key (unless `presorted`) and describe the groups.
 
     Args:
       keys: [M] int32 key of each row, in [0, num_keys) where active.
       active: [M] bool rows that take part (others get row_group -1 and sort last).
       num_keys: static number of possible keys.
+      presorted: the caller guarantees that each active key's rows form one contiguous run (inactive rows may
+        lie anywhere); the rows keep their order. A key split over several runs would give more groups than
+        the static bound holds, and rows past it would be dropped.
     """
     m = keys.shape[0]
     g = min(m, num_keys)
     if g < 1:
         raise ValueError(f"group_rows needs rows >= 1 and num_keys >= 1, got rows={m}, num_keys={num_keys}")
     k = jnp.where(active, keys.astype(jnp.int32), num_keys)  # inactive rows: one key past the end
-    order = jnp.argsort(k, stable=True).astype(jnp.int32)
-    sk = k[order]
+    pos = jnp.arange(m, dtype=jnp.int32)
+    order = pos if presorted else jnp.argsort(k, stable=True).astype(jnp.int32)
+    sk = k if presorted else k[order]
     live = sk < num_keys
     is_start = live & jnp.concatenate([jnp.ones((1,), bool), sk[1:] != sk[:-1]])
-    pos = jnp.arange(m, dtype=jnp.int32)
     if m * m <= DENSE_MAX:
-        return _facts_by_comparison(order, sk, live, is_start, pos, g, num_keys)
-    return _facts_by_search(order, sk, live, is_start, pos, g, num_keys)
+        return _facts_by_comparison(order, sk, live, is_start, pos, g, num_keys, presorted)
+    return _facts_by_search(order, sk, live, is_start, pos, g, num_keys, presorted)
 
 
 DENSE_MAX = 1 << 16  # rows * rows up to which group_rows compares all pairs instead of scanning and searching
 
 
-def _facts_by_search(order, sk, live, is_start, pos, g: int, num_keys: int) -> Grouping:
+def _facts_by_search(order, sk, live, is_start, pos, g: int, num_keys: int, presorted: bool) -> Grouping:
     """group_rows' facts for many rows (prefill) from a scan, binary searches, gathers and one more sort.
 
     No scatters: on the H200 XLA took ~9 s to compile the four scatters this once used at 4,096 rows (and ~17 s
@@ -69,16 +77,19 @@ def _facts_by_search(order, sk, live, is_start, pos, g: int, num_keys: int) -> G
     group_start = jnp.searchsorted(starts_so_far, gi + 1, side="left", method=method).astype(jnp.int32)
     used = gi < num_groups
     group_key = jnp.where(used, sk[jnp.minimum(group_start, m - 1)], num_keys).astype(jnp.int32)
-    # live rows sort first, so a group ends where the next starts, the last where the live rows end
-    ends = jnp.minimum(jnp.concatenate([group_start[1:], jnp.full((1,), m, jnp.int32)]),
-                       jnp.sum(live).astype(jnp.int32))
+    # a group ends at its last live row before the key changes (inactive rows may follow it when presorted)
+    is_end = live & jnp.concatenate([sk[1:] != sk[:-1], jnp.ones((1,), bool)])
+    ends_so_far = jnp.cumsum(is_end.astype(jnp.int32))
+    ends = jnp.searchsorted(ends_so_far, gi + 1, side="left", method=method).astype(jnp.int32) + 1
     group_size = jnp.where(used, ends - group_start, 0).astype(jnp.int32)
-    inverse = jnp.argsort(order).astype(jnp.int32)  # a permutation's inverse, by sorting instead of scattering
-    return Grouping(order=order, inverse=inverse, row_group=gid_sorted[inverse], group_key=group_key,
-                    group_start=group_start, group_size=group_size, num_groups=num_groups.astype(jnp.int32))
+    # a permutation's inverse, by sorting instead of scattering
+    inverse = pos if presorted else jnp.argsort(order).astype(jnp.int32)
+    return Grouping(order=order, inverse=inverse, row_group=gid_sorted if presorted else gid_sorted[inverse],
+                    group_key=group_key, group_start=group_start, group_size=group_size,
+                    num_groups=num_groups.astype(jnp.int32))
 
 
-def _facts_by_comparison(order, sk, live, is_start, pos, g: int, num_keys: int) -> Grouping:
+def _facts_by_comparison(order, sk, live, is_start, pos, g: int, num_keys: int, presorted: bool) -> Grouping:
     """group_rows' facts for few rows (decode) from all-pairs comparisons: a handful of fusions where the cumsum
     binary searches and sort are a dozen small dependent kernels on GPU, each costing more than its work."""
     m = pos.shape[0]
@@ -90,9 +101,12 @@ def _facts_by_comparison(order, sk, live, is_start, pos, g: int, num_keys: int) 
     group_key = jnp.where(has, jnp.sum(jnp.where(starts_g, sk[None, :], 0), axis=1), num_keys).astype(jnp.int32)
     group_start = jnp.where(has, jnp.sum(jnp.where(starts_g, pos[None, :], 0), axis=1), m).astype(jnp.int32)
     group_size = jnp.sum(live[None, :] & in_group, axis=1).astype(jnp.int32)
-    sorted_at = order[None, :] == pos[:, None]  # [m, m]: row i sits at sorted position j
-    inverse = jnp.sum(jnp.where(sorted_at, pos[None, :], 0), axis=1).astype(jnp.int32)
-    row_group = jnp.sum(jnp.where(sorted_at, gid_sorted[None, :], 0), axis=1)
+    if presorted:  # rows in place
+        inverse, row_group = pos, gid_sorted
+    else:
+        sorted_at = order[None, :] == pos[:, None]  # [m, m]: row i sits at sorted position j
+        inverse = jnp.sum(jnp.where(sorted_at, pos[None, :], 0), axis=1).astype(jnp.int32)
+        row_group = jnp.sum(jnp.where(sorted_at, gid_sorted[None, :], 0), axis=1)
     return Grouping(order=order, inverse=inverse, row_group=row_group.astype(jnp.int32), group_key=group_key,
                     group_start=group_start, group_size=group_size,
                     num_groups=jnp.sum(is_start).astype(jnp.int32))

@@ -21,7 +21,7 @@ from infinilora_jax.lora import reference
 from pallas_kernels import dispatch
 from pallas_kernels.gpu import ops as gpu_ops
 from pallas_kernels.gpu.block_tables import GpuBlocks
-from pallas_kernels.gpu.units import UNIT_ROWS, build_units, per_row_units
+from pallas_kernels.gpu.units import TILE_ROWS, UNIT_ROWS, build_units, per_row_units
 from pallas_kernels.grouping import group_rows
 from pallas_kernels.layout import PageTable, a_rows_from_pool, b_rows_from_pool, total_blocks
 
@@ -46,21 +46,31 @@ def make_pages(rng, ranks, d_in, out, experts=None):
     return jnp.asarray(a, BF), jnp.asarray(b, BF)
 
 
-def test_units_cover_each_group_in_chunks():
-    """Every active row is in exactly one unit of its group; slot-0 and rank-0 groups have none."""
-    slots = jnp.asarray([3, 0, 3, 1] + [2] * (UNIT_ROWS + 5) + [0], jnp.int32)
+@pytest.mark.parametrize("long_rows", [64, UNIT_ROWS + 5, 2 * TILE_ROWS + 3])
+def test_units_cover_each_group_in_chunks(long_rows):
+    """Every active row is in exactly one unit of its group, inside the unit's 64-row window; slot-0 and rank-0
+    groups have none; a group of n rows at window offset o takes the fewest units, ceil((o + n) / 64)."""
+    slots = jnp.asarray([3, 0, 3, 1] + [2] * 5 + [1] * long_rows + [3] * 2 + [0], jnp.int32)
     table = PageTable.padded(4, 1, 16, 16, jnp.asarray([0, 16, 0, 16]))  # slot 2: rank 0
     grouping = group_rows(slots, slots > 0, num_keys=4)
     units = build_units(grouping, table, num_experts=1)
     count = int(units.count[0])
+    assert count <= units.bound
     covered = np.zeros(slots.shape[0], int)
+    per_page = {}
     for u in range(count):
         r0, size = int(units.row0[u]), int(units.size[u])
-        assert 1 <= size <= UNIT_ROWS
+        assert 1 <= size and r0 % 8 + size <= TILE_ROWS  # the rows fit the window the kernels read
         covered[np.asarray(grouping.order)[r0:r0 + size]] += 1
-        assert int(units.page_row[u]) in (16, 48)  # slots 1 and 3 only
+        page = int(units.page_row[u])
+        assert page in (16, 48)  # slots 1 and 3 only
+        per_page[page] = per_page.get(page, 0) + 1
     want = np.isin(np.asarray(slots), [1, 3]).astype(int)
     np.testing.assert_array_equal(covered, want)
+    for slot, page in ((1, 16), (3, 48)):
+        g = int(np.flatnonzero(np.asarray(grouping.group_key) == slot)[0])
+        start, n = int(grouping.group_start[g]), int(grouping.group_size[g])
+        assert per_page[page] == -(-(start % 8 + n) // TILE_ROWS), (slot, start, n)
 
 
 def test_per_row_units_keep_rows_in_place():
@@ -131,9 +141,10 @@ def test_per_row_variant_per_expert_and_fused(rng):
 
 
 @pytest.mark.parametrize("ksplit", [1, 2])  # prefill (whole D_in per unit) and decode (D_in split)
-@pytest.mark.parametrize("m", [1, 17, 130])
+@pytest.mark.parametrize("m", [1, 17, 72, 130])
 def test_dense_delta_matches_reference(rng, m, ksplit):
-    """Ragged, unaligned T (130 rows of one slot: a group spans three units); mixed ranks in a rank-32 pool."""
+    """Ragged, unaligned T (130 rows: a group of 100+ rows spans several units; 72 rows: the first group, 64 rows
+    of slot 1, is one whole 64-row unit); mixed ranks in a rank-32 pool."""
     num_slots, d_in, out = 5, 128, 192
     ranks = [0, 32, 8, 16, 32]
     a, b = make_pages(rng, ranks, d_in, out)
@@ -141,6 +152,8 @@ def test_dense_delta_matches_reference(rng, m, ksplit):
     slots = rng.integers(0, num_slots, size=m).astype(np.int32)
     if m == 130:
         slots[:100] = 2
+    if m == 72:
+        slots[:64], slots[64:] = 1, rng.integers(2, num_slots, size=8)
     slots = jnp.asarray(slots)
     keys, active = slots, slots > 0
     tables = (PageTable.padded(num_slots, 1, 32, 32),)
@@ -163,6 +176,28 @@ def test_expert_delta_matches_reference(rng):
     want = reference.expert_lora_delta(x, slots, experts, a, b)
     assert rel_err(got, want) < 1e-5
     assert np.all(np.asarray(got)[np.asarray(experts) == num_experts] == 0)
+
+
+@pytest.mark.parametrize("m", [90, 300])  # the all-pairs and the scan + search grouping paths
+def test_expert_delta_on_rows_grouped_in_place(rng, m):
+    """Rows sorted by (expert, slot) as the MoE layer sorts them (slot-0 rows first in each expert, padding
+    experts last, one (slot, expert) pair 70 rows long: several units): with rows_grouped the kernels take them
+    in place and give the reference's delta, bit-identical to the sorting path's, zero on rows with no work."""
+    num_slots, num_experts, d_in, out = 4, 5, 64, 128
+    a, b = make_pages(rng, [0, 16, 16, 8], d_in, out, experts=num_experts)
+    slots = rng.integers(0, num_slots, size=m)
+    experts = rng.integers(0, num_experts + 1, size=m)
+    slots[:70], experts[:70] = 2, 3
+    order = np.argsort(experts * num_slots + slots, kind="stable")
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    slots, experts = jnp.asarray(slots[order], jnp.int32), jnp.asarray(experts[order], jnp.int32)
+    got = dispatch.expert_lora_delta(x, slots, experts, a, b, backend=GPU, rows_grouped=True)
+    want = reference.expert_lora_delta(x, slots, experts, a, b)
+    assert rel_err(got, want) < 1e-5
+    idle = np.asarray((slots == 0) | (experts == num_experts))
+    assert np.all(np.asarray(got)[idle] == 0)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(dispatch.expert_lora_delta(
+        x, slots, experts, a, b, backend=GPU)))
 
 
 @pytest.mark.parametrize("rank", [8, 16, 64, 128])
@@ -315,11 +350,11 @@ def test_unaligned_rows_hit_the_mosaic_gpu_tiling_check_on_cpu():
 
 def test_tma_alignment_rules():
     """Rows staged in SMEM and stored by TMA from a dynamic row are 128-byte multiples (rank 8/16 shrink rows:
-    32 float32 columns); sorted-row buffers are padded to a multiple of 8 plus one window."""
+    32 float32 columns); sorted-row buffers are padded to a multiple of 8, at least one 64-row window."""
     from pallas_kernels.gpu import common
     assert [common.out_width(r, jnp.float32) for r in (8, 16, 32, 48, 64, 128)] == [32, 32, 32, 64, 64, 128]
     assert common.out_width(128, jnp.float32) == 128
-    assert [common.padded_rows(m) for m in (1, 37, 200, 1500)] == [72, 104, 264, 1568]
+    assert [common.padded_rows(m) for m in (1, 37, 64, 200, 1500, 4096)] == [64, 64, 64, 200, 1504, 4096]
     with pytest.raises(ValueError, match="row of 20 bytes"):
         common.check_tma_array("k", "B", (64, 10), BF, 10)
 

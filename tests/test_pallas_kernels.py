@@ -98,6 +98,40 @@ def test_group_rows_comparison_and_search_paths_agree(rng, monkeypatch, m, num_k
             np.testing.assert_array_equal(getattr(dense, field), getattr(searched, field), err_msg=field)
 
 
+@pytest.mark.parametrize("m,num_keys,share", [(37, 11, 0.7), (300, 40, 0.5), (1, 4, 1.0), (6, 3, 0.0)])
+def test_presorted_rows_group_in_place(rng, monkeypatch, m, num_keys, share):
+    """Rows whose active keys come in one run each, inactive rows between the runs (as the MoE layer's rows
+    sorted by (expert, slot) come: slot 0 and padding experts have no work): the groups are the runs, in the
+    rows' own order (order and inverse the identity), with the keys, sizes and count the sorting path finds;
+    both fact paths (all-pairs comparison, scan + search) agree."""
+    import pallas_kernels.grouping as grouping
+
+    keys = np.sort(rng.integers(0, num_keys, size=m)).astype(np.int32)
+    active = (rng.random(num_keys) < share)[keys]  # whether a row has work depends on its key alone
+    run = lambda **kw: jax.tree.map(np.asarray, group_rows(jnp.asarray(keys), jnp.asarray(active),
+                                                           num_keys=num_keys, **kw))
+    results = []
+    for dense_max in (1 << 30, 0):
+        monkeypatch.setattr(grouping, "DENSE_MAX", dense_max)
+        results.append(run(presorted=True))
+        sorted_path = run()
+    for field in ("order", "inverse", "row_group", "group_key", "group_start", "group_size", "num_groups"):
+        np.testing.assert_array_equal(getattr(results[0], field), getattr(results[1], field), err_msg=field)
+    g = results[0]
+    np.testing.assert_array_equal(g.order, np.arange(m))
+    np.testing.assert_array_equal(g.inverse, np.arange(m))
+    for field in ("group_key", "group_size", "num_groups"):
+        np.testing.assert_array_equal(getattr(g, field), getattr(sorted_path, field), err_msg=field)
+    covered = np.full(m, -1)
+    for i in range(int(g.num_groups)):
+        start, size = int(g.group_start[i]), int(g.group_size[i])
+        rows = np.arange(start, start + size)
+        assert np.all(active[rows]) and np.all(keys[rows] == g.group_key[i])
+        covered[rows] = i
+    np.testing.assert_array_equal(covered, np.where(active, g.row_group, -1))
+    np.testing.assert_array_equal(g.row_group >= 0, active)
+
+
 def test_prefill_grouping_has_no_scatters():
     """XLA on the H200 took ~9 s to compile group_rows' scatters at 4,096 rows (17 s with build_units), every
     prefill-shaped LoRA program paying it; the search path must stay scatter-free (benchmarks/

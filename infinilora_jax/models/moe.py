@@ -117,10 +117,14 @@ def combine_rows(back: jax.Array, packed: Packed) -> jax.Array:
     return y
 
 
-def sort_rows(row_experts: jax.Array, num_local: int) -> tuple[jax.Array, jax.Array]:
+def sort_rows(row_experts: jax.Array, num_local: int, row_slots: jax.Array | None = None,
+              num_slots: int = 0) -> tuple[jax.Array, jax.Array]:
     """(order that sorts rows by local expert, stably; group sizes [num_local] int32). Padding rows carry
-    expert id num_local and sort last, outside every group."""
-    order = jnp.argsort(row_experts, stable=True)
+    expert id num_local and sort last, outside every group. With `row_slots` (adapter slots in [0, num_slots))
+    the rows of one expert are sorted by slot too, so each (slot, expert) pair's rows are contiguous: the
+    per-expert LoRA kernels then take them in place (dispatch.expert_lora_delta's rows_grouped)."""
+    key = row_experts if row_slots is None else row_experts * num_slots + row_slots
+    order = jnp.argsort(key, stable=True)
     group_sizes = jnp.bincount(row_experts, length=num_local + 1)[:num_local].astype(jnp.int32)
     return order, group_sizes
 
@@ -150,19 +154,23 @@ def _expert_ffn(rows: jax.Array, row_experts: jax.Array, row_slots: jax.Array, w
     row_slots: [R] adapter slot; w_gate_up: [E_l, H, 2, I_l]; w_down: [E_l, I_l, H].
     Returns [R, H], a partial sum over the TP shards of I (padding rows are zero).
     """
-    order, group_sizes = sort_rows(row_experts, w_gate_up.shape[0])
+    pages = [lora[t] for t in ("gate_up", "down") if lora is not None and lora.get(t) is not None]
+    # with expert LoRA, rows sorted by (expert, slot): each page's rows are one run the kernels take in place
+    order, group_sizes = (sort_rows(row_experts, w_gate_up.shape[0], row_slots, pages[0][0].shape[0]) if pages
+                          else sort_rows(row_experts, w_gate_up.shape[0]))
     sorted_rows = rows[order]
     sorted_experts = row_experts[order]
     gate_up = expert_gate_up(sorted_rows, group_sizes, w_gate_up)
     sorted_slots = row_slots[order]
     if lora is not None and lora.get("gate_up") is not None:
         gate_up = add_delta(gate_up, expert_lora_delta(sorted_rows, sorted_slots, sorted_experts, *lora["gate_up"],
-                                                       a_rank_major=True, slot_ranks=_ranks(lora, "gate_up")))
+                                                       a_rank_major=True, slot_ranks=_ranks(lora, "gate_up"),
+                                                       rows_grouped=True))
     act = jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]
     out = expert_down(act, group_sizes, w_down)
     if lora is not None and lora.get("down") is not None:
         out = add_delta(out, expert_lora_delta(act, sorted_slots, sorted_experts, *lora["down"], a_rank_major=True,
-                                               slot_ranks=_ranks(lora, "down")))
+                                               slot_ranks=_ranks(lora, "down"), rows_grouped=True))
     return unsort(out, order)
 
 

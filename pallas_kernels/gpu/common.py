@@ -20,7 +20,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.gpu.units import ALIGN, TILE_ROWS, UNIT_ROWS
 
 NUM_SMS = 132  # H100 / H200 SXM
-UNIT_ROWS_POW2 = 1 << (UNIT_ROWS.bit_length() - 1)  # largest rung of the store ladder
+UNIT_ROWS_POW2 = 1 << (UNIT_ROWS.bit_length() - 1)  # largest rung of the store ladder (a unit's rows: 1..64)
 TMA_GMEM_BYTES = 16  # global row strides and box inner dimensions: multiples of this
 TMA_SMEM_BYTES = 128  # SMEM address of a TMA copy: a multiple of this
 
@@ -42,8 +42,9 @@ def round_up(n: int, k: int) -> int:
 
 def padded_rows(m: int) -> int:
     """Rows of a sorted-row buffer (x, s, outputs) for m rows: a multiple of the 8-row SMEM tile (TMA into tiled
-    SMEM needs the gmem row count to be one) plus one window, so that every 64-row window stays inside."""
-    return round_up(m, ALIGN) + TILE_ROWS
+    SMEM needs the gmem row count to be one), at least one 64-row window (units.window keeps every window
+    inside). For m >= 64, a multiple of 8, that is m itself: x needs no padded copy."""
+    return max(round_up(m, ALIGN), TILE_ROWS)
 
 
 def out_width(width: int, dtype) -> int:
@@ -73,8 +74,8 @@ def check_tma_array(kernel: str, name: str, shape, dtype, box_cols: int) -> None
 def store_rows(acc: jax.Array, out_ref, row0, off, size, col0, width: int) -> None:
     """out[row0 : row0 + size, col0 : col0 + width] = acc[off : off + size] (off + size <= TILE_ROWS, dynamic).
 
-    A TMA box has a static shape, so the rows go out as a ladder of power-of-two slices (32, 16, ..., 1) of an
-    SMEM staging buffer [TILE_ROWS, width]: at most 6 stores, and rows past `size` (other units' rows) are never
+    A TMA box has a static shape, so the rows go out as a ladder of power-of-two slices (64, 32, ..., 1) of an
+    SMEM staging buffer [TILE_ROWS, width]: at most 7 stores, and rows past `size` (other units' rows) are never
     touched. Each slice starts at a dynamic row, so a row must be a multiple of 128 bytes (TMA's SMEM alignment):
     `width` may exceed acc's columns (see `out_width`); the extra columns get zeros.
     """

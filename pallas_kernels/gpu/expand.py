@@ -1,7 +1,7 @@
 """LoRA expand on Hopper (Mosaic GPU): d = s @ B[page] for every work unit (units.py), in float32.
 
     s_hi, s_lo [Mx, R] 16-bit   the float32 shrink output split in two 16-bit parts (s ~= s_hi + s_lo);
-                                Mx a multiple of 8 with a window of slack (common.padded_rows)
+                                Mx a multiple of 8, at least one 64-row window (common.padded_rows)
     B          [P, N]           B arena (rank rows, scaling folded in), P a multiple of 8; a unit's page starts
                                 at its b_page_row
     d          [Mx, N] f32      delta rows in sorted order; rows of no unit are left unwritten
@@ -101,7 +101,7 @@ def expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], b_rows: tup
         def target(t, u, j):
             bn = tiles[t][0]
             row0 = row0_ref[u]
-            base, off, page = window(row0, page_ref[u])
+            base, off, page = window(row0, page_ref[u], mx)
 
             def run(width):
                 def acc_scope(acc_ref):

@@ -4,7 +4,8 @@
             blocks.decode_ksplit CTAs per unit, so a handful of adapters still keeps every SM streaming its pages;
             up to blocks.per_row_rows rows, one unit per row in the rows' own order (no sort, no gathers).
     prefill (SGMV-like: long runs per adapter): one CTA per (unit, D_in), units of up to 64 rows per group.
-Both sort rows by (slot, expert) once (a gather of x; per-row units keep the rows in place), run one shrink and
+Both sort rows by (slot, expert) once (a gather of x; per-row units keep the rows in place, and rows that arrive
+grouped, `rows_grouped=True`, as the MoE layer sorts them by (expert, slot), are not moved), run one shrink and
 one expand launch for all the targets sharing x (fused q/k/v, gate/up: each CTA takes one target's unit), and add
 the delta into y in float32 (one rounding) at the rows' original positions; rows with no work (slot 0, padding
 experts, rank-0 targets) keep y bit-identical. Each page is read once per 64-row chunk of its group (once per
@@ -44,12 +45,12 @@ def pick_ksplit(rows: int, d_in: int, blocks: GpuBlocks) -> int:
     return k
 
 
-@functools.partial(jax.jit, static_argnames=("num_experts", "ksplit", "interpret", "blocks"))
+@functools.partial(jax.jit, static_argnames=("num_experts", "ksplit", "interpret", "blocks", "rows_grouped"))
 def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active: jax.Array,
                a_rows: tuple[jax.Array, ...], b_rows: tuple[jax.Array, ...], tables: tuple[PageTable, ...], *,
                num_experts: int, ksplit: int | None = None, interpret=None,
                b_tables: tuple[PageTable | None, ...] | None = None,
-               blocks: GpuBlocks | None = None) -> tuple[jax.Array, ...]:
+               blocks: GpuBlocks | None = None, rows_grouped: bool = False) -> tuple[jax.Array, ...]:
     """ys[i] + delta_i (float32 sum, one rounding) for LoRA targets i sharing the input x.
 
     Args:
@@ -62,21 +63,23 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
       ksplit: D_in slices of the shrink (None: by variant, pick_ksplit).
       interpret: None on a GPU; a `plgpu.InterpretGPUParams` to run in the Mosaic GPU interpreter on CPU.
       blocks: the tunable settings (None: the device's block table entry, device_blocks).
+      rows_grouped: the rows of each active key are one contiguous run (grouping.group_rows' `presorted`): the
+        kernels read x and write the delta in place, with no sort and no gathers.
     """
     m = x.shape[0]
     blocks = device_blocks(x.dtype, interpret) if blocks is None else blocks
     ksplit = pick_ksplit(m, x.shape[1], blocks) if ksplit is None else ksplit
-    # Padding rows (to a multiple of 8, plus one window) keep every 64-row window in bounds and the row count a
-    # multiple of the 8-row SMEM tile; they read row 0 and are never stored.
+    # Padding rows (to a multiple of 8, at least one 64-row window; none for m >= 64 a multiple of 8) keep the
+    # row count a multiple of the 8-row SMEM tile; they hold zeros and are never stored.
     mx = padded_rows(m)
     per_row = m <= blocks.per_row_rows  # one unit per row, rows in their own order (units.per_row_units)
-    # x_rows: x in the kernels' row order (sorted by group, or as given for per-row units), padded
-    if per_row:
-        grouping = None
-        x_rows = jnp.concatenate([x, jnp.zeros((mx - m, x.shape[1]), x.dtype)])
-    else:
-        grouping = group_rows(keys, active, num_keys=tables[0].num_slots * num_experts)
-        x_rows = x[jnp.concatenate([grouping.order, jnp.zeros((mx - m,), jnp.int32)])]
+    in_place = per_row or rows_grouped  # rows keep their order: no gather of x, none of the delta back
+    # x_rows: x in the kernels' row order (sorted by group, or as given), padded
+    grouping = None if per_row else group_rows(keys, active, num_keys=tables[0].num_slots * num_experts,
+                                               presorted=rows_grouped)
+    x_rows = x if in_place else x[grouping.order]
+    if mx > m:
+        x_rows = jnp.concatenate([x_rows, jnp.zeros((mx - m, x.shape[1]), x.dtype)])
     ranks, buckets, units = [], [], []
     for table, b_table in zip(tables, b_tables or (None,) * len(tables)):
         ranks.append(table.max_blocks * table.rank_block)
@@ -96,14 +99,15 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
         s = s.sum(0)[:m, :rank]
         # Rows of no unit were never written; columns past a page's rank may hold a neighbouring page's rows.
         s = jnp.where(jnp.arange(rank)[None, :] < u.row_rank[:, None], s, 0.0)
-        hi, lo = split_hi_lo(jnp.concatenate([s, jnp.zeros((mx - m, rank), jnp.float32)]), b.dtype)
+        hi, lo = split_hi_lo(s if mx == m else jnp.concatenate([s, jnp.zeros((mx - m, rank), jnp.float32)]),
+                             b.dtype)
         his.append(hi)
         los.append(lo)
     deltas = expand(tuple(his), tuple(los), tuple(b_rows), units, cols=blocks.expand_cols, buckets=buckets,
                     interpret=interpret)
     out = []
     for y, d, u in zip(ys, deltas, units):
-        if per_row:  # rows never moved
+        if in_place:  # rows never moved
             d, work = d[:m], u.row_rank > 0
         else:
             d, work = d[grouping.inverse], (u.row_rank > 0)[grouping.inverse]
@@ -120,7 +124,9 @@ def lora_shrink(x: jax.Array, keys: jax.Array, active: jax.Array, a_rows: jax.Ar
     blocks = device_blocks(x.dtype, interpret) if blocks is None else blocks
     ksplit = pick_ksplit(m, x.shape[1], blocks) if ksplit is None else ksplit
     grouping = group_rows(keys, active, num_keys=table.num_slots * num_experts)
-    x_sorted = x[jnp.concatenate([grouping.order, jnp.zeros((padded_rows(m) - m,), jnp.int32)])]
+    x_sorted = x[grouping.order]
+    if padded_rows(m) > m:
+        x_sorted = jnp.concatenate([x_sorted, jnp.zeros((padded_rows(m) - m, x.shape[1]), x.dtype)])
     rank = table.max_blocks * table.rank_block
     buckets = rank_buckets(rank, blocks.rank_buckets)
     units = build_units(grouping, table, num_experts=num_experts, buckets=buckets)

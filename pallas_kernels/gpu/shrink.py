@@ -1,7 +1,7 @@
 """LoRA shrink on Hopper (Mosaic GPU): s = x @ A[page]^T for every work unit (units.py).
 
-    x      [Mx, D_in]            rows sorted by group; Mx = common.padded_rows(M): a multiple of 8 (TMA into
-                                 8-row tiled SMEM) with one window of slack (windows never run off the end)
+    x      [Mx, D_in]            rows sorted by group (or grouped in place); Mx = common.padded_rows(M): a
+                                 multiple of 8 (TMA into 8-row tiled SMEM), at least one 64-row window
     A      [P, D_in]             A arena (rank rows, layout.py), P a multiple of 8
     s      [ksplit, Mx, Ro] f32  partial sums over ksplit slices of D_in, Ro = R rounded up to 32 columns (rows
                                  of 128 bytes: TMA stores from SMEM at any row); columns past R are zero;
@@ -73,7 +73,7 @@ def shrink(x: jax.Array, a_rows: tuple[jax.Array, ...], units: tuple[Units, ...]
         def target(t):
             rank, ro = ranks[t], out_width(ranks[t], jnp.float32)
             row0 = row0_ref[u]
-            base, off, page = window(row0, page_ref[u])
+            base, off, page = window(row0, page_ref[u], mx)
 
             def run(width):
                 def acc_scope(acc_ref):

@@ -5,7 +5,11 @@ covers rows [row0, row0 + size) of that run and the page of its (slot, expert): 
 page_row + R) and B arena rows [b_page_row, b_page_row + R) (the same rows unless B's pages are placed
 elsewhere, as the disaggregated LoRA server's placement may do). The kernels read a window of TILE_ROWS (the
 wgmma M of one warpgroup) rows starting at row0 rounded down to a multiple of 8 (Mosaic GPU's TMA into tiled
-SMEM needs 8-row aligned offsets), so a unit has at most TILE_ROWS - 8 rows: they sit at window offset row0 % 8.
+SMEM needs 8-row aligned offsets), moved back to end at the buffer's last row where it would run past it: the
+unit's rows sit at window offset row0 % 8 (or further in, at the end). A group's first unit starts at
+the group and takes up to TILE_ROWS - row0 % 8 rows; its later units start at window boundaries (aligned) and take
+up to TILE_ROWS. So a group of n rows starting at offset o has ceil((o + n) / TILE_ROWS) units, each page being
+read once per unit (fixed 56-row chunks read a 64-row group's page twice, and more often for long groups).
 Groups with no work (slot 0, a rank-0 target) get no unit, so they cost nothing. The number of units is
 data-dependent; arrays have the static bound rows // UNIT_ROWS + groups (each group adds at most one partial
 chunk), and the kernels skip units past `count`.
@@ -36,7 +40,7 @@ from pallas_kernels.tpu.schedule import _expand_items as expand_items
 
 TILE_ROWS = 64  # wgmma M of one warpgroup: rows of the window a unit reads
 ALIGN = 8  # row alignment of a window start
-UNIT_ROWS = TILE_ROWS - ALIGN  # rows of one unit
+UNIT_ROWS = TILE_ROWS  # most rows of one unit (a unit at window offset o has at most TILE_ROWS - o)
 
 
 @jax.tree_util.register_dataclass
@@ -72,9 +76,15 @@ def unit_of_target(u, t: int, per: int, count_ref, size_ref):
     return (u >= t * per) & (u < t * per + count_ref[t]) & (size_ref[u] > 0)
 
 
-def window(row0, page_row):
-    """In a kernel: (window start, the unit's offset in it, page row), with the divisibility Mosaic GPU needs."""
-    base = row0 - row0 % ALIGN
+def window(row0, page_row, rows: int):
+    """In a kernel: (window start, the unit's offset in it, page row), with the divisibility Mosaic GPU needs.
+    `rows`: the static row count of the buffer windows are read from (common.padded_rows: a multiple of 8, at
+    least TILE_ROWS). A window starts at row0 rounded down to 8, or TILE_ROWS before the buffer's end where
+    that would run past it: the unit's rows, which end within both, stay inside, so no slack rows are needed."""
+    if rows % ALIGN or rows < TILE_ROWS:
+        raise ValueError(f"windows of {TILE_ROWS} rows need a buffer of at least {TILE_ROWS} rows, a multiple of "
+                         f"{ALIGN}; got {rows}")
+    base = jnp.minimum(row0 - row0 % ALIGN, rows - TILE_ROWS)
     return pl.multiple_of(base, ALIGN), row0 - base, pl.multiple_of(page_row, ALIGN)
 
 
@@ -130,16 +140,21 @@ def build_units(grouping: Grouping, table: PageTable, *, num_experts: int, b_tab
     live = jnp.arange(num_groups) < grouping.num_groups
     nb, page_row, b_page_row = _pages(grouping.group_key, live, table, num_experts, b_table)
     size = jnp.where(nb > 0, grouping.group_size, 0)
-    chunks = (size + UNIT_ROWS - 1) // UNIT_ROWS
-    bound = m // UNIT_ROWS + num_groups
+    start = jnp.minimum(grouping.group_start, m)  # m for unused entries
+    base = start - start % ALIGN  # the first unit's window; later units start at its window boundaries
+    end = start + size
+    chunks = jnp.where(size > 0, (end - base + TILE_ROWS - 1) // TILE_ROWS, 0)
+    # sum of ceil((o + n) / 64) <= sum((n + 7) / 64 + 1) over groups
+    bound = (m + (ALIGN - 1) * num_groups) // TILE_ROWS + num_groups
     ug, uw, ok, count = expand_items(chunks.astype(jnp.int32), bound)
-    row0 = grouping.group_start[ug] + uw * UNIT_ROWS
+    row0 = jnp.where(uw == 0, start[ug], base[ug] + uw * TILE_ROWS)
+    unit_size = jnp.minimum(end[ug], base[ug] + (uw + 1) * TILE_ROWS) - row0
     # rank rows with data, per sorted row (inactive rows sort last and have group -1)
     sorted_group = grouping.row_group[grouping.order]
     row_rank = jnp.where(sorted_group >= 0, nb[jnp.maximum(sorted_group, 0)], 0) * table.rank_block
     bucket = _bucket(nb[ug], table, buckets)  # a unit has rows only if its page has some
     return Units(row0=jnp.where(ok, row0, 0).astype(jnp.int32),
-                 size=jnp.where(ok, jnp.minimum(UNIT_ROWS, size[ug] - uw * UNIT_ROWS), 0).astype(jnp.int32),
+                 size=jnp.where(ok, unit_size, 0).astype(jnp.int32),
                  page_row=jnp.where(ok, page_row[ug], 0).astype(jnp.int32),
                  b_page_row=jnp.where(ok, b_page_row[ug], 0).astype(jnp.int32),
                  count=jnp.reshape(count, (1,)).astype(jnp.int32), row_rank=row_rank.astype(jnp.int32),
