@@ -8,7 +8,9 @@
 # ADAPTER_LOADING=background. An 8-GPU machine: x8_decode and x8_sweep (issue 8). When only one GPU is lent:
 # lora_kernels_expert; expert_gemm; flag_parity before any XLA setting becomes a default. With two GPUs: decode
 # (both modes now queue steps ahead; ASYNC=false for one at a time), then the sweeps. Done on one GPU in the
-# fifteenth session: cond_host_wait (conditionals do not block the caller), async_scheduling CMDBUF=off and
+# sixteenth session: lora_kernels on GPU.md's peer shapes, per-expert rows in place, lora_step LAYERS=4 with
+# the expert calls on the kernels (a tie in device time; 8 layers needs TIMEOUT >= 400 for `auto`). Fifteenth
+# session: cond_host_wait (conditionals do not block the caller), async_scheduling CMDBUF=off and
 # UPDATE_MODE=SKIP_TEMP STAGING=via_device at 8 layers (no gain: the step is device-bound), layer_loop,
 # host_memory_kinds, step_program_ops, lora_step with command buffers kept on under the profiler (the forward
 # busy 5.7 ms per step), lora_forms (no shrink form beats the einsum in the step). Done on one GPU in the
@@ -138,6 +140,8 @@
 #                 the per-rank dispatch phase found them winning: BACKENDS="reference auto"
 #                 MIN_ROWS=16:2048,32:256,64:256,128:256 (INFINILORA_GPU_KERNEL_MIN_ROWS for `auto`; with
 #                 64 requests the expert calls have 512 rows, the dense ones 64: experts on the kernels).
+#                 LAYERS (default 2) and TIMEOUT (s per backend, default 270: `auto` at 8 layers needs more
+#                 than 290 s to compile, sixteenth session) override.
 #                 LAYERS (default 2) sets the depth: with async scheduling (fourteenth session) 2 layers are still
 #                 host-bound (2.09 ms per step, 1.58 ms of device time), and 8 too (5.61 ms, ~2.85 ms of device
 #                 time: the CUDA graph's update and launch, see async_scheduling).
@@ -195,7 +199,7 @@ case "${1:-}" in
   lora_step)
     for backend in ${BACKENDS:-reference gpu}; do
       env INFINILORA_LORA_BACKEND=$backend ${MIN_ROWS:+INFINILORA_GPU_KERNEL_MIN_ROWS=$MIN_ROWS} \
-        timeout 270 python3 -u benchmarks/disagg.py --model $QWEN --num_layers ${LAYERS:-2} \
+        timeout ${TIMEOUT:-270} python3 -u benchmarks/disagg.py --model $QWEN --num_layers ${LAYERS:-2} \
         --dtype bfloat16 --rank 32 --parts decode --modes coupled1 --requests 64 --adapters 32 --prompt_len 128 \
         --steps 16 --profile_steps 2 --without_lora=false --trace_dir "/tmp/lora_step_$backend" \
         --out "$OUT/lora_step_$backend" > "$OUT/lora_step_$backend.log" 2>&1
