@@ -123,8 +123,9 @@ def check_add(rng, *, m, rank, d_in=None, out=None, num_slots=64, adapters=32, e
                 detail=f"err {err:.1e} idleNaN {nan_kept} finite {finite}")
 
 
-def check_delta(rng, *, m, rank, d_in=None, out=None, num_slots=16, experts=None):
-    """The float32 delta itself (lora_delta / expert_lora_delta), tight."""
+def check_delta(rng, *, m, rank, d_in=None, out=None, num_slots=16, experts=None, in_place=False):
+    """The float32 delta itself (lora_delta / expert_lora_delta), tight. in_place: expert rows sorted by (expert,
+    slot), as the MoE layer sorts them, taken in place (rows_grouped)."""
     d_in, out = d_in or SIZE["d"], out or SIZE["d"]
     ranks = [0] + [int(rng.choice([rank, max(8, rank // 2)])) for _ in range(num_slots - 1)]
     a, b = pages(rng, ranks, d_in, out, experts)
@@ -135,7 +136,11 @@ def check_delta(rng, *, m, rank, d_in=None, out=None, num_slots=16, experts=None
         want = reference.lora_delta(x, sl, a, b)
     else:
         ex = jnp.asarray(rng.integers(0, experts + 1, size=m), jnp.int32)
-        got = ours(jax.jit(lambda x, s, e: dispatch.expert_lora_delta(x, s, e, a, b, backend=GPU))(x, sl, ex))
+        if in_place:
+            order = jnp.argsort(ex * num_slots + sl, stable=True)
+            sl, ex = sl[order], ex[order]
+        got = ours(jax.jit(lambda x, s, e: dispatch.expert_lora_delta(x, s, e, a, b, backend=GPU,
+                                                                      rows_grouped=in_place))(x, sl, ex))
         want = reference.expert_lora_delta(x, sl, ex, a, b)
     err = rel_err(got, want)
     return dict(ok=err < 1e-4 and bool(np.all(np.isfinite(np.asarray(got)))), rel_err=err, detail=f"err {err:.1e}")
@@ -207,6 +212,8 @@ def check_items():
          lambda r: check_add(r, m=130, rank=64, force_prefill=True)),
         ("expert2000", "expert delta prefill T*k=2000 E=8 r=32",
          lambda r: check_delta(r, m=2000, rank=32, experts=8)),
+        ("expertinplace", "expert delta, rows in place, T*k=200,2000 E=8 r=32", each(
+            *((f"T{m}", lambda r, m=m: check_delta(r, m=m, rank=32, experts=8, in_place=True)) for m in (200, 2000)))),
         ("packed", "packed arena, experts (paged_lora_delta)", check_packed),
         ("expertadd256", "expert add decode T*k=256 E=8 r=64",
          lambda r: check_add(r, m=256, rank=64, experts=8, num_slots=16)),

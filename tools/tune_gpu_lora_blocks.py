@@ -113,7 +113,8 @@ _PROBLEM_IDS = itertools.count()
 
 def make_problem(rng, shape: Shape, dtype) -> dict:
     """Random pool pages (A rank-major [S, (E,) R, D_in], as the pool keeps it; B [S, (E,) R, D_out]; slot 0
-    empty), x, and each row's slot (and expert). Expert rows come sorted by expert."""
+    empty), x, and each row's slot (and expert). Expert rows come sorted by (expert, slot), as the MoE layer
+    sorts them, and are taken in place (rows_grouped)."""
     s = shape.adapters + 1
     lead = (s,) if not shape.experts else (s, shape.experts)
     a = (rng.normal(size=(*lead, shape.rank, shape.d_in)) / np.sqrt(shape.d_in)).astype(np.float32)
@@ -133,8 +134,8 @@ def make_problem(rng, shape: Shape, dtype) -> dict:
         return problem
     tokens = -(-shape.rows // shape.top_k)
     chosen = np.stack([rng.choice(shape.experts, size=shape.top_k, replace=False) for _ in range(tokens)])
-    order = np.argsort(chosen.reshape(-1), kind="stable")[: shape.rows]
     token_slots = rng.integers(1, s, size=tokens)
+    order = np.argsort(chosen.reshape(-1) * s + np.repeat(token_slots, shape.top_k), kind="stable")[: shape.rows]
     problem["slots"] = jnp.asarray(np.repeat(token_slots, shape.top_k)[order], jnp.int32)
     problem["experts"] = jnp.asarray(chosen.reshape(-1)[order], jnp.int32)
     return problem
@@ -144,7 +145,7 @@ def delta_fn(problem: dict, backend, blocks: GpuBlocks | None):
     """(fn, args) computing the problem's float32 delta; x first (the timing loop feeds back into it)."""
     kw = dict(a_rank_major=True, backend=backend, blocks=blocks, slot_ranks=problem["slot_ranks"])
     if "experts" in problem:
-        fn = lambda x, s, e, a, b: dispatch.expert_lora_delta(x, s, e, a, b, **kw)
+        fn = lambda x, s, e, a, b: dispatch.expert_lora_delta(x, s, e, a, b, rows_grouped=True, **kw)
         return fn, (problem["x"], problem["slots"], problem["experts"], problem["a"], problem["b"])
     fn = lambda x, s, a, b: dispatch.lora_delta(x, s, a, b, **kw)
     return fn, (problem["x"], problem["slots"], problem["a"], problem["b"])
