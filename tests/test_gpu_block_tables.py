@@ -73,6 +73,8 @@ def test_invalid_settings_are_refused():
         GpuBlocks(expand_cols=96)
     with pytest.raises(ValueError, match="decode_ksplit 3"):
         GpuBlocks(decode_ksplit=3)
+    with pytest.raises(ValueError, match="expand_tiles -1"):
+        GpuBlocks(expand_tiles=-1)
 
 
 def test_write_entries_merges(tmp_path):
@@ -317,7 +319,7 @@ def test_tuner_dry_run_rewrites_only_its_entry(tmp_path):
     assert [r for r, rows in entry["kernel_crossover_rows_by_rank"] if rows in (80, 160)] == [16, 32]
     timings = json.loads(log.read_text())["timings"]
     tags = {t["tag"].split()[0] for t in timings}
-    assert tags == {"prefill", "decode", "buckets", "crossover", "dispatch"}
-    assert isinstance(entry["rank_buckets"], bool)
+    assert tags == {"prefill", "decode", "expand", "buckets", "crossover", "dispatch"}
+    assert isinstance(entry["rank_buckets"], bool) and entry["expand_tiles"] in (1, 0)
     assert all(t["rel_err"] < 1e-3 and t["us"] >= 0 for t in timings)
     assert dataclasses.asdict(blocks)["stages"] in (2, 3)

@@ -303,21 +303,24 @@ def test_float32_falls_back_to_reference(rng):
 
 
 @pytest.mark.parametrize("variant,m,r", [("decode", 37, 8), ("decode", 256, 64), ("prefill", 1500, 16),
-                                         ("prefill", 4096, 64), ("per_row", 37, 32)])
+                                         ("prefill", 4096, 64), ("per_row", 37, 32), ("expand_tiles", 512, 32),
+                                         ("expand_tiles", 1500, 128)])
 @pytest.mark.parametrize("expert", [False, True])
 def test_kernels_lower_for_cuda(variant, m, r, expert):
     """Pallas -> Mosaic GPU lowering on CPU, down to Mosaic GPU's dialect lowering (`lower_mgpu_dialect`, which
     builds the TMA copies and checks gmem tiling, strides and boxes: the same code the H200 runs before PTX),
     H = 4096, bf16; T = 37 and 1500 (not multiples of 8: the H200 run failed there, "dimension 0 must have size
     smaller or a multiple of its tiling 8"), ranks 8 / 16 (shrink rows staged as 32 float32 columns) and 64;
-    decode splits D_in (ksplit 4), prefill does not. Two Mosaic GPU kernels per target (shrink, expand)."""
+    decode splits D_in (ksplit 4), prefill does not; the expand's pipelined tiles (all of a target's per CTA, up
+    to the SMEM that rank 128 leaves). Two Mosaic GPU kernels per target (shrink, expand)."""
     num_slots, num_experts, h = 64, (8 if expert else None), 4096
     lead = (num_slots,) if not expert else (num_slots, num_experts)
     sds = jax.ShapeDtypeStruct
     x, y = sds((m, h), BF), sds((m, h), BF)
     a, b = sds((*lead, h, r), BF), sds((*lead, r, h), BF)
     slots, experts = sds((m,), jnp.int32), sds((m,), jnp.int32)
-    kw = {"backend": dispatch.LoraBackend.GPU, "blocks": PER_ROW if variant == "per_row" else None}
+    blocks = {"per_row": PER_ROW, "expand_tiles": GpuBlocks(expand_tiles=0, stages=6)}.get(variant)
+    kw = {"backend": dispatch.LoraBackend.GPU, "blocks": blocks}
     if expert:
         step = lambda y, x, s, e, a, b: dispatch.add_expert_lora(y, x, s, e, a, b, **kw)
         args = (y, x, slots, experts, a, b)
@@ -326,7 +329,7 @@ def test_kernels_lower_for_cuda(variant, m, r, expert):
         args = (y, x, slots, a, b)
     text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 2
-    assert gpu_ops.pick_ksplit(m, h, GpuBlocks()) == (1 if variant == "prefill" else 4)
+    assert gpu_ops.pick_ksplit(m, h, blocks or GpuBlocks()) == (1 if m > 512 else 4)
     # the per-row variant sorts nothing (the grouped one argsorts the rows' keys)
     assert ("stablehlo.sort" in text) is (variant != "per_row")
 
@@ -431,6 +434,36 @@ def test_fused_targets_of_three_widths(rng):
         live = ~idle
         np.testing.assert_allclose(np.asarray(g, np.float32)[live], np.asarray(want, np.float32)[live],
                                    rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("expert", [False, True])
+@pytest.mark.parametrize("tiles,stages", [(2, 2), (0, 4), (3, 6)])
+def test_expand_tiles_per_cta_match_one_tile_per_cta(rng, expert, tiles, stages):
+    """The expand with several column tiles per CTA (a pipeline over B blocks; 0: all of a target's), for fused
+    targets of 4, 1 and 3 tiles (64 columns each), mixed ranks read at their buckets, dense and per expert: the
+    float32 deltas bit-identical to one tile per CTA and equal to the reference."""
+    m, d_in, num_slots, num_experts = 75, 128, 4, (3 if expert else None)
+    widths, ranks = (256, 64, 192), (32, 16, 32)
+    pairs = [make_pages(rng, [0, r, max(8, r // 2), r], d_in, w, experts=num_experts) for w, r in zip(widths, ranks)]
+    pairs = [(jnp.swapaxes(a, -1, -2), b) for a, b in pairs]  # the pool's rank-major A
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    slots = jnp.asarray(rng.integers(0, num_slots, size=m), jnp.int32)
+    experts = jnp.asarray(rng.integers(0, num_experts + 1, size=m), jnp.int32) if expert else None
+    slot_ranks = [jnp.asarray([0, r, max(8, r // 2), r], jnp.int32) for r in ranks]
+    zeros = tuple(jnp.zeros((m, w), jnp.float32) for w in widths)
+
+    def deltas(expand_tiles):
+        blocks = GpuBlocks(expand_cols=64, expand_tiles=expand_tiles, stages=stages, rank_buckets=True)
+        return [np.asarray(d) for d in dispatch.add_lora_fused(zeros, x, slots, pairs, experts=experts,
+                                                               slot_ranks=slot_ranks, a_rank_major=True,
+                                                               backend=GPU, blocks=blocks)]
+
+    one, many = deltas(1), deltas(tiles)
+    for d1, dk, (a, b) in zip(one, many, pairs):
+        np.testing.assert_array_equal(dk, d1)
+        want = (reference.expert_lora_delta(x, slots, experts, a, b, a_rank_major=True) if expert
+                else reference.lora_delta(x, slots, a, b, a_rank_major=True))
+        assert rel_err(dk, want) < 1e-5
 
 
 @pytest.mark.parametrize("buckets", [False, True])

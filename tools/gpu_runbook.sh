@@ -9,7 +9,9 @@
 # lora_kernels_expert; expert_gemm; flag_parity before any XLA setting becomes a default. With two GPUs: decode
 # (both modes now queue steps ahead; ASYNC=false for one at a time), then the sweeps. Done on one GPU in the
 # sixteenth session: lora_kernels on GPU.md's peer shapes, per-expert rows in place, lora_step LAYERS=4 with
-# the expert calls on the kernels (a tie in device time; 8 layers needs TIMEOUT >= 400 for `auto`). Fifteenth
+# the expert calls on the kernels (a tie in device time; 8 layers needs TIMEOUT >= 400 for `auto`). Next on one
+# GPU: PHASES=expand tune_gpu_blocks (the pipelined expand, several column tiles per CTA: the per-expert decode
+# expand ran at ~1.3 TB/s, half the shrink's rate), then lora_step LAYERS=4 again if it wins. Fifteenth
 # session: cond_host_wait (conditionals do not block the caller), async_scheduling CMDBUF=off and
 # UPDATE_MODE=SKIP_TEMP STAGING=via_device at 8 layers (no gain: the step is device-bound), layer_loop,
 # host_memory_kinds, step_program_ops, lora_step with command buffers kept on under the profiler (the forward

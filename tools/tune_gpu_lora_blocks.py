@@ -12,6 +12,8 @@ problem costs ~5 s, mostly compiling):
   prefill    stages x expand_cols on prefill-shaped problems (thousands of rows, dense and per-expert);
   decode     decode_ksplit (the D_in split of the decode variant) on decode-shaped problems, with the entry's
              stages and expand_cols;
+  expand     expand_tiles (column tiles per expand CTA, pipelined `stages` deep: 1, 2, 4 or all of a target's)
+             on the decode and the prefill problems;
   buckets    rank_buckets on or off, on decode and prefill problems whose adapters have mixed ranks (a quarter,
              half or all of a rank-64 pool, the slots' ranks passed as the models would);
   crossover  decode_rows: the largest probed row count up to which the decode variant is not slower than the
@@ -28,7 +30,7 @@ problem costs ~5 s, mostly compiling):
 A candidate's score is the geometric mean over problems of its time / the best time on that problem; the lowest
 wins. Times are device time per call (infinilora_jax/bench/kernel_timing.py: an unrolled jitted loop, kernel
 busy time from a profiler trace, less the loop's own), and every candidate's output is checked against the
-reference first (a wrong candidate is dropped). The entry gets "measured": true once all four phases have run
+reference first (a wrong candidate is dropped). The entry gets "measured": true once all six phases have run
 on this device, with the jax version, the device kind and the date; --log keeps every timing.
 
 `--interpret` runs the same flow on CPU with tiny problems in the Mosaic GPU interpreter: it checks the script,
@@ -57,7 +59,7 @@ from pallas_kernels import dispatch  # noqa: E402
 from pallas_kernels.gpu import block_tables  # noqa: E402
 from pallas_kernels.gpu.block_tables import GpuBlocks  # noqa: E402
 
-PHASES = ("prefill", "decode", "buckets", "crossover", "dispatch")
+PHASES = ("prefill", "decode", "expand", "buckets", "crossover", "dispatch")
 F = flags.FLAGS
 flags.DEFINE_list("phases", list(PHASES), f"which of {PHASES} to run (in that order)")
 flags.DEFINE_list("dtypes", ["bfloat16"], "activation / page dtypes to tune (bfloat16, float16)")
@@ -98,6 +100,7 @@ DECODE = [Shape("dense r16", 64, 32, 16, 4096, 4096), Shape("dense r64", 256, 64
           Shape("qwen3 gate_up", 512, 32, 32, 2048, 1536, 128, 8),
           Shape("mixtral gate_up", 128, 32, 64, 4096, 28672, 8, 2)]
 CROSSOVER_ROWS = (128, 256, 512, 1024, 2048)
+EXPAND_TILES = (1, 2, 4, 0)  # expand column tiles per CTA (0: all of a target's)
 DISPATCH_RANKS = (16, 32, 64, 128)
 DISPATCH_ROWS = (64, 128, 256, 512, 1024, 2048, 4096)
 TINY_PREFILL = [Shape("tiny dense", 80, 3, 16, 128, 128), Shape("tiny expert", 80, 3, 16, 128, 128, 4, 2)]
@@ -201,8 +204,8 @@ def best(candidates: list[GpuBlocks], problems: list[dict], timer: Timer, phase:
 
 
 def _short(b: GpuBlocks) -> str:
-    return (f"stages={b.stages} cols={b.expand_cols} ksplit={b.decode_ksplit} decode_rows={b.decode_rows} "
-            f"buckets={b.rank_buckets}")
+    return (f"stages={b.stages} cols={b.expand_cols} tiles={b.expand_tiles} ksplit={b.decode_ksplit} "
+            f"decode_rows={b.decode_rows} buckets={b.rank_buckets}")
 
 
 def winning_from(counts, wins) -> int:
@@ -245,6 +248,11 @@ def tune(dtype, entry: GpuBlocks, phases, rng, timer: Timer, tiny: bool) -> dict
         ksplits = (1, 2) if tiny else block_tables.KSPLIT_CHOICES
         cands = [dataclasses.replace(entry, decode_ksplit=k, decode_rows=1 << 30) for k in ksplits]
         fields["decode_ksplit"] = best(cands, decode, timer, "decode").decode_ksplit
+        entry = dataclasses.replace(entry, **fields)
+    if "expand" in phases:
+        problems = [make_problem(rng, s, dtype) for s in decode_shapes + (TINY_PREFILL if tiny else PREFILL)]
+        cands = [dataclasses.replace(entry, expand_tiles=k) for k in ((1, 0) if tiny else EXPAND_TILES)]
+        fields["expand_tiles"] = best(cands, problems, timer, "expand").expand_tiles
         entry = dataclasses.replace(entry, **fields)
     if "buckets" in phases:
         problems = [make_problem(rng, s, dtype) for s in (TINY_BUCKETS if tiny else BUCKET_SHAPES)]

@@ -32,7 +32,12 @@ class GpuBlocks:
     stages: int = 4  # shrink: TMA pipeline depth (blocks of x and A in flight per CTA)
     decode_ksplit: int = 4  # shrink, decode variant: D_in slices per unit, so few adapters still fill the SMs
     decode_rows: int = 512  # calls of up to this many rows use the decode variant (ksplit), larger the prefill one
-    expand_cols: int = 128  # expand: output columns per CTA
+    expand_cols: int = 128  # expand: output columns per tile
+    # expand: column tiles per CTA, streamed through a pipeline of `stages` B blocks (0: all of a target's
+    # tiles; a CTA takes the largest divisor of the tile count <= this). 1: one tile per CTA, no pipeline:
+    # at per-expert decode (one row per unit) each CTA then moves one 8 KB block, and the H200 ran the expand at
+    # ~1.3 TB/s, half the shrink's rate (sixteenth session's step trace). Unmeasured above 1.
+    expand_tiles: int = 1
     # Read each page at the narrowest rank bucket holding its adapter's rank (units.rank_buckets) instead of the
     # pool's full rank: fewer bytes for small adapters in a large-rank pool, one kernel path per bucket (more
     # compile time). Off until an H200 run says what it buys.
@@ -63,6 +68,8 @@ class GpuBlocks:
             problems.append(f"expand_cols {self.expand_cols} not in {EXPAND_COL_CHOICES}")
         if self.decode_ksplit not in KSPLIT_CHOICES:
             problems.append(f"decode_ksplit {self.decode_ksplit} not in {KSPLIT_CHOICES}")
+        if self.expand_tiles < 0:
+            problems.append(f"expand_tiles {self.expand_tiles} must be >= 0 (0: every tile of a target)")
         if self.decode_rows < 0 or self.kernel_min_rows < 0 or self.per_row_rows < 0:
             problems.append("row counts must be >= 0")
         if problems:

@@ -6,11 +6,14 @@
                                 at its b_page_row
     d          [Mx, N] f32      delta rows in sorted order; rows of no unit are left unwritten
 
-Several targets (fused q/k/v, gate/up) run in one launch, each CTA on one target's unit and column tile. One CTA
-per (target's unit, column tile of `cols` columns), the targets' CTAs listed end to end in a 1-D grid so a narrow
-target has no CTAs for the wide one's tiles: it loads the unit's s window [64, R] (both parts) and the
-page's [R, cols] block of B, and accumulates s_hi @ B + s_lo @ B with two wgmmas: s carried to ~16 mantissa bits, as
-the reference's float32 expand (a single 16-bit s would lose ~3 decimal digits). Only the unit's rows are stored.
+Several targets (fused q/k/v, gate/up) run in one launch, each CTA on one target's unit and column tiles. One CTA
+per (target's unit, group of `tiles` column tiles of `cols` columns), the targets' CTAs listed end to end in a 1-D
+grid so a narrow target has no CTAs for the wide one's tiles: per tile it loads the unit's s window [64, R] (both
+parts) and the page's [R, cols] block of B, and accumulates s_hi @ B + s_lo @ B with two wgmmas: s carried to ~16
+mantissa bits, as the reference's float32 expand (a single 16-bit s would lose ~3 decimal digits). Only the unit's
+rows are stored. With one tile per CTA there is nothing to overlap inside a CTA; with several, a pipeline keeps up
+to `stages` tiles' blocks in flight while earlier tiles multiply and store (the s window is re-read per tile, from
+L2).
 """
 
 from __future__ import annotations
@@ -52,17 +55,36 @@ def column_tile(n: int, cols: int) -> int:
     return cols if cols >= 64 else 0
 
 
-@functools.partial(jax.jit, static_argnames=("cols", "buckets", "interpret"))
+SMEM_BYTES = 220 * 1024  # of the 227 KiB a Hopper CTA may use; the rest for barriers and alignment
+
+
+def tiles_per_cta(n_tiles: int, tiles: int) -> int:
+    """The largest divisor of n_tiles that is at most `tiles` (0: all n_tiles)."""
+    want = n_tiles if tiles == 0 else min(tiles, n_tiles)
+    return max(k for k in range(1, want + 1) if n_tiles % k == 0)
+
+
+def pipeline_depth(stages: int, tiles: int, width: int, bn: int, itemsize: int) -> int:
+    """Tiles in flight: at most `stages` and `tiles`, within SMEM (per tile the two s windows and the B block,
+    plus the float32 staging buffer of the row stores)."""
+    per_tile = (2 * TILE_ROWS * width + width * bn) * itemsize
+    fit = (SMEM_BYTES - TILE_ROWS * bn * 4) // per_tile
+    return max(1, min(stages, tiles, fit))
+
+
+@functools.partial(jax.jit, static_argnames=("cols", "buckets", "interpret", "tiles", "stages"))
 def expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], b_rows: tuple[jax.Array, ...],
            units: tuple[Units, ...], *, cols: int = 128,
-           buckets: tuple[tuple[int, ...] | None, ...] | None = None, interpret=None) -> tuple[jax.Array, ...]:
+           buckets: tuple[tuple[int, ...] | None, ...] | None = None, interpret=None, tiles: int = 1,
+           stages: int = 4) -> tuple[jax.Array, ...]:
     """Per target t, [Mx, N_t] float32 delta rows (sorted order); see the module docstring. All targets (s parts,
     B arena and units one each) run in one launch: the grid holds, target after target, units per target x that
     target's column tiles (a 2-D grid over the widest target's tiles left 58% of the CTAs of Qwen3's q/k/v,
     4096 | 512 | 512 columns, with nothing to do). `cols`: output columns per CTA
     (block_tables.GpuBlocks.expand_cols; narrower where N_t is not a multiple). `buckets`: per target the rank
     widths pages are read at (units.rank_buckets; None: its full rank); a unit reads units.bucket's width of s
-    and B."""
+    and B. `tiles`: column tiles per CTA (block_tables.GpuBlocks.expand_tiles; 0: all of a target's), pipelined
+    `stages` deep (within SMEM)."""
     num_targets = len(b_rows)
     if not len(s_hi) == len(s_lo) == len(units) == num_targets >= 1:
         raise ValueError(f"one s pair, B arena and Units per target: {len(s_hi)} / {len(s_lo)} s parts, "
@@ -70,7 +92,7 @@ def expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], b_rows: tup
     mx = s_hi[0].shape[0]
     ranks = tuple(h.shape[1] for h in s_hi)
     buckets = tuple(b or (r,) for b, r in zip(buckets or (None,) * num_targets, ranks))
-    tiles = []
+    tile_sets = []  # per target: (columns per tile, tiles, tiles per CTA)
     for hi, lo, b, rank, bs in zip(s_hi, s_lo, b_rows, ranks, buckets):
         check_operands("expand", hi, lo, b)
         if lo.shape != hi.shape or hi.shape[0] != mx or hi.dtype != b.dtype or lo.dtype != b.dtype:
@@ -87,37 +109,57 @@ def expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], b_rows: tup
             check_tma_array("expand", "s_hi (sorted rows)", hi.shape, hi.dtype, width)
         check_tma_array("expand", "B arena", b.shape, b.dtype, bn)
         assert out_width(bn, jnp.float32) == bn  # rows of the staged output are 128-byte multiples
-        tiles.append((bn, b.shape[1] // bn))
+        n_tiles = b.shape[1] // bn
+        tile_sets.append((bn, n_tiles, tiles_per_cta(n_tiles, tiles)))
     per, meta = stack_units(units)
-    first_cta = [0]  # target t's CTAs: [first_cta[t], first_cta[t + 1]), its units fastest, then column tiles
-    for _, n in tiles:
-        first_cta.append(first_cta[-1] + per * n)
+    first_cta = [0]  # target t's CTAs: [first_cta[t], first_cta[t + 1]), its units fastest, then tile groups
+    for _, n_tiles, k in tile_sets:
+        first_cta.append(first_cta[-1] + per * (n_tiles // k))
 
     def body(row0_ref, size_ref, page_ref, bucket_ref, count_ref, *refs):
         hi_refs, lo_refs = refs[:num_targets], refs[num_targets:2 * num_targets]
         b_refs, o_refs = refs[2 * num_targets:3 * num_targets], refs[3 * num_targets:]
         cta = jax.lax.axis_index("cta")
 
-        def target(t, u, j):
-            bn = tiles[t][0]
+        def target(t, u, g):
+            bn, _, k = tile_sets[t]
             row0 = row0_ref[u]
             base, off, page = window(row0, page_ref[u], mx)
 
             def run(width):
-                def acc_scope(acc_ref):
-                    def step(_, hi_smem, lo_smem, b_smem):
+                s_spec = plgpu.BlockSpec((pl.Element(TILE_ROWS), width), lambda _: (base, 0))
+                if k == 1:  # one tile (g): nothing to overlap inside the CTA
+                    def acc_scope(acc_ref):
+                        def step(_, hi_smem, lo_smem, b_smem):
+                            plgpu.wgmma(acc_ref, hi_smem, b_smem)
+                            plgpu.wgmma(acc_ref, lo_smem, b_smem)
+
+                        plgpu.emit_pipeline(
+                            step, grid=(1,), max_concurrent_steps=1,
+                            in_specs=[s_spec, s_spec,
+                                      plgpu.BlockSpec((pl.Element(width), bn), lambda _: (page, g))],
+                        )(hi_refs[t], lo_refs[t], b_refs[t])
+                        return acc_ref[...]
+
+                    acc = pl.run_scoped(acc_scope, plgpu.ACC((TILE_ROWS, bn)))
+                    store_rows(acc, o_refs[t], row0, off, size_ref[u], g * bn, bn)
+                    return
+
+                def tile(idx, hi_smem, lo_smem, b_smem):  # tile g * k + i: multiply, store its rows
+                    def acc_scope(acc_ref):
                         plgpu.wgmma(acc_ref, hi_smem, b_smem)
                         plgpu.wgmma(acc_ref, lo_smem, b_smem)
+                        return acc_ref[...]
 
-                    s_spec = plgpu.BlockSpec((pl.Element(TILE_ROWS), width), lambda _: (base, 0))
-                    plgpu.emit_pipeline(
-                        step, grid=(1,), max_concurrent_steps=1,
-                        in_specs=[s_spec, s_spec, plgpu.BlockSpec((pl.Element(width), bn), lambda _: (page, j))],
-                    )(hi_refs[t], lo_refs[t], b_refs[t])
-                    return acc_ref[...]
+                    acc = pl.run_scoped(acc_scope, plgpu.ACC((TILE_ROWS, bn)))
+                    store_rows(acc, o_refs[t], row0, off, size_ref[u], (g * k + idx[0]) * bn, bn)
 
-                acc = pl.run_scoped(acc_scope, plgpu.ACC((TILE_ROWS, bn)))
-                store_rows(acc, o_refs[t], row0, off, size_ref[u], j * bn, bn)
+                depth = pipeline_depth(stages, k, width, bn, jnp.dtype(b_refs[t].dtype).itemsize)
+                plgpu.emit_pipeline(
+                    tile, grid=(k,), max_concurrent_steps=depth,
+                    in_specs=[s_spec, s_spec,
+                              plgpu.BlockSpec((pl.Element(width), bn), lambda i: (page, g * k + i))],
+                )(hi_refs[t], lo_refs[t], b_refs[t])
 
             if len(buckets[t]) == 1:
                 run(ranks[t])
@@ -127,9 +169,9 @@ def expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], b_rows: tup
 
         for t in range(num_targets):  # static paths; SMEM is shared between them (one runs per CTA)
             local = cta - first_cta[t]
-            u, j = t * per + local % per, local // per  # stacked unit index, column tile
+            u, g = t * per + local % per, local // per  # stacked unit index, tile group
             mine = (cta >= first_cta[t]) & (cta < first_cta[t + 1])
-            pl.when(mine & unit_of_target(u, t, per, count_ref, size_ref))(functools.partial(target, t, u, j))
+            pl.when(mine & unit_of_target(u, t, per, count_ref, size_ref))(functools.partial(target, t, u, g))
 
     kernel = plgpu.kernel(
         body, out_type=tuple(jax.ShapeDtypeStruct((mx, b.shape[1]), jnp.float32) for b in b_rows),

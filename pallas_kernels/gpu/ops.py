@@ -104,6 +104,7 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
         his.append(hi)
         los.append(lo)
     deltas = expand(tuple(his), tuple(los), tuple(b_rows), units, cols=blocks.expand_cols, buckets=buckets,
+                    tiles=blocks.expand_tiles, stages=blocks.stages,
                     interpret=interpret)
     out = []
     for y, d, u in zip(ys, deltas, units):
