@@ -42,3 +42,15 @@ def test_timeline_nests_engine_spans_and_merges_program_runs(tmp_path):
                       "GPU:0  -- idle 308 us",
                       "GPU:0  MemcpyD2H: 1 op(s), busy 2 us, ends +2 us"]
     assert step_timeline.host_lines(events, min_us=30, max_depth=1) == [(0, "host   $engine.py:162 step  1000 us")]
+
+
+def test_launches_of_one_name_split_by_launch_shape():
+    """Kernels sharing a name (Mosaic GPU's body_mosaic_gpu_kernel) told apart by their launch shape."""
+    shrink = {"kernel_details": "grid:4,576,1 dynamic_shared:73776"}
+    expand = {"kernel_details": "grid:6912,1,1 dynamic_shared:32776"}
+    events = [{"ph": "X", "name": "body_mosaic_gpu_kernel", "dur": d, "args": a}
+              for d, a in ((26, shrink), (36, expand), (27, shrink), (38, expand), (40, expand))]
+    events.append({"ph": "X", "name": "fusion_1", "dur": 500})
+    lines = step_timeline.launches(events, "body_mosaic_gpu_kernel", steps=2)
+    assert lines == ["     57.0 us/step    1.5 launches/step      38.0 us each  grid:6912,1,1 dynamic_shared:32776",
+                     "     26.5 us/step    1.0 launches/step      26.5 us each  grid:4,576,1 dynamic_shared:73776"]

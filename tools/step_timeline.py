@@ -3,6 +3,7 @@ ran, side by side in time, so the idle stretches bench/device_trace.py counts ca
 work that caused them.
 
     python tools/step_timeline.py TRACE_DIR_OR_FILE [--min_us 30] [--host_depth 6]
+    python tools/step_timeline.py TRACE_DIR_OR_FILE --launches body_mosaic_gpu_kernel [--steps 2]
 
 TRACE_DIR_OR_FILE: a perfetto_trace.json.gz, or a directory holding one (`jax.profiler.trace(...,
 create_perfetto_trace=True)`, e.g. benchmarks/disagg.py --profile_steps 2 --trace_dir DIR). Host lines: events of
@@ -10,6 +11,11 @@ the thread with the most Python frames (the engine's) lasting at least --min_us,
 deep (Python frames, PjRt and XLA runtime spans). Device lines: consecutive ops of one XLA program merged into one
 line (ops, busy time); copies and ops of no program on lines of their own; an idle stretch of at least --min_us
 gets a line of its own.
+
+--launches NAME: instead, every launch of the kernel NAME grouped by its launch shape (the profiler's
+`kernel_details`: grid, block, registers, shared memory), with launches and device us per step (--steps: how many
+steps the trace holds) and per launch. Tells apart kernels that share a name, such as the Mosaic GPU kernels
+(all `body_mosaic_gpu_kernel`): the LoRA shrink and expand and the expert GEMM differ in grid and SMEM.
 """
 
 from __future__ import annotations
@@ -74,13 +80,30 @@ def device_lines(events: list[dict], min_us: float) -> list[tuple[float, str]]:
     return lines
 
 
+def launches(events: list[dict], name: str, steps: int) -> list[str]:
+    """One line per launch shape of kernel `name`, the costliest first."""
+    groups = collections.defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and e.get("name") == name:
+            groups[e.get("args", {}).get("kernel_details", "(no details)")].append(e["dur"])
+    rows = sorted(groups.items(), key=lambda kv: -sum(kv[1]))
+    return [f"{sum(d) / steps:9.1f} us/step  {len(d) / steps:5.1f} launches/step  {sum(d) / len(d):8.1f} us each  "
+            f"{details}" for details, d in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trace")
     parser.add_argument("--min_us", type=float, default=30.0)
     parser.add_argument("--host_depth", type=int, default=6)
+    parser.add_argument("--launches", help="kernel name: its launches by launch shape instead of the timeline")
+    parser.add_argument("--steps", type=int, default=1, help="steps the trace holds (per-step figures)")
     args = parser.parse_args()
     events = device_trace.load_events(args.trace)
+    if args.launches:
+        lines = launches(events, args.launches, args.steps)
+        print("\n".join(lines) if lines else f"no launches of {args.launches}")
+        return
     lines = sorted(host_lines(events, args.min_us, args.host_depth) + device_lines(events, args.min_us))
     if not lines:
         raise SystemExit("no events")
