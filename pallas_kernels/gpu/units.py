@@ -11,8 +11,8 @@ the group and takes up to TILE_ROWS - row0 % 8 rows; its later units start at wi
 up to TILE_ROWS. So a group of n rows starting at offset o has ceil((o + n) / TILE_ROWS) units, each page being
 read once per unit (fixed 56-row chunks read a 64-row group's page twice, and more often for long groups).
 Groups with no work (slot 0, a rank-0 target) get no unit, so they cost nothing. The number of units is
-data-dependent; arrays have the static bound rows // UNIT_ROWS + groups (each group adds at most one partial
-chunk), and the kernels skip units past `count`.
+data-dependent; arrays have the static bound (rows + 7 * groups) // TILE_ROWS + groups (the sum over groups of
+ceil((o + n) / 64) with o <= 7), and the kernels skip units past `count`.
 
 Per-row units (`per_row_units`, the BGMV-like decode variant): one unit per row, over the rows in their own
 order, so nothing is sorted and nothing is gathered: no group facts, no gather of x, no gather of the delta
