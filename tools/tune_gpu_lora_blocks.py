@@ -250,7 +250,7 @@ def tune(dtype, entry: GpuBlocks, phases, rng, timer: Timer, tiny: bool) -> dict
         fields["decode_ksplit"] = best(cands, decode, timer, "decode").decode_ksplit
         entry = dataclasses.replace(entry, **fields)
     if "expand" in phases:
-        problems = [make_problem(rng, s, dtype) for s in decode_shapes + (TINY_PREFILL if tiny else PREFILL)]
+        problems = [make_problem(rng, s, dtype) for s in decode_shapes + ([] if tiny else PREFILL)]
         cands = [dataclasses.replace(entry, expand_tiles=k) for k in ((1, 0) if tiny else EXPAND_TILES)]
         fields["expand_tiles"] = best(cands, problems, timer, "expand").expand_tiles
         entry = dataclasses.replace(entry, **fields)
