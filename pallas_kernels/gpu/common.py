@@ -47,6 +47,13 @@ def padded_rows(m: int) -> int:
     return max(round_up(m, ALIGN), TILE_ROWS)
 
 
+def pad_rows(a: jax.Array, rows: int) -> jax.Array:
+    """a [m, n] with zero rows appended up to `rows` (padded_rows(m)); a itself when it already has them."""
+    if a.shape[0] == rows:
+        return a
+    return jnp.concatenate([a, jnp.zeros((rows - a.shape[0], *a.shape[1:]), a.dtype)])
+
+
 def out_width(width: int, dtype) -> int:
     """Columns of an output whose rows are stored by `store_rows`: `width` rounded up so that a row is a
     multiple of 128 bytes (an SMEM slice at any row offset is then 128-byte aligned)."""

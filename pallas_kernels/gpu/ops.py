@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.gpu.block_tables import GpuBlocks, blocks_for, current_device_key
-from pallas_kernels.gpu.common import padded_rows
+from pallas_kernels.gpu.common import pad_rows, padded_rows
 from pallas_kernels.gpu.expand import expand, split_hi_lo
 from pallas_kernels.gpu.shrink import BK, shrink
 from pallas_kernels.gpu.units import build_units, per_row_units, rank_buckets
@@ -77,9 +77,7 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
     # x_rows: x in the kernels' row order (sorted by group, or as given), padded
     grouping = None if per_row else group_rows(keys, active, num_keys=tables[0].num_slots * num_experts,
                                                presorted=rows_grouped)
-    x_rows = x if in_place else x[grouping.order]
-    if mx > m:
-        x_rows = jnp.concatenate([x_rows, jnp.zeros((mx - m, x.shape[1]), x.dtype)])
+    x_rows = pad_rows(x if in_place else x[grouping.order], mx)
     ranks, buckets, units = [], [], []
     for table, b_table in zip(tables, b_tables or (None,) * len(tables)):
         ranks.append(table.max_blocks * table.rank_block)
@@ -99,8 +97,7 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
         s = s.sum(0)[:m, :rank]
         # Rows of no unit were never written; columns past a page's rank may hold a neighbouring page's rows.
         s = jnp.where(jnp.arange(rank)[None, :] < u.row_rank[:, None], s, 0.0)
-        hi, lo = split_hi_lo(s if mx == m else jnp.concatenate([s, jnp.zeros((mx - m, rank), jnp.float32)]),
-                             b.dtype)
+        hi, lo = split_hi_lo(pad_rows(s, mx), b.dtype)
         his.append(hi)
         los.append(lo)
     deltas = expand(tuple(his), tuple(los), tuple(b_rows), units, cols=blocks.expand_cols, buckets=buckets,
@@ -125,9 +122,7 @@ def lora_shrink(x: jax.Array, keys: jax.Array, active: jax.Array, a_rows: jax.Ar
     blocks = device_blocks(x.dtype, interpret) if blocks is None else blocks
     ksplit = pick_ksplit(m, x.shape[1], blocks) if ksplit is None else ksplit
     grouping = group_rows(keys, active, num_keys=table.num_slots * num_experts)
-    x_sorted = x[grouping.order]
-    if padded_rows(m) > m:
-        x_sorted = jnp.concatenate([x_sorted, jnp.zeros((padded_rows(m) - m, x.shape[1]), x.dtype)])
+    x_sorted = pad_rows(x[grouping.order], padded_rows(m))
     rank = table.max_blocks * table.rank_block
     buckets = rank_buckets(rank, blocks.rank_buckets)
     units = build_units(grouping, table, num_experts=num_experts, buckets=buckets)
