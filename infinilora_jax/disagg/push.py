@@ -137,6 +137,10 @@ def _push_tpu(x, pairs, axes, interpret):
 def _push_gpu(x, pairs, axes):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    from pallas_kernels.gpu import kernel_names
+
+    kernel_names.install()  # one compile per distinct push kernel across programs
+
     sizes = [jax.lax.axis_size(a) for a in axes]
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]) if x.ndim >= 2 else x.reshape(1, -1)
