@@ -200,3 +200,19 @@ def test_lora_kernels_benchmark_redraws_its_plot(tmp_path):
                    env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
     png = (tmp_path / "run.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_lora_kernels_benchmark_smoke_run(tmp_path):
+    """benchmarks/lora_kernels.py --smoke on CPU: every case kind is built, every CPU variant checked against
+    the reference (the run fails if one disagrees) and the JSON written."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "smoke"
+    subprocess.run([sys.executable, "benchmarks/lora_kernels.py", "--smoke", "--out", str(out)], check=True,
+                   env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600, capture_output=True)
+    rows = json.loads((tmp_path / "smoke.json").read_text())["rows"]
+    assert {r["op"] for r in rows} == {"shrink", "delta", "expert delta", "qkv delta"}
+    assert all(r["rel_err"] < 1e-2 for r in rows)  # one-hot and ragged_dot round s to bf16: 1.6e-3
+    assert max(r["rel_err"] for r in rows if r["variant"] in ("reference-rm", "dispatch")) < 1e-5

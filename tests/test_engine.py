@@ -3,6 +3,8 @@ and adapter cycling; adapters in use are never evicted; steady streams do not re
 
 import random
 
+import jax
+import numpy as np
 import pytest
 from conftest import adapter_dirs, model_dir, reference
 
@@ -115,14 +117,30 @@ def test_abort_and_streaming(tight_llm):
     assert list(seen.values())[0] == want[: len(list(seen.values())[0])]
 
 
-def test_warmed_up_engine_never_compiles():
+def test_warmed_up_engine_never_compiles(monkeypatch):
     """warmup() compiles every program the shape policy allows (with and without a carried adapter load); then a
     stream of varied lengths, sampling settings and adapters (more than the device slots, so adapters are loaded
-    layer-wise while requests run) compiles nothing."""
+    layer-wise while requests run) compiles nothing. With run_programs (the GPU default: Mosaic GPU compiles its
+    kernels at first launch) it also runs one step per shape on its padding batch, which leaves the KV cache and
+    the adapter pool as they were: the greedy tokens afterwards are the reference's."""
     llm = LLM(model_dir(MODEL), adapters=adapter_dirs(MODEL), dtype="float32", max_num_batched_tokens=16,
               max_num_seqs=8, max_model_len=64, page_size=8, max_adapters=2, progress=False)
+    runs = []
+    real_sample = llm.runner.sample
+    monkeypatch.setattr(llm.runner, "sample",
+                        lambda batch, *a, **kw: runs.append(batch) or real_sample(batch, *a, **kw))
     shapes = llm.engine.warmup(progress=False)
     assert shapes == len(llm.engine.program_shapes()) == 4  # N=16 x P in {4, 8} x {decode only, with prefill}
+    assert runs == []  # CPU: nothing compiles at launch
+    state = lambda: [np.asarray(x).copy() for x in jax.tree.leaves((llm.engine.kv, llm.runner.adapters.pool_state))]
+    before = state()
+    llm.engine.warmup(progress=False, run_programs=True)
+    assert len(runs) == shapes
+    assert len({tuple(np.shape(x) for x in jax.tree.leaves(b)) for b in runs}) == shapes  # one run per shape
+    assert all(np.array_equal(a, b) for a, b in zip(before, state(), strict=True))
+    ref = reference(MODEL)
+    got = llm.generate([ref["prompt_0"].tolist()], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    assert got[0].token_ids == ref["greedy__base__0"].tolist()[:8]
     counter = CompileCounter()
     names = [None, *adapter_dirs(MODEL)]
     stats = llm.runner.adapters.stats

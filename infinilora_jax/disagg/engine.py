@@ -156,8 +156,9 @@ class InstanceGroup(InstanceSet):
     def program_shapes(self, scoring: bool = False):
         return self.instances[0].program_shapes(scoring)
 
-    def warmup(self, scoring: bool = False, progress: bool = True, workers: int = 8) -> int:
-        return self.instances[0].warmup(scoring, progress, workers)
+    def warmup(self, scoring: bool = False, progress: bool = True, workers: int = 8,
+               run_programs: bool | None = None) -> int:
+        return self.instances[0].warmup(scoring, progress, workers, run_programs)
 
     def score(self, token_ids, adapter=None):
         return self.instances[0].score(token_ids, adapter)

@@ -373,11 +373,17 @@ class LLMEngine:
                 out.append((n, pages, True))
         return out
 
-    def warmup(self, scoring: bool = False, progress: bool = True, workers: int = 8) -> int:
+    def warmup(self, scoring: bool = False, progress: bool = True, workers: int = 8,
+               run_programs: bool | None = None) -> int:
         """Compile ahead of time every program a step can use (see program_shapes; sampling steps with and
         without a carried adapter load, and teacher-forced scoring when asked), `workers` compilations at once,
         so traffic never waits for a compilation. Returns the number of shapes. Call it while no step runs (at
-        start-up): it also compiles the adapter pool's slot writer by writing zeros into slot 0."""
+        start-up): it also compiles the adapter pool's slot writer by writing zeros into slot 0.
+
+        run_programs (default: on GPU) then runs one generation step of every shape on its padding batch, which
+        reads and writes nothing: Mosaic GPU kernels (the expert GEMM, the LoRA kernels) are compiled at their
+        first launch, not by XLA's compile, so without this the first requests of each shape would wait for
+        them. The carried-load and scoring programs launch the same kernels (same token counts)."""
         shapes = [padding_batch(self.shapes, n, p, prefill) for n, p, prefill in self.program_shapes()]
         score = [padding_batch(self.shapes, n, p, prefill, all_logits=True)
                  for n, p, prefill in (self.program_shapes(scoring=True) if scoring else [])]
@@ -385,7 +391,22 @@ class LLMEngine:
         programs += self.runner.sampler_programs_per_bucket * len({len(b.logits_indices) for b in shapes})
         with tqdm(total=programs, desc="compiling", disable=not progress, leave=False) as bar:
             self.runner.precompile(shapes, score, workers, on_done=bar.update, rows_out=self.rows_out)
+        if run_programs if run_programs is not None else self._kernels_compile_at_launch():
+            self._run_padding_steps(shapes, progress)
         return len(shapes) + len(score)
+
+    def _kernels_compile_at_launch(self) -> bool:
+        return self.runner.mesh.devices.flat[0].platform == "gpu"
+
+    def _run_padding_steps(self, batches: list[StepBatch], progress: bool) -> None:
+        """One generation step per batch (padding batches: nothing read or written, KV and pool unchanged),
+        queued back to back; waits for the last."""
+        step = None
+        for batch in tqdm(batches, desc="first launches", disable=not progress, leave=False):
+            sampling = SamplingArrays.build([], [], [], len(batch.logits_indices))
+            step, self.kv = self.runner.sample(batch, self.kv, sampling, self.rows_out)
+        if step is not None:
+            self.runner.fetch(step)
 
     # ---- teacher forcing ----
 

@@ -351,18 +351,21 @@ class ReplicaGroup(InstanceSet):
     def program_shapes(self, scoring: bool = False):
         return self.instances[0].program_shapes(scoring)
 
-    def warmup(self, scoring: bool = False, progress: bool = True, workers: int = 8) -> int:
-        """Compile every replica's step programs. Each replica's devices need their own executables, but on GPU
-        jax's persistent compilation cache leaves the devices out of its keys: there, when the cache is on, the
-        first replica compiles alone (with every replica's workers) and the others load its programs. Elsewhere
-        all replicas compile at once with `workers` compilations each (XLA compiles outside the GIL, and one
-        replica's compilations alone leave most of a large host's cores idle)."""
+    def warmup(self, scoring: bool = False, progress: bool = True, workers: int = 8,
+               run_programs: bool | None = None) -> int:
+        """Compile every replica's step programs (and run them once, LLMEngine.warmup's `run_programs`: each
+        device compiles the Mosaic GPU kernels for itself). Each replica's devices need their own executables,
+        but on GPU jax's persistent compilation cache leaves the devices out of its keys: there, when the cache
+        is on, the first replica compiles alone (with every replica's workers) and the others load its programs.
+        Elsewhere all replicas compile at once with `workers` compilations each (XLA compiles outside the GIL,
+        and one replica's compilations alone leave most of a large host's cores idle)."""
         self.quiesce()
         rest = self.instances  # those compiling at once
         if len(rest) > 1 and shares_compiled_programs(rest[0].runner.mesh.devices.flat[0]):
-            shapes = rest[0].warmup(scoring, progress, workers * len(rest))
+            shapes = rest[0].warmup(scoring, progress, workers * len(rest), run_programs)
             rest, progress = rest[1:], False
-        futures = [self._pool.submit(inst.warmup, scoring, progress and i == 0, workers) for i, inst in enumerate(rest)]
+        futures = [self._pool.submit(inst.warmup, scoring, progress and i == 0, workers, run_programs)
+                   for i, inst in enumerate(rest)]
         concurrent.futures.wait(futures)
         for future in futures:  # the first failure (in replica order) is raised
             shapes = future.result()
