@@ -1,16 +1,13 @@
 """A server's start-up: LLMEngine.warmup, then the first requests of each prompt length, then the same again.
 
-Mosaic GPU compiles its kernels (the expert GEMM, the LoRA kernels) when a program first launches them, not in
-XLA's compile that `warmup` runs ahead of time; `warmup(run_programs=True)` (the GPU default) therefore also runs
-each step shape once on its padding batch. This times both sides of that trade in one process per setting:
-warmup's seconds, and each first request's latency (a prompt of each length in --prompts, greedy, --max_tokens
-tokens) against the same request once everything is warm (the second pass). A first request slower than its
-second pass by seconds waited for compilation.
+`warmup` compiles every step program ahead of time (the Mosaic GPU kernels with them); with run_programs (the
+GPU default) it also runs each step shape once on its padding batch, since a program's first execution does
+one-time setup. This times both sides in one process per setting: warmup's seconds, and each first request's
+latency (a prompt of each length in --prompts, greedy, --max_tokens tokens) against the same request once
+everything is warm (the second pass). A first request much slower than its second pass waited for something
+warmup left undone (a compile would show as seconds).
 
-    PYTHONPATH=. python3 benchmarks/startup.py --model configs/models/qwen3-30b-a3b.json --num_layers 2 \\
-        --run_programs=false --out $OUT/startup_norun
-    PYTHONPATH=. python3 benchmarks/startup.py --model configs/models/qwen3-30b-a3b.json --num_layers 2 \\
-        --run_programs=true --out $OUT/startup_run
+    OUT=$OUT ./tools/gpu_runbook.sh startup    # both settings, one process each (docs/benchmarks.md)
     python benchmarks/startup.py --smoke     # CPU, the bundled tiny model: checks the script
 """
 

@@ -120,8 +120,8 @@ def test_abort_and_streaming(tight_llm):
 def test_warmed_up_engine_never_compiles(monkeypatch):
     """warmup() compiles every program the shape policy allows (with and without a carried adapter load); then a
     stream of varied lengths, sampling settings and adapters (more than the device slots, so adapters are loaded
-    layer-wise while requests run) compiles nothing. With run_programs (the GPU default: Mosaic GPU compiles its
-    kernels at first launch) it also runs one step per shape on its padding batch, which leaves the KV cache and
+    layer-wise while requests run) compiles nothing. With run_programs (the GPU default: a program's first run
+    does one-time setup) it also runs one step per shape on its padding batch, which leaves the KV cache and
     the adapter pool as they were: the greedy tokens afterwards are the reference's."""
     llm = LLM(model_dir(MODEL), adapters=adapter_dirs(MODEL), dtype="float32", max_num_batched_tokens=16,
               max_num_seqs=8, max_model_len=64, page_size=8, max_adapters=2, progress=False)

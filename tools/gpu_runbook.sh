@@ -9,9 +9,10 @@
 # lora_kernels_expert; expert_gemm; flag_parity before any XLA setting becomes a default. With two GPUs: decode
 # (both modes now queue steps ahead; ASYNC=false for one at a time), then the sweeps. Done on one GPU in the
 # sixteenth session: lora_kernels on GPU.md's peer shapes, per-expert rows in place, lora_step LAYERS=4 with
-# the expert calls on the kernels (a tie in device time; 8 layers needs TIMEOUT >= 400 for `auto`). Next on one
-# GPU: PHASES=expand tune_gpu_blocks (the pipelined expand, several column tiles per CTA: the per-expert decode
-# expand ran at ~1.3 TB/s, half the shrink's rate), then lora_step LAYERS=4 again if it wins. Fifteenth
+# the expert calls on the kernels (a tie in device time; 8 layers needs TIMEOUT >= 400 for `auto`). Done on one
+# GPU in the seventeenth: PHASES=expand tune_gpu_blocks (one tile per CTA kept), lora_step with kernel names
+# counter/content (INFINILORA_MOSAIC_KERNEL_NAMES), lora_kernels_expert, prefill_lora, startup. Next on one
+# GPU: expert_gemm, flag_parity; a faster per-expert decode expand if one is built. Fifteenth
 # session: cond_host_wait (conditionals do not block the caller), async_scheduling CMDBUF=off and
 # UPDATE_MODE=SKIP_TEMP STAGING=via_device at 8 layers (no gain: the step is device-bound), layer_loop,
 # host_memory_kinds, step_program_ops, lora_step with command buffers kept on under the profiler (the forward
@@ -81,6 +82,10 @@
 #   prefill_lora  (1 GPU, ~3 min) benchmarks/prefill_lora.py: whole-model prefill (Qwen3 widths, 2 layers,
 #                 2,048-row chunks) with the platform's LoRA dispatch (the Mosaic GPU kernels on the rank-major
 #                 pool) against the reference (twelfth session: 11.3 against 19.1 ms per prompt, 1.69x).
+#   startup       (1 GPU, ~5 min) benchmarks/startup.py at Qwen3 widths, 2 layers: warmup seconds and each
+#                 prompt length's first request against a warm one, without and with warmup's padding-batch
+#                 runs (seventeenth session: first requests 15-25 ms against 8-10 warm; 7.5-10 with the runs;
+#                 no request waited for a Mosaic compile either way).
 #   tune_gpu_blocks (1 GPU, ~7 min) tools/tune_gpu_lora_blocks.py: rewrites phases' fields of the H200 entry of
 #                 pallas_kernels/gpu/tuned_blocks.json (copy $OUT/tuned_blocks.json back and commit it).
 #                 Eleventh session: the prefill phase ran (stages 6, expand cols 128) once group_rows' compile
@@ -187,6 +192,13 @@ case "${1:-}" in
       mixtral-gate_up:1024:32:64:8:2:4096:28672,mixtral-down:1024:32:64:8:2:14336:4096,qwen3-down:1024:32:32:128:8:768:2048 \
       --iters 4 --repeats 2 --out "$OUT/lora_kernels_expert" > "$OUT/lora_kernels_expert.log" 2>&1
     echo "lora_kernels_expert rc=$?"; show "$OUT/lora_kernels_expert.log" 40 ;;
+  startup)
+    args="--model $QWEN --num_layers 2 --max_num_seqs 16 --max_num_batched_tokens 256 --max_model_len 256"
+    for run in false true; do
+      timeout 230 python3 -u benchmarks/startup.py $args --prompts 1,20,100,250 --run_programs=$run \
+        --out "$OUT/startup_run_$run" > "$OUT/startup_run_$run.log" 2>&1
+      echo "startup run_programs=$run rc=$?"; show "$OUT/startup_run_$run.log" 12
+    done ;;
   tune_gpu_blocks)
     phases=${PHASES:-dispatch}
     timeout 570 python3 -u tools/tune_gpu_lora_blocks.py --phases "$phases" ${DISPATCH_RANKS:+--dispatch_ranks=$DISPATCH_RANKS} \

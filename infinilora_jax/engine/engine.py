@@ -381,9 +381,10 @@ class LLMEngine:
         start-up): it also compiles the adapter pool's slot writer by writing zeros into slot 0.
 
         run_programs (default: on GPU) then runs one generation step of every shape on its padding batch, which
-        reads and writes nothing: Mosaic GPU kernels (the expert GEMM, the LoRA kernels) are compiled at their
-        first launch, not by XLA's compile, so without this the first requests of each shape would wait for
-        them. The carried-load and scoring programs launch the same kernels (same token counts)."""
+        reads and writes nothing: a program's first execution does one-time setup (on an H200 at Qwen3 widths
+        the first request of each prompt length took 15-25 ms against 8-10 ms warm; with the runs, 7.5-10 ms:
+        benchmarks/startup.py, docs/benchmarks.md), which no request should wait for. Only the generation
+        forwards run; the carried-load and scoring variants keep their first-execution cost."""
         shapes = [padding_batch(self.shapes, n, p, prefill) for n, p, prefill in self.program_shapes()]
         score = [padding_batch(self.shapes, n, p, prefill, all_logits=True)
                  for n, p, prefill in (self.program_shapes(scoring=True) if scoring else [])]
@@ -391,18 +392,18 @@ class LLMEngine:
         programs += self.runner.sampler_programs_per_bucket * len({len(b.logits_indices) for b in shapes})
         with tqdm(total=programs, desc="compiling", disable=not progress, leave=False) as bar:
             self.runner.precompile(shapes, score, workers, on_done=bar.update, rows_out=self.rows_out)
-        if run_programs if run_programs is not None else self._kernels_compile_at_launch():
+        if run_programs if run_programs is not None else self._first_runs_cost():
             self._run_padding_steps(shapes, progress)
         return len(shapes) + len(score)
 
-    def _kernels_compile_at_launch(self) -> bool:
-        return self.runner.mesh.devices.flat[0].platform == "gpu"
+    def _first_runs_cost(self) -> bool:
+        return self.runner.mesh.devices.flat[0].platform == "gpu"  # where it was measured
 
     def _run_padding_steps(self, batches: list[StepBatch], progress: bool) -> None:
         """One generation step per batch (padding batches: nothing read or written, KV and pool unchanged),
         queued back to back; waits for the last."""
         step = None
-        for batch in tqdm(batches, desc="first launches", disable=not progress, leave=False):
+        for batch in tqdm(batches, desc="first runs", disable=not progress, leave=False):
             sampling = SamplingArrays.build([], [], [], len(batch.logits_indices))
             step, self.kv = self.runner.sample(batch, self.kv, sampling, self.rows_out)
         if step is not None:
