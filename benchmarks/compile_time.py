@@ -9,6 +9,10 @@ persistent cache).
 
     PYTHONPATH=. python benchmarks/compile_time.py --model configs/models/qwen3-30b-a3b.json --layers 2,4 \\
         --impls auto/auto,ragged_dot/reference --out $OUT/compile_time.json
+    # every warmup shape's forward, lowered only: the kernel lowering cache off, then on
+    for c in off on; do INFINILORA_MOSAIC_LOWERING_CACHE=$c PYTHONPATH=. python benchmarks/compile_time.py \\
+        --model configs/models/qwen3-30b-a3b.json --layers 2 --impls auto/auto --lower_all --max_num_seqs 16 \\
+        --prefill_tokens 256 --max_model_len 256; done
     # the disaggregated step (1+1), which still traces every layer (docs/architecture/04-engine.md)
     PYTHONPATH=. python benchmarks/compile_time.py --mode disaggregated --layers 2,8 --dtype float32
 """
@@ -39,6 +43,10 @@ flags.DEFINE_integer("prefill_tokens", 128, "prefill shape: this many tokens (th
 flags.DEFINE_integer("max_model_len", 512, "")
 flags.DEFINE_enum("mode", "coupled", ["coupled", "disaggregated"], "the disaggregated engine runs on --layout")
 flags.DEFINE_string("layout", "1+1", "role layout of the disaggregated engine (meshes/layouts.py ROLE_LAYOUTS)")
+flags.DEFINE_bool("lower_all", False, "instead: trace + lower (no compile) the generation forward of every step "
+                  "shape LLMEngine.warmup builds, in its order, and report each and the total (what a start-up "
+                  "spends lowering, serially, before any compile; a restart with a warm persistent cache still "
+                  "pays it). INFINILORA_MOSAIC_LOWERING_CACHE=off|on compares the kernel lowering cache")
 flags.DEFINE_string("out", None, "write this JSON")
 
 
@@ -88,6 +96,34 @@ def time_programs(layers: int, gemm: str, lora: str) -> list[dict]:
     return rows
 
 
+def lower_all_programs(layers: int, gemm: str, lora: str) -> list[dict]:
+    """Trace + lower the `logits` program of every warmup shape (LLMEngine.program_shapes), one after another."""
+    from infinilora_jax.models import grouped_matmul
+    from infinilora_jax.models.batch import padding_batch
+    from pallas_kernels import dispatch
+
+    llm = LLM(F.model, dtype=F.dtype, num_layers=layers, max_lora_rank=F.rank, max_adapters=4,
+              max_num_seqs=F.max_num_seqs, max_num_batched_tokens=F.prefill_tokens, max_model_len=F.max_model_len,
+              progress=False)
+    engine = llm.engine
+    rows = []
+    for n, pages, prefill in engine.program_shapes():
+        args = engine.runner.logits_args(padding_batch(engine.shapes, n, pages, prefill), engine.rows_out)
+        with grouped_matmul.use_expert_gemm(gemm), dispatch.CHOICE.use(lora):
+            t0 = time.perf_counter()
+            engine.runner.steps.logits.trace(*args).lower()
+            lower_s = time.perf_counter() - t0
+        rows.append({"layers": layers, "expert_gemm": gemm, "lora_backend": lora, "tokens": n, "pages": pages,
+                     "prefill": prefill, "trace_lower_s": lower_s,
+                     "lowering_cache": os.environ.get("INFINILORA_MOSAIC_LOWERING_CACHE", "on")})
+        print(f"  L={layers} {gemm:>10}/{lora:<9} T={n:<4} P={pages:<4} {'prefill' if prefill else 'decode':>7} "
+              f"trace+lower {lower_s:6.2f} s", flush=True)
+    total = sum(r["trace_lower_s"] for r in rows)
+    print(f"  L={layers} {gemm}/{lora}: {len(rows)} programs, trace+lower {total:.1f} s in all", flush=True)
+    del llm, engine
+    return rows
+
+
 def main(argv):
     del argv
     import jax
@@ -99,7 +135,7 @@ def main(argv):
     for layers in (int(x) for x in F.layers):
         for pair in F.impls:
             gemm, lora = pair.split("/")
-            rows += time_programs(layers, gemm, lora)
+            rows += (lower_all_programs if F.lower_all else time_programs)(layers, gemm, lora)
             if F.out:  # so far
                 with open(F.out, "w") as f:
                     json.dump({"device": jax.devices()[0].device_kind, "model": F.model, "rows": rows}, f, indent=1)

@@ -137,9 +137,9 @@ def _push_tpu(x, pairs, axes, interpret):
 def _push_gpu(x, pairs, axes):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    from pallas_kernels.gpu import kernel_names
+    from pallas_kernels.gpu import install_kernel_caches
 
-    kernel_names.install()  # one compile per distinct push kernel across programs
+    install_kernel_caches()  # one lowering and one compile per distinct kernel across step programs
 
     sizes = [jax.lax.axis_size(a) for a in axes]
     shape = x.shape

@@ -178,14 +178,14 @@ def mgpu_grouped_matmul(rows, weights, group_sizes, *, out_dtype=jnp.float32, bl
     per program and every layer calls it. Inlined, each layer's call was lowered to its own Mosaic module with a
     different hash (jax numbered the modules), and Mosaic GPU compiles each hash apart: ~0.8 s of lowering and
     ~1.5 s of compilation per layer and GEMM on the H200 host (benchmarks/compile_time.py). Across programs the
-    module is named by its content (pallas_kernels/gpu/kernel_names.py), so the process compiles it once.
+    module is lowered once and named by its content (pallas_kernels/gpu/), so the process compiles it once.
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
-    from pallas_kernels.gpu import kernel_names
+    from pallas_kernels.gpu import install_kernel_caches
 
-    kernel_names.install()  # and across programs: its Mosaic module is named by content, not numbered
+    install_kernel_caches()  # one lowering and one compile per distinct kernel across step programs
     m, k = rows.shape
     n = weights.shape[2]
     blocks = blocks or mgpu_blocks_for(m, k, n)
