@@ -157,7 +157,9 @@ class InstanceGroup(InstanceSet):
         return self.instances[0].program_shapes(scoring)
 
     def warmup(self, scoring: bool = False, progress: bool = True, workers: int = 8,
-               run_programs: bool | None = None) -> int:
+               run_programs: bool = False) -> int:
+        """Instance 0's LLMEngine.warmup. Its padding-batch runs stay off unless asked: the disaggregated step's
+        first-execution cost was never measured, and the runs were only exercised in coupled mode."""
         return self.instances[0].warmup(scoring, progress, workers, run_programs)
 
     def score(self, token_ids, adapter=None):

@@ -353,12 +353,13 @@ class ReplicaGroup(InstanceSet):
 
     def warmup(self, scoring: bool = False, progress: bool = True, workers: int = 8,
                run_programs: bool | None = None) -> int:
-        """Compile every replica's step programs (and run them once, LLMEngine.warmup's `run_programs`: each
-        device compiles the Mosaic GPU kernels for itself). Each replica's devices need their own executables,
-        but on GPU jax's persistent compilation cache leaves the devices out of its keys: there, when the cache
-        is on, the first replica compiles alone (with every replica's workers) and the others load its programs.
-        Elsewhere all replicas compile at once with `workers` compilations each (XLA compiles outside the GIL,
-        and one replica's compilations alone leave most of a large host's cores idle)."""
+        """Compile every replica's step programs, and run each shape once where LLMEngine.warmup's
+        `run_programs` says so (each replica's devices pay their own first-execution setup). Each replica's
+        devices need their own executables, but on GPU jax's persistent compilation cache leaves the devices out
+        of its keys: there, when the cache is on, the first replica compiles alone (with every replica's
+        workers) and the others load its programs. Elsewhere all replicas compile at once with `workers`
+        compilations each (XLA compiles outside the GIL, and one replica's compilations alone leave most of a
+        large host's cores idle)."""
         self.quiesce()
         rest = self.instances  # those compiling at once
         if len(rest) > 1 and shares_compiled_programs(rest[0].runner.mesh.devices.flat[0]):
