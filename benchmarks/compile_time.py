@@ -50,72 +50,67 @@ flags.DEFINE_bool("lower_all", False, "instead: trace + lower (no compile) the g
 flags.DEFINE_string("out", None, "write this JSON")
 
 
-def step_program(runner, batch, sampling, rows_out: int) -> tuple:
+def step_program(runner, batch, rows_out: int) -> tuple:
     """(the generation step's forward program, its arguments for one batch) in the engine's mode (weights as
-    shapes only): coupled `logits` (its sampler is a separate small program), disaggregated `sample`."""
+    shapes only), as the runner's precompile builds them: coupled `logits` (its sampler is a separate small
+    program), disaggregated `sample`."""
     if F.mode == "coupled":
         return runner.steps.logits, runner.logits_args(batch, rows_out)
-    import jax
-
-    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                         (runner.weights, runner.kv))
-    return runner.steps.sample, (*state, *runner._stack([batch]),
-                                 runner._stack_sampling([sampling], len(batch.logits_indices)))
+    return runner.steps.sample, runner.sample_args(batch, rows_out)
 
 
-def time_programs(layers: int, gemm: str, lora: str) -> list[dict]:
-    from infinilora_jax.engine.sampler import SamplingArrays
+def build_engine(layers: int):
+    """(the LLM at this depth in --mode, the engine of its first base instance: the one whose shapes are timed)."""
+    llm = LLM(F.model, dtype=F.dtype, num_layers=layers, max_lora_rank=F.rank, max_adapters=4,
+              max_num_seqs=F.max_num_seqs, max_num_batched_tokens=F.prefill_tokens, max_model_len=F.max_model_len,
+              progress=False, **({} if F.mode == "coupled" else {"mode": F.mode, "mesh": F.layout}))
+    return llm, getattr(llm.engine, "instances", [llm.engine])[0]
+
+
+def lower_step(engine, tokens: int, pages: int, prefill: bool, gemm: str, lora: str):
+    """(the generation step program of this shape traced and lowered, seconds it took) with this expert GEMM and
+    LoRA backend ("auto": the platform's default)."""
     from infinilora_jax.models import grouped_matmul
     from infinilora_jax.models.batch import padding_batch
     from pallas_kernels import dispatch
 
-    llm = LLM(F.model, dtype=F.dtype, num_layers=layers, max_lora_rank=F.rank, max_adapters=4,
-              max_num_seqs=F.max_num_seqs, max_num_batched_tokens=F.prefill_tokens, max_model_len=F.max_model_len,
-              progress=False, **({} if F.mode == "coupled" else {"mode": F.mode, "mesh": F.layout}))
-    engine = getattr(llm.engine, "instances", [llm.engine])[0]  # several base instances: the first one's shapes
-    steps = engine.runner.steps
+    program, args = step_program(engine.runner, padding_batch(engine.shapes, tokens, pages, prefill), engine.rows_out)
+    with grouped_matmul.use_expert_gemm(gemm), dispatch.CHOICE.use(lora):
+        t0 = time.perf_counter()
+        lowered = program.trace(*args).lower()
+        return lowered, time.perf_counter() - t0
+
+
+def time_programs(layers: int, gemm: str, lora: str) -> list[dict]:
+    llm, engine = build_engine(layers)
     pages = engine.shapes.page_buckets()[-1]
     rows = []
     for n, prefill in ((engine.shapes.tokens(F.max_num_seqs), False), (engine.shapes.tokens(F.prefill_tokens), True)):
-        batch = padding_batch(engine.shapes, n, pages, prefill)
-        sampling = SamplingArrays.build([], [], [], len(batch.logits_indices))
-        program, args = step_program(engine.runner, batch, sampling, engine.rows_out)
-        with grouped_matmul.use_expert_gemm(gemm), dispatch.CHOICE.use(lora):  # "auto": the platform's default
-            t0 = time.perf_counter()
-            lowered = program.trace(*args).lower()
-            t1 = time.perf_counter()
+        lowered, lower_s = lower_step(engine, n, pages, prefill, gemm, lora)
+        t1 = time.perf_counter()
         lowered.compile()
-        t2 = time.perf_counter()
         row = {"mode": F.mode, "layers": layers, "expert_gemm": gemm, "lora_backend": lora, "tokens": n, "pages": pages,
-               "prefill": prefill, "trace_lower_s": t1 - t0, "compile_s": t2 - t1,
+               "prefill": prefill, "trace_lower_s": lower_s, "compile_s": time.perf_counter() - t1,
                "hlo_chars": len(lowered.as_text())}
         print(f"  L={layers} {gemm:>10}/{lora:<9} {'prefill' if prefill else 'decode':>7} T={n:<4} "
               f"trace+lower {row['trace_lower_s']:6.1f} s   compile {row['compile_s']:6.1f} s", flush=True)
         rows.append(row)
-    del llm, engine, steps
+    del llm, engine
     return rows
 
 
 def lower_all_programs(layers: int, gemm: str, lora: str) -> list[dict]:
-    """Trace + lower the `logits` program of every warmup shape (LLMEngine.program_shapes), one after another."""
-    from infinilora_jax.models import grouped_matmul
-    from infinilora_jax.models.batch import padding_batch
-    from pallas_kernels import dispatch
+    """Trace + lower the generation program of every warmup shape (LLMEngine.program_shapes), one after another."""
+    from infinilora_jax.trace_choice import env_choice
+    from pallas_kernels.gpu import kernel_lowering_cache
 
-    llm = LLM(F.model, dtype=F.dtype, num_layers=layers, max_lora_rank=F.rank, max_adapters=4,
-              max_num_seqs=F.max_num_seqs, max_num_batched_tokens=F.prefill_tokens, max_model_len=F.max_model_len,
-              progress=False)
-    engine = llm.engine
+    cache = env_choice(kernel_lowering_cache.ENV_VAR, kernel_lowering_cache.MODES, "on")
+    llm, engine = build_engine(layers)
     rows = []
     for n, pages, prefill in engine.program_shapes():
-        args = engine.runner.logits_args(padding_batch(engine.shapes, n, pages, prefill), engine.rows_out)
-        with grouped_matmul.use_expert_gemm(gemm), dispatch.CHOICE.use(lora):
-            t0 = time.perf_counter()
-            engine.runner.steps.logits.trace(*args).lower()
-            lower_s = time.perf_counter() - t0
-        rows.append({"layers": layers, "expert_gemm": gemm, "lora_backend": lora, "tokens": n, "pages": pages,
-                     "prefill": prefill, "trace_lower_s": lower_s,
-                     "lowering_cache": os.environ.get("INFINILORA_MOSAIC_LOWERING_CACHE", "on")})
+        _, lower_s = lower_step(engine, n, pages, prefill, gemm, lora)
+        rows.append({"mode": F.mode, "layers": layers, "expert_gemm": gemm, "lora_backend": lora, "tokens": n,
+                     "pages": pages, "prefill": prefill, "trace_lower_s": lower_s, "lowering_cache": cache})
         print(f"  L={layers} {gemm:>10}/{lora:<9} T={n:<4} P={pages:<4} {'prefill' if prefill else 'decode':>7} "
               f"trace+lower {lower_s:6.2f} s", flush=True)
     total = sum(r["trace_lower_s"] for r in rows)
