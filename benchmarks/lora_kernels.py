@@ -11,12 +11,14 @@ widths, sorted by expert as the MoE layer feeds them) it times:
   delta   (x . A[slot]) . B[slot] -> [T, H] float32:
             reference / reference-rm (lora/reference.py on either A layout), dispatch
             (pallas_kernels.dispatch.lora_delta as the platform picks), one-hot, ragged_dot, gpu-kernel(-rm),
-            gpu-per-row-rm (the kernels on one work unit per row: no sort, no gathers; GPU only)
+            gpu-per-row-rm (the kernels on one work unit per row: no sort, no gathers; GPU only), gpu-window-rm
+            (the window-major expand, window_expand.py)
   expert delta: reference, reference-rm, dispatch, gpu-kernel-rm, gpu-per-row-rm, gpu-grouped-rm (rows taken
-            in place: the case's rows come sorted by (expert, slot), as the MoE layer sorts them)
+            in place: the case's rows come sorted by (expert, slot), as the MoE layer sorts them),
+            gpu-window-rm / gpu-window-grouped-rm (the same two with the window-major expand)
   qkv delta (three targets sharing x, Qwen3 attention widths; A rank-major): reference, gpu-fused (one
             add_lora_fused call: one shrink and one expand launch), gpu-fused-per-row (the same on per-row
-            units), gpu-separate (three add_lora calls)
+            units), gpu-fused-window (the window-major expand), gpu-separate (three add_lora calls)
 Each variant runs in one jitted, unrolled loop; `us` is its device time per call (kernel time in a profiler
 trace, less the loop's own), which is what it costs inside a step; the wall time per call is kept beside it.
 The ceilings are measured in the same run: device copy bandwidth (read + write of a large buffer) and bf16
@@ -31,6 +33,7 @@ Writes <out>.json and <out>.png.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -152,7 +155,8 @@ def expert_delta_reference_rank_major(x, slots, experts, a, b):
 
 
 # variants that take A as [S, (E,) R, D_in]
-RANK_MAJOR = {"gpu-kernel-rm", "gpu-per-row-rm", "gpu-grouped-rm", "reference-rm"}
+RANK_MAJOR = {"gpu-kernel-rm", "gpu-per-row-rm", "gpu-grouped-rm", "gpu-window-rm", "gpu-window-grouped-rm",
+              "reference-rm"}
 
 
 def expert_delta_gpu_kernel_rank_major(x, slots, experts, a, b):
@@ -169,6 +173,21 @@ def expert_delta_gpu_grouped(x, slots, experts, a, b):
 def per_row_blocks(dtype):
     """The device's kernel settings with every call on per-row units (units.per_row_units: no sort, no gathers)."""
     return dataclasses.replace(gpu_ops.device_blocks(dtype, None), per_row_rows=1 << 30)
+
+
+def window_blocks(dtype):
+    """The device's kernel settings with every call on the window-major expand (window_expand.py)."""
+    return dataclasses.replace(gpu_ops.device_blocks(dtype, None), window_rows=1 << 30)
+
+
+def delta_gpu_window(x, slots, a, b):
+    return dispatch.lora_delta(x, slots, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True,
+                               blocks=window_blocks(x.dtype))
+
+
+def expert_delta_gpu_window(x, slots, experts, a, b, rows_grouped=False):
+    return dispatch.expert_lora_delta(x, slots, experts, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True,
+                                      blocks=window_blocks(x.dtype), rows_grouped=rows_grouped)
 
 
 def delta_gpu_per_row(x, slots, a, b):
@@ -193,12 +212,15 @@ if jax.default_backend() == "gpu":  # Mosaic GPU kernels: Hopper only
     DELTA["gpu-kernel"] = delta_gpu_kernel
     DELTA["gpu-kernel-rm"] = delta_gpu_kernel_rank_major
     DELTA["gpu-per-row-rm"] = delta_gpu_per_row
+    DELTA["gpu-window-rm"] = delta_gpu_window
 EXPERT_DELTA = {"reference": reference.expert_lora_delta, "reference-rm": expert_delta_reference_rank_major,
                 "dispatch": dispatch.expert_lora_delta}
 if jax.default_backend() == "gpu":
     EXPERT_DELTA["gpu-kernel-rm"] = expert_delta_gpu_kernel_rank_major
     EXPERT_DELTA["gpu-per-row-rm"] = expert_delta_gpu_per_row
     EXPERT_DELTA["gpu-grouped-rm"] = expert_delta_gpu_grouped
+    EXPERT_DELTA["gpu-window-rm"] = expert_delta_gpu_window
+    EXPERT_DELTA["gpu-window-grouped-rm"] = functools.partial(expert_delta_gpu_window, rows_grouped=True)
 
 
 def _qkv_pairs(args):
@@ -228,6 +250,14 @@ def qkv_gpu_fused_per_row(*args):
         x.dtype), backend=dispatch.LoraBackend.GPU), axis=1)
 
 
+def qkv_gpu_fused_window(*args):
+    """add_lora_fused with the window-major expand."""
+    x, slots, pairs = _qkv_pairs(args)
+    ys = tuple(jnp.zeros((x.shape[0], b.shape[-1]), jnp.float32) for _, b in pairs)
+    return jnp.concatenate(dispatch.add_lora_fused(ys, x, slots, pairs, a_rank_major=True, blocks=window_blocks(
+        x.dtype), backend=dispatch.LoraBackend.GPU), axis=1)
+
+
 def qkv_gpu_separate(*args):
     """Three add_lora calls: what each target cost before fused launches (a grouping and two launches each)."""
     x, slots, pairs = _qkv_pairs(args)
@@ -241,6 +271,7 @@ if jax.default_backend() == "gpu":
     QKV_DELTA["gpu-fused"] = qkv_gpu_fused
     QKV_DELTA["gpu-separate"] = qkv_gpu_separate
     QKV_DELTA["gpu-fused-per-row"] = qkv_gpu_fused_per_row
+    QKV_DELTA["gpu-fused-window"] = qkv_gpu_fused_window
 
 
 def timed(fn, *args, profile: bool = False) -> dict:

@@ -304,7 +304,8 @@ def test_float32_falls_back_to_reference(rng):
 
 @pytest.mark.parametrize("variant,m,r", [("decode", 37, 8), ("decode", 256, 64), ("prefill", 1500, 16),
                                          ("prefill", 4096, 64), ("per_row", 37, 32), ("expand_tiles", 512, 32),
-                                         ("expand_tiles", 1500, 128)])
+                                         ("expand_tiles", 1500, 128), ("window", 37, 8), ("window", 512, 32),
+                                         ("window", 256, 128)])
 @pytest.mark.parametrize("expert", [False, True])
 def test_kernels_lower_for_cuda(variant, m, r, expert):
     """Pallas -> Mosaic GPU lowering on CPU, down to Mosaic GPU's dialect lowering (`lower_mgpu_dialect`, which
@@ -319,7 +320,8 @@ def test_kernels_lower_for_cuda(variant, m, r, expert):
     x, y = sds((m, h), BF), sds((m, h), BF)
     a, b = sds((*lead, h, r), BF), sds((*lead, r, h), BF)
     slots, experts = sds((m,), jnp.int32), sds((m,), jnp.int32)
-    blocks = {"per_row": PER_ROW, "expand_tiles": GpuBlocks(expand_tiles=0, stages=6)}.get(variant)
+    blocks = {"per_row": PER_ROW, "expand_tiles": GpuBlocks(expand_tiles=0, stages=6),
+              "window": GpuBlocks(window_rows=1 << 20, stages=6)}.get(variant)
     kw = {"backend": dispatch.LoraBackend.GPU, "blocks": blocks}
     if expert:
         step = lambda y, x, s, e, a, b: dispatch.add_expert_lora(y, x, s, e, a, b, **kw)
@@ -494,3 +496,132 @@ def test_fused_targets_share_one_launch_with_their_own_ranks(rng, buckets):
                                                  slot_ranks=sr, blocks=blocks)
     text = jax.jit(step).trace(x, ys).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 2
+
+
+WINDOW = GpuBlocks(window_rows=1 << 20, window_cols=64)
+
+
+def window_pairs_model(units, mx):
+    """What window_pairs must give, by a loop: per 8-row window, its rows' units in row order."""
+    owner = np.full(mx, -1)
+    count = int(units.count[0])
+    for u in range(count):
+        r0, n = int(units.row0[u]), int(units.size[u])
+        assert np.all(owner[r0:r0 + n] == -1), "units overlap"
+        owner[r0:r0 + n] = u
+    pairs = []
+    for w in range(mx // 8):
+        seen = []
+        for j in range(8):
+            u = owner[w * 8 + j]
+            if u >= 0 and (not seen or seen[-1] != u):
+                seen.append(u)
+        pairs.append(seen)
+    return owner, pairs
+
+
+@pytest.mark.parametrize("case", ["sorted", "grouped_in_place", "per_row"])
+def test_window_pairs_give_each_window_its_rows_pages(rng, case):
+    """Per 8-row window: its rows' units in row order (count, B page of each), and which rows each pair owns,
+    for units listed in row order (sorted rows), out of row order (rows grouped in place by (expert, slot),
+    units listed by key) and one per row (rows with no work have size 0); groups longer than a window."""
+    from pallas_kernels.gpu.window_expand import window_pairs
+    m, num_slots, num_experts = 83, 4, 5
+    slots = rng.integers(0, num_slots, size=m)
+    experts = rng.integers(0, num_experts + 1, size=m)
+    slots[10:40], experts[10:40] = 2, 3  # 30 rows of one page: four windows
+    if case == "grouped_in_place":
+        order = np.argsort(experts * num_slots + slots, kind="stable")
+        slots, experts = slots[order], experts[order]
+    slots, experts = jnp.asarray(slots, jnp.int32), jnp.asarray(experts, jnp.int32)
+    valid = experts < num_experts
+    keys = slots * num_experts + jnp.where(valid, experts, 0)
+    active = valid & (slots > 0)
+    table = PageTable.padded(num_slots, num_experts, 16, 16)
+    if case == "per_row":
+        units = per_row_units(keys, active, table, num_experts=num_experts)
+    else:
+        grouping = group_rows(keys, active, num_keys=num_slots * num_experts, presorted=case != "sorted")
+        units = build_units(grouping, table, num_experts=num_experts)
+    mx = 88
+    got = window_pairs(units, mx)
+    owner, pairs = window_pairs_model(units, mx)
+    assert max(len(p) for p in pairs) > 1  # windows with rows of several pages
+    assert int(got.count[-1]) <= 3  # rows 83..87 are padding: the last window holds at most 3 rows' pages
+    np.testing.assert_array_equal(got.count, [len(p) for p in pairs])
+    for w, p in enumerate(pairs):
+        np.testing.assert_array_equal(np.asarray(got.page)[w * 8:w * 8 + len(p)],
+                                      [int(units.b_page_row[u]) for u in p])
+        for i in range(8):
+            rows = [j for j in range(8) if i < len(p) and owner[w * 8 + j] == p[i]]
+            np.testing.assert_array_equal(np.flatnonzero(np.asarray(got.owner[w, i])), rows)
+
+
+@pytest.mark.parametrize("m", [1, 17, 72, 130])
+def test_window_expand_matches_unit_expand_dense(rng, m):
+    """The window-major expand (window_expand.py) through the dispatcher, dense, mixed ranks in a rank-32 pool,
+    ragged T, a 100-row group spanning 13 windows: float32 deltas equal to the unit-major expand's up to the order
+    of the float32 sums (the products are taken transposed) and to the reference; slot-0 rows exactly 0."""
+    num_slots, d_in, out = 5, 128, 192
+    ranks = [0, 32, 8, 16, 32]
+    a, b = make_pages(rng, ranks, d_in, out)
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    slots = rng.integers(0, num_slots, size=m).astype(np.int32)
+    if m == 130:
+        slots[:100] = 2
+    slots = jnp.asarray(slots)
+    got = dispatch.lora_delta(x, slots, a, b, backend=GPU, blocks=WINDOW)
+    assert rel_err(got, dispatch.lora_delta(x, slots, a, b, backend=GPU)) < 1e-6
+    assert rel_err(got, reference.lora_delta(x, slots, a, b)) < 1e-5
+    np.testing.assert_array_equal(np.asarray(got)[np.asarray(slots) == 0], 0)
+
+
+@pytest.mark.parametrize("rows_grouped", [False, True])
+def test_window_expand_per_expert_in_place_and_per_row(rng, rows_grouped):
+    """Per expert, rows sorted by the kernels or grouped in place (units out of row order), padding experts and
+    empty pairs; also on per-row units: the reference's delta, zero on rows with no work."""
+    m, num_slots, num_experts, d_in, out = 90, 4, 5, 64, 128
+    a, b = make_pages(rng, [0, 16, 16, 8], d_in, out, experts=num_experts)
+    slots = rng.integers(0, num_slots, size=m)
+    experts = rng.integers(0, num_experts + 1, size=m)
+    slots[:20], experts[:20] = 2, 3
+    if rows_grouped:
+        order = np.argsort(experts * num_slots + slots, kind="stable")
+        slots, experts = slots[order], experts[order]
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    slots, experts = jnp.asarray(slots, jnp.int32), jnp.asarray(experts, jnp.int32)
+    want = reference.expert_lora_delta(x, slots, experts, a, b)
+    idle = np.asarray((slots == 0) | (experts == num_experts))
+    for blocks in (WINDOW, GpuBlocks(window_rows=1 << 20, per_row_rows=1 << 20)):
+        got = dispatch.expert_lora_delta(x, slots, experts, a, b, backend=GPU, blocks=blocks,
+                                         rows_grouped=rows_grouped)
+        assert rel_err(got, want) < 1e-5
+        assert np.all(np.asarray(got)[idle] == 0)
+
+
+def test_window_expand_fused_targets_into_poisoned_y(rng):
+    """Three fused targets (widths 256 / 64 / 192: several column tiles, one, three at 64 columns; ranks 32 /
+    16 / 32 read at full rank with buckets on) in one launch, added into bf16 y whose slot-0 rows are NaN and
+    stay NaN, the others equal to the unit-major expand's (up to one bf16 rounding step: the float32 sums differ
+    in order)."""
+    m, d_in, num_slots = 45, 128, 4
+    widths, ranks = (256, 64, 192), (32, 16, 32)
+    pairs = [make_pages(rng, [0, r, max(8, r // 2), r], d_in, w) for w, r in zip(widths, ranks)]
+    pairs = [(jnp.swapaxes(a, -1, -2), b) for a, b in pairs]
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    slots = jnp.asarray(rng.integers(0, num_slots, size=m), jnp.int32)
+    idle = np.asarray(slots) == 0
+    ys = tuple(jnp.asarray(np.where(idle[:, None], np.nan, rng.normal(size=(m, w))), BF) for w in widths)
+    slot_ranks = [jnp.asarray([0, r, max(8, r // 2), r], jnp.int32) for r in ranks]
+
+    def run(blocks):
+        return [np.asarray(g, np.float32) for g in dispatch.add_lora_fused(
+            ys, x, slots, pairs, slot_ranks=slot_ranks, a_rank_major=True, backend=GPU, blocks=blocks)]
+
+    window = run(GpuBlocks(window_rows=1 << 20, window_cols=64, rank_buckets=True))
+    unit = run(GpuBlocks(rank_buckets=True))
+    for g, u, y in zip(window, unit, ys):
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(np.asarray(y, np.float32)))
+        live = ~np.isnan(g)
+        np.testing.assert_allclose(g[live], u[live], rtol=8e-3, atol=1e-6)
+        assert np.mean(g[live] != u[live]) < 1e-2  # a rare rounding step, not a different result

@@ -80,6 +80,9 @@
 #   kernel_check  (1 GPU, ~1 min) tools/gpu_lora_kernel_check.py numerics (all ok in the fifth session).
 #   lora_kernels_expert (1 GPU, ~5 min) benchmarks/lora_kernels.py, the rows the ninth session's limit cut: per-
 #                 expert prefill (Mixtral gate_up and down, Qwen3 down at 1,024 tokens) and ranks 8 / 128 at decode.
+#   lora_window   (1 GPU, ~5 min) benchmarks/lora_kernels.py at decode shapes (dense, per expert, fused q/k/v),
+#                 profiled: the window-major expand (window_expand.py) against the unit-major one and the
+#                 reference. CASES / EXPERT_CASES override the shapes.
 #   prefill_lora  (1 GPU, ~3 min) benchmarks/prefill_lora.py: whole-model prefill (Qwen3 widths, 2 layers,
 #                 2,048-row chunks) with the platform's LoRA dispatch (the Mosaic GPU kernels on the rank-major
 #                 pool) against the reference (twelfth session: 11.3 against 19.1 ms per prompt, 1.69x).
@@ -148,6 +151,8 @@
 #                 the per-rank dispatch phase found them winning: BACKENDS="reference auto"
 #                 MIN_ROWS=16:2048,32:256,64:256,128:256 (INFINILORA_GPU_KERNEL_MIN_ROWS for `auto`; with
 #                 64 requests the expert calls have 512 rows, the dense ones 64: experts on the kernels).
+#                 WINDOW_ROWS=<rows> puts calls of up to that many rows on the window-major expand
+#                 (INFINILORA_GPU_WINDOW_ROWS).
 #                 LAYERS (default 2) and TIMEOUT (s per backend, default 270: `auto` at 8 layers needs more
 #                 than 290 s to compile, sixteenth session) override.
 #                 LAYERS (default 2) sets the depth: with async scheduling (fourteenth session) 2 layers are still
@@ -188,6 +193,13 @@ case "${1:-}" in
     CUDA_VISIBLE_DEVICES=0 timeout 300 python3 -u benchmarks/compile_time.py --model $QWEN --layers 2,8 \
       --impls auto/auto,ragged_dot/reference --out "$OUT/compile_time.json" > "$OUT/compile_time.log" 2>&1
     echo "compile_time rc=$?"; show "$OUT/compile_time.log" 12 ;;
+  lora_window)
+    timeout 570 python3 -u benchmarks/lora_kernels.py --cases ${CASES:-16:16:16,64:32:16,64:32:32,256:64:16,256:64:64,64:32:128} \
+      --expert_cases ${EXPERT_CASES:-qwen3-gate_up:64:32:32:128:8:2048:1536,qwen3-down:64:32:32:128:8:768:2048,mixtral-gate_up:64:32:64:8:2:4096:28672,mixtral-down:64:32:64:8:2:14336:4096,qwen3-gate_up:16:16:32:128:8:2048:1536,qwen3-gate_up:256:32:32:128:8:2048:1536} \
+      --qkv_cases 64:32:32,256:64:32 --iters 10 --repeats 3 --profile \
+      --variants reference-rm,gpu-kernel-rm,gpu-window-rm,gpu-grouped-rm,gpu-window-grouped-rm,gpu-fused,gpu-fused-window \
+      --out "$OUT/lora_window" > "$OUT/lora_window.log" 2>&1
+    echo "lora_window rc=$?"; show "$OUT/lora_window.log" 60 ;;
   lora_kernels_expert)
     timeout 560 python3 -u benchmarks/lora_kernels.py --cases 64:32:8,256:64:128 --expert_cases \
       mixtral-gate_up:1024:32:64:8:2:4096:28672,mixtral-down:1024:32:64:8:2:14336:4096,qwen3-down:1024:32:32:128:8:768:2048 \
@@ -214,6 +226,7 @@ case "${1:-}" in
   lora_step)
     for backend in ${BACKENDS:-reference gpu}; do
       env INFINILORA_LORA_BACKEND=$backend ${MIN_ROWS:+INFINILORA_GPU_KERNEL_MIN_ROWS=$MIN_ROWS} \
+        ${WINDOW_ROWS:+INFINILORA_GPU_WINDOW_ROWS=$WINDOW_ROWS} \
         timeout ${TIMEOUT:-270} python3 -u benchmarks/disagg.py --model $QWEN --num_layers ${LAYERS:-2} \
         --dtype bfloat16 --rank 32 --parts decode --modes coupled1 --requests 64 --adapters 32 --prompt_len 128 \
         --steps 16 --profile_steps 2 --without_lora=false --trace_dir "/tmp/lora_step_$backend" \

@@ -45,6 +45,11 @@ class GpuBlocks:
     # Calls of up to this many rows use one work unit per row (units.per_row_units: no sort, no gathers; each
     # row reads its own page), larger calls group rows by page. 0: never. Off until an H200 run says what it buys.
     per_row_rows: int = 0
+    # Calls of up to this many rows take the window-major expand (window_expand.py: per 8-row window one CTA
+    # streams the B blocks of its rows' pages, d^T = B^T s^T), larger ones the unit-major expand. 0: never.
+    # Off until an H200 run says what it buys.
+    window_rows: int = 0
+    window_cols: int = 256  # window-major expand: output columns per CTA (its wgmma M)
     # The dispatcher's automatic choice (dispatch.select_backend): the kernels for calls of at least this many
     # rows, the reference's gather + einsum below. Not a block size, but a per-device crossover of the same
     # timings; it also weighs compile time (every kernel instance adds to an engine's start-up).
@@ -68,9 +73,11 @@ class GpuBlocks:
             problems.append(f"expand_cols {self.expand_cols} not in {EXPAND_COL_CHOICES}")
         if self.decode_ksplit not in KSPLIT_CHOICES:
             problems.append(f"decode_ksplit {self.decode_ksplit} not in {KSPLIT_CHOICES}")
+        if self.window_cols not in EXPAND_COL_CHOICES:
+            problems.append(f"window_cols {self.window_cols} not in {EXPAND_COL_CHOICES}")
         if self.expand_tiles < 0:
             problems.append(f"expand_tiles {self.expand_tiles} must be >= 0 (0: every tile of a target)")
-        if self.decode_rows < 0 or self.kernel_min_rows < 0 or self.per_row_rows < 0:
+        if self.decode_rows < 0 or self.kernel_min_rows < 0 or self.per_row_rows < 0 or self.window_rows < 0:
             problems.append("row counts must be >= 0")
         if problems:
             raise ValueError("GpuBlocks: " + "; ".join(problems))

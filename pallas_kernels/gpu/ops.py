@@ -3,6 +3,8 @@
     decode  (BGMV-like: few rows per adapter, rows <= blocks.decode_rows): the shrink splits D_in over
             blocks.decode_ksplit CTAs per unit, so a handful of adapters still keeps every SM streaming its pages;
             up to blocks.per_row_rows rows, one unit per row in the rows' own order (no sort, no gathers).
+            Up to blocks.window_rows rows, the expand is window-major (window_expand.py: one CTA per 8 rows and
+            column tile streams the pages those rows use), not one CTA per (unit, column tile).
     prefill (SGMV-like: long runs per adapter): one CTA per (unit, D_in), units of up to 64 rows per group.
 Both sort rows by (slot, expert) once (a gather of x; per-row units keep the rows in place, and rows that arrive
 grouped, `rows_grouped=True`, as the MoE layer sorts them by (expert, slot), are not moved), run one shrink and
@@ -16,7 +18,9 @@ block_tables.py (tuned_blocks.json), or as `blocks=`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -26,13 +30,26 @@ from pallas_kernels.gpu.common import pad_rows, padded_rows
 from pallas_kernels.gpu.expand import expand, split_hi_lo
 from pallas_kernels.gpu.shrink import BK, shrink
 from pallas_kernels.gpu.units import build_units, per_row_units, rank_buckets
+from pallas_kernels.gpu.window_expand import pair_rows, window_expand, window_pairs
 from pallas_kernels.grouping import group_rows
 from pallas_kernels.layout import PageTable
 
+# Replaces the block table's window_rows (calls of up to this many rows take the window-major expand) for a
+# step-level experiment before the table says so. Read when a program is traced: set it before the process starts.
+WINDOW_ROWS_ENV_VAR = "INFINILORA_GPU_WINDOW_ROWS"
+
 
 def device_blocks(dtype, interpret) -> GpuBlocks:
-    """The block table's settings for this device (the interpreter's entry when interpreting) and dtype."""
-    return blocks_for(current_device_key(interpret is not None), jnp.dtype(dtype).name)
+    """The block table's settings for this device (the interpreter's entry when interpreting) and dtype, with
+    $INFINILORA_GPU_WINDOW_ROWS over its window_rows."""
+    blocks = blocks_for(current_device_key(interpret is not None), jnp.dtype(dtype).name)
+    if (text := os.environ.get(WINDOW_ROWS_ENV_VAR)) is not None:
+        try:
+            rows = int(text)
+        except ValueError:
+            raise ValueError(f"{WINDOW_ROWS_ENV_VAR}={text!r}: a row count (0: never)") from None
+        blocks = dataclasses.replace(blocks, window_rows=rows)
+    return blocks
 
 
 def pick_ksplit(rows: int, d_in: int, blocks: GpuBlocks) -> int:
@@ -92,17 +109,22 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
     # every target in one shrink launch and one expand launch
     s_parts = shrink(x_rows, tuple(a_rows), units, ranks=ranks, ksplit=ksplit, stages=blocks.stages,
                      buckets=buckets, interpret=interpret)
-    his, los = [], []
-    for s, u, rank, b in zip(s_parts, units, ranks, b_rows):
+    masked = []
+    for s, u, rank in zip(s_parts, units, ranks):
         s = s.sum(0)[:m, :rank]
         # Rows of no unit were never written; columns past a page's rank may hold a neighbouring page's rows.
-        s = jnp.where(jnp.arange(rank)[None, :] < u.row_rank[:, None], s, 0.0)
-        hi, lo = split_hi_lo(pad_rows(s, mx), b.dtype)
-        his.append(hi)
-        los.append(lo)
-    deltas = expand(tuple(his), tuple(los), tuple(b_rows), units, cols=blocks.expand_cols, buckets=buckets,
-                    tiles=blocks.expand_tiles, stages=blocks.stages,
-                    interpret=interpret)
+        masked.append(pad_rows(jnp.where(jnp.arange(rank)[None, :] < u.row_rank[:, None], s, 0.0), mx))
+    if m <= blocks.window_rows:  # window-major expand (few rows per page: decode)
+        pairs = tuple(window_pairs(u, mx) for u in units)
+        parts = [pair_rows(s, p, b.dtype) for s, p, b in zip(masked, pairs, b_rows)]
+        deltas = tuple(d.T for d in window_expand(tuple(h for h, _ in parts), tuple(lo for _, lo in parts),
+                                                  tuple(b_rows), pairs, cols=blocks.window_cols,
+                                                  stages=blocks.stages, interpret=interpret))
+    else:
+        parts = [split_hi_lo(s, b.dtype) for s, b in zip(masked, b_rows)]
+        deltas = expand(tuple(h for h, _ in parts), tuple(lo for _, lo in parts), tuple(b_rows), units,
+                        cols=blocks.expand_cols, buckets=buckets, tiles=blocks.expand_tiles, stages=blocks.stages,
+                        interpret=interpret)
     out = []
     for y, d, u in zip(ys, deltas, units):
         if in_place:  # rows never moved
