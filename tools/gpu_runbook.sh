@@ -82,7 +82,7 @@
 #                 expert prefill (Mixtral gate_up and down, Qwen3 down at 1,024 tokens) and ranks 8 / 128 at decode.
 #   lora_window   (1 GPU, ~5 min) benchmarks/lora_kernels.py at decode shapes (dense, per expert, fused q/k/v),
 #                 profiled: the window-major expand (window_expand.py) against the unit-major one and the
-#                 reference. CASES / EXPERT_CASES override the shapes.
+#                 reference. CASES / EXPERT_CASES / QKV_CASES / VARIANTS override, TAG names the output.
 #   prefill_lora  (1 GPU, ~3 min) benchmarks/prefill_lora.py: whole-model prefill (Qwen3 widths, 2 layers,
 #                 2,048-row chunks) with the platform's LoRA dispatch (the Mosaic GPU kernels on the rank-major
 #                 pool) against the reference (twelfth session: 11.3 against 19.1 ms per prompt, 1.69x).
@@ -196,10 +196,10 @@ case "${1:-}" in
   lora_window)
     timeout 570 python3 -u benchmarks/lora_kernels.py --cases ${CASES:-16:16:16,64:32:16,64:32:32,256:64:16,256:64:64,64:32:128} \
       --expert_cases ${EXPERT_CASES:-qwen3-gate_up:64:32:32:128:8:2048:1536,qwen3-down:64:32:32:128:8:768:2048,mixtral-gate_up:64:32:64:8:2:4096:28672,mixtral-down:64:32:64:8:2:14336:4096,qwen3-gate_up:16:16:32:128:8:2048:1536,qwen3-gate_up:256:32:32:128:8:2048:1536} \
-      --qkv_cases 64:32:32,256:64:32 --iters 10 --repeats 3 --profile \
-      --variants reference-rm,gpu-kernel-rm,gpu-window-rm,gpu-grouped-rm,gpu-window-grouped-rm,gpu-fused,gpu-fused-window \
-      --out "$OUT/lora_window" > "$OUT/lora_window.log" 2>&1
-    echo "lora_window rc=$?"; show "$OUT/lora_window.log" 60 ;;
+      --qkv_cases ${QKV_CASES:-64:32:32,256:64:32} --iters 10 --repeats 3 --profile \
+      --variants ${VARIANTS:-reference-rm,gpu-kernel-rm,gpu-window-rm,gpu-grouped-rm,gpu-window-grouped-rm,gpu-fused,gpu-fused-window} \
+      --out "$OUT/lora_window${TAG:-}" > "$OUT/lora_window${TAG:-}.log" 2>&1
+    echo "lora_window rc=$?"; grep -E "ceilings| us  floor" "$OUT/lora_window${TAG:-}.log" ;;
   lora_kernels_expert)
     timeout 560 python3 -u benchmarks/lora_kernels.py --cases 64:32:8,256:64:128 --expert_cases \
       mixtral-gate_up:1024:32:64:8:2:4096:28672,mixtral-down:1024:32:64:8:2:14336:4096,qwen3-down:1024:32:32:128:8:768:2048 \
