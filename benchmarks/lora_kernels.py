@@ -11,12 +11,12 @@ widths, sorted by expert as the MoE layer feeds them) it times:
   delta   (x . A[slot]) . B[slot] -> [T, H] float32:
             reference / reference-rm (lora/reference.py on either A layout), dispatch
             (pallas_kernels.dispatch.lora_delta as the platform picks), one-hot, ragged_dot, gpu-kernel(-rm),
-            gpu-per-row-rm (the kernels on one work unit per row: no sort, no gathers; GPU only), gpu-window-rm
-            (the window-major expand, window_expand.py)
+            gpu-per-row-rm (the kernels on one work unit per row: no sort, no gathers; GPU only), gpu-window-rm /
+            gpu-unit-rm (the window-major expand, window_expand.py, for every call / for none)
   expert delta: reference, reference-rm, dispatch, gpu-kernel-rm, gpu-per-row-rm, gpu-grouped-rm (rows taken
             in place: the case's rows come sorted by (expert, slot), as the MoE layer sorts them),
-            gpu-window-rm / gpu-window-grouped-rm (the same two with the window-major expand; -dT-rm: its d^T
-            output transposed by XLA instead of in the kernel)
+            gpu-window-rm / gpu-window-grouped-rm and gpu-unit-rm / gpu-unit-grouped-rm (the same two with the
+            window-major expand for every call, or for none, whatever the device's entry says)
   qkv delta (three targets sharing x, Qwen3 attention widths; A rank-major): reference, gpu-fused (one
             add_lora_fused call: one shrink and one expand launch), gpu-fused-per-row (the same on per-row
             units), gpu-fused-window (the window-major expand), gpu-separate (three add_lora calls)
@@ -157,7 +157,7 @@ def expert_delta_reference_rank_major(x, slots, experts, a, b):
 
 # variants that take A as [S, (E,) R, D_in]
 RANK_MAJOR = {"gpu-kernel-rm", "gpu-per-row-rm", "gpu-grouped-rm", "gpu-window-rm", "gpu-window-grouped-rm",
-              "gpu-window-dT-rm", "gpu-window-grouped-dT-rm", "reference-rm"}
+              "gpu-unit-rm", "gpu-unit-grouped-rm", "reference-rm"}
 
 
 def expert_delta_gpu_kernel_rank_major(x, slots, experts, a, b):
@@ -176,21 +176,20 @@ def per_row_blocks(dtype):
     return dataclasses.replace(gpu_ops.device_blocks(dtype, None), per_row_rows=1 << 30)
 
 
-def window_blocks(dtype, store_rows=True):
-    """The device's kernel settings with every call on the window-major expand (window_expand.py); store_rows
-    False: its d^T output, transposed by XLA (the -dT variants)."""
-    return dataclasses.replace(gpu_ops.device_blocks(dtype, None), window_rows=1 << 30,
-                               window_store_rows=store_rows)
+def window_blocks(dtype, window: bool = True):
+    """The device's kernel settings with every call on the window-major expand (window_expand.py), or (window
+    False) none: the unit-major expand whatever the device's entry says."""
+    return dataclasses.replace(gpu_ops.device_blocks(dtype, None), window_rows=(1 << 30) if window else 0)
 
 
-def delta_gpu_window(x, slots, a, b, store_rows=True):
+def delta_gpu_window(x, slots, a, b, window=True):
     return dispatch.lora_delta(x, slots, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True,
-                               blocks=window_blocks(x.dtype, store_rows))
+                               blocks=window_blocks(x.dtype, window))
 
 
-def expert_delta_gpu_window(x, slots, experts, a, b, rows_grouped=False, store_rows=True):
+def expert_delta_gpu_window(x, slots, experts, a, b, rows_grouped=False, window=True):
     return dispatch.expert_lora_delta(x, slots, experts, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True,
-                                      blocks=window_blocks(x.dtype, store_rows), rows_grouped=rows_grouped)
+                                      blocks=window_blocks(x.dtype, window), rows_grouped=rows_grouped)
 
 
 def delta_gpu_per_row(x, slots, a, b):
@@ -216,7 +215,7 @@ if jax.default_backend() == "gpu":  # Mosaic GPU kernels: Hopper only
     DELTA["gpu-kernel-rm"] = delta_gpu_kernel_rank_major
     DELTA["gpu-per-row-rm"] = delta_gpu_per_row
     DELTA["gpu-window-rm"] = delta_gpu_window
-    DELTA["gpu-window-dT-rm"] = functools.partial(delta_gpu_window, store_rows=False)
+    DELTA["gpu-unit-rm"] = functools.partial(delta_gpu_window, window=False)
 EXPERT_DELTA = {"reference": reference.expert_lora_delta, "reference-rm": expert_delta_reference_rank_major,
                 "dispatch": dispatch.expert_lora_delta}
 if jax.default_backend() == "gpu":
@@ -225,9 +224,8 @@ if jax.default_backend() == "gpu":
     EXPERT_DELTA["gpu-grouped-rm"] = expert_delta_gpu_grouped
     EXPERT_DELTA["gpu-window-rm"] = expert_delta_gpu_window
     EXPERT_DELTA["gpu-window-grouped-rm"] = functools.partial(expert_delta_gpu_window, rows_grouped=True)
-    EXPERT_DELTA["gpu-window-dT-rm"] = functools.partial(expert_delta_gpu_window, store_rows=False)
-    EXPERT_DELTA["gpu-window-grouped-dT-rm"] = functools.partial(expert_delta_gpu_window, rows_grouped=True,
-                                                                 store_rows=False)
+    EXPERT_DELTA["gpu-unit-rm"] = functools.partial(expert_delta_gpu_window, window=False)
+    EXPERT_DELTA["gpu-unit-grouped-rm"] = functools.partial(expert_delta_gpu_window, rows_grouped=True, window=False)
 
 
 def _qkv_pairs(args):
@@ -257,12 +255,12 @@ def qkv_gpu_fused_per_row(*args):
         x.dtype), backend=dispatch.LoraBackend.GPU), axis=1)
 
 
-def qkv_gpu_fused_window(*args, store_rows=True):
+def qkv_gpu_fused_window(*args):
     """add_lora_fused with the window-major expand."""
     x, slots, pairs = _qkv_pairs(args)
     ys = tuple(jnp.zeros((x.shape[0], b.shape[-1]), jnp.float32) for _, b in pairs)
     return jnp.concatenate(dispatch.add_lora_fused(ys, x, slots, pairs, a_rank_major=True, blocks=window_blocks(
-        x.dtype, store_rows), backend=dispatch.LoraBackend.GPU), axis=1)
+        x.dtype), backend=dispatch.LoraBackend.GPU), axis=1)
 
 
 def qkv_gpu_separate(*args):
@@ -279,7 +277,6 @@ if jax.default_backend() == "gpu":
     QKV_DELTA["gpu-separate"] = qkv_gpu_separate
     QKV_DELTA["gpu-fused-per-row"] = qkv_gpu_fused_per_row
     QKV_DELTA["gpu-fused-window"] = qkv_gpu_fused_window
-    QKV_DELTA["gpu-fused-window-dT"] = functools.partial(qkv_gpu_fused_window, store_rows=False)
 
 
 def timed(fn, *args, profile: bool = False) -> dict:

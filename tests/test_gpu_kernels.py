@@ -579,8 +579,7 @@ def test_window_expand_matches_unit_expand_dense(rng, m):
 @pytest.mark.parametrize("rows_grouped", [False, True])
 def test_window_expand_per_expert_in_place_and_per_row(rng, rows_grouped):
     """Per expert, rows sorted by the kernels or grouped in place (units out of row order), padding experts and
-    empty pairs; also on per-row units, and with d^T stored (transposed by XLA): the reference's delta, zero on
-    rows with no work."""
+    empty pairs; also on per-row units: the reference's delta, zero on rows with no work."""
     m, num_slots, num_experts, d_in, out = 90, 4, 5, 64, 128
     a, b = make_pages(rng, [0, 16, 16, 8], d_in, out, experts=num_experts)
     slots = rng.integers(0, num_slots, size=m)
@@ -593,8 +592,7 @@ def test_window_expand_per_expert_in_place_and_per_row(rng, rows_grouped):
     slots, experts = jnp.asarray(slots, jnp.int32), jnp.asarray(experts, jnp.int32)
     want = reference.expert_lora_delta(x, slots, experts, a, b)
     idle = np.asarray((slots == 0) | (experts == num_experts))
-    for blocks in (WINDOW, GpuBlocks(window_rows=1 << 20, per_row_rows=1 << 20),
-                   GpuBlocks(window_rows=1 << 20, window_store_rows=False)):
+    for blocks in (WINDOW, GpuBlocks(window_rows=1 << 20, per_row_rows=1 << 20)):
         got = dispatch.expert_lora_delta(x, slots, experts, a, b, backend=GPU, blocks=blocks,
                                          rows_grouped=rows_grouped)
         assert rel_err(got, want) < 1e-5

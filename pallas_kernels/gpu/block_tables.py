@@ -50,9 +50,6 @@ class GpuBlocks:
     # Off until an H200 run says what it buys.
     window_rows: int = 0
     window_cols: int = 256  # window-major expand: output columns per CTA (its wgmma M)
-    # window-major expand: transpose each [cols, 8] tile in registers and store delta rows (else store d^T and
-    # let XLA transpose it in the add)
-    window_store_rows: bool = True
     # The dispatcher's automatic choice (dispatch.select_backend): the kernels for calls of at least this many
     # rows, the reference's gather + einsum below. Not a block size, but a per-device crossover of the same
     # timings; it also weighs compile time (every kernel instance adds to an engine's start-up).

@@ -118,10 +118,7 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
         pairs = tuple(window_pairs(u, mx) for u in units)
         parts = [pair_rows(s, p, b.dtype) for s, p, b in zip(masked, pairs, b_rows)]
         deltas = window_expand(tuple(h for h, _ in parts), tuple(lo for _, lo in parts), tuple(b_rows), pairs,
-                               cols=blocks.window_cols, stages=blocks.stages, store_rows=blocks.window_store_rows,
-                               interpret=interpret)
-        if not blocks.window_store_rows:
-            deltas = tuple(d.T for d in deltas)
+                               cols=blocks.window_cols, stages=blocks.stages, interpret=interpret)
     else:
         parts = [split_hi_lo(s, b.dtype) for s, b in zip(masked, b_rows)]
         deltas = expand(tuple(h for h, _ in parts), tuple(lo for _, lo in parts), tuple(b_rows), units,

@@ -15,7 +15,7 @@ transpose it (XLA folds that into the add).
     s_hi, s_lo [Mx / 8 * 8 * 8, R] 16-bit: per pair its window's 8 rows of s, rows of other pairs (and rows of
                no work) zeroed, in two 16-bit parts (expand.split_hi_lo: s carried to ~16 mantissa bits)
     B          [P, N]  B arena (rank rows, scaling folded in)
-    d          [Mx, N] float32 (or d^T [N, Mx]); windows with no pair are left unwritten (their rows have no work)
+    d          [Mx, N] float32; windows with no pair are left unwritten (their rows have no work)
 
 Pages are read at the pool's full rank (no rank buckets): columns of s past a page's rank are zero, so the rows
 read past it contribute nothing. Each page is read once per window it meets: a group of n rows starting at
@@ -94,12 +94,11 @@ def pipeline_depth(stages: int, rank: int, cols: int, itemsize: int) -> int:
     return max(1, min(stages, WINDOW, fit))
 
 
-@functools.partial(jax.jit, static_argnames=("cols", "stages", "store_rows", "interpret"))
+@functools.partial(jax.jit, static_argnames=("cols", "stages", "interpret"))
 def window_expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], b_rows: tuple[jax.Array, ...],
-                  pairs: tuple[WindowPairs, ...], *, cols: int = 256, stages: int = 4, store_rows: bool = True,
+                  pairs: tuple[WindowPairs, ...], *, cols: int = 256, stages: int = 4,
                   interpret=None) -> tuple[jax.Array, ...]:
-    """Per target t, d [Mx, N_t] float32 (`store_rows`: the tile transposed in registers before its store) or
-    d^T [N_t, Mx] (not: the caller transposes); see the module docstring. All targets run in one launch: a 1-D
+    """Per target t, d [Mx, N_t] float32; see the module docstring. All targets run in one launch: a 1-D
     grid of, target after target, windows x that target's column tiles (`cols` columns, narrower where N_t is
     not a multiple)."""
     num_targets = len(b_rows)
@@ -158,21 +157,14 @@ def window_expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], b_ro
 
             acc = pl.run_scoped(acc_scope, plgpu.ACC((bn, WINDOW)))
 
-            rows = pl.ds(pl.multiple_of(w * WINDOW, ALIGN), WINDOW)
-            if store_rows:  # transpose in registers (WGMMA_TRANSPOSED: a shuffle per 2x2), store [8, cols] rows
-                @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((WINDOW, bn), jnp.float32))
-                def _store(o_smem):
-                    o_smem.T[...] = plgpu.layout_cast(acc, plgpu.Layout.WGMMA_TRANSPOSED)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(o_smem, o_refs[t].at[rows, pl.ds(g * bn, bn)])
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            else:
-                @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bn, WINDOW), jnp.float32))
-                def _store(o_smem):
-                    o_smem[...] = acc
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(o_smem, o_refs[t].at[pl.ds(g * bn, bn), rows])
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            # the tile transposed in registers (WGMMA -> WGMMA_TRANSPOSED: one shuffle per 2 x 2) into delta rows
+            @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((WINDOW, bn), jnp.float32))
+            def _store(o_smem):
+                o_smem.T[...] = plgpu.layout_cast(acc, plgpu.Layout.WGMMA_TRANSPOSED)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem, o_refs[t].at[pl.ds(pl.multiple_of(w * WINDOW, ALIGN), WINDOW),
+                                                             pl.ds(g * bn, bn)])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
         for t in range(num_targets):  # static paths; SMEM is shared between them (one runs per CTA)
             local = cta - first_cta[t]
@@ -182,7 +174,6 @@ def window_expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], b_ro
             pl.when(mine & (count_refs[t][w] > 0))(functools.partial(target, t, w, g))
 
     kernel = plgpu.kernel(
-        body, out_type=tuple(jax.ShapeDtypeStruct((mx, b.shape[1]) if store_rows else (b.shape[1], mx), jnp.float32)
-                             for b in b_rows),
+        body, out_type=tuple(jax.ShapeDtypeStruct((mx, b.shape[1]), jnp.float32) for b in b_rows),
         grid=(first_cta[-1],), grid_names=("cta",), compiler_params=compiler_params(), interpret=interpret)
     return tuple(kernel(*(p.count for p in pairs), *(p.page for p in pairs), *s_hi, *s_lo, *b_rows))
