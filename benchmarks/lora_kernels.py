@@ -15,11 +15,13 @@ widths, sorted by expert as the MoE layer feeds them) it times:
             gpu-unit-rm (the window-major expand, window_expand.py, for every call / for none)
   expert delta: reference, reference-rm, dispatch, gpu-kernel-rm, gpu-per-row-rm, gpu-grouped-rm (rows taken
             in place: the case's rows come sorted by (expert, slot), as the MoE layer sorts them),
-            gpu-window-rm / gpu-window-grouped-rm and gpu-unit-rm / gpu-unit-grouped-rm (the same two with the
-            window-major expand for every call, or for none, whatever the device's entry says)
+            gpu-window-rm / gpu-window-grouped-rm and gpu-unit-rm / gpu-unit-grouped-rm (the same two with every
+            unit on the window-major expand, or none, whatever the device's entry says), gpu-hybrid<n>-rm /
+            gpu-hybrid<n>-grouped-rm (units of up to n rows on windows, longer ones unit-major: n = 4, 8)
   qkv delta (three targets sharing x, Qwen3 attention widths; A rank-major): reference, gpu-fused (one
             add_lora_fused call: one shrink and one expand launch), gpu-fused-per-row (the same on per-row
-            units), gpu-fused-window (the window-major expand), gpu-separate (three add_lora calls)
+            units), gpu-fused-window / gpu-fused-hybrid<n> (the window-major expand), gpu-separate (three
+            add_lora calls)
 Each variant runs in one jitted, unrolled loop; `us` is its device time per call (kernel time in a profiler
 trace, less the loop's own), which is what it costs inside a step; the wall time per call is kept beside it.
 The ceilings are measured in the same run: device copy bandwidth (read + write of a large buffer) and bf16
@@ -155,9 +157,12 @@ def expert_delta_reference_rank_major(x, slots, experts, a, b):
     return jnp.einsum("mr,mro->mo", s, b[slots, experts].astype(jnp.float32))
 
 
+HYBRID_UNIT_ROWS = (4, 8)  # the gpu-hybrid<n> variants: units of up to n rows on windows, longer unit-major
+
 # variants that take A as [S, (E,) R, D_in]
 RANK_MAJOR = {"gpu-kernel-rm", "gpu-per-row-rm", "gpu-grouped-rm", "gpu-window-rm", "gpu-window-grouped-rm",
-              "gpu-unit-rm", "gpu-unit-grouped-rm", "reference-rm"}
+              "gpu-unit-rm", "gpu-unit-grouped-rm", "reference-rm",
+              *(f"gpu-hybrid{n}{g}-rm" for n in HYBRID_UNIT_ROWS for g in ("", "-grouped"))}
 
 
 def expert_delta_gpu_kernel_rank_major(x, slots, experts, a, b):
@@ -176,20 +181,21 @@ def per_row_blocks(dtype):
     return dataclasses.replace(gpu_ops.device_blocks(dtype, None), per_row_rows=1 << 30)
 
 
-def window_blocks(dtype, window: bool = True):
-    """The device's kernel settings with every call on the window-major expand (window_expand.py), or (window
-    False) none: the unit-major expand whatever the device's entry says."""
-    return dataclasses.replace(gpu_ops.device_blocks(dtype, None), window_rows=(1 << 30) if window else 0)
+def window_blocks(dtype, unit_rows: int = 1 << 30):
+    """The device's kernel settings with units of up to `unit_rows` rows on the window-major expand
+    (window_expand.py; the default: every unit), longer ones on the unit-major path in the same launch; 0: the
+    unit-major expand alone, whatever the device's entry says."""
+    return dataclasses.replace(gpu_ops.device_blocks(dtype, None), window_unit_rows=unit_rows)
 
 
-def delta_gpu_window(x, slots, a, b, window=True):
+def delta_gpu_window(x, slots, a, b, unit_rows=1 << 30):
     return dispatch.lora_delta(x, slots, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True,
-                               blocks=window_blocks(x.dtype, window))
+                               blocks=window_blocks(x.dtype, unit_rows))
 
 
-def expert_delta_gpu_window(x, slots, experts, a, b, rows_grouped=False, window=True):
+def expert_delta_gpu_window(x, slots, experts, a, b, rows_grouped=False, unit_rows=1 << 30):
     return dispatch.expert_lora_delta(x, slots, experts, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True,
-                                      blocks=window_blocks(x.dtype, window), rows_grouped=rows_grouped)
+                                      blocks=window_blocks(x.dtype, unit_rows), rows_grouped=rows_grouped)
 
 
 def delta_gpu_per_row(x, slots, a, b):
@@ -215,7 +221,9 @@ if jax.default_backend() == "gpu":  # Mosaic GPU kernels: Hopper only
     DELTA["gpu-kernel-rm"] = delta_gpu_kernel_rank_major
     DELTA["gpu-per-row-rm"] = delta_gpu_per_row
     DELTA["gpu-window-rm"] = delta_gpu_window
-    DELTA["gpu-unit-rm"] = functools.partial(delta_gpu_window, window=False)
+    DELTA["gpu-unit-rm"] = functools.partial(delta_gpu_window, unit_rows=0)
+    for n in HYBRID_UNIT_ROWS:
+        DELTA[f"gpu-hybrid{n}-rm"] = functools.partial(delta_gpu_window, unit_rows=n)
 EXPERT_DELTA = {"reference": reference.expert_lora_delta, "reference-rm": expert_delta_reference_rank_major,
                 "dispatch": dispatch.expert_lora_delta}
 if jax.default_backend() == "gpu":
@@ -224,8 +232,12 @@ if jax.default_backend() == "gpu":
     EXPERT_DELTA["gpu-grouped-rm"] = expert_delta_gpu_grouped
     EXPERT_DELTA["gpu-window-rm"] = expert_delta_gpu_window
     EXPERT_DELTA["gpu-window-grouped-rm"] = functools.partial(expert_delta_gpu_window, rows_grouped=True)
-    EXPERT_DELTA["gpu-unit-rm"] = functools.partial(expert_delta_gpu_window, window=False)
-    EXPERT_DELTA["gpu-unit-grouped-rm"] = functools.partial(expert_delta_gpu_window, rows_grouped=True, window=False)
+    EXPERT_DELTA["gpu-unit-rm"] = functools.partial(expert_delta_gpu_window, unit_rows=0)
+    EXPERT_DELTA["gpu-unit-grouped-rm"] = functools.partial(expert_delta_gpu_window, rows_grouped=True, unit_rows=0)
+    for n in HYBRID_UNIT_ROWS:
+        EXPERT_DELTA[f"gpu-hybrid{n}-rm"] = functools.partial(expert_delta_gpu_window, unit_rows=n)
+        EXPERT_DELTA[f"gpu-hybrid{n}-grouped-rm"] = functools.partial(expert_delta_gpu_window, rows_grouped=True,
+                                                                      unit_rows=n)
 
 
 def _qkv_pairs(args):
@@ -255,12 +267,12 @@ def qkv_gpu_fused_per_row(*args):
         x.dtype), backend=dispatch.LoraBackend.GPU), axis=1)
 
 
-def qkv_gpu_fused_window(*args):
-    """add_lora_fused with the window-major expand."""
+def qkv_gpu_fused_window(*args, unit_rows=1 << 30):
+    """add_lora_fused with the window-major expand (units of up to unit_rows rows)."""
     x, slots, pairs = _qkv_pairs(args)
     ys = tuple(jnp.zeros((x.shape[0], b.shape[-1]), jnp.float32) for _, b in pairs)
     return jnp.concatenate(dispatch.add_lora_fused(ys, x, slots, pairs, a_rank_major=True, blocks=window_blocks(
-        x.dtype), backend=dispatch.LoraBackend.GPU), axis=1)
+        x.dtype, unit_rows), backend=dispatch.LoraBackend.GPU), axis=1)
 
 
 def qkv_gpu_separate(*args):
@@ -277,6 +289,8 @@ if jax.default_backend() == "gpu":
     QKV_DELTA["gpu-separate"] = qkv_gpu_separate
     QKV_DELTA["gpu-fused-per-row"] = qkv_gpu_fused_per_row
     QKV_DELTA["gpu-fused-window"] = qkv_gpu_fused_window
+    for n in HYBRID_UNIT_ROWS:
+        QKV_DELTA[f"gpu-fused-hybrid{n}"] = functools.partial(qkv_gpu_fused_window, unit_rows=n)
 
 
 def timed(fn, *args, profile: bool = False) -> dict:

@@ -321,7 +321,8 @@ def test_kernels_lower_for_cuda(variant, m, r, expert):
     a, b = sds((*lead, h, r), BF), sds((*lead, r, h), BF)
     slots, experts = sds((m,), jnp.int32), sds((m,), jnp.int32)
     blocks = {"per_row": PER_ROW, "expand_tiles": GpuBlocks(expand_tiles=0, stages=6),
-              "window": GpuBlocks(window_rows=1 << 20, stages=6)}.get(variant)
+              "window": GpuBlocks(window_unit_rows=1 << 20, stages=6),
+              "window_long": GpuBlocks(window_unit_rows=4, stages=6)}.get(variant)
     kw = {"backend": dispatch.LoraBackend.GPU, "blocks": blocks}
     if expert:
         step = lambda y, x, s, e, a, b: dispatch.add_expert_lora(y, x, s, e, a, b, **kw)
@@ -498,38 +499,46 @@ def test_fused_targets_share_one_launch_with_their_own_ranks(rng, buckets):
     assert text.count("custom_call @mosaic_gpu") == 2
 
 
-WINDOW = GpuBlocks(window_rows=1 << 20, window_cols=64)
+WINDOW = GpuBlocks(window_unit_rows=1 << 20, window_cols=64)
 
 
-def window_pairs_model(units, mx):
-    """What window_pairs must give, by a loop: per 8-row window, its rows' units in row order."""
+def window_pairs_model(units, mx, unit_rows):
+    """What window_pairs must give, by a loop: per 8-row window, its short-unit rows' units in row order; which
+    rows belong to long units; the long units."""
     owner = np.full(mx, -1)
     count = int(units.count[0])
+    long_units = []
     for u in range(count):
         r0, n = int(units.row0[u]), int(units.size[u])
         assert np.all(owner[r0:r0 + n] == -1), "units overlap"
         owner[r0:r0 + n] = u
+        if n > unit_rows:
+            long_units.append(u)
+    is_long = np.isin(owner, long_units)
     pairs = []
     for w in range(mx // 8):
         seen = []
         for j in range(8):
             u = owner[w * 8 + j]
-            if u >= 0 and (not seen or seen[-1] != u):
+            if u >= 0 and not is_long[w * 8 + j] and (not seen or seen[-1] != u):
                 seen.append(u)
         pairs.append(seen)
-    return owner, pairs
+    return owner, pairs, is_long, long_units
 
 
+@pytest.mark.parametrize("unit_rows", [1 << 20, 4])
 @pytest.mark.parametrize("case", ["sorted", "grouped_in_place", "per_row"])
-def test_window_pairs_give_each_window_its_rows_pages(rng, case):
-    """Per 8-row window: its rows' units in row order (count, B page of each), and which rows each pair owns,
-    for units listed in row order (sorted rows), out of row order (rows grouped in place by (expert, slot),
-    units listed by key) and one per row (rows with no work have size 0); groups longer than a window."""
+def test_window_pairs_give_each_window_its_rows_pages(rng, case, unit_rows):
+    """Per 8-row window: its short-unit rows' units in row order (count, B page of each), which rows each pair
+    owns, which rows the window stores (all but long units' rows), and the long units (more than unit_rows rows)
+    listed apart, for units listed in row order (sorted rows), out of row order (rows grouped in place by
+    (expert, slot), units listed by key) and one per row (rows with no work have size 0)."""
     from pallas_kernels.gpu.window_expand import window_pairs
     m, num_slots, num_experts = 83, 4, 5
     slots = rng.integers(0, num_slots, size=m)
     experts = rng.integers(0, num_experts + 1, size=m)
     slots[10:40], experts[10:40] = 2, 3  # 30 rows of one page: four windows
+    slots[45:51], experts[45:51] = 1, 4  # 6 rows: long at unit_rows 4, inside one window or across two
     if case == "grouped_in_place":
         order = np.argsort(experts * num_slots + slots, kind="stable")
         slots, experts = slots[order], experts[order]
@@ -544,10 +553,10 @@ def test_window_pairs_give_each_window_its_rows_pages(rng, case):
         grouping = group_rows(keys, active, num_keys=num_slots * num_experts, presorted=case != "sorted")
         units = build_units(grouping, table, num_experts=num_experts)
     mx = 88
-    got = window_pairs(units, mx)
-    owner, pairs = window_pairs_model(units, mx)
+    got = window_pairs(units, mx, unit_rows)
+    owner, pairs, is_long, long_units = window_pairs_model(units, mx, unit_rows)
     assert max(len(p) for p in pairs) > 1  # windows with rows of several pages
-    assert int(got.count[-1]) <= 3  # rows 83..87 are padding: the last window holds at most 3 rows' pages
+    assert bool(long_units) is (unit_rows == 4 and case != "per_row")
     np.testing.assert_array_equal(got.count, [len(p) for p in pairs])
     for w, p in enumerate(pairs):
         np.testing.assert_array_equal(np.asarray(got.page)[w * 8:w * 8 + len(p)],
@@ -555,6 +564,10 @@ def test_window_pairs_give_each_window_its_rows_pages(rng, case):
         for i in range(8):
             rows = [j for j in range(8) if i < len(p) and owner[w * 8 + j] == p[i]]
             np.testing.assert_array_equal(np.flatnonzero(np.asarray(got.owner[w, i])), rows)
+        assert int(got.store[w]) == sum(1 << j for j in range(8) if not is_long[w * 8 + j])
+    listed = [(int(r), int(n), int(pg)) for r, n, pg in zip(got.long_row0, got.long_size, got.long_page) if n]
+    assert listed == [(int(units.row0[u]), int(units.size[u]), int(units.b_page_row[u])) for u in
+                      sorted(long_units, key=lambda u: u)]
 
 
 @pytest.mark.parametrize("m", [1, 17, 72, 130])
@@ -592,7 +605,7 @@ def test_window_expand_per_expert_in_place_and_per_row(rng, rows_grouped):
     slots, experts = jnp.asarray(slots, jnp.int32), jnp.asarray(experts, jnp.int32)
     want = reference.expert_lora_delta(x, slots, experts, a, b)
     idle = np.asarray((slots == 0) | (experts == num_experts))
-    for blocks in (WINDOW, GpuBlocks(window_rows=1 << 20, per_row_rows=1 << 20)):
+    for blocks in (WINDOW, GpuBlocks(window_unit_rows=1 << 20, per_row_rows=1 << 20)):
         got = dispatch.expert_lora_delta(x, slots, experts, a, b, backend=GPU, blocks=blocks,
                                          rows_grouped=rows_grouped)
         assert rel_err(got, want) < 1e-5
@@ -618,10 +631,58 @@ def test_window_expand_fused_targets_into_poisoned_y(rng):
         return [np.asarray(g, np.float32) for g in dispatch.add_lora_fused(
             ys, x, slots, pairs, slot_ranks=slot_ranks, a_rank_major=True, backend=GPU, blocks=blocks)]
 
-    window = run(GpuBlocks(window_rows=1 << 20, window_cols=64, rank_buckets=True))
+    window = run(GpuBlocks(window_unit_rows=1 << 20, window_cols=64, rank_buckets=True))
     unit = run(GpuBlocks(rank_buckets=True))
     for g, u, y in zip(window, unit, ys):
         np.testing.assert_array_equal(np.isnan(g), np.isnan(np.asarray(y, np.float32)))
         live = ~np.isnan(g)
         np.testing.assert_allclose(g[live], u[live], rtol=8e-3, atol=1e-6)
         assert np.mean(g[live] != u[live]) < 1e-2  # a rare rounding step, not a different result
+
+
+@pytest.mark.parametrize("unit_rows", [4, 8])
+def test_window_expand_with_long_units_in_the_same_launch(rng, unit_rows):
+    """Units longer than window_unit_rows take the unit-major path in the window kernel's launch: a 40-row group
+    (one unit across five windows), 6- and 9-row groups (long at 4, long or short at 8, sharing windows with
+    short groups and with each other), per expert with padding experts, rows grouped in place; and two fused
+    targets of other widths and ranks (rows sorted by the kernels). The reference's delta, zero on rows with no work."""
+    m, num_slots, num_experts, d_in = 130, 4, 5, 64
+    slots = rng.integers(0, num_slots, size=m)
+    experts = rng.integers(0, num_experts + 1, size=m)
+    slots[:40], experts[:40] = 2, 3
+    slots[60:66], experts[60:66] = 1, 1
+    slots[70:79], experts[70:79] = 3, 2
+    order = np.argsort(experts * num_slots + slots, kind="stable")
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    slots, experts = jnp.asarray(slots[order], jnp.int32), jnp.asarray(experts[order], jnp.int32)
+    a, b = make_pages(rng, [0, 16, 16, 8], d_in, 128, experts=num_experts)
+    idle = np.asarray((slots == 0) | (experts == num_experts))
+    blocks = GpuBlocks(window_unit_rows=unit_rows, window_cols=64)
+    got = dispatch.expert_lora_delta(x, slots, experts, a, b, backend=GPU, blocks=blocks, rows_grouped=True)
+    assert rel_err(got, reference.expert_lora_delta(x, slots, experts, a, b)) < 1e-5
+    assert np.all(np.asarray(got)[idle] == 0)
+    pairs = [(jnp.swapaxes(pa, -1, -2), pb) for pa, pb in
+             (make_pages(rng, [0, 32, 16, 32], d_in, w, experts=num_experts) for w in (192, 64))]
+    zeros = tuple(jnp.zeros((m, w), jnp.float32) for w in (192, 64))
+    fused = dispatch.add_lora_fused(zeros, x, slots, pairs, experts=experts, a_rank_major=True, backend=GPU,
+                                    blocks=blocks)
+    for g, (pa, pb) in zip(fused, pairs):
+        assert rel_err(g, reference.expert_lora_delta(x, slots, experts, pa, pb, a_rank_major=True)) < 1e-5
+
+
+@pytest.mark.parametrize("unit_rows,window", [(0, False), (4, True)])
+def test_window_expand_switch_and_its_override(rng, monkeypatch, unit_rows, window):
+    """window_unit_rows 0 keeps the unit-major expand, any other value takes the window-major one;
+    $INFINILORA_GPU_WINDOW_UNIT_ROWS overrides the table's value and rejects what is not a row count."""
+    num_experts, d_in, out, m = 4, 64, 128, 32
+    a, b = make_pages(rng, [0, 16], d_in, out, experts=num_experts)
+    x = jnp.zeros((m, d_in), BF)
+    slots, experts = jnp.ones((m,), jnp.int32), jnp.zeros((m,), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda x: dispatch.expert_lora_delta(
+        x, slots, experts, a, b, backend=GPU, blocks=GpuBlocks(window_unit_rows=unit_rows)))(x)
+    assert ("cummax" in str(jaxpr)) is window  # window_pairs finds each row's unit with a cummax
+    monkeypatch.setenv(gpu_ops.WINDOW_UNIT_ROWS_ENV_VAR, str(unit_rows))
+    assert gpu_ops.device_blocks(BF, plgpu.InterpretGPUParams()).window_unit_rows == unit_rows
+    monkeypatch.setenv(gpu_ops.WINDOW_UNIT_ROWS_ENV_VAR, "many")
+    with pytest.raises(ValueError, match="INFINILORA_GPU_WINDOW_UNIT_ROWS='many'"):
+        gpu_ops.device_blocks(BF, plgpu.InterpretGPUParams())

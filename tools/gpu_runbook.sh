@@ -151,8 +151,8 @@
 #                 the per-rank dispatch phase found them winning: BACKENDS="reference auto"
 #                 MIN_ROWS=16:2048,32:256,64:256,128:256 (INFINILORA_GPU_KERNEL_MIN_ROWS for `auto`; with
 #                 64 requests the expert calls have 512 rows, the dense ones 64: experts on the kernels).
-#                 WINDOW_ROWS=<rows> puts calls of up to that many rows on the window-major expand
-#                 (INFINILORA_GPU_WINDOW_ROWS).
+#                 WINDOW_UNIT_ROWS=<rows> puts units of up to that many rows on the window-major expand
+#                 (INFINILORA_GPU_WINDOW_UNIT_ROWS).
 #                 LAYERS (default 2) and TIMEOUT (s per backend, default 270: `auto` at 8 layers needs more
 #                 than 290 s to compile, sixteenth session) override.
 #                 LAYERS (default 2) sets the depth: with async scheduling (fourteenth session) 2 layers are still
@@ -226,7 +226,7 @@ case "${1:-}" in
   lora_step)
     for backend in ${BACKENDS:-reference gpu}; do
       env INFINILORA_LORA_BACKEND=$backend ${MIN_ROWS:+INFINILORA_GPU_KERNEL_MIN_ROWS=$MIN_ROWS} \
-        ${WINDOW_ROWS:+INFINILORA_GPU_WINDOW_ROWS=$WINDOW_ROWS} \
+        ${WINDOW_UNIT_ROWS:+INFINILORA_GPU_WINDOW_UNIT_ROWS=$WINDOW_UNIT_ROWS} \
         timeout ${TIMEOUT:-270} python3 -u benchmarks/disagg.py --model $QWEN --num_layers ${LAYERS:-2} \
         --dtype bfloat16 --rank 32 --parts decode --modes coupled1 --requests 64 --adapters 32 --prompt_len 128 \
         --steps 16 --profile_steps 2 --without_lora=false --trace_dir "/tmp/lora_step_$backend" \

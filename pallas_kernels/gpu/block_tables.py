@@ -45,10 +45,12 @@ class GpuBlocks:
     # Calls of up to this many rows use one work unit per row (units.per_row_units: no sort, no gathers; each
     # row reads its own page), larger calls group rows by page. 0: never. Off until an H200 run says what it buys.
     per_row_rows: int = 0
-    # Calls of up to this many rows take the window-major expand (window_expand.py: per 8-row window one CTA
-    # streams the B blocks of its rows' pages, d^T = B^T s^T), larger ones the unit-major expand. 0: never.
-    # Off until an H200 run says what it buys.
-    window_rows: int = 0
+    # Units of up to this many rows take the window-major expand (window_expand.py: per 8-row window one CTA
+    # streams the B blocks of its rows' pages, d^T = B^T s^T), longer units the unit-major path in the same
+    # launch (a page is read once per 8-row window its unit touches). 0: the unit-major expand alone. H200,
+    # eighteenth session, every unit on windows: Qwen3 experts at 1.3-2.3 rows per page 1.4-1.8x faster,
+    # Mixtral decode 1.4x; Mixtral at 8 rows per page and dense prefill (16-32 rows per page) 1.3-1.8x slower.
+    window_unit_rows: int = 0
     window_cols: int = 256  # window-major expand: output columns per CTA (its wgmma M)
     # The dispatcher's automatic choice (dispatch.select_backend): the kernels for calls of at least this many
     # rows, the reference's gather + einsum below. Not a block size, but a per-device crossover of the same
@@ -77,7 +79,7 @@ class GpuBlocks:
             problems.append(f"window_cols {self.window_cols} not in {EXPAND_COL_CHOICES}")
         if self.expand_tiles < 0:
             problems.append(f"expand_tiles {self.expand_tiles} must be >= 0 (0: every tile of a target)")
-        if self.decode_rows < 0 or self.kernel_min_rows < 0 or self.per_row_rows < 0 or self.window_rows < 0:
+        if min(self.decode_rows, self.kernel_min_rows, self.per_row_rows, self.window_unit_rows) < 0:
             problems.append("row counts must be >= 0")
         if problems:
             raise ValueError("GpuBlocks: " + "; ".join(problems))

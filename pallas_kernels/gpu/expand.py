@@ -72,6 +72,28 @@ def pipeline_depth(stages: int, tiles: int, width: int, bn: int, itemsize: int) 
     return max(1, min(stages, tiles, fit))
 
 
+def unit_tile(hi_ref, lo_ref, b_ref, o_ref, *, row0, size, page, g, bn: int, width: int, mx: int) -> None:
+    """In a kernel: one unit's column tile g (`bn` columns) with no pipeline: its 64-row s window (both parts)
+    and the [width, bn] block of its page (B arena row `page`) in, two wgmmas, the unit's `size` rows (from
+    sorted row `row0`) stored into o_ref. Also the window-major expand's path for long units."""
+    base, off, _ = window(row0, 0, mx)
+    s_spec = plgpu.BlockSpec((pl.Element(TILE_ROWS), width), lambda _: (base, 0))
+
+    def acc_scope(acc_ref):
+        def step(_, hi_smem, lo_smem, b_smem):
+            plgpu.wgmma(acc_ref, hi_smem, b_smem)
+            plgpu.wgmma(acc_ref, lo_smem, b_smem)
+
+        plgpu.emit_pipeline(
+            step, grid=(1,), max_concurrent_steps=1,
+            in_specs=[s_spec, s_spec, plgpu.BlockSpec((pl.Element(width), bn), lambda _: (page, g))],
+        )(hi_ref, lo_ref, b_ref)
+        return acc_ref[...]
+
+    acc = pl.run_scoped(acc_scope, plgpu.ACC((TILE_ROWS, bn)))
+    store_rows(acc, o_ref, row0, off, size, g * bn, bn)
+
+
 @functools.partial(jax.jit, static_argnames=("cols", "buckets", "interpret", "tiles", "stages"))
 def expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], b_rows: tuple[jax.Array, ...],
            units: tuple[Units, ...], *, cols: int = 128,
@@ -129,20 +151,8 @@ def expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], b_rows: tup
             def run(width):
                 s_spec = plgpu.BlockSpec((pl.Element(TILE_ROWS), width), lambda _: (base, 0))
                 if k == 1:  # one tile (g): nothing to overlap inside the CTA
-                    def acc_scope(acc_ref):
-                        def step(_, hi_smem, lo_smem, b_smem):
-                            plgpu.wgmma(acc_ref, hi_smem, b_smem)
-                            plgpu.wgmma(acc_ref, lo_smem, b_smem)
-
-                        plgpu.emit_pipeline(
-                            step, grid=(1,), max_concurrent_steps=1,
-                            in_specs=[s_spec, s_spec,
-                                      plgpu.BlockSpec((pl.Element(width), bn), lambda _: (page, g))],
-                        )(hi_refs[t], lo_refs[t], b_refs[t])
-                        return acc_ref[...]
-
-                    acc = pl.run_scoped(acc_scope, plgpu.ACC((TILE_ROWS, bn)))
-                    store_rows(acc, o_refs[t], row0, off, size_ref[u], g * bn, bn)
+                    unit_tile(hi_refs[t], lo_refs[t], b_refs[t], o_refs[t], row0=row0, size=size_ref[u], page=page,
+                              g=g, bn=bn, width=width, mx=mx)
                     return
 
                 def tile(idx, hi_smem, lo_smem, b_smem):  # tile g * k + i: multiply, store its rows

@@ -3,8 +3,9 @@
     decode  (BGMV-like: few rows per adapter, rows <= blocks.decode_rows): the shrink splits D_in over
             blocks.decode_ksplit CTAs per unit, so a handful of adapters still keeps every SM streaming its pages;
             up to blocks.per_row_rows rows, one unit per row in the rows' own order (no sort, no gathers).
-            Up to blocks.window_rows rows, the expand is window-major (window_expand.py: one CTA per 8 rows and
-            column tile streams the pages those rows use), not one CTA per (unit, column tile).
+            With blocks.window_unit_rows, units of up to that many rows (few rows per page) take the
+            window-major expand (window_expand.py: one CTA per 8 rows and column tile streams the pages those
+            rows use) instead of one CTA per (unit, column tile).
     prefill (SGMV-like: long runs per adapter): one CTA per (unit, D_in), units of up to 64 rows per group.
 Both sort rows by (slot, expert) once (a gather of x; per-row units keep the rows in place, and rows that arrive
 grouped, `rows_grouped=True`, as the MoE layer sorts them by (expert, slot), are not moved), run one shrink and
@@ -34,21 +35,21 @@ from pallas_kernels.gpu.window_expand import pair_rows, window_expand, window_pa
 from pallas_kernels.grouping import group_rows
 from pallas_kernels.layout import PageTable
 
-# Replaces the block table's window_rows (calls of up to this many rows take the window-major expand) for a
-# step-level experiment before the table says so. Read when a program is traced: set it before the process starts.
-WINDOW_ROWS_ENV_VAR = "INFINILORA_GPU_WINDOW_ROWS"
+# Replaces the block table's window_unit_rows (units of up to this many rows take the window-major expand; 0:
+# none) for an experiment. Read when a program is traced: set it before the process starts.
+WINDOW_UNIT_ROWS_ENV_VAR = "INFINILORA_GPU_WINDOW_UNIT_ROWS"
 
 
 def device_blocks(dtype, interpret) -> GpuBlocks:
     """The block table's settings for this device (the interpreter's entry when interpreting) and dtype, with
-    $INFINILORA_GPU_WINDOW_ROWS over its window_rows."""
+    $INFINILORA_GPU_WINDOW_UNIT_ROWS over its window_unit_rows."""
     blocks = blocks_for(current_device_key(interpret is not None), jnp.dtype(dtype).name)
-    if (text := os.environ.get(WINDOW_ROWS_ENV_VAR)) is not None:
+    if (text := os.environ.get(WINDOW_UNIT_ROWS_ENV_VAR)) is not None:
         try:
             rows = int(text)
         except ValueError:
-            raise ValueError(f"{WINDOW_ROWS_ENV_VAR}={text!r}: a row count (0: never)") from None
-        blocks = dataclasses.replace(blocks, window_rows=rows)
+            raise ValueError(f"{WINDOW_UNIT_ROWS_ENV_VAR}={text!r}: a unit's rows (0: never)") from None
+        blocks = dataclasses.replace(blocks, window_unit_rows=rows)
     return blocks
 
 
@@ -114,11 +115,14 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
         s = s.sum(0)[:m, :rank]
         # Rows of no unit were never written; columns past a page's rank may hold a neighbouring page's rows.
         masked.append(pad_rows(jnp.where(jnp.arange(rank)[None, :] < u.row_rank[:, None], s, 0.0), mx))
-    if m <= blocks.window_rows:  # window-major expand (few rows per page: decode)
-        pairs = tuple(window_pairs(u, mx) for u in units)
-        parts = [pair_rows(s, p, b.dtype) for s, p, b in zip(masked, pairs, b_rows)]
-        deltas = window_expand(tuple(h for h, _ in parts), tuple(lo for _, lo in parts), tuple(b_rows), pairs,
-                               cols=blocks.window_cols, stages=blocks.stages, interpret=interpret)
+    if blocks.window_unit_rows:  # window-major expand for units of up to window_unit_rows rows
+        pairs = tuple(window_pairs(u, mx, blocks.window_unit_rows) for u in units)
+        per_pair = [pair_rows(s, p, b.dtype) for s, p, b in zip(masked, pairs, b_rows)]
+        per_row = [split_hi_lo(s, b.dtype) for s, b in zip(masked, b_rows)]
+        deltas = window_expand(tuple(h for h, _ in per_pair), tuple(lo for _, lo in per_pair),
+                               tuple(h for h, _ in per_row), tuple(lo for _, lo in per_row), tuple(b_rows), pairs,
+                               cols=blocks.window_cols, unit_cols=blocks.expand_cols, stages=blocks.stages,
+                               interpret=interpret)
     else:
         parts = [split_hi_lo(s, b.dtype) for s, b in zip(masked, b_rows)]
         deltas = expand(tuple(h for h, _ in parts), tuple(lo for _, lo in parts), tuple(b_rows), units,
