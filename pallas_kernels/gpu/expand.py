@@ -76,7 +76,7 @@ def unit_tile(hi_ref, lo_ref, b_ref, o_ref, *, row0, size, page, g, bn: int, wid
     """In a kernel: one unit's column tile g (`bn` columns) with no pipeline: its 64-row s window (both parts)
     and the [width, bn] block of its page (B arena row `page`) in, two wgmmas, the unit's `size` rows (from
     sorted row `row0`) stored into o_ref. Also the window-major expand's path for long units."""
-    base, off, _ = window(row0, 0, mx)
+    base, off, page = window(row0, page, mx)
     s_spec = plgpu.BlockSpec((pl.Element(TILE_ROWS), width), lambda _: (base, 0))
 
     def acc_scope(acc_ref):

@@ -208,7 +208,7 @@ def window_expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], r_hi
         def long_unit(t, v, g):
             rank, _, _, _, bu, _ = plans[t]
             unit_tile(ref["r_hi"][t], ref["r_lo"][t], ref["b"][t], ref["o"][t], row0=ref["long_row0"][t][v],
-                      size=ref["long_size"][t][v], page=pl.multiple_of(ref["long_page"][t][v], ALIGN), g=g, bn=bu,
+                      size=ref["long_size"][t][v], page=ref["long_page"][t][v], g=g, bn=bu,
                       width=rank, mx=mx)
 
         for t in range(num_targets):  # static paths; SMEM is shared between them (one runs per CTA)
