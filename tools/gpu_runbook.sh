@@ -13,9 +13,10 @@
 # GPU in the seventeenth: PHASES=expand tune_gpu_blocks (one tile per CTA kept), lora_step with kernel names
 # counter/content (INFINILORA_MOSAIC_KERNEL_NAMES), lora_kernels_expert, prefill_lora, startup, compile_time
 # --lower_all with the kernel lowering cache off and on (42.3 -> 21.2 s). Done in the eighteenth: lora_window
-# (the window-major expand, every unit on windows), lora_step with it. Next on one GPU: lora_window with the
-# mixed launch (TAG=_hybrid and the variant list in docs/benchmarks.md's eighteenth session), then
-# window_unit_rows in tuned_blocks.json from it; expert_gemm, flag_parity. Fifteenth
+# (the window-major expand, every unit on windows), lora_step with it. Next on one GPU: PHASES=window
+# tune_gpu_blocks (sets window_unit_rows: the mixed launch, long units unit-major, was never timed) and
+# lora_window with TAG=_hybrid (the variant list in docs/benchmarks.md's eighteenth session); expert_gemm,
+# flag_parity. Fifteenth
 # session: cond_host_wait (conditionals do not block the caller), async_scheduling CMDBUF=off and
 # UPDATE_MODE=SKIP_TEMP STAGING=via_device at 8 layers (no gain: the step is device-bound), layer_loop,
 # host_memory_kinds, step_program_ops, lora_step with command buffers kept on under the profiler (the forward

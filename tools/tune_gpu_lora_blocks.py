@@ -14,6 +14,9 @@ problem costs ~5 s, mostly compiling):
              stages and expand_cols;
   expand     expand_tiles (column tiles per expand CTA, pipelined `stages` deep: 1, 2, 4 or all of a target's)
              on the decode and the prefill problems;
+  window     window_unit_rows (units of up to 0 / 4 / 8 / 64 rows on the window-major expand, longer ones
+             unit-major in the same launch) on the decode and prefill problems and two with few adapters (long
+             groups: where windows lose);
   buckets    rank_buckets on or off, on decode and prefill problems whose adapters have mixed ranks (a quarter,
              half or all of a rank-64 pool, the slots' ranks passed as the models would);
   crossover  decode_rows: the largest probed row count up to which the decode variant is not slower than the
@@ -30,7 +33,7 @@ problem costs ~5 s, mostly compiling):
 A candidate's score is the geometric mean over problems of its time / the best time on that problem; the lowest
 wins. Times are device time per call (infinilora_jax/bench/kernel_timing.py: an unrolled jitted loop, kernel
 busy time from a profiler trace, less the loop's own), and every candidate's output is checked against the
-reference first (a wrong candidate is dropped). The entry gets "measured": true once all six phases have run
+reference first (a wrong candidate is dropped). The entry gets "measured": true once all seven phases have run
 on this device, with the jax version, the device kind and the date; --log keeps every timing.
 
 `--interpret` runs the same flow on CPU with tiny problems in the Mosaic GPU interpreter: it checks the script,
@@ -59,7 +62,7 @@ from pallas_kernels import dispatch  # noqa: E402
 from pallas_kernels.gpu import block_tables  # noqa: E402
 from pallas_kernels.gpu.block_tables import GpuBlocks  # noqa: E402
 
-PHASES = ("prefill", "decode", "expand", "buckets", "crossover", "dispatch")
+PHASES = ("prefill", "decode", "expand", "window", "buckets", "crossover", "dispatch")
 F = flags.FLAGS
 flags.DEFINE_list("phases", list(PHASES), f"which of {PHASES} to run (in that order)")
 flags.DEFINE_list("dtypes", ["bfloat16"], "activation / page dtypes to tune (bfloat16, float16)")
@@ -101,6 +104,13 @@ DECODE = [Shape("dense r16", 64, 32, 16, 4096, 4096), Shape("dense r64", 256, 64
           Shape("mixtral gate_up", 128, 32, 64, 4096, 28672, 8, 2)]
 CROSSOVER_ROWS = (128, 256, 512, 1024, 2048)
 EXPAND_TILES = (1, 2, 4, 0)  # expand column tiles per CTA (0: all of a target's)
+# window_unit_rows: none on windows, units of up to 4 / 8 rows, every unit (units hold at most 64 rows)
+WINDOW_UNIT_ROWS = (0, 4, 8, 64)
+# Few adapters make long groups (rows per page), where windows lose: Mixtral decode with one adapter (16 rows
+# per page), Qwen3 prefill with four (16); with the decode and prefill problems (1-2 rows per page at decode,
+# 2-64 at prefill)
+FEW_ADAPTERS = [Shape("mixtral gate_up, 1 adapter", 128, 1, 64, 4096, 28672, 8, 2),
+                Shape("qwen3 gate_up, 4 adapters", 8192, 4, 32, 2048, 1536, 128, 8)]
 DISPATCH_RANKS = (16, 32, 64, 128)
 DISPATCH_ROWS = (64, 128, 256, 512, 1024, 2048, 4096)
 TINY_PREFILL = [Shape("tiny dense", 80, 3, 16, 128, 128), Shape("tiny expert", 80, 3, 16, 128, 128, 4, 2)]
@@ -109,6 +119,7 @@ TINY_ROWS = (80,)
 TINY_DISPATCH_RANKS = (16, 32)
 BUCKET_SHAPES = [dataclasses.replace(s, mixed=True) for s in (DECODE[1], DECODE[3], PREFILL[0], PREFILL[3])]
 TINY_BUCKETS = [Shape("tiny mixed", 40, 4, 32, 128, 128, mixed=True)]
+TINY_WINDOW = [Shape("tiny expert, 1 adapter", 80, 1, 16, 128, 128, 4, 2), TINY_DECODE[0]]
 
 
 _PROBLEM_IDS = itertools.count()
@@ -205,7 +216,7 @@ def best(candidates: list[GpuBlocks], problems: list[dict], timer: Timer, phase:
 
 def _short(b: GpuBlocks) -> str:
     return (f"stages={b.stages} cols={b.expand_cols} tiles={b.expand_tiles} ksplit={b.decode_ksplit} "
-            f"decode_rows={b.decode_rows} buckets={b.rank_buckets}")
+            f"decode_rows={b.decode_rows} buckets={b.rank_buckets} window_unit_rows={b.window_unit_rows}")
 
 
 def winning_from(counts, wins) -> int:
@@ -253,6 +264,12 @@ def tune(dtype, entry: GpuBlocks, phases, rng, timer: Timer, tiny: bool) -> dict
         problems = [make_problem(rng, s, dtype) for s in decode_shapes + ([] if tiny else PREFILL)]
         cands = [dataclasses.replace(entry, expand_tiles=k) for k in ((1, 0) if tiny else EXPAND_TILES)]
         fields["expand_tiles"] = best(cands, problems, timer, "expand").expand_tiles
+        entry = dataclasses.replace(entry, **fields)
+    if "window" in phases:
+        shapes = TINY_WINDOW if tiny else decode_shapes + PREFILL + FEW_ADAPTERS
+        problems = [make_problem(rng, s, dtype) for s in shapes]
+        cands = [dataclasses.replace(entry, window_unit_rows=n) for n in ((0, 4) if tiny else WINDOW_UNIT_ROWS)]
+        fields["window_unit_rows"] = best(cands, problems, timer, "window").window_unit_rows
         entry = dataclasses.replace(entry, **fields)
     if "buckets" in phases:
         problems = [make_problem(rng, s, dtype) for s in (TINY_BUCKETS if tiny else BUCKET_SHAPES)]
