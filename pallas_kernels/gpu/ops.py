@@ -31,7 +31,7 @@ from pallas_kernels.gpu.common import pad_rows, padded_rows
 from pallas_kernels.gpu.expand import expand, split_hi_lo
 from pallas_kernels.gpu.shrink import BK, shrink
 from pallas_kernels.gpu.units import build_units, per_row_units, rank_buckets
-from pallas_kernels.gpu.window_expand import pair_rows, window_expand, window_pairs
+from pallas_kernels.gpu.window_expand import long_bound, pair_rows, window_expand, window_pairs
 from pallas_kernels.grouping import group_rows
 from pallas_kernels.layout import PageTable
 
@@ -118,7 +118,9 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
     if blocks.window_unit_rows:  # window-major expand for units of up to window_unit_rows rows
         pairs = tuple(window_pairs(u, mx, blocks.window_unit_rows) for u in units)
         per_pair = [pair_rows(s, p, b.dtype) for s, p, b in zip(masked, pairs, b_rows)]
-        per_row = [split_hi_lo(s, b.dtype) for s, b in zip(masked, b_rows)]
+        # s by row (both parts) only for long units' CTAs: none when no unit can be long
+        per_row = ([split_hi_lo(s, b.dtype) for s, b in zip(masked, b_rows)]
+                   if long_bound(mx, blocks.window_unit_rows) else [])
         deltas = window_expand(tuple(h for h, _ in per_pair), tuple(lo for _, lo in per_pair),
                                tuple(h for h, _ in per_row), tuple(lo for _, lo in per_row), tuple(b_rows), pairs,
                                cols=blocks.window_cols, unit_cols=blocks.expand_cols, stages=blocks.stages,

@@ -125,25 +125,29 @@ def window_expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], r_hi
                   cols: int = 256, unit_cols: int = 128, stages: int = 4, interpret=None) -> tuple[jax.Array, ...]:
     """Per target t, d [Mx, N_t] float32; see the module docstring. All targets run in one launch: a 1-D grid of,
     target after target, windows x that target's column tiles (`cols` columns, narrower where N_t is not a
-    multiple), then its long units x their column tiles (`unit_cols`)."""
+    multiple), then its long units x their column tiles (`unit_cols`). r_hi / r_lo: empty when no unit can be
+    long (pairs' long-unit bound 0)."""
     num_targets = len(b_rows)
-    if not len(s_hi) == len(s_lo) == len(r_hi) == len(r_lo) == len(pairs) == num_targets >= 1:
-        raise ValueError(f"one set of s parts, B arena and WindowPairs per target: {len(s_hi)} / {len(s_lo)} / "
-                         f"{len(r_hi)} / {len(r_lo)} s parts, {num_targets} arenas, {len(pairs)} pair sets")
+    n_long = pairs[0].long_row0.shape[0] if pairs else 0
+    rows_needed = num_targets if n_long else 0  # s by row only feeds the long units' CTAs
+    if not len(s_hi) == len(s_lo) == len(pairs) == num_targets >= 1 or not len(r_hi) == len(r_lo) == rows_needed:
+        raise ValueError(f"per target one set of pair rows, B arena and WindowPairs, and s by row when units can "
+                         f"be long ({n_long} long-unit slots): {len(s_hi)} / {len(s_lo)} pair parts, "
+                         f"{len(r_hi)} / {len(r_lo)} row parts, {num_targets} arenas, {len(pairs)} pair sets")
     nw = pairs[0].count.shape[0]
     mx = nw * WINDOW
-    n_long = pairs[0].long_row0.shape[0]
     plans = []  # per target: (rank, window tile columns, window tiles, pipeline depth, unit tile columns, tiles)
-    for hi, lo, rh, rl, b, p in zip(s_hi, s_lo, r_hi, r_lo, b_rows, pairs):
-        check_operands("window_expand", hi, lo, rh, rl, b)
+    for t, (hi, lo, b, p) in enumerate(zip(s_hi, s_lo, b_rows, pairs)):
+        rows = (r_hi[t], r_lo[t]) if n_long else ()
+        check_operands("window_expand", hi, lo, *rows, b)
         rank = hi.shape[1]
         if lo.shape != hi.shape or hi.shape[0] != nw * WINDOW * WINDOW or p.count.shape[0] != nw:
             raise ValueError(f"pair rows {hi.shape} / {lo.shape} must both be [{nw * WINDOW * WINDOW}, R] for "
                              f"{nw} windows (every target's)")
-        if rh.shape != (mx, rank) or rl.shape != rh.shape or p.long_row0.shape[0] != n_long:
-            raise ValueError(f"row parts {rh.shape} / {rl.shape} must both be [{mx}, {rank}], and every target "
+        if any(r.shape != (mx, rank) for r in rows) or p.long_row0.shape[0] != n_long:
+            raise ValueError(f"row parts {[r.shape for r in rows]} must be [{mx}, {rank}], and every target "
                              f"needs the same long-unit bound")
-        if any(a.dtype != b.dtype for a in (hi, lo, rh, rl)):
+        if any(a.dtype != b.dtype for a in (hi, lo, *rows)):
             raise ValueError(f"s parts must be in B's dtype {b.dtype}")
         if rank % 16 or not 16 <= rank <= 256:
             raise ValueError(f"rank {rank} must be a multiple of 16 in [16, 256] (wgmma K of 16-bit operands)")
@@ -151,7 +155,8 @@ def window_expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], r_hi
         if not bn or not bu:
             raise ValueError(f"output width {b.shape[1]} must be a multiple of 64")
         check_tma_array("window_expand", "s pair rows", hi.shape, hi.dtype, rank)
-        check_tma_array("window_expand", "s rows", rh.shape, rh.dtype, rank)
+        for r in rows:
+            check_tma_array("window_expand", "s rows", r.shape, r.dtype, rank)
         check_tma_array("window_expand", "B arena", b.shape, b.dtype, min(bn, bu))
         plans.append((rank, bn, b.shape[1] // bn, pipeline_depth(stages, rank, bn, jnp.dtype(b.dtype).itemsize),
                       bu, b.shape[1] // bu))
@@ -159,7 +164,8 @@ def window_expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], r_hi
     for _, _, n_tiles, _, _, n_unit_tiles in plans:
         first_cta.append(first_cta[-1] + nw * n_tiles)
         first_cta.append(first_cta[-1] + n_long * n_unit_tiles)
-    names = ("count", "page", "store", "long_row0", "long_size", "long_page", "hi", "lo", "r_hi", "r_lo", "b", "o")
+    names = ("count", "page", "store", "long_row0", "long_size", "long_page", "hi", "lo",
+             *(("r_hi", "r_lo") if n_long else ()), "b", "o")
 
     def body(*refs):
         ref = {name: refs[i * num_targets:(i + 1) * num_targets] for i, name in enumerate(names)}
