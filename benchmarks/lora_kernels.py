@@ -142,8 +142,11 @@ def delta_gpu_kernel(x, slots, a, b):
     return dispatch.lora_delta(x, slots, a, b, backend=dispatch.LoraBackend.GPU)
 
 
-def delta_gpu_kernel_rank_major(x, slots, a, b):
-    return dispatch.lora_delta(x, slots, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True)
+def delta_gpu_rank_major(x, slots, a, b, blocks_of=None):
+    """The dispatcher's kernels with A stored rank-major; blocks_of(dtype): the kernel settings (None: the
+    device's entry)."""
+    return dispatch.lora_delta(x, slots, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True,
+                               blocks=None if blocks_of is None else blocks_of(x.dtype))
 
 
 def delta_reference_rank_major(x, slots, a, b):
@@ -165,15 +168,13 @@ RANK_MAJOR = {"gpu-kernel-rm", "gpu-per-row-rm", "gpu-grouped-rm", "gpu-window-r
               *(f"gpu-hybrid{n}{g}-rm" for n in HYBRID_UNIT_ROWS for g in ("", "-grouped"))}
 
 
-def expert_delta_gpu_kernel_rank_major(x, slots, experts, a, b):
-    return dispatch.expert_lora_delta(x, slots, experts, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True)
-
-
-def expert_delta_gpu_grouped(x, slots, experts, a, b):
-    """The kernels on rows taken in place (rows_grouped: the case's rows come sorted by (expert, slot), as the
-    MoE layer sorts them): no sort, no gather of x, none of the delta back."""
+def expert_delta_gpu_rank_major(x, slots, experts, a, b, rows_grouped=False, blocks_of=None):
+    """The dispatcher's kernels per expert, A rank-major. rows_grouped: rows taken in place (the case's rows come
+    sorted by (expert, slot), as the MoE layer sorts them): no sort, no gather of x, none of the delta back.
+    blocks_of(dtype): the kernel settings (None: the device's entry)."""
     return dispatch.expert_lora_delta(x, slots, experts, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True,
-                                      rows_grouped=True)
+                                      blocks=None if blocks_of is None else blocks_of(x.dtype),
+                                      rows_grouped=rows_grouped)
 
 
 def per_row_blocks(dtype):
@@ -188,24 +189,9 @@ def window_blocks(dtype, unit_rows: int = 1 << 30):
     return dataclasses.replace(gpu_ops.device_blocks(dtype, None), window_unit_rows=unit_rows)
 
 
-def delta_gpu_window(x, slots, a, b, unit_rows=1 << 30):
-    return dispatch.lora_delta(x, slots, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True,
-                               blocks=window_blocks(x.dtype, unit_rows))
-
-
-def expert_delta_gpu_window(x, slots, experts, a, b, rows_grouped=False, unit_rows=1 << 30):
-    return dispatch.expert_lora_delta(x, slots, experts, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True,
-                                      blocks=window_blocks(x.dtype, unit_rows), rows_grouped=rows_grouped)
-
-
-def delta_gpu_per_row(x, slots, a, b):
-    return dispatch.lora_delta(x, slots, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True,
-                               blocks=per_row_blocks(x.dtype))
-
-
-def expert_delta_gpu_per_row(x, slots, experts, a, b):
-    return dispatch.expert_lora_delta(x, slots, experts, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True,
-                                      blocks=per_row_blocks(x.dtype))
+def unit_rows_blocks(n: int):
+    """blocks_of for window_blocks with units of up to n rows on windows."""
+    return functools.partial(window_blocks, unit_rows=n)
 
 
 harness = kernel_timing.identity
@@ -218,26 +204,23 @@ if jax.default_backend() == "gpu":  # Mosaic GPU kernels: Hopper only
     SHRINK["gpu-kernel"] = shrink_gpu_kernel
     SHRINK["gpu-kernel-rm"] = shrink_gpu_kernel_rank_major
     DELTA["gpu-kernel"] = delta_gpu_kernel
-    DELTA["gpu-kernel-rm"] = delta_gpu_kernel_rank_major
-    DELTA["gpu-per-row-rm"] = delta_gpu_per_row
-    DELTA["gpu-window-rm"] = delta_gpu_window
-    DELTA["gpu-unit-rm"] = functools.partial(delta_gpu_window, unit_rows=0)
+    DELTA["gpu-kernel-rm"] = delta_gpu_rank_major
+    DELTA["gpu-per-row-rm"] = functools.partial(delta_gpu_rank_major, blocks_of=per_row_blocks)
+    DELTA["gpu-window-rm"] = functools.partial(delta_gpu_rank_major, blocks_of=window_blocks)
+    DELTA["gpu-unit-rm"] = functools.partial(delta_gpu_rank_major, blocks_of=unit_rows_blocks(0))
     for n in HYBRID_UNIT_ROWS:
-        DELTA[f"gpu-hybrid{n}-rm"] = functools.partial(delta_gpu_window, unit_rows=n)
+        DELTA[f"gpu-hybrid{n}-rm"] = functools.partial(delta_gpu_rank_major, blocks_of=unit_rows_blocks(n))
 EXPERT_DELTA = {"reference": reference.expert_lora_delta, "reference-rm": expert_delta_reference_rank_major,
                 "dispatch": dispatch.expert_lora_delta}
 if jax.default_backend() == "gpu":
-    EXPERT_DELTA["gpu-kernel-rm"] = expert_delta_gpu_kernel_rank_major
-    EXPERT_DELTA["gpu-per-row-rm"] = expert_delta_gpu_per_row
-    EXPERT_DELTA["gpu-grouped-rm"] = expert_delta_gpu_grouped
-    EXPERT_DELTA["gpu-window-rm"] = expert_delta_gpu_window
-    EXPERT_DELTA["gpu-window-grouped-rm"] = functools.partial(expert_delta_gpu_window, rows_grouped=True)
-    EXPERT_DELTA["gpu-unit-rm"] = functools.partial(expert_delta_gpu_window, unit_rows=0)
-    EXPERT_DELTA["gpu-unit-grouped-rm"] = functools.partial(expert_delta_gpu_window, rows_grouped=True, unit_rows=0)
-    for n in HYBRID_UNIT_ROWS:
-        EXPERT_DELTA[f"gpu-hybrid{n}-rm"] = functools.partial(expert_delta_gpu_window, unit_rows=n)
-        EXPERT_DELTA[f"gpu-hybrid{n}-grouped-rm"] = functools.partial(expert_delta_gpu_window, rows_grouped=True,
-                                                                      unit_rows=n)
+    EXPERT_DELTA["gpu-kernel-rm"] = expert_delta_gpu_rank_major
+    EXPERT_DELTA["gpu-per-row-rm"] = functools.partial(expert_delta_gpu_rank_major, blocks_of=per_row_blocks)
+    EXPERT_DELTA["gpu-grouped-rm"] = functools.partial(expert_delta_gpu_rank_major, rows_grouped=True)
+    for name, blocks_of in [("window", window_blocks), ("unit", unit_rows_blocks(0)),
+                            *((f"hybrid{n}", unit_rows_blocks(n)) for n in HYBRID_UNIT_ROWS)]:
+        EXPERT_DELTA[f"gpu-{name}-rm"] = functools.partial(expert_delta_gpu_rank_major, blocks_of=blocks_of)
+        EXPERT_DELTA[f"gpu-{name}-grouped-rm"] = functools.partial(expert_delta_gpu_rank_major, rows_grouped=True,
+                                                                   blocks_of=blocks_of)
 
 
 def _qkv_pairs(args):
@@ -251,28 +234,15 @@ def qkv_reference(*args):
     return jnp.concatenate([reference.lora_delta(x, slots, a, b, a_rank_major=True) for a, b in pairs], axis=1)
 
 
-def qkv_gpu_fused(*args):
-    """One add_lora_fused call: one grouping, one shrink and one expand launch for the three targets."""
+def qkv_gpu_fused(*args, blocks_of=None):
+    """One add_lora_fused call: one grouping, one shrink and one expand launch for the three targets.
+    blocks_of(dtype): the kernel settings (None: the device's entry; per_row_blocks: per-row units, no grouping
+    at all; window_blocks: the window-major expand)."""
     x, slots, pairs = _qkv_pairs(args)
     ys = tuple(jnp.zeros((x.shape[0], b.shape[-1]), jnp.float32) for _, b in pairs)
-    return jnp.concatenate(dispatch.add_lora_fused(ys, x, slots, pairs, a_rank_major=True,
-                                                   backend=dispatch.LoraBackend.GPU), axis=1)
-
-
-def qkv_gpu_fused_per_row(*args):
-    """add_lora_fused on per-row units: the three targets' two launches with no grouping at all."""
-    x, slots, pairs = _qkv_pairs(args)
-    ys = tuple(jnp.zeros((x.shape[0], b.shape[-1]), jnp.float32) for _, b in pairs)
-    return jnp.concatenate(dispatch.add_lora_fused(ys, x, slots, pairs, a_rank_major=True, blocks=per_row_blocks(
-        x.dtype), backend=dispatch.LoraBackend.GPU), axis=1)
-
-
-def qkv_gpu_fused_window(*args, unit_rows=1 << 30):
-    """add_lora_fused with the window-major expand (units of up to unit_rows rows)."""
-    x, slots, pairs = _qkv_pairs(args)
-    ys = tuple(jnp.zeros((x.shape[0], b.shape[-1]), jnp.float32) for _, b in pairs)
-    return jnp.concatenate(dispatch.add_lora_fused(ys, x, slots, pairs, a_rank_major=True, blocks=window_blocks(
-        x.dtype, unit_rows), backend=dispatch.LoraBackend.GPU), axis=1)
+    return jnp.concatenate(dispatch.add_lora_fused(
+        ys, x, slots, pairs, a_rank_major=True, blocks=None if blocks_of is None else blocks_of(x.dtype),
+        backend=dispatch.LoraBackend.GPU), axis=1)
 
 
 def qkv_gpu_separate(*args):
@@ -287,10 +257,10 @@ QKV_DELTA = {"reference": qkv_reference}  # A rank-major in every qkv variant (n
 if jax.default_backend() == "gpu":
     QKV_DELTA["gpu-fused"] = qkv_gpu_fused
     QKV_DELTA["gpu-separate"] = qkv_gpu_separate
-    QKV_DELTA["gpu-fused-per-row"] = qkv_gpu_fused_per_row
-    QKV_DELTA["gpu-fused-window"] = qkv_gpu_fused_window
+    QKV_DELTA["gpu-fused-per-row"] = functools.partial(qkv_gpu_fused, blocks_of=per_row_blocks)
+    QKV_DELTA["gpu-fused-window"] = functools.partial(qkv_gpu_fused, blocks_of=window_blocks)
     for n in HYBRID_UNIT_ROWS:
-        QKV_DELTA[f"gpu-fused-hybrid{n}"] = functools.partial(qkv_gpu_fused_window, unit_rows=n)
+        QKV_DELTA[f"gpu-fused-hybrid{n}"] = functools.partial(qkv_gpu_fused, blocks_of=unit_rows_blocks(n))
 
 
 def timed(fn, *args, profile: bool = False) -> dict:
