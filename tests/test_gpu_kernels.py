@@ -140,21 +140,27 @@ def test_per_row_variant_per_expert_and_fused(rng):
         assert rel_err(np.asarray(g, np.float32), np.asarray(want, np.float32)) < 1e-2
 
 
-@pytest.mark.parametrize("ksplit", [1, 2])  # prefill (whole D_in per unit) and decode (D_in split)
-@pytest.mark.parametrize("m", [1, 17, 72, 130])
-def test_dense_delta_matches_reference(rng, m, ksplit):
-    """Ragged, unaligned T (130 rows: a group of 100+ rows spans several units; 72 rows: the first group, 64 rows
-    of slot 1, is one whole 64-row unit); mixed ranks in a rank-32 pool."""
+def dense_case(rng, m):
+    """A dense call of m rows over a rank-32 pool of 5 slots with mixed ranks (0, 32, 8, 16, 32), 128 -> 192:
+    (a, b, x, slots). 130 rows: a group of 100 rows spans several units; 72 rows: the first group, 64 rows of
+    slot 1, is one whole 64-row unit."""
     num_slots, d_in, out = 5, 128, 192
-    ranks = [0, 32, 8, 16, 32]
-    a, b = make_pages(rng, ranks, d_in, out)
+    a, b = make_pages(rng, [0, 32, 8, 16, 32], d_in, out)
     x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
     slots = rng.integers(0, num_slots, size=m).astype(np.int32)
     if m == 130:
         slots[:100] = 2
     if m == 72:
         slots[:64], slots[64:] = 1, rng.integers(2, num_slots, size=8)
-    slots = jnp.asarray(slots)
+    return a, b, x, jnp.asarray(slots)
+
+
+@pytest.mark.parametrize("ksplit", [1, 2])  # prefill (whole D_in per unit) and decode (D_in split)
+@pytest.mark.parametrize("m", [1, 17, 72, 130])
+def test_dense_delta_matches_reference(rng, m, ksplit):
+    """Ragged, unaligned T, groups across units and one whole unit (dense_case); mixed ranks in a rank-32 pool."""
+    a, b, x, slots = dense_case(rng, m)
+    num_slots, out = a.shape[0], b.shape[-1]
     keys, active = slots, slots > 0
     tables = (PageTable.padded(num_slots, 1, 32, 32),)
     (got,) = gpu_ops.lora_apply((jnp.zeros((m, out), jnp.float32),), x, keys, active,
@@ -567,22 +573,16 @@ def test_window_pairs_give_each_window_its_rows_pages(rng, case, unit_rows):
         assert int(got.store[w]) == sum(1 << j for j in range(8) if not is_long[w * 8 + j])
     listed = [(int(r), int(n), int(pg)) for r, n, pg in zip(got.long_row0, got.long_size, got.long_page) if n]
     assert listed == [(int(units.row0[u]), int(units.size[u]), int(units.b_page_row[u])) for u in
-                      sorted(long_units, key=lambda u: u)]
+                      sorted(long_units)]
 
 
 @pytest.mark.parametrize("m", [1, 17, 72, 130])
 def test_window_expand_matches_unit_expand_dense(rng, m):
     """The window-major expand (window_expand.py) through the dispatcher, dense, mixed ranks in a rank-32 pool,
-    ragged T, a 100-row group spanning 13 windows: float32 deltas equal to the unit-major expand's up to the order
-    of the float32 sums (the products are taken transposed) and to the reference; slot-0 rows exactly 0."""
-    num_slots, d_in, out = 5, 128, 192
-    ranks = [0, 32, 8, 16, 32]
-    a, b = make_pages(rng, ranks, d_in, out)
-    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
-    slots = rng.integers(0, num_slots, size=m).astype(np.int32)
-    if m == 130:
-        slots[:100] = 2
-    slots = jnp.asarray(slots)
+    ragged T, a 100-row group spanning 13 windows, a 64-row group (dense_case): float32 deltas equal to the
+    unit-major expand's up to the order of the float32 sums (the products are taken transposed) and to the
+    reference; slot-0 rows exactly 0."""
+    a, b, x, slots = dense_case(rng, m)
     got = dispatch.lora_delta(x, slots, a, b, backend=GPU, blocks=WINDOW)
     assert rel_err(got, dispatch.lora_delta(x, slots, a, b, backend=GPU)) < 1e-6
     assert rel_err(got, reference.lora_delta(x, slots, a, b)) < 1e-5
