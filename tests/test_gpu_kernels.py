@@ -188,7 +188,9 @@ def test_expert_delta_matches_reference(rng):
 def test_expert_delta_on_rows_grouped_in_place(rng, m):
     """Rows sorted by (expert, slot) as the MoE layer sorts them (slot-0 rows first in each expert, padding
     experts last, one (slot, expert) pair 70 rows long: several units): with rows_grouped the kernels take them
-    in place and give the reference's delta, bit-identical to the sorting path's, zero on rows with no work."""
+    in place and give the reference's delta, the sorting path's to float32 rounding (the interpreter's matmuls
+    may round a row differently at another position in its window: seen on AMD EPYC hosts), zero on rows with no
+    work."""
     num_slots, num_experts, d_in, out = 4, 5, 64, 128
     a, b = make_pages(rng, [0, 16, 16, 8], d_in, out, experts=num_experts)
     slots = rng.integers(0, num_slots, size=m)
@@ -202,8 +204,7 @@ def test_expert_delta_on_rows_grouped_in_place(rng, m):
     assert rel_err(got, want) < 1e-5
     idle = np.asarray((slots == 0) | (experts == num_experts))
     assert np.all(np.asarray(got)[idle] == 0)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(dispatch.expert_lora_delta(
-        x, slots, experts, a, b, backend=GPU)))
+    assert rel_err(got, dispatch.expert_lora_delta(x, slots, experts, a, b, backend=GPU)) < 1e-6
 
 
 @pytest.mark.parametrize("rank", [8, 16, 64, 128])
