@@ -12,16 +12,18 @@ widths, sorted by expert as the MoE layer feeds them) it times:
             reference / reference-rm (lora/reference.py on either A layout), dispatch
             (pallas_kernels.dispatch.lora_delta as the platform picks), one-hot, ragged_dot, gpu-kernel(-rm),
             gpu-per-row-rm (the kernels on one work unit per row: no sort, no gathers; GPU only), gpu-window-rm /
-            gpu-unit-rm (the window-major expand, window_expand.py, for every call / for none)
+            gpu-unit-rm (the window-major expand, window_expand.py, for every call / for none), gpu-runs-rm (run
+            units, runs.py: rows in place, no grouping, the window-major expand)
   expert delta: reference, reference-rm, dispatch, gpu-kernel-rm, gpu-per-row-rm, gpu-grouped-rm (rows taken
             in place: the case's rows come sorted by (expert, slot), as the MoE layer sorts them),
             gpu-window-rm / gpu-window-grouped-rm and gpu-unit-rm / gpu-unit-grouped-rm (the same two with every
             unit on the window-major expand, or none, whatever the device's entry says), gpu-hybrid<n>-rm /
-            gpu-hybrid<n>-grouped-rm (units of up to n rows on windows, longer ones unit-major: n = 4, 8)
+            gpu-hybrid<n>-grouped-rm (units of up to n rows on windows, longer ones unit-major: n = 4, 8),
+            gpu-runs-rm (run units on the case's rows in place)
   qkv delta (three targets sharing x, Qwen3 attention widths; A rank-major): reference, gpu-fused (one
             add_lora_fused call: one shrink and one expand launch), gpu-fused-per-row (the same on per-row
-            units), gpu-fused-window / gpu-fused-hybrid<n> (the window-major expand), gpu-separate (three
-            add_lora calls)
+            units), gpu-fused-window / gpu-fused-hybrid<n> (the window-major expand), gpu-fused-runs (run
+            units), gpu-separate (three add_lora calls)
 Each variant runs in one jitted, unrolled loop; `us` is its device time per call (kernel time in a profiler
 trace, less the loop's own), which is what it costs inside a step; the wall time per call is kept beside it.
 The ceilings are measured in the same run: device copy bandwidth (read + write of a large buffer) and bf16
@@ -164,7 +166,7 @@ HYBRID_UNIT_ROWS = (4, 8)  # the gpu-hybrid<n> variants: units of up to n rows o
 
 # variants that take A as [S, (E,) R, D_in]
 RANK_MAJOR = {"gpu-kernel-rm", "gpu-per-row-rm", "gpu-grouped-rm", "gpu-window-rm", "gpu-window-grouped-rm",
-              "gpu-unit-rm", "gpu-unit-grouped-rm", "reference-rm",
+              "gpu-unit-rm", "gpu-unit-grouped-rm", "gpu-runs-rm", "reference-rm",
               *(f"gpu-hybrid{n}{g}-rm" for n in HYBRID_UNIT_ROWS for g in ("", "-grouped"))}
 
 
@@ -189,6 +191,12 @@ def window_blocks(dtype, unit_rows: int = 1 << 30):
     return dataclasses.replace(gpu_ops.device_blocks(dtype, None), window_unit_rows=unit_rows)
 
 
+def run_blocks(dtype):
+    """The device's kernel settings with every call on run units (runs.py: rows in place, no grouping, pages
+    read once per run, the window-major expand)."""
+    return dataclasses.replace(gpu_ops.device_blocks(dtype, None), run_rows=1 << 30)
+
+
 def unit_rows_blocks(n: int):
     """blocks_of for window_blocks with units of up to n rows on windows."""
     return functools.partial(window_blocks, unit_rows=n)
@@ -208,6 +216,7 @@ if jax.default_backend() == "gpu":  # Mosaic GPU kernels: Hopper only
     DELTA["gpu-per-row-rm"] = functools.partial(delta_gpu_rank_major, blocks_of=per_row_blocks)
     DELTA["gpu-window-rm"] = functools.partial(delta_gpu_rank_major, blocks_of=window_blocks)
     DELTA["gpu-unit-rm"] = functools.partial(delta_gpu_rank_major, blocks_of=unit_rows_blocks(0))
+    DELTA["gpu-runs-rm"] = functools.partial(delta_gpu_rank_major, blocks_of=run_blocks)
     for n in HYBRID_UNIT_ROWS:
         DELTA[f"gpu-hybrid{n}-rm"] = functools.partial(delta_gpu_rank_major, blocks_of=unit_rows_blocks(n))
 EXPERT_DELTA = {"reference": reference.expert_lora_delta, "reference-rm": expert_delta_reference_rank_major,
@@ -216,6 +225,7 @@ if jax.default_backend() == "gpu":
     EXPERT_DELTA["gpu-kernel-rm"] = expert_delta_gpu_rank_major
     EXPERT_DELTA["gpu-per-row-rm"] = functools.partial(expert_delta_gpu_rank_major, blocks_of=per_row_blocks)
     EXPERT_DELTA["gpu-grouped-rm"] = functools.partial(expert_delta_gpu_rank_major, rows_grouped=True)
+    EXPERT_DELTA["gpu-runs-rm"] = functools.partial(expert_delta_gpu_rank_major, blocks_of=run_blocks)
     for name, blocks_of in [("window", window_blocks), ("unit", unit_rows_blocks(0)),
                             *((f"hybrid{n}", unit_rows_blocks(n)) for n in HYBRID_UNIT_ROWS)]:
         EXPERT_DELTA[f"gpu-{name}-rm"] = functools.partial(expert_delta_gpu_rank_major, blocks_of=blocks_of)
@@ -259,6 +269,7 @@ if jax.default_backend() == "gpu":
     QKV_DELTA["gpu-separate"] = qkv_gpu_separate
     QKV_DELTA["gpu-fused-per-row"] = functools.partial(qkv_gpu_fused, blocks_of=per_row_blocks)
     QKV_DELTA["gpu-fused-window"] = functools.partial(qkv_gpu_fused, blocks_of=window_blocks)
+    QKV_DELTA["gpu-fused-runs"] = functools.partial(qkv_gpu_fused, blocks_of=run_blocks)
     for n in HYBRID_UNIT_ROWS:
         QKV_DELTA[f"gpu-fused-hybrid{n}"] = functools.partial(qkv_gpu_fused, blocks_of=unit_rows_blocks(n))
 

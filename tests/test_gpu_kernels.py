@@ -11,6 +11,8 @@ Two checks, since no GPU is here:
     time), timing, real hardware races. tools/gpu_lora_kernel_check.py does.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -258,9 +260,10 @@ def test_packed_arena_through_paged_delta(rng, buckets):
     assert rel_err(got, want) < 1e-5
 
 
-def test_b_pages_placed_apart_from_a_pages(rng):
+@pytest.mark.parametrize("runs", [False, True])
+def test_b_pages_placed_apart_from_a_pages(rng, runs):
     """The disaggregated LoRA server may place a target's B pages at other arena rows than its A pages (a second
-    page table): the GPU kernels address each arena with its own table."""
+    page table): the GPU kernels address each arena with its own table (grouped units, and run units)."""
     m, d_in, out, num_experts, rank, slots_n = 40, 64, 128, 2, 16, 4
     a_off, b_off = 16, 56  # rows before each arena's first page (other targets' pages live there)
 
@@ -276,7 +279,7 @@ def test_b_pages_placed_apart_from_a_pages(rng):
     slots = jnp.asarray(rng.integers(0, slots_n, size=m), jnp.int32)
     experts = jnp.asarray(rng.integers(0, num_experts + 1, size=m), jnp.int32)  # expert 2: padding rows
     got = dispatch.paged_lora_delta(x, slots, experts, a_rows, b_rows, table(a_off), num_experts=num_experts,
-                                    b_table=table(b_off), backend=GPU)
+                                    b_table=table(b_off), backend=GPU, blocks=RUNS if runs else None)
     want = reference.paged_lora_delta(x, slots, experts, a_rows, b_rows, table(a_off), num_experts, table(b_off))
     assert float(jnp.abs(want).max()) > 0
     assert rel_err(got, want) < 1e-5
@@ -312,7 +315,7 @@ def test_float32_falls_back_to_reference(rng):
 @pytest.mark.parametrize("variant,m,r", [("decode", 37, 8), ("decode", 256, 64), ("prefill", 1500, 16),
                                          ("prefill", 4096, 64), ("per_row", 37, 32), ("expand_tiles", 512, 32),
                                          ("expand_tiles", 1500, 128), ("window", 37, 8), ("window", 512, 32),
-                                         ("window", 256, 128)])
+                                         ("window", 256, 128), ("runs", 37, 16), ("runs", 512, 32)])
 @pytest.mark.parametrize("expert", [False, True])
 def test_kernels_lower_for_cuda(variant, m, r, expert):
     """Pallas -> Mosaic GPU lowering on CPU, down to Mosaic GPU's dialect lowering (`lower_mgpu_dialect`, which
@@ -329,7 +332,8 @@ def test_kernels_lower_for_cuda(variant, m, r, expert):
     slots, experts = sds((m,), jnp.int32), sds((m,), jnp.int32)
     blocks = {"per_row": PER_ROW, "expand_tiles": GpuBlocks(expand_tiles=0, stages=6),
               "window": GpuBlocks(window_unit_rows=1 << 20, stages=6),
-              "window_long": GpuBlocks(window_unit_rows=4, stages=6)}.get(variant)
+              "window_long": GpuBlocks(window_unit_rows=4, stages=6),
+              "runs": GpuBlocks(run_rows=1 << 20, stages=6)}.get(variant)
     kw = {"backend": dispatch.LoraBackend.GPU, "blocks": blocks}
     if expert:
         step = lambda y, x, s, e, a, b: dispatch.add_expert_lora(y, x, s, e, a, b, **kw)
@@ -340,8 +344,8 @@ def test_kernels_lower_for_cuda(variant, m, r, expert):
     text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 2
     assert gpu_ops.pick_ksplit(m, h, blocks or GpuBlocks()) == (1 if m > 512 else 4)
-    # the per-row variant sorts nothing (the grouped one argsorts the rows' keys)
-    assert ("stablehlo.sort" in text) is (variant != "per_row")
+    # the per-row and run variants sort nothing (the grouped one argsorts the rows' keys)
+    assert ("stablehlo.sort" in text) is (variant not in ("per_row", "runs"))
 
 
 def test_unaligned_rows_hit_the_mosaic_gpu_tiling_check_on_cpu():
@@ -686,4 +690,175 @@ def test_window_expand_switch_and_its_override(rng, monkeypatch, unit_rows, wind
     assert gpu_ops.device_blocks(BF, plgpu.InterpretGPUParams()).window_unit_rows == unit_rows
     monkeypatch.setenv(gpu_ops.WINDOW_UNIT_ROWS_ENV_VAR, "many")
     with pytest.raises(ValueError, match="INFINILORA_GPU_WINDOW_UNIT_ROWS='many'"):
+        gpu_ops.device_blocks(BF, plgpu.InterpretGPUParams())
+
+
+RUNS = GpuBlocks(run_rows=1 << 20, window_cols=64)
+
+
+def runs_model(keys, work, mx):
+    """What run_units must give, by a loop: per 8-row window, its runs (first row, rows) in row order: maximal
+    stretches of rows with work and one key."""
+    keys = list(np.asarray(keys)) + [-1] * (mx - len(keys))
+    work = list(np.asarray(work)) + [False] * (mx - len(work))
+    windows = []
+    for w in range(mx // 8):
+        runs = []
+        for r in range(w * 8, w * 8 + 8):
+            if not work[r]:
+                continue
+            if runs and runs[-1][0] + runs[-1][1] == r and keys[r - 1] == keys[r]:
+                runs[-1][1] += 1
+            else:
+                runs.append([r, 1])
+        windows.append(runs)
+    return windows
+
+
+@pytest.mark.parametrize("case", ["dense_in_token_order", "expert_grouped_in_place"])
+def test_run_units_are_each_windows_runs_of_one_page(rng, case):
+    """Run units straight from the rows' keys: per 8-row window its runs in row order (a run ends at a row with
+    no work, another key or the window's end), each run's first row, rows, A and B page rows and rank bucket;
+    the window pairs over the same runs (count, B page, owned rows; every row stored); row_rank per row, 0 for
+    rows with no work (slot 0, padding experts, a rank-0 slot). 83 rows padded to 88."""
+    from pallas_kernels.gpu.runs import run_units
+    m, mx, num_slots = 83, 88, 5
+    num_experts = 1 if case == "dense_in_token_order" else 4
+    slots = rng.integers(0, num_slots, size=m)
+    experts = rng.integers(0, num_experts + (num_experts > 1), size=m)
+    slots[10:40], experts[10:40] = 2, 0  # 30 rows of one page: runs cut at window ends
+    slots[50:53] = 4  # slot 4 has rank 0: no work
+    if case == "expert_grouped_in_place":
+        order = np.argsort(experts * num_slots + slots, kind="stable")
+        slots, experts = slots[order], experts[order]
+    slots, experts = jnp.asarray(slots, jnp.int32), jnp.asarray(experts, jnp.int32)
+    valid = experts < num_experts
+    keys = slots * num_experts + jnp.where(valid, experts, 0)
+    slot_ranks = jnp.asarray([0, 32, 16, 32, 0], jnp.int32)
+    table = PageTable.padded(num_slots, num_experts, 32, 16, slot_ranks)
+    b_table = dataclasses.replace(table, start=table.start + 7)  # B's pages 7 blocks further on
+    units, pairs = run_units(keys, valid & (slots > 0), table, num_experts=num_experts, mx=mx,
+                             b_table=b_table, buckets=(16, 32))
+    nb = np.asarray(table.nblocks)[np.asarray(slots)] * np.asarray(valid)
+    work = nb > 0
+    windows = runs_model(keys, work, mx)
+    assert max(len(r) for r in windows) > 2 and any(len(r) == 1 and r[0][1] == 8 for r in windows)
+    np.testing.assert_array_equal(units.row_rank, nb * 16)
+    np.testing.assert_array_equal(pairs.count, [len(r) for r in windows])
+    np.testing.assert_array_equal(pairs.store, 255)
+    assert pairs.long_row0.shape == (0,) and int(units.count[0]) == mx
+    for w, runs in enumerate(windows):
+        for i in range(8):
+            u = w * 8 + i
+            if i >= len(runs):
+                assert int(units.size[u]) == 0 and not np.any(np.asarray(pairs.owner[w, i]))
+                continue
+            r0, n = runs[i]
+            key = int(keys[r0])
+            slot, expert = key // num_experts, key % num_experts
+            page = (int(table.start[slot]) + expert * int(table.stride[slot])) * 16
+            b_page = page + 7 * 16
+            assert (int(units.row0[u]), int(units.size[u])) == (r0, n)
+            assert (int(units.page_row[u]), int(units.b_page_row[u]), int(pairs.page[u])) == (page, b_page, b_page)
+            assert int(units.bucket[u]) == (0 if int(nb[r0]) * 16 <= 16 else 1)
+            np.testing.assert_array_equal(np.flatnonzero(np.asarray(pairs.owner[w, i])), np.arange(r0, r0 + n) - w * 8)
+
+
+@pytest.mark.parametrize("m", [1, 17, 72, 130])
+def test_run_units_dense_delta(rng, m):
+    """Run units for both kernels, dense rows in token order (dense_case: ragged T, mixed ranks in a rank-32 pool,
+    a 100-row and a 64-row group read once per 8-row window): the reference's and the grouped units' delta,
+    slot-0 rows exactly 0; nothing sorted, scattered or scanned on the way."""
+    a, b, x, slots = dense_case(rng, m)
+    got = dispatch.lora_delta(x, slots, a, b, backend=GPU, blocks=RUNS)
+    assert rel_err(got, dispatch.lora_delta(x, slots, a, b, backend=GPU)) < 1e-6
+    assert rel_err(got, reference.lora_delta(x, slots, a, b)) < 1e-5
+    np.testing.assert_array_equal(np.asarray(got)[np.asarray(slots) == 0], 0)
+    glue = glue_ops(jax.make_jaxpr(lambda x: dispatch.lora_delta(x, slots, a, b, backend=GPU, blocks=RUNS))(x))
+    assert not {"sort", "cumsum", "cummax", "while"} & {name for name, _ in glue}
+    # the only scatter: PageTable.padded zeroing slot 0's rank, over the slots, not the rows
+    assert all(shape == (a.shape[0],) for name, shape in glue if name == "scatter")
+    grouped = glue_ops(jax.make_jaxpr(lambda x: dispatch.lora_delta(x, slots, a, b, backend=GPU))(x))
+    assert {"sort", "cumsum"} <= {name for name, _ in grouped}
+
+
+def glue_ops(closed_jaxpr) -> list[tuple[str, tuple[int, ...]]]:
+    """(primitive, first operand's shape) of every equation outside the kernels (pallas calls), through nested
+    jits: the XLA work around the kernels."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                continue
+            shape = tuple(getattr(eqn.invars[0].aval, "shape", ())) if eqn.invars else ()
+            found.append((eqn.primitive.name, shape))
+            if "jaxpr" in eqn.params:
+                inner = eqn.params["jaxpr"]
+                walk(getattr(inner, "jaxpr", inner))
+
+    walk(closed_jaxpr.jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("rows_grouped", [False, True])
+@pytest.mark.parametrize("ksplit", [1, 2])
+def test_run_units_per_expert_delta(rng, rows_grouped, ksplit):
+    """Per expert, rows grouped in place by (expert, slot) as the MoE layer sorts them or in arbitrary order
+    (runs need neither), padding experts, a 20-row page, mixed ranks, rank buckets on, D_in split or not: the
+    reference's delta, zero on rows with no work."""
+    m, num_slots, num_experts, d_in, out = 90, 4, 5, 128, 128
+    a, b = make_pages(rng, [0, 16, 32, 8], d_in, out, experts=num_experts)
+    slots = rng.integers(0, num_slots, size=m)
+    experts = rng.integers(0, num_experts + 1, size=m)
+    slots[:20], experts[:20] = 2, 3
+    if rows_grouped:
+        order = np.argsort(experts * num_slots + slots, kind="stable")
+        slots, experts = slots[order], experts[order]
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    slots, experts = jnp.asarray(slots, jnp.int32), jnp.asarray(experts, jnp.int32)
+    blocks = dataclasses.replace(RUNS, rank_buckets=True, decode_ksplit=ksplit)
+    got = dispatch.expert_lora_delta(x, slots, experts, a, b, backend=GPU, blocks=blocks, rows_grouped=rows_grouped,
+                                     slot_ranks=jnp.asarray([0, 16, 32, 8], jnp.int32))
+    assert rel_err(got, reference.expert_lora_delta(x, slots, experts, a, b)) < 1e-5
+    np.testing.assert_array_equal(np.asarray(got)[np.asarray((slots == 0) | (experts == num_experts))], 0)
+
+
+def test_run_units_fused_targets_into_poisoned_y(rng):
+    """Three fused targets (widths 256 / 64 / 192, ranks 32 / 16 / 32 with rank buckets) on run units in one
+    shrink and one expand launch, added into bf16 y: slot-0 rows' NaN stays NaN, the rest within one bf16
+    rounding of the reference's sum."""
+    m, d_in, num_slots = 45, 128, 4
+    widths, ranks = (256, 64, 192), (32, 16, 32)
+    pairs = [make_pages(rng, [0, r, max(8, r // 2), r], d_in, w) for w, r in zip(widths, ranks)]
+    pairs = [(jnp.swapaxes(a, -1, -2), b) for a, b in pairs]
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    slots = jnp.asarray(rng.integers(0, num_slots, size=m), jnp.int32)
+    idle = np.asarray(slots) == 0
+    ys = tuple(jnp.asarray(np.where(idle[:, None], np.nan, rng.normal(size=(m, w))), BF) for w in widths)
+    slot_ranks = [jnp.asarray([0, r, max(8, r // 2), r], jnp.int32) for r in ranks]
+    got = dispatch.add_lora_fused(ys, x, slots, pairs, slot_ranks=slot_ranks, a_rank_major=True, backend=GPU,
+                                  blocks=dataclasses.replace(RUNS, rank_buckets=True))
+    for g, y, (pa, pb) in zip(got, ys, pairs):
+        g, y = np.asarray(g, np.float32), np.asarray(y, np.float32)
+        np.testing.assert_array_equal(np.isnan(g), idle[:, None] & np.ones_like(g, bool))
+        want = y + np.asarray(reference.lora_delta(x, slots, pa, pb, a_rank_major=True))
+        np.testing.assert_allclose(g[~idle], want[~idle], rtol=1e-2, atol=1e-2 * np.abs(want[~idle]).max())
+
+
+@pytest.mark.parametrize("run_rows,runs", [(0, False), (32, True), (31, False)])
+def test_run_units_switch_and_its_override(rng, monkeypatch, run_rows, runs):
+    """run_rows: calls of up to that many rows take run units (no grouping: no sort), larger ones group;
+    $INFINILORA_GPU_RUN_ROWS overrides the table's value and rejects what is not a row count."""
+    num_experts, d_in, out, m = 4, 64, 128, 32
+    a, b = make_pages(rng, [0, 16], d_in, out, experts=num_experts)
+    x = jnp.zeros((m, d_in), BF)
+    slots, experts = jnp.ones((m,), jnp.int32), jnp.zeros((m,), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda x: dispatch.expert_lora_delta(
+        x, slots, experts, a, b, backend=GPU, blocks=GpuBlocks(run_rows=run_rows)))(x)
+    assert ("sort" in {name for name, _ in glue_ops(jaxpr)}) is not runs
+    monkeypatch.setenv(gpu_ops.RUN_ROWS_ENV_VAR, str(run_rows))
+    assert gpu_ops.device_blocks(BF, plgpu.InterpretGPUParams()).run_rows == run_rows
+    monkeypatch.setenv(gpu_ops.RUN_ROWS_ENV_VAR, "all")
+    with pytest.raises(ValueError, match="INFINILORA_GPU_RUN_ROWS='all'"):
         gpu_ops.device_blocks(BF, plgpu.InterpretGPUParams())

@@ -155,7 +155,8 @@
 #                 MIN_ROWS=16:2048,32:256,64:256,128:256 (INFINILORA_GPU_KERNEL_MIN_ROWS for `auto`; with
 #                 64 requests the expert calls have 512 rows, the dense ones 64: experts on the kernels).
 #                 WINDOW_UNIT_ROWS=<rows> puts units of up to that many rows on the window-major expand
-#                 (INFINILORA_GPU_WINDOW_UNIT_ROWS).
+#                 (INFINILORA_GPU_WINDOW_UNIT_ROWS); RUN_ROWS=<rows> calls of up to that many rows on run
+#                 units (INFINILORA_GPU_RUN_ROWS, pallas_kernels/gpu/runs.py); TAG names the outputs.
 #                 LAYERS (default 2) and TIMEOUT (s per backend, default 270: `auto` at 8 layers needs more
 #                 than 290 s to compile, sixteenth session) override.
 #                 LAYERS (default 2) sets the depth: with async scheduling (fourteenth session) 2 layers are still
@@ -228,15 +229,17 @@ case "${1:-}" in
     echo "prefill_lora rc=$?"; show "$OUT/prefill_lora.log" 20 ;;
   lora_step)
     for backend in ${BACKENDS:-reference gpu}; do
+      name=lora_step_$backend${TAG:-}
       env INFINILORA_LORA_BACKEND=$backend ${MIN_ROWS:+INFINILORA_GPU_KERNEL_MIN_ROWS=$MIN_ROWS} \
         ${WINDOW_UNIT_ROWS:+INFINILORA_GPU_WINDOW_UNIT_ROWS=$WINDOW_UNIT_ROWS} \
+        ${RUN_ROWS:+INFINILORA_GPU_RUN_ROWS=$RUN_ROWS} \
         timeout ${TIMEOUT:-270} python3 -u benchmarks/disagg.py --model $QWEN --num_layers ${LAYERS:-2} \
         --dtype bfloat16 --rank 32 --parts decode --modes coupled1 --requests 64 --adapters 32 --prompt_len 128 \
-        --steps 16 --profile_steps 2 --without_lora=false --trace_dir "/tmp/lora_step_$backend" \
-        --out "$OUT/lora_step_$backend" > "$OUT/lora_step_$backend.log" 2>&1
-      echo "lora_step $backend rc=$?"; show "$OUT/lora_step_$backend.log" 20
-      cp "$(ls -t /tmp/lora_step_$backend/coupled1_32/plugins/profile/*/perfetto_trace.json.gz | head -1)" \
-        "$OUT/lora_step_${backend}_trace.json.gz"
+        --steps 16 --profile_steps 2 --without_lora=false --trace_dir "/tmp/$name" \
+        --out "$OUT/$name" > "$OUT/$name.log" 2>&1
+      echo "lora_step $backend${TAG:-} rc=$?"; show "$OUT/$name.log" 20
+      cp "$(ls -t /tmp/$name/coupled1_32/plugins/profile/*/perfetto_trace.json.gz | head -1)" \
+        "$OUT/${name}_trace.json.gz"
     done ;;
   async_scheduling)
     tag=""; xla=""

@@ -52,6 +52,11 @@ class GpuBlocks:
     # Mixtral decode 1.4x; Mixtral at 8 rows per page and dense prefill (16-32 rows per page) 1.3-1.8x slower.
     window_unit_rows: int = 0
     window_cols: int = 256  # window-major expand: output columns per CTA (its wgmma M)
+    # Calls of up to this many rows keep their rows in place and take run units (runs.py: one unit per run of
+    # rows with one page inside an 8-row window, straight from the rows' keys) for the shrink and the
+    # window-major expand: no grouping, ~8 glue launches per call fewer than grouped units with window pairs,
+    # each page read once per run. Before per_row_rows and window_unit_rows. 0: never.
+    run_rows: int = 0
     # The dispatcher's automatic choice (dispatch.select_backend): the kernels for calls of at least this many
     # rows, the reference's gather + einsum below. Not a block size, but a per-device crossover of the same
     # timings; it also weighs compile time (every kernel instance adds to an engine's start-up).
@@ -79,7 +84,7 @@ class GpuBlocks:
             problems.append(f"window_cols {self.window_cols} not in {EXPAND_COL_CHOICES}")
         if self.expand_tiles < 0:
             problems.append(f"expand_tiles {self.expand_tiles} must be >= 0 (0: every tile of a target)")
-        if min(self.decode_rows, self.kernel_min_rows, self.per_row_rows, self.window_unit_rows) < 0:
+        if min(self.decode_rows, self.kernel_min_rows, self.per_row_rows, self.window_unit_rows, self.run_rows) < 0:
             problems.append("row counts must be >= 0")
         if problems:
             raise ValueError("GpuBlocks: " + "; ".join(problems))

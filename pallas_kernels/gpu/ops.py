@@ -29,27 +29,33 @@ import jax.numpy as jnp
 from pallas_kernels.gpu.block_tables import GpuBlocks, blocks_for, current_device_key
 from pallas_kernels.gpu.common import pad_rows, padded_rows
 from pallas_kernels.gpu.expand import expand, split_hi_lo
+from pallas_kernels.gpu.runs import run_units
 from pallas_kernels.gpu.shrink import BK, shrink
 from pallas_kernels.gpu.units import build_units, per_row_units, rank_buckets
 from pallas_kernels.gpu.window_expand import long_bound, pair_rows, window_expand, window_pairs
 from pallas_kernels.grouping import group_rows
 from pallas_kernels.layout import PageTable
 
-# Replaces the block table's window_unit_rows (units of up to this many rows take the window-major expand; 0:
-# none) for an experiment. Read when a program is traced: set it before the process starts.
+# Replace the block table's window_unit_rows (units of up to this many rows take the window-major expand; 0:
+# none) and run_rows (calls of up to this many rows take run units; 0: none) for an experiment. Read when a
+# program is traced: set them before the process starts.
 WINDOW_UNIT_ROWS_ENV_VAR = "INFINILORA_GPU_WINDOW_UNIT_ROWS"
+RUN_ROWS_ENV_VAR = "INFINILORA_GPU_RUN_ROWS"
+_ROW_OVERRIDES = ((WINDOW_UNIT_ROWS_ENV_VAR, "window_unit_rows", "a unit's rows"),
+                  (RUN_ROWS_ENV_VAR, "run_rows", "a call's rows"))
 
 
 def device_blocks(dtype, interpret) -> GpuBlocks:
     """The block table's settings for this device (the interpreter's entry when interpreting) and dtype, with
-    $INFINILORA_GPU_WINDOW_UNIT_ROWS over its window_unit_rows."""
+    $INFINILORA_GPU_WINDOW_UNIT_ROWS and $INFINILORA_GPU_RUN_ROWS over its window_unit_rows and run_rows."""
     blocks = blocks_for(current_device_key(interpret is not None), jnp.dtype(dtype).name)
-    if (text := os.environ.get(WINDOW_UNIT_ROWS_ENV_VAR)) is not None:
-        try:
-            rows = int(text)
-        except ValueError:
-            raise ValueError(f"{WINDOW_UNIT_ROWS_ENV_VAR}={text!r}: a unit's rows (0: never)") from None
-        blocks = dataclasses.replace(blocks, window_unit_rows=rows)
+    for var, field, what in _ROW_OVERRIDES:
+        if (text := os.environ.get(var)) is not None:
+            try:
+                rows = int(text)
+            except ValueError:
+                raise ValueError(f"{var}={text!r}: {what} (0: never)") from None
+            blocks = dataclasses.replace(blocks, **{field: rows})
     return blocks
 
 
@@ -90,22 +96,26 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
     # Padding rows (to a multiple of 8, at least one 64-row window; none for m >= 64 a multiple of 8) keep the
     # row count a multiple of the 8-row SMEM tile; they hold zeros and are never stored.
     mx = padded_rows(m)
-    per_row = m <= blocks.per_row_rows  # one unit per row, rows in their own order (units.per_row_units)
-    in_place = per_row or rows_grouped  # rows keep their order: no gather of x, none of the delta back
+    runs = m <= blocks.run_rows  # run units (runs.py), shared by the shrink and the window-major expand
+    per_row = not runs and m <= blocks.per_row_rows  # one unit per row (units.per_row_units)
+    in_place = runs or per_row or rows_grouped  # rows keep their order: no gather of x, none of the delta back
     # x_rows: x in the kernels' row order (sorted by group, or as given), padded
-    grouping = None if per_row else group_rows(keys, active, num_keys=tables[0].num_slots * num_experts,
-                                               presorted=rows_grouped)
+    grouping = None if runs or per_row else group_rows(keys, active, num_keys=tables[0].num_slots * num_experts,
+                                                       presorted=rows_grouped)
     x_rows = pad_rows(x if in_place else x[grouping.order], mx)
-    ranks, buckets, units = [], [], []
+    ranks, buckets, units, run_pairs = [], [], [], []
     for table, b_table in zip(tables, b_tables or (None,) * len(tables)):
         ranks.append(table.max_blocks * table.rank_block)
         buckets.append(rank_buckets(ranks[-1], blocks.rank_buckets))
-        if per_row:
-            units.append(per_row_units(keys, active, table, num_experts=num_experts, b_table=b_table,
-                                       buckets=buckets[-1]))
+        kwargs = dict(num_experts=num_experts, b_table=b_table, buckets=buckets[-1])
+        if runs:
+            u, p = run_units(keys, active, table, mx=mx, **kwargs)
+            units.append(u)
+            run_pairs.append(p)
+        elif per_row:
+            units.append(per_row_units(keys, active, table, **kwargs))
         else:
-            units.append(build_units(grouping, table, num_experts=num_experts, b_table=b_table,
-                                     buckets=buckets[-1]))
+            units.append(build_units(grouping, table, **kwargs))
     ranks, buckets, units = tuple(ranks), tuple(buckets), tuple(units)
     # every target in one shrink launch and one expand launch
     s_parts = shrink(x_rows, tuple(a_rows), units, ranks=ranks, ksplit=ksplit, stages=blocks.stages,
@@ -115,12 +125,13 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
         s = s.sum(0)[:m, :rank]
         # Rows of no unit were never written; columns past a page's rank may hold a neighbouring page's rows.
         masked.append(pad_rows(jnp.where(jnp.arange(rank)[None, :] < u.row_rank[:, None], s, 0.0), mx))
-    if blocks.window_unit_rows:  # window-major expand for units of up to window_unit_rows rows
-        pairs = tuple(window_pairs(u, mx, blocks.window_unit_rows) for u in units)
+    if runs or blocks.window_unit_rows:  # window-major expand (for units of up to window_unit_rows rows)
+        pairs = (tuple(run_pairs) if runs
+                 else tuple(window_pairs(u, mx, blocks.window_unit_rows) for u in units))
         per_pair = [pair_rows(s, p, b.dtype) for s, p, b in zip(masked, pairs, b_rows)]
-        # s by row (both parts) only for long units' CTAs: none when no unit can be long
+        # s by row (both parts) only for long units' CTAs: none when no unit can be long (never with runs)
         per_row = ([split_hi_lo(s, b.dtype) for s, b in zip(masked, b_rows)]
-                   if long_bound(mx, blocks.window_unit_rows) else [])
+                   if not runs and long_bound(mx, blocks.window_unit_rows) else [])
         deltas = window_expand(tuple(h for h, _ in per_pair), tuple(lo for _, lo in per_pair),
                                tuple(h for h, _ in per_row), tuple(lo for _, lo in per_row), tuple(b_rows), pairs,
                                cols=blocks.window_cols, unit_cols=blocks.expand_cols, stages=blocks.stages,

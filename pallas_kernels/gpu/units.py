@@ -88,7 +88,7 @@ def window(row0, page_row, rows: int):
     return pl.multiple_of(base, ALIGN), row0 - base, pl.multiple_of(page_row, ALIGN)
 
 
-def _pages(keys, live, table: PageTable, num_experts: int, b_table: PageTable | None):
+def pages_of_keys(keys, live, table: PageTable, num_experts: int, b_table: PageTable | None):
     """Per key (slot * num_experts + expert): the rank blocks of its page (0 where not `live`), and the first A
     and B arena rows of that page."""
     slot = jnp.clip(keys // num_experts, 0, table.num_slots - 1)
@@ -101,7 +101,7 @@ def _pages(keys, live, table: PageTable, num_experts: int, b_table: PageTable | 
     return nb, page_row, b_page_row
 
 
-def _bucket(nb, table: PageTable, buckets: tuple[int, ...] | None):
+def bucket_of(nb, table: PageTable, buckets: tuple[int, ...] | None):
     """The narrowest of the kernels' rank widths (`buckets`; None: the page width alone) holding nb rank blocks."""
     widths = jnp.asarray(buckets or (table.max_blocks * table.rank_block,), jnp.int32)
     return jnp.minimum(jnp.sum(widths[None, :] < (nb * table.rank_block)[:, None], axis=1), widths.shape[0] - 1)
@@ -112,8 +112,8 @@ def per_row_units(keys: jax.Array, active: jax.Array, table: PageTable, *, num_e
     """One unit per row (row order kept: x needs no sorting); keys and active as grouping.group_rows takes
     them. Units of rows with no work (inactive, or a rank-0 page) have size 0; the kernels skip them."""
     m = keys.shape[0]
-    nb, page_row, b_page_row = _pages(keys, active, table, num_experts, b_table)
-    bucket = _bucket(nb, table, buckets)
+    nb, page_row, b_page_row = pages_of_keys(keys, active, table, num_experts, b_table)
+    bucket = bucket_of(nb, table, buckets)
     work = nb > 0
     return Units(row0=jnp.arange(m, dtype=jnp.int32), size=work.astype(jnp.int32),
                  page_row=jnp.where(work, page_row, 0).astype(jnp.int32),
@@ -138,7 +138,7 @@ def build_units(grouping: Grouping, table: PageTable, *, num_experts: int, b_tab
     m = grouping.order.shape[0]
     num_groups = grouping.group_key.shape[0]
     live = jnp.arange(num_groups) < grouping.num_groups
-    nb, page_row, b_page_row = _pages(grouping.group_key, live, table, num_experts, b_table)
+    nb, page_row, b_page_row = pages_of_keys(grouping.group_key, live, table, num_experts, b_table)
     size = jnp.where(nb > 0, grouping.group_size, 0)
     start = jnp.minimum(grouping.group_start, m)  # m for unused entries
     base = start - start % ALIGN  # the first unit's window; later units start at its window boundaries
@@ -152,7 +152,7 @@ def build_units(grouping: Grouping, table: PageTable, *, num_experts: int, b_tab
     # rank rows with data, per sorted row (inactive rows sort last and have group -1)
     sorted_group = grouping.row_group[grouping.order]
     row_rank = jnp.where(sorted_group >= 0, nb[jnp.maximum(sorted_group, 0)], 0) * table.rank_block
-    bucket = _bucket(nb[ug], table, buckets)  # a unit has rows only if its page has some
+    bucket = bucket_of(nb[ug], table, buckets)  # a unit has rows only if its page has some
     return Units(row0=jnp.where(ok, row0, 0).astype(jnp.int32),
                  size=jnp.where(ok, unit_size, 0).astype(jnp.int32),
                  page_row=jnp.where(ok, page_row[ug], 0).astype(jnp.int32),
