@@ -14,8 +14,9 @@ widths, sorted by expert as the MoE layer feeds them) it times:
             gpu-per-row-rm (the kernels on one work unit per row: no sort, no gathers; GPU only), gpu-window-rm /
             gpu-unit-rm (the window-major expand, window_expand.py, for every call / for none), gpu-runs-rm (run
             units, runs.py: rows in place, no grouping, the window-major expand)
-  expert delta: reference, reference-rm, dispatch, gpu-kernel-rm, gpu-per-row-rm, gpu-grouped-rm (rows taken
-            in place: the case's rows come sorted by (expert, slot), as the MoE layer sorts them),
+  expert delta: reference, reference-rm, dispatch, ragged_dot (one group per (slot, expert) page),
+            gpu-kernel-rm, gpu-per-row-rm, gpu-grouped-rm (rows taken in place: the case's rows come sorted by
+            (expert, slot), as the MoE layer sorts them),
             gpu-window-rm / gpu-window-grouped-rm and gpu-unit-rm / gpu-unit-grouped-rm (the same two with every
             unit on the window-major expand, or none, whatever the device's entry says), gpu-hybrid<n>-rm /
             gpu-hybrid<n>-grouped-rm (units of up to n rows on windows, longer ones unit-major: n = 4, 8),
@@ -157,6 +158,21 @@ def delta_reference_rank_major(x, slots, a, b):
     return jnp.einsum("nr,nro->no", s, b[slots].astype(jnp.float32))
 
 
+def expert_delta_ragged(x, slots, experts, a, b):
+    """ragged_dot over (slot, expert) pages: rows sorted by slot * E + expert, one group per page of the pool (S x E
+    groups); rows of padding experts sort past every group, where ragged_dot leaves zeros."""
+    num_slots, num_experts = a.shape[:2]
+    keys = jnp.where(experts < num_experts, slots * num_experts + experts, num_slots * num_experts)
+    order = jnp.argsort(keys)
+    sizes = jnp.bincount(keys, length=num_slots * num_experts).astype(jnp.int32)
+
+    def grouped(rows, w):
+        return jax.lax.ragged_dot(rows, w.reshape(-1, *w.shape[2:]), sizes, preferred_element_type=jnp.float32)
+
+    d = grouped(grouped(x[order], a).astype(b.dtype), b)
+    return jnp.zeros_like(d).at[order].set(d)
+
+
 def expert_delta_reference_rank_major(x, slots, experts, a, b):
     s = jnp.einsum("mi,mri->mr", x, a[slots, experts], preferred_element_type=jnp.float32)
     return jnp.einsum("mr,mro->mo", s, b[slots, experts].astype(jnp.float32))
@@ -220,7 +236,7 @@ if jax.default_backend() == "gpu":  # Mosaic GPU kernels: Hopper only
     for n in HYBRID_UNIT_ROWS:
         DELTA[f"gpu-hybrid{n}-rm"] = functools.partial(delta_gpu_rank_major, blocks_of=unit_rows_blocks(n))
 EXPERT_DELTA = {"reference": reference.expert_lora_delta, "reference-rm": expert_delta_reference_rank_major,
-                "dispatch": dispatch.expert_lora_delta}
+                "dispatch": dispatch.expert_lora_delta, "ragged_dot": expert_delta_ragged}
 if jax.default_backend() == "gpu":
     EXPERT_DELTA["gpu-kernel-rm"] = expert_delta_gpu_rank_major
     EXPERT_DELTA["gpu-per-row-rm"] = functools.partial(expert_delta_gpu_rank_major, blocks_of=per_row_blocks)
