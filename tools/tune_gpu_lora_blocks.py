@@ -17,6 +17,9 @@ problem costs ~5 s, mostly compiling):
   window     window_unit_rows (units of up to 0 / 4 / 8 / 64 rows on the window-major expand, longer ones
              unit-major in the same launch) on the decode and prefill problems and two with few adapters (long
              groups: where windows lose);
+  runs       run_rows (calls of up to 0 / 512 / 2048 rows on run units, runs.py: no grouping, a page read once
+             per run in an 8-row window) on the decode problems, the one-adapter Mixtral decode and the
+             2,048-row prefill problems (long runs: where run units lose);
   buckets    rank_buckets on or off, on decode and prefill problems whose adapters have mixed ranks (a quarter,
              half or all of a rank-64 pool, the slots' ranks passed as the models would);
   crossover  decode_rows: the largest probed row count up to which the decode variant is not slower than the
@@ -33,7 +36,7 @@ problem costs ~5 s, mostly compiling):
 A candidate's score is the geometric mean over problems of its time / the best time on that problem; the lowest
 wins. Times are device time per call (infinilora_jax/bench/kernel_timing.py: an unrolled jitted loop, kernel
 busy time from a profiler trace, less the loop's own), and every candidate's output is checked against the
-reference first (a wrong candidate is dropped). The entry gets "measured": true once all seven phases have run
+reference first (a wrong candidate is dropped). The entry gets "measured": true once all eight phases have run
 on this device, with the jax version, the device kind and the date; --log keeps every timing.
 
 `--interpret` runs the same flow on CPU with tiny problems in the Mosaic GPU interpreter: it checks the script,
@@ -62,7 +65,7 @@ from pallas_kernels import dispatch  # noqa: E402
 from pallas_kernels.gpu import block_tables  # noqa: E402
 from pallas_kernels.gpu.block_tables import GpuBlocks  # noqa: E402
 
-PHASES = ("prefill", "decode", "expand", "window", "buckets", "crossover", "dispatch")
+PHASES = ("prefill", "decode", "expand", "window", "runs", "buckets", "crossover", "dispatch")
 F = flags.FLAGS
 flags.DEFINE_list("phases", list(PHASES), f"which of {PHASES} to run (in that order)")
 flags.DEFINE_list("dtypes", ["bfloat16"], "activation / page dtypes to tune (bfloat16, float16)")
@@ -119,6 +122,7 @@ TINY_ROWS = (80,)
 TINY_DISPATCH_RANKS = (16, 32)
 BUCKET_SHAPES = [dataclasses.replace(s, mixed=True) for s in (DECODE[1], DECODE[3], PREFILL[0], PREFILL[3])]
 TINY_BUCKETS = [Shape("tiny mixed", 40, 4, 32, 128, 128, mixed=True)]
+RUN_ROWS = (0, 512, 2048)  # the runs phase's run_rows candidates
 TINY_WINDOW = [Shape("tiny expert, 1 adapter", 80, 1, 16, 128, 128, 4, 2), TINY_DECODE[0]]
 
 
@@ -216,7 +220,8 @@ def best(candidates: list[GpuBlocks], problems: list[dict], timer: Timer, phase:
 
 def _short(b: GpuBlocks) -> str:
     return (f"stages={b.stages} cols={b.expand_cols} tiles={b.expand_tiles} ksplit={b.decode_ksplit} "
-            f"decode_rows={b.decode_rows} buckets={b.rank_buckets} window_unit_rows={b.window_unit_rows}")
+            f"decode_rows={b.decode_rows} buckets={b.rank_buckets} window_unit_rows={b.window_unit_rows} "
+            f"run_rows={b.run_rows}")
 
 
 def winning_from(counts, wins) -> int:
@@ -270,6 +275,13 @@ def tune(dtype, entry: GpuBlocks, phases, rng, timer: Timer, tiny: bool) -> dict
         problems = [make_problem(rng, s, dtype) for s in shapes]
         cands = [dataclasses.replace(entry, window_unit_rows=n) for n in ((0, 4) if tiny else WINDOW_UNIT_ROWS)]
         fields["window_unit_rows"] = best(cands, problems, timer, "window").window_unit_rows
+        entry = dataclasses.replace(entry, **fields)
+    if "runs" in phases:
+        shapes = (TINY_WINDOW if tiny else
+                  decode_shapes + FEW_ADAPTERS[:1] + [s for s in PREFILL if s.rows == 2048])
+        problems = [make_problem(rng, s, dtype) for s in shapes]
+        cands = [dataclasses.replace(entry, run_rows=n) for n in ((0, 1 << 20) if tiny else RUN_ROWS)]
+        fields["run_rows"] = best(cands, problems, timer, "runs").run_rows
         entry = dataclasses.replace(entry, **fields)
     if "buckets" in phases:
         problems = [make_problem(rng, s, dtype) for s in (TINY_BUCKETS if tiny else BUCKET_SHAPES)]
