@@ -46,7 +46,7 @@ def group_rows(keys: jax.Array, active: jax.Array, *, num_keys: int, presorted: 
     g = min(m, num_keys)
     if g < 1:
         raise ValueError(f"group_rows needs rows >= 1 and num_keys >= 1, got rows={m}, num_keys={num_keys}")
-    k = jnp.where(active, keys.astype(jnp.int32), num_keys)  # inactive rows: one key past the end
+    k = _sort_keys(keys, active, num_keys)
     pos = jnp.arange(m, dtype=jnp.int32)
     order = pos if presorted else jnp.argsort(k, stable=True).astype(jnp.int32)
     sk = k if presorted else k[order]
@@ -55,6 +55,18 @@ def group_rows(keys: jax.Array, active: jax.Array, *, num_keys: int, presorted: 
     if m * m <= DENSE_MAX:
         return _facts_by_comparison(order, sk, live, is_start, pos, g, num_keys, presorted)
     return _facts_by_search(order, sk, live, is_start, pos, g, num_keys, presorted)
+
+
+def _sort_keys(keys, active, num_keys: int):
+    return jnp.where(active, keys.astype(jnp.int32), num_keys)  # inactive rows: one key past the end
+
+
+def sort_by_key(keys: jax.Array, active: jax.Array, *, num_keys: int) -> tuple[jax.Array, jax.Array]:
+    """(order, inverse) of group_rows without the group facts: rows sorted stably by key, inactive rows last;
+    order[inverse[i]] == i. For decode-sized calls (the inverse is a scatter of [M] indices)."""
+    order = jnp.argsort(_sort_keys(keys, active, num_keys), stable=True).astype(jnp.int32)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=jnp.int32))
+    return order, inverse
 
 
 DENSE_MAX = 1 << 16  # rows * rows up to which group_rows compares all pairs instead of scanning and searching

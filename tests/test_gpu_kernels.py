@@ -344,8 +344,8 @@ def test_kernels_lower_for_cuda(variant, m, r, expert):
     text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 2
     assert gpu_ops.pick_ksplit(m, h, blocks or GpuBlocks()) == (1 if m > 512 else 4)
-    # the per-row and run variants sort nothing (the grouped one argsorts the rows' keys)
-    assert ("stablehlo.sort" in text) is (variant not in ("per_row", "runs"))
+    # the per-row variant sorts nothing (the grouped and run variants argsort the rows' keys)
+    assert ("stablehlo.sort" in text) is (variant != "per_row")
 
 
 def test_unaligned_rows_hit_the_mosaic_gpu_tiling_check_on_cpu():
@@ -768,16 +768,17 @@ def test_run_units_are_each_windows_runs_of_one_page(rng, case):
 def test_run_units_dense_delta(rng, m):
     """Run units for both kernels, dense rows in token order (dense_case: ragged T, mixed ranks in a rank-32 pool,
     a 100-row and a 64-row group read once per 8-row window): the reference's and the grouped units' delta,
-    slot-0 rows exactly 0; nothing sorted, scattered or scanned on the way."""
+    slot-0 rows exactly 0; the rows sorted by one argsort, nothing scanned on the way (no group facts)."""
     a, b, x, slots = dense_case(rng, m)
     got = dispatch.lora_delta(x, slots, a, b, backend=GPU, blocks=RUNS)
     assert rel_err(got, dispatch.lora_delta(x, slots, a, b, backend=GPU)) < 1e-6
     assert rel_err(got, reference.lora_delta(x, slots, a, b)) < 1e-5
     np.testing.assert_array_equal(np.asarray(got)[np.asarray(slots) == 0], 0)
     glue = glue_ops(jax.make_jaxpr(lambda x: dispatch.lora_delta(x, slots, a, b, backend=GPU, blocks=RUNS))(x))
-    assert not {"sort", "cumsum", "cummax", "while"} & {name for name, _ in glue}
-    # the only scatter: PageTable.padded zeroing slot 0's rank, over the slots, not the rows
-    assert all(shape == (a.shape[0],) for name, shape in glue if name == "scatter")
+    assert not {"cumsum", "cummax", "while"} & {name for name, _ in glue}
+    assert [name for name, _ in glue].count("sort") == 1
+    # scatters: PageTable.padded zeroing slot 0's rank (over the slots), the sorted order's inverse (the rows)
+    assert sorted(shape for name, shape in glue if name == "scatter") == sorted([(a.shape[0],), (m,)])
     grouped = glue_ops(jax.make_jaxpr(lambda x: dispatch.lora_delta(x, slots, a, b, backend=GPU))(x))
     assert {"sort", "cumsum"} <= {name for name, _ in grouped}
 
@@ -848,15 +849,17 @@ def test_run_units_fused_targets_into_poisoned_y(rng):
 
 @pytest.mark.parametrize("run_rows,runs", [(0, False), (32, True), (31, False)])
 def test_run_units_switch_and_its_override(rng, monkeypatch, run_rows, runs):
-    """run_rows: calls of up to that many rows take run units (no grouping: no sort), larger ones group;
-    $INFINILORA_GPU_RUN_ROWS overrides the table's value and rejects what is not a row count."""
+    """run_rows: calls of up to that many rows take run units (no group facts or units: no cumsum), larger
+    ones group; rows grouped in place are sorted by neither; $INFINILORA_GPU_RUN_ROWS overrides the table's
+    value and rejects what is not a row count."""
     num_experts, d_in, out, m = 4, 64, 128, 32
     a, b = make_pages(rng, [0, 16], d_in, out, experts=num_experts)
     x = jnp.zeros((m, d_in), BF)
     slots, experts = jnp.ones((m,), jnp.int32), jnp.zeros((m,), jnp.int32)
     jaxpr = jax.make_jaxpr(lambda x: dispatch.expert_lora_delta(
-        x, slots, experts, a, b, backend=GPU, blocks=GpuBlocks(run_rows=run_rows)))(x)
-    assert ("sort" in {name for name, _ in glue_ops(jaxpr)}) is not runs
+        x, slots, experts, a, b, backend=GPU, blocks=GpuBlocks(run_rows=run_rows), rows_grouped=True))(x)
+    names = {name for name, _ in glue_ops(jaxpr)}
+    assert "sort" not in names and ("cumsum" in names) is not runs
     monkeypatch.setenv(gpu_ops.RUN_ROWS_ENV_VAR, str(run_rows))
     assert gpu_ops.device_blocks(BF, plgpu.InterpretGPUParams()).run_rows == run_rows
     monkeypatch.setenv(gpu_ops.RUN_ROWS_ENV_VAR, "all")

@@ -52,10 +52,10 @@ class GpuBlocks:
     # Mixtral decode 1.4x; Mixtral at 8 rows per page and dense prefill (16-32 rows per page) 1.3-1.8x slower.
     window_unit_rows: int = 0
     window_cols: int = 256  # window-major expand: output columns per CTA (its wgmma M)
-    # Calls of up to this many rows keep their rows in place and take run units (runs.py: one unit per run of
-    # rows with one page inside an 8-row window, straight from the rows' keys) for the shrink and the
-    # window-major expand: no grouping, ~8 glue launches per call fewer than grouped units with window pairs,
-    # each page read once per run. Before per_row_rows and window_unit_rows. 0: never.
+    # Calls of up to this many rows take run units (runs.py: one unit per run of rows with one page inside an
+    # 8-row window, straight from the rows' keys; rows in place when they arrive grouped, else sorted by key)
+    # for the shrink and the window-major expand: no group facts, units or window pairs, each page read once
+    # per run. Before per_row_rows and window_unit_rows. 0: never.
     run_rows: int = 0
     # The dispatcher's automatic choice (dispatch.select_backend): the kernels for calls of at least this many
     # rows, the reference's gather + einsum below. Not a block size, but a per-device crossover of the same

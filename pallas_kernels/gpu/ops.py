@@ -2,7 +2,9 @@
 
     decode  (BGMV-like: few rows per adapter, rows <= blocks.decode_rows): the shrink splits D_in over
             blocks.decode_ksplit CTAs per unit, so a handful of adapters still keeps every SM streaming its pages;
-            up to blocks.per_row_rows rows, one unit per row in the rows' own order (no sort, no gathers).
+            up to blocks.run_rows rows, run units (runs.py: one unit per run of one page in an 8-row window,
+            shared with the window-major expand as its pairs; no group facts); else up to blocks.per_row_rows
+            rows, one unit per row in the rows' own order (no sort, no gathers).
             With blocks.window_unit_rows, units of up to that many rows (few rows per page) take the
             window-major expand (window_expand.py: one CTA per 8 rows and column tile streams the pages those
             rows use) instead of one CTA per (unit, column tile).
@@ -33,7 +35,7 @@ from pallas_kernels.gpu.runs import run_units
 from pallas_kernels.gpu.shrink import BK, shrink
 from pallas_kernels.gpu.units import build_units, per_row_units, rank_buckets
 from pallas_kernels.gpu.window_expand import long_bound, pair_rows, window_expand, window_pairs
-from pallas_kernels.grouping import group_rows
+from pallas_kernels.grouping import group_rows, sort_by_key
 from pallas_kernels.layout import PageTable
 
 # Replace the block table's window_unit_rows (units of up to this many rows take the window-major expand; 0:
@@ -96,20 +98,26 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
     # Padding rows (to a multiple of 8, at least one 64-row window; none for m >= 64 a multiple of 8) keep the
     # row count a multiple of the 8-row SMEM tile; they hold zeros and are never stored.
     mx = padded_rows(m)
+    num_keys = tables[0].num_slots * num_experts
     runs = m <= blocks.run_rows  # run units (runs.py), shared by the shrink and the window-major expand
     per_row = not runs and m <= blocks.per_row_rows  # one unit per row (units.per_row_units)
-    in_place = runs or per_row or rows_grouped  # rows keep their order: no gather of x, none of the delta back
-    # x_rows: x in the kernels' row order (sorted by group, or as given), padded
-    grouping = None if runs or per_row else group_rows(keys, active, num_keys=tables[0].num_slots * num_experts,
-                                                       presorted=rows_grouped)
-    x_rows = pad_rows(x if in_place else x[grouping.order], mx)
+    in_place = per_row or rows_grouped  # rows keep their order: no gather of x, none of the delta back
+    # the kernels' row order: rows sorted by key (runs: by a sort alone; else with the group facts), or as given
+    grouping = order = inverse = None
+    if runs and not in_place:
+        order, inverse = sort_by_key(keys, active, num_keys=num_keys)
+    elif not (runs or per_row):
+        grouping = group_rows(keys, active, num_keys=num_keys, presorted=rows_grouped)
+        order, inverse = grouping.order, grouping.inverse
+    x_rows = pad_rows(x if in_place else x[order], mx)
+    run_keys, run_active = (keys, active) if in_place else (keys[order], active[order])
     ranks, buckets, units, run_pairs = [], [], [], []
     for table, b_table in zip(tables, b_tables or (None,) * len(tables)):
         ranks.append(table.max_blocks * table.rank_block)
         buckets.append(rank_buckets(ranks[-1], blocks.rank_buckets))
         kwargs = dict(num_experts=num_experts, b_table=b_table, buckets=buckets[-1])
         if runs:
-            u, p = run_units(keys, active, table, mx=mx, **kwargs)
+            u, p = run_units(run_keys, run_active, table, mx=mx, **kwargs)
             units.append(u)
             run_pairs.append(p)
         elif per_row:
@@ -146,7 +154,7 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
         if in_place:  # rows never moved
             d, work = d[:m], u.row_rank > 0
         else:
-            d, work = d[grouping.inverse], (u.row_rank > 0)[grouping.inverse]
+            d, work = d[inverse], (u.row_rank > 0)[inverse]
         out.append(jnp.where(work[:, None], (y.astype(jnp.float32) + d).astype(y.dtype), y))
     return tuple(out)
 

@@ -11,10 +11,11 @@ A run is a stretch of rows with work and one key (slot, or slot x expert) inside
 are runs: the shrink reads a run's page once and stores its rows; the window-major expand's pairs are the same
 runs (pair i of window w is that window's i-th run). Everything is computed per window from the rows' keys with
 [Mx / 8, 8, 8] comparisons and sums, which XLA fuses into a few kernels: no sort, no scan, no scatter. Rows stay
-where they are (no gather of x, none of the delta back).
+where they are when they arrive grouped (the MoE layer's (expert, slot) order: no gather of x, none of the
+delta back); other calls (dense rows in token order) are sorted by key first (one argsort, the gather of x and
+of the delta back), since a run ends wherever the key changes.
 
-A page is read once per run, so once per 8-row window its rows touch (rows of one page that are not adjacent,
-as in a dense call whose rows are in token order, read it once per run): the form for decode, where most pages
+A page is read once per run, so once per 8-row window its rows touch: the form for decode, where most pages
 serve one or two rows. Long runs of one page (prefill, few adapters) read it 8x more often than 64-row units do.
 
     units  Units with one entry per (window w, run i) at w * 8 + i (size 0: no such run); count = Mx
