@@ -13,10 +13,11 @@
 # GPU in the seventeenth: PHASES=expand tune_gpu_blocks (one tile per CTA kept), lora_step with kernel names
 # counter/content (INFINILORA_MOSAIC_KERNEL_NAMES), lora_kernels_expert, prefill_lora, startup, compile_time
 # --lower_all with the kernel lowering cache off and on (42.3 -> 21.2 s). Done in the eighteenth: lora_window
-# (the window-major expand, every unit on windows), lora_step with it. Next on one GPU: PHASES=window
-# tune_gpu_blocks (sets window_unit_rows: the mixed launch, long units unit-major, was never timed) and
-# lora_window with TAG=_hybrid (the variant list in docs/benchmarks.md's eighteenth session); expert_gemm,
-# flag_parity. Fifteenth
+# (the window-major expand, every unit on windows), lora_step with it. Done in the nineteenth: PHASES=window
+# tune_gpu_blocks (the mixed launch lost everywhere: window_unit_rows 0 kept), lora_window with run units
+# (TAG=_runs, _runs_sorted), lora_step RUN_ROWS=2048 at LAYERS=4 and 8 (device time -7%, wall step mixed),
+# PHASES=runs tune_gpu_blocks. Next on one GPU: a same-process step comparison of reference and kernels with
+# run units (what the dispatcher's 1,024-row floor waits for); expert_gemm, flag_parity. Fifteenth
 # session: cond_host_wait (conditionals do not block the caller), async_scheduling CMDBUF=off and
 # UPDATE_MODE=SKIP_TEMP STAGING=via_device at 8 layers (no gain: the step is device-bound), layer_loop,
 # host_memory_kinds, step_program_ops, lora_step with command buffers kept on under the profiler (the forward
