@@ -216,3 +216,28 @@ def test_lora_kernels_benchmark_smoke_run(tmp_path):
     assert {r["op"] for r in rows} == {"shrink", "delta", "expert delta", "qkv delta"}
     assert all(r["rel_err"] < 1e-2 for r in rows)  # one-hot and ragged_dot round s to bf16: 1.6e-3
     assert max(r["rel_err"] for r in rows if r["variant"] in ("reference-rm", "dispatch")) < 1e-5
+
+
+def test_decode_variants_compares_two_lora_engines_in_one_process(tmp_path):
+    """benchmarks/decode_variants.py --compare lora_backend on CPU (bundled tiny model): two engines, one per LoRA
+    backend setting, built and stepped in alternating blocks under their own INFINILORA_LORA_BACKEND; both
+    timed for every block, the process environment left as it was. (The numbers mean something on a GPU only;
+    CPU's `auto` is the reference, so the second engine is given `reference` explicitly here.)"""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "lb"
+    env = {k: v for k, v in os.environ.items() if k != "INFINILORA_LORA_BACKEND"}
+    subprocess.run([sys.executable, "benchmarks/decode_variants.py", "--compare", "lora_backend",
+                    "--kernels_backend", "reference", "--requests", "4", "--adapters", "2", "--rank", "16",
+                    "--steps", "3", "--blocks", "2", "--prompt_len", "8", "--out", str(out)], check=True,
+                   env={**env, "JAX_PLATFORMS": "cpu"}, timeout=600, capture_output=True)
+    result = json.loads((tmp_path / "lb.json").read_text())
+    assert result["settings"] == {"reference": {"INFINILORA_LORA_BACKEND": "reference"},
+                                  "kernels": {"INFINILORA_LORA_BACKEND": "reference"}}
+    assert "INFINILORA_LORA_BACKEND" not in result["environment"]
+    assert set(result["prefill_and_compile_s"]) == {"reference", "kernels"}
+    for way in ("reference", "kernels"):
+        assert result[way]["steps"] == 6 and result[way]["step_ms_median"] > 0
+    assert result["reference_over_kernels"] > 0

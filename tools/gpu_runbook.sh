@@ -16,8 +16,8 @@
 # (the window-major expand, every unit on windows), lora_step with it. Done in the nineteenth: PHASES=window
 # tune_gpu_blocks (the mixed launch lost everywhere: window_unit_rows 0 kept), lora_window with run units
 # (TAG=_runs, _runs_sorted), lora_step RUN_ROWS=2048 at LAYERS=4 and 8 (device time -7%, wall step mixed),
-# PHASES=runs tune_gpu_blocks. Next on one GPU: a same-process step comparison of reference and kernels with
-# run units (what the dispatcher's 1,024-row floor waits for); expert_gemm, flag_parity. Fifteenth
+# PHASES=runs tune_gpu_blocks. Next on one GPU: lora_ab (the same-process step comparison of reference and
+# kernels with run units that the dispatcher's 1,024-row floor waits for); expert_gemm, flag_parity. Fifteenth
 # session: cond_host_wait (conditionals do not block the caller), async_scheduling CMDBUF=off and
 # UPDATE_MODE=SKIP_TEMP STAGING=via_device at 8 layers (no gain: the step is device-bound), layer_loop,
 # host_memory_kinds, step_program_ops, lora_step with command buffers kept on under the profiler (the forward
@@ -121,6 +121,13 @@
 #   cond_host_wait (1 GPU, ~1 min) benchmarks/cond_overhead.py --host_wait: does a call whose lax.conds depend
 #                 on its own results return before the device is done (default flags; CONDITIONAL in CUDA graphs)?
 #                 Decides whether the disaggregated step can be queued ahead with its role branches.
+#   lora_ab       (1 GPU, ~4 min per depth) benchmarks/decode_variants.py --compare lora_backend: two engines in
+#                 one process (Qwen3 widths, 64 requests, 32 rank-32 adapters, async), the LoRA math on the
+#                 reference against `auto` with MIN_ROWS (default 16:2048,32:256,64:256,128:256: the 512-row
+#                 expert calls on the kernels, which take run units from the H200 entry's run_rows 512; RUN_ROWS
+#                 overrides), alternating blocks of 16 steps: what lowering the dispatcher's 1,024-row floor
+#                 waits for (nineteenth session: device time -7%, wall steps +-0.5 ms across processes).
+#                 LAYERS (default "4 8"), TIMEOUT (s per depth), TAG.
 #   async_scheduling (1 GPU, ~2 min per depth) benchmarks/decode_variants.py --compare async_scheduling: decode
 #                 steps (Qwen3 widths, 64 requests, 32 rank-32 adapters) with step N+1 queued before step N's
 #                 tokens are read, against one step at a time, alternating blocks in one engine; LAYERS (default
@@ -241,6 +248,15 @@ case "${1:-}" in
       echo "lora_step $backend${TAG:-} rc=$?"; show "$OUT/$name.log" 20
       cp "$(ls -t /tmp/$name/coupled1_32/plugins/profile/*/perfetto_trace.json.gz | head -1)" \
         "$OUT/${name}_trace.json.gz"
+    done ;;
+  lora_ab)
+    for layers in ${LAYERS:-4 8}; do
+      env INFINILORA_GPU_KERNEL_MIN_ROWS=${MIN_ROWS:-16:2048,32:256,64:256,128:256} \
+        ${RUN_ROWS:+INFINILORA_GPU_RUN_ROWS=$RUN_ROWS} timeout ${TIMEOUT:-280} \
+        python3 -u benchmarks/decode_variants.py --compare lora_backend --model $QWEN --num_layers $layers \
+        --requests 64 --adapters 32 --rank 32 --steps 16 --blocks 4 --out "$OUT/lora_ab_L$layers${TAG:-}" \
+        > "$OUT/lora_ab_L$layers${TAG:-}.log" 2>&1
+      echo "lora_ab L=$layers${TAG:-} rc=$?"; show "$OUT/lora_ab_L$layers${TAG:-}.log" 10
     done ;;
   async_scheduling)
     tag=""; xla=""
