@@ -315,7 +315,8 @@ def test_float32_falls_back_to_reference(rng):
 @pytest.mark.parametrize("variant,m,r", [("decode", 37, 8), ("decode", 256, 64), ("prefill", 1500, 16),
                                          ("prefill", 4096, 64), ("per_row", 37, 32), ("expand_tiles", 512, 32),
                                          ("expand_tiles", 1500, 128), ("window", 37, 8), ("window", 512, 32),
-                                         ("window", 256, 128), ("runs", 37, 16), ("runs", 512, 32)])
+                                         ("window", 256, 128), ("window_long", 1500, 16), ("runs", 37, 16),
+                                         ("runs", 512, 32)])
 @pytest.mark.parametrize("expert", [False, True])
 def test_kernels_lower_for_cuda(variant, m, r, expert):
     """Pallas -> Mosaic GPU lowering on CPU, down to Mosaic GPU's dialect lowering (`lower_mgpu_dialect`, which

@@ -58,9 +58,14 @@ class WindowPairs:
     long_page: jax.Array  # [L] int32 its B arena row
 
 
-def long_bound(mx: int, unit_rows: int) -> int:
-    """Most long units (more than unit_rows rows each) mx rows can hold; 0 when no unit is that long."""
-    return 0 if unit_rows >= UNIT_ROWS else mx // (unit_rows + 1)
+def long_bound(mx: int, unit_rows: int, units_bound: int | None = None) -> int:
+    """Most long units (more than unit_rows rows each) mx rows can hold, and no more than there are units; 0
+    when no unit is that long. Each slot is a column of CTAs in the launch: the H200 ran the mixed launch with
+    the rows' bound alone (819 slots at 4,096 rows, against ~100 units) slower than either pure form
+    (nineteenth session), one suspect being those mostly empty CTAs."""
+    if unit_rows >= UNIT_ROWS:
+        return 0
+    return mx // (unit_rows + 1) if units_bound is None else min(mx // (unit_rows + 1), units_bound)
 
 
 def window_pairs(units: Units, mx: int, unit_rows: int) -> WindowPairs:
@@ -94,7 +99,7 @@ def window_pairs(units: Units, mx: int, unit_rows: int) -> WindowPairs:
         units.b_page_row[jnp.maximum(unit, 0)].reshape(-1), mode="drop")
     owner = covered[:, None, :] & (pair_of_row[:, None, :] == jnp.arange(WINDOW, dtype=jnp.int32)[None, :, None])
     store = jnp.sum(jnp.where(in_long, 0, 1 << jnp.arange(WINDOW, dtype=jnp.int32)), axis=1, dtype=jnp.int32)
-    n_long = long_bound(mx, unit_rows)
+    n_long = long_bound(mx, unit_rows, bound)
     which = jnp.nonzero(long, size=n_long, fill_value=bound)[0] if n_long else jnp.zeros((0,), jnp.int32)
     ok = which < bound
     pick = lambda a: jnp.where(ok, a[jnp.minimum(which, bound - 1)], 0).astype(jnp.int32)  # noqa: E731
