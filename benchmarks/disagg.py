@@ -222,11 +222,17 @@ def _plot(results, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    for mode in F.modes:
-        sweep = [r for r in results.get("sweep", []) if r["mode"] == mode and "step_ms" in r]
-        ax.plot([r["adapters"] for r in sweep], [r["step_ms"] for r in sweep], marker="o", label=mode)
-    ax.set(title="decode step vs adapters", xlabel="distinct adapters", ylabel="ms", xscale="log")
-    ax.legend()
+    if any("step_ms" in r for r in results.get("sweep", [])):
+        for mode in F.modes:
+            sweep = [r for r in results["sweep"] if r["mode"] == mode and "step_ms" in r]
+            ax.plot([r["adapters"] for r in sweep], [r["step_ms"] for r in sweep], marker="o", label=mode)
+        ax.set(title="decode step vs adapters", xlabel="distinct adapters", ylabel="ms", xscale="log")
+        ax.legend()
+    else:  # no sweep: the decode part's step per mode, with and without adapters
+        rows = [r for r in results.get("decode", []) if "step_ms" in r]
+        labels = [f"{r['mode']}\n{'LoRA' if r['lora'] else 'no LoRA'}" for r in rows]
+        ax.bar(range(len(rows)), [r["step_ms"] for r in rows], tick_label=labels or None)
+        ax.set(title=f"decode step ({results.get('config', {}).get('num_layers')} layers)", ylabel="ms")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

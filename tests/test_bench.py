@@ -241,3 +241,27 @@ def test_decode_variants_compares_two_lora_engines_in_one_process(tmp_path):
     for way in ("reference", "kernels"):
         assert result[way]["steps"] == 6 and result[way]["step_ms_median"] > 0
     assert result["reference_over_kernels"] > 0
+
+
+def test_disagg_benchmark_decode_part_plots_its_steps(tmp_path):
+    """benchmarks/disagg.py --parts decode on CPU (bundled tiny model, coupled1): the decode rows with and without
+    LoRA in the JSON, and a PNG of those steps (with no sweep it once drew empty axes, the same image whatever
+    was measured)."""
+    import json
+    import subprocess
+    import sys
+
+    def run(name, requests):
+        out = tmp_path / name
+        subprocess.run([sys.executable, "benchmarks/disagg.py", "--parts", "decode", "--modes", "coupled1",
+                        "--requests", str(requests), "--adapters", "2", "--steps", "2", "--rank", "8",
+                        "--prompt_len", "8", "--out", str(out)], check=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600, capture_output=True)
+        return json.loads((tmp_path / f"{name}.json").read_text()), (tmp_path / f"{name}.png").read_bytes()
+
+    result, png = run("a", 4)
+    assert {(r["mode"], r["lora"]) for r in result["decode"]} == {("coupled1", True), ("coupled1", False)}
+    assert all(r["step_ms"] > 0 for r in result["decode"])
+    assert png.startswith(b"\x89PNG")
+    _, other = run("b", 2)
+    assert other != png  # the bars follow the measured steps
