@@ -186,6 +186,22 @@ def test_expert_delta_matches_reference(rng):
     assert np.all(np.asarray(got)[np.asarray(experts) == num_experts] == 0)
 
 
+def expert_case(rng, m, ranks, d_in, long_rows, rows_grouped):
+    """A per-expert call of m rows over len(ranks) slots (slot ranks `ranks`) and 5 experts, d_in -> 128, rows
+    of expert 5 padding: (a, b, x, slots, experts, num_experts). The first `long_rows` rows share one (slot 2,
+    expert 3) page; rows_grouped: sorted by (expert, slot) as the MoE layer sorts them."""
+    num_slots, num_experts = len(ranks), 5
+    a, b = make_pages(rng, ranks, d_in, 128, experts=num_experts)
+    slots = rng.integers(0, num_slots, size=m)
+    experts = rng.integers(0, num_experts + 1, size=m)
+    slots[:long_rows], experts[:long_rows] = 2, 3
+    if rows_grouped:
+        order = np.argsort(experts * num_slots + slots, kind="stable")
+        slots, experts = slots[order], experts[order]
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    return a, b, x, jnp.asarray(slots, jnp.int32), jnp.asarray(experts, jnp.int32), num_experts
+
+
 @pytest.mark.parametrize("m", [90, 300])  # the all-pairs and the scan + search grouping paths
 def test_expert_delta_on_rows_grouped_in_place(rng, m):
     """Rows sorted by (expert, slot) as the MoE layer sorts them (slot-0 rows first in each expert, padding
@@ -193,14 +209,7 @@ def test_expert_delta_on_rows_grouped_in_place(rng, m):
     in place and give the reference's delta, the sorting path's to float32 rounding (the interpreter's matmuls
     may round a row differently at another position in its window: seen on AMD EPYC hosts), zero on rows with no
     work."""
-    num_slots, num_experts, d_in, out = 4, 5, 64, 128
-    a, b = make_pages(rng, [0, 16, 16, 8], d_in, out, experts=num_experts)
-    slots = rng.integers(0, num_slots, size=m)
-    experts = rng.integers(0, num_experts + 1, size=m)
-    slots[:70], experts[:70] = 2, 3
-    order = np.argsort(experts * num_slots + slots, kind="stable")
-    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
-    slots, experts = jnp.asarray(slots[order], jnp.int32), jnp.asarray(experts[order], jnp.int32)
+    a, b, x, slots, experts, num_experts = expert_case(rng, m, [0, 16, 16, 8], 64, 70, rows_grouped=True)
     got = dispatch.expert_lora_delta(x, slots, experts, a, b, backend=GPU, rows_grouped=True)
     want = reference.expert_lora_delta(x, slots, experts, a, b)
     assert rel_err(got, want) < 1e-5
@@ -599,16 +608,7 @@ def test_window_expand_matches_unit_expand_dense(rng, m):
 def test_window_expand_per_expert_in_place_and_per_row(rng, rows_grouped):
     """Per expert, rows sorted by the kernels or grouped in place (units out of row order), padding experts and
     empty pairs; also on per-row units: the reference's delta, zero on rows with no work."""
-    m, num_slots, num_experts, d_in, out = 90, 4, 5, 64, 128
-    a, b = make_pages(rng, [0, 16, 16, 8], d_in, out, experts=num_experts)
-    slots = rng.integers(0, num_slots, size=m)
-    experts = rng.integers(0, num_experts + 1, size=m)
-    slots[:20], experts[:20] = 2, 3
-    if rows_grouped:
-        order = np.argsort(experts * num_slots + slots, kind="stable")
-        slots, experts = slots[order], experts[order]
-    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
-    slots, experts = jnp.asarray(slots, jnp.int32), jnp.asarray(experts, jnp.int32)
+    a, b, x, slots, experts, num_experts = expert_case(rng, 90, [0, 16, 16, 8], 64, 20, rows_grouped)
     want = reference.expert_lora_delta(x, slots, experts, a, b)
     idle = np.asarray((slots == 0) | (experts == num_experts))
     for blocks in (WINDOW, GpuBlocks(window_unit_rows=1 << 20, per_row_rows=1 << 20)):
@@ -809,16 +809,7 @@ def test_run_units_per_expert_delta(rng, rows_grouped, ksplit):
     """Per expert, rows grouped in place by (expert, slot) as the MoE layer sorts them or in arbitrary order
     (runs need neither), padding experts, a 20-row page, mixed ranks, rank buckets on, D_in split or not: the
     reference's delta, zero on rows with no work."""
-    m, num_slots, num_experts, d_in, out = 90, 4, 5, 128, 128
-    a, b = make_pages(rng, [0, 16, 32, 8], d_in, out, experts=num_experts)
-    slots = rng.integers(0, num_slots, size=m)
-    experts = rng.integers(0, num_experts + 1, size=m)
-    slots[:20], experts[:20] = 2, 3
-    if rows_grouped:
-        order = np.argsort(experts * num_slots + slots, kind="stable")
-        slots, experts = slots[order], experts[order]
-    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
-    slots, experts = jnp.asarray(slots, jnp.int32), jnp.asarray(experts, jnp.int32)
+    a, b, x, slots, experts, num_experts = expert_case(rng, 90, [0, 16, 32, 8], 128, 20, rows_grouped)
     blocks = dataclasses.replace(RUNS, rank_buckets=True, decode_ksplit=ksplit)
     got = dispatch.expert_lora_delta(x, slots, experts, a, b, backend=GPU, blocks=blocks, rows_grouped=rows_grouped,
                                      slot_ranks=jnp.asarray([0, 16, 32, 8], jnp.int32))
