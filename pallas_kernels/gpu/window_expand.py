@@ -88,16 +88,10 @@ def window_pairs(units: Units, mx: int, unit_rows: int) -> WindowPairs:
     covered = (last_start >= 0) & (rows < units.row0[safe] + units.size[safe])
     in_long = (covered & long[safe]).reshape(-1, WINDOW)
     covered = (covered & ~long[safe]).reshape(-1, WINDOW)  # rows of short units
-    unit = jnp.where(covered, unit.reshape(-1, WINDOW), -1)
-    # a pair starts at a window's first row or where the unit changes
-    first = covered & jnp.concatenate([jnp.ones_like(covered[:, :1]), unit[:, 1:] != unit[:, :-1]], axis=1)
-    pair_of_row = jnp.cumsum(first, axis=1, dtype=jnp.int32) - 1
+    unit = unit.reshape(-1, WINDOW)
+    first, owner = window_runs(unit, covered)  # a pair: a run of one short unit's rows in a window
     count = jnp.sum(first, axis=1, dtype=jnp.int32)
-    nw = mx // WINDOW
-    slot = jnp.where(first, jnp.arange(nw, dtype=jnp.int32)[:, None] * WINDOW + pair_of_row, nw * WINDOW)
-    page = jnp.zeros((nw * WINDOW,), jnp.int32).at[slot.reshape(-1)].set(
-        units.b_page_row[jnp.maximum(unit, 0)].reshape(-1), mode="drop")
-    owner = covered[:, None, :] & (pair_of_row[:, None, :] == jnp.arange(WINDOW, dtype=jnp.int32)[None, :, None])
+    page = at_run_start(first, owner, units.b_page_row[jnp.maximum(unit, 0)]).reshape(-1)
     store = jnp.sum(jnp.where(in_long, 0, 1 << jnp.arange(WINDOW, dtype=jnp.int32)), axis=1, dtype=jnp.int32)
     n_long = long_bound(mx, unit_rows, bound)
     which = jnp.nonzero(long, size=n_long, fill_value=bound)[0] if n_long else jnp.zeros((0,), jnp.int32)
@@ -105,6 +99,23 @@ def window_pairs(units: Units, mx: int, unit_rows: int) -> WindowPairs:
     pick = lambda a: jnp.where(ok, a[jnp.minimum(which, bound - 1)], 0).astype(jnp.int32)  # noqa: E731
     return WindowPairs(count=count, page=page, owner=owner, store=store, long_row0=pick(units.row0),
                        long_size=pick(units.size), long_page=pick(units.b_page_row))
+
+
+def window_runs(ids: jax.Array, counted: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Runs of one id among the counted rows of each 8-row window, in row order: (first [nw, 8]: the row starts
+    a run; owner [nw, run i, row j]: row j is in the window's i-th run). Comparisons and sums over [nw, 8, 8]
+    that XLA fuses: no scan, no scatter. ids, counted: [nw, 8]."""
+    same = jnp.concatenate([jnp.zeros_like(counted[:, :1]), (ids[:, 1:] == ids[:, :-1]) & counted[:, :-1]],
+                           axis=1)
+    first = counted & ~same
+    j = jnp.arange(WINDOW, dtype=jnp.int32)
+    run_of_row = jnp.sum(first[:, None, :] & (j[None, :] <= j[:, None])[None], axis=2, dtype=jnp.int32) - 1
+    return first, counted[:, None, :] & (run_of_row[:, None, :] == j[None, :, None])
+
+
+def at_run_start(first: jax.Array, owner: jax.Array, per_row: jax.Array) -> jax.Array:
+    """[nw, 8] per row -> [nw, 8] per run (window_runs): the value at the run's first row; 0 past the runs."""
+    return jnp.sum(jnp.where(owner & first[:, None, :], per_row[:, None, :], 0), axis=2, dtype=jnp.int32)
 
 
 def pair_rows(s: jax.Array, pairs: WindowPairs, dtype) -> tuple[jax.Array, jax.Array]:
