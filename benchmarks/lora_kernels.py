@@ -195,27 +195,24 @@ def expert_delta_gpu_rank_major(x, slots, experts, a, b, rows_grouped=False, blo
                                       rows_grouped=rows_grouped)
 
 
-def per_row_blocks(dtype):
-    """The device's kernel settings with every call on per-row units (units.per_row_units: no sort, no gathers)."""
-    return dataclasses.replace(gpu_ops.device_blocks(dtype, None), per_row_rows=1 << 30)
+def forced_blocks(**fields):
+    """blocks_of(dtype): the device's kernel settings with `fields` forced, and run_rows 0 unless given, so a
+    variant named after a form times that form whatever the entry picks (the H200 entry puts calls of up to 512
+    rows on run units, which come before per-row units and windows)."""
+    fields = {"run_rows": 0, **fields}
+    return lambda dtype: dataclasses.replace(gpu_ops.device_blocks(dtype, None), **fields)
 
 
-def window_blocks(dtype, unit_rows: int = 1 << 30):
-    """The device's kernel settings with units of up to `unit_rows` rows on the window-major expand
-    (window_expand.py; the default: every unit), longer ones on the unit-major path in the same launch; 0: the
-    unit-major expand alone, whatever the device's entry says."""
-    return dataclasses.replace(gpu_ops.device_blocks(dtype, None), window_unit_rows=unit_rows)
-
-
-def run_blocks(dtype):
-    """The device's kernel settings with every call on run units (runs.py: rows in place, no grouping, pages
-    read once per run, the window-major expand)."""
-    return dataclasses.replace(gpu_ops.device_blocks(dtype, None), run_rows=1 << 30)
+per_row_blocks = forced_blocks(per_row_rows=1 << 30)  # every call on per-row units (no sort, no gathers)
+window_blocks = forced_blocks(window_unit_rows=1 << 30)  # every unit on the window-major expand
+run_blocks = forced_blocks(run_rows=1 << 30)  # every call on run units (runs.py)
+grouped_blocks = forced_blocks()  # grouped units, the entry's expand
 
 
 def unit_rows_blocks(n: int):
-    """blocks_of for window_blocks with units of up to n rows on windows."""
-    return functools.partial(window_blocks, unit_rows=n)
+    """blocks_of with grouped units of up to n rows on the window-major expand, longer ones unit-major in the same
+    launch; 0: the unit-major expand alone, whatever the device's entry says."""
+    return forced_blocks(window_unit_rows=n)
 
 
 harness = kernel_timing.identity
@@ -240,8 +237,10 @@ EXPERT_DELTA = {"reference": reference.expert_lora_delta, "reference-rm": expert
 if jax.default_backend() == "gpu":
     EXPERT_DELTA["gpu-kernel-rm"] = expert_delta_gpu_rank_major
     EXPERT_DELTA["gpu-per-row-rm"] = functools.partial(expert_delta_gpu_rank_major, blocks_of=per_row_blocks)
-    EXPERT_DELTA["gpu-grouped-rm"] = functools.partial(expert_delta_gpu_rank_major, rows_grouped=True)
-    EXPERT_DELTA["gpu-runs-rm"] = functools.partial(expert_delta_gpu_rank_major, blocks_of=run_blocks)
+    EXPERT_DELTA["gpu-grouped-rm"] = functools.partial(expert_delta_gpu_rank_major, rows_grouped=True,
+                                                       blocks_of=grouped_blocks)
+    EXPERT_DELTA["gpu-runs-rm"] = functools.partial(expert_delta_gpu_rank_major, rows_grouped=True,
+                                                    blocks_of=run_blocks)
     for name, blocks_of in [("window", window_blocks), ("unit", unit_rows_blocks(0)),
                             *((f"hybrid{n}", unit_rows_blocks(n)) for n in HYBRID_UNIT_ROWS)]:
         EXPERT_DELTA[f"gpu-{name}-rm"] = functools.partial(expert_delta_gpu_rank_major, blocks_of=blocks_of)

@@ -164,7 +164,8 @@
 #                 64 requests the expert calls have 512 rows, the dense ones 64: experts on the kernels).
 #                 WINDOW_UNIT_ROWS=<rows> puts units of up to that many rows on the window-major expand
 #                 (INFINILORA_GPU_WINDOW_UNIT_ROWS); RUN_ROWS=<rows> calls of up to that many rows on run
-#                 units (INFINILORA_GPU_RUN_ROWS, pallas_kernels/gpu/runs.py); TAG names the outputs.
+#                 units (INFINILORA_GPU_RUN_ROWS, pallas_kernels/gpu/runs.py; they come first: the H200 entry's
+#                 512, so WINDOW_UNIT_ROWS reaches only larger calls unless RUN_ROWS=0); TAG names the outputs.
 #                 LAYERS (default 2) and TIMEOUT (s per backend, default 270: `auto` at 8 layers needs more
 #                 than 290 s to compile, sixteenth session) override.
 #                 LAYERS (default 2) sets the depth: with async scheduling (fourteenth session) 2 layers are still

@@ -267,13 +267,15 @@ def tune(dtype, entry: GpuBlocks, phases, rng, timer: Timer, tiny: bool) -> dict
         entry = dataclasses.replace(entry, **fields)
     if "expand" in phases:
         problems = [make_problem(rng, s, dtype) for s in decode_shapes + ([] if tiny else PREFILL)]
-        cands = [dataclasses.replace(entry, expand_tiles=k) for k in ((1, 0) if tiny else EXPAND_TILES)]
+        # run_rows 0: the unit-major expand these settings tune (calls on run units take the window-major one)
+        cands = [dataclasses.replace(entry, expand_tiles=k, run_rows=0) for k in ((1, 0) if tiny else EXPAND_TILES)]
         fields["expand_tiles"] = best(cands, problems, timer, "expand").expand_tiles
         entry = dataclasses.replace(entry, **fields)
     if "window" in phases:
         shapes = TINY_WINDOW if tiny else decode_shapes + PREFILL + FEW_ADAPTERS
         problems = [make_problem(rng, s, dtype) for s in shapes]
-        cands = [dataclasses.replace(entry, window_unit_rows=n) for n in ((0, 4) if tiny else WINDOW_UNIT_ROWS)]
+        cands = [dataclasses.replace(entry, window_unit_rows=n, run_rows=0)  # grouped units (run units come first)
+                 for n in ((0, 4) if tiny else WINDOW_UNIT_ROWS)]
         fields["window_unit_rows"] = best(cands, problems, timer, "window").window_unit_rows
         entry = dataclasses.replace(entry, **fields)
     if "runs" in phases:
