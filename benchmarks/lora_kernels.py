@@ -2,8 +2,9 @@
 matmul ceilings (issue 3's benchmark; results in docs/benchmarks.md, ninth session).
 
 Per dense case (T tokens spread over `adapters` distinct adapters of a pool of max(slots, adapters + 1) slots,
-rank r, hidden H, bf16) and per-expert case (rows = tokens x top_k (token, expert) assignments at a model's
-widths, sorted by expert as the MoE layer feeds them) it times:
+rank r, hidden H, bf16; in random order, or with `:seg` in segments, each adapter's tokens contiguous as SGMV
+takes them and as a step's sequences come) and per-expert case (rows = tokens x top_k (token, expert)
+assignments at a model's widths, sorted by expert as the MoE layer feeds them) it times:
   shrink  x[T, H] . A[slot][H, r] -> [T, r] float32:
             gather+einsum (the reference's shrink), one-hot (x @ every slot's A, then select),
             ragged_dot (rows sorted by slot), gpu-kernel / gpu-kernel-rm (pallas_kernels/gpu/, GPU only; A
@@ -13,7 +14,9 @@ widths, sorted by expert as the MoE layer feeds them) it times:
             (pallas_kernels.dispatch.lora_delta as the platform picks), one-hot, ragged_dot, gpu-kernel(-rm),
             gpu-per-row-rm (the kernels on one work unit per row: no sort, no gathers; GPU only), gpu-window-rm /
             gpu-unit-rm (the window-major expand, window_expand.py, for every call / for none), gpu-runs-rm (run
-            units, runs.py: rows in place, no grouping, the window-major expand)
+            units, runs.py: rows in place, no grouping, the window-major expand); on `:seg` cases
+            gpu-segments-rm, shrink and delta: the tokens taken in place (row_runs = adapters, as the model passes
+            a step's sequence count), no sort, no gather of x, none of the delta back
   expert delta: reference, reference-rm, dispatch, ragged_dot (one group per (slot, expert) page),
             gpu-kernel-rm, gpu-per-row-rm, gpu-grouped-rm (rows taken in place: the case's rows come sorted by
             (expert, slot), as the MoE layer sorts them),
@@ -60,7 +63,8 @@ from pallas_kernels.layout import PageTable, a_rows_from_pool, padded_rank  # no
 F = flags.FLAGS
 flags.DEFINE_list("cases", ["1:1:16", "16:16:16", "64:32:16", "256:64:16", "256:64:64", "64:32:128", "512:512:8",
                             "1024:64:64", "4096:64:64", "8192:16:64"],
-                  "T:adapters:rank per case (decode T <= 512, prefill above; the pool has max(--slots, adapters + 1))")
+                  "T:adapters:rank[:seg] per case (decode T <= 512, prefill above; the pool has max(--slots, "
+                  "adapters + 1); seg: each adapter's tokens contiguous)")
 flags.DEFINE_list("expert_cases", ["qwen3-gate_up:64:32:32:128:8:2048:1536", "qwen3-down:64:32:32:128:8:768:2048",
                                    "mixtral-gate_up:64:32:64:8:2:4096:28672", "mixtral-down:64:32:64:8:2:14336:4096"],
                   "per-expert delta cases name:tokens:adapters:rank:experts:top_k:d_in:d_out (rows = tokens * top_k)")
@@ -126,10 +130,10 @@ def shrink_gpu_kernel(x, slots, a, b):
     return _shrink_gpu_rows(x, slots, a_rows_from_pool(a, padded_rank(a.shape[-1], 16)), a.shape[-1])
 
 
-def _shrink_gpu_rows(x, slots, a_rows, rank):
+def _shrink_gpu_rows(x, slots, a_rows, rank, row_runs=None):
     rb = padded_rank(rank, 16)
     table = PageTable.padded(a_rows.shape[0] // rb, 1, rb, rb)
-    return gpu_ops.lora_shrink(x, slots, slots > 0, a_rows, table, num_experts=1)[:, :rank]
+    return gpu_ops.lora_shrink(x, slots, slots > 0, a_rows, table, num_experts=1, row_runs=row_runs)[:, :rank]
 
 
 def shrink_gpu_kernel_rank_major(x, slots, a, b):
@@ -145,11 +149,26 @@ def delta_gpu_kernel(x, slots, a, b):
     return dispatch.lora_delta(x, slots, a, b, backend=dispatch.LoraBackend.GPU)
 
 
-def delta_gpu_rank_major(x, slots, a, b, blocks_of=None):
+def delta_gpu_rank_major(x, slots, a, b, blocks_of=None, row_runs=None):
     """The dispatcher's kernels with A stored rank-major; blocks_of(dtype): the kernel settings (None: the
-    device's entry)."""
+    device's entry); row_runs: tokens in at most that many runs, taken in place."""
     return dispatch.lora_delta(x, slots, a, b, backend=dispatch.LoraBackend.GPU, a_rank_major=True,
-                               blocks=None if blocks_of is None else blocks_of(x.dtype))
+                               blocks=None if blocks_of is None else blocks_of(x.dtype), row_runs=row_runs)
+
+
+def segment_variants(adapters: int) -> tuple[dict, dict]:
+    """(shrink, delta) variants of a `:seg` case: the kernels on the tokens in place, row_runs = adapters."""
+    if jax.default_backend() != "gpu":
+        return {}, {}
+
+    def shrink(x, slots, a, b):
+        del b
+        rank = a.shape[-2]
+        a_rows = a_rows_from_pool(a, padded_rank(rank, 16), rank_major=True)
+        return _shrink_gpu_rows(x, slots, a_rows, rank, row_runs=adapters)
+
+    return ({"gpu-segments-rm": shrink},
+            {"gpu-segments-rm": functools.partial(delta_gpu_rank_major, row_runs=adapters)})
 
 
 def delta_reference_rank_major(x, slots, a, b):
@@ -182,7 +201,7 @@ HYBRID_UNIT_ROWS = (4, 8)  # the gpu-hybrid<n> variants: units of up to n rows o
 
 # variants that take A as [S, (E,) R, D_in]
 RANK_MAJOR = {"gpu-kernel-rm", "gpu-per-row-rm", "gpu-grouped-rm", "gpu-window-rm", "gpu-window-grouped-rm",
-              "gpu-unit-rm", "gpu-unit-grouped-rm", "gpu-runs-rm", "reference-rm",
+              "gpu-unit-rm", "gpu-unit-grouped-rm", "gpu-runs-rm", "gpu-segments-rm", "reference-rm",
               *(f"gpu-hybrid{n}{g}-rm" for n in HYBRID_UNIT_ROWS for g in ("", "-grouped"))}
 
 
@@ -305,13 +324,15 @@ def ceilings(n_bytes: int, n: int) -> tuple[float, float]:
     return 2e6 * buf.nbytes / per_call(t_copy), 2e6 * n ** 3 / per_call(t_mm)
 
 
-def make_case(rng, tokens, adapters, rank):
+def make_case(rng, tokens, adapters, rank, segments=False):
     h, s = F.hidden, max(F.slots, adapters + 1)  # the pool grows for cases with more adapters than its slots
     a = rng.normal(size=(s, h, rank)).astype(np.float32) / np.sqrt(h)
     b = rng.normal(size=(s, rank, h)).astype(np.float32) / np.sqrt(rank)
     a[0], b[0] = 0, 0
     used = rng.choice(np.arange(1, s), size=adapters, replace=False)
     slots = rng.choice(used, size=tokens)
+    if segments:  # each adapter's tokens contiguous
+        slots = np.sort(slots)
     x = rng.normal(size=(tokens, h)).astype(np.float32)
     return jnp.asarray(x, DT), jnp.asarray(slots, jnp.int32), jnp.asarray(a, DT), jnp.asarray(b, DT)
 
@@ -385,7 +406,7 @@ def main(argv):
         return
     if F.smoke:
         F.hidden, F.slots, F.iters, F.repeats = 256, 16, 2, 1
-        F.cases = ["8:4:16", "64:8:16"]
+        F.cases = ["8:4:16", "64:8:16", "64:8:16:seg"]
         F.expert_cases = ["tiny:8:4:16:4:2:128:256"]
         F.qkv_cases, F.qkv_widths = ["8:4:16"], ["128", "256", "64", "64"]
     print(f"  platform {jax.default_backend()}, device {jax.devices()[0].device_kind}, jax {jax.__version__}, "
@@ -396,17 +417,22 @@ def main(argv):
     rows = []
     run = _Runner(rows, copy_bw)
     for case in F.cases:
-        tokens, adapters, rank = (int(v) for v in case.split(":"))
-        x, slots, a, b = make_case(rng, tokens, adapters, rank)
+        tokens, adapters, rank, *kind = case.split(":")
+        tokens, adapters, rank, segments = int(tokens), int(adapters), int(rank), kind == ["seg"]
+        if kind not in ([], ["seg"]):
+            raise ValueError(f"case {case!r}: T:adapters:rank or T:adapters:rank:seg")
+        x, slots, a, b = make_case(rng, tokens, adapters, rank, segments)
+        shrink_seg, delta_seg = segment_variants(adapters) if segments else ({}, {})
         h = F.hidden
         page = h * rank * 2
         shrink_bytes = tokens * h * 2 + adapters * page + tokens * rank * 4
         delta_bytes = shrink_bytes + adapters * page + tokens * h * 4
-        label = f"T={tokens:5d} adapters={adapters:3d} r={rank:3d}"
-        meta = dict(tokens=tokens, adapters=adapters, rank=rank)
-        run("shrink", label, meta, SHRINK, (x, slots, a, b), shrink_bytes,
+        label = f"T={tokens:5d} adapters={adapters:3d} r={rank:3d}{' seg' if segments else ''}"
+        meta = dict(tokens=tokens, adapters=adapters, rank=rank, segments=segments)
+        run("shrink", label, meta, {**SHRINK, **shrink_seg}, (x, slots, a, b), shrink_bytes,
             shrink_gather(x, slots, a, b))
-        run("delta", label, meta, DELTA, (x, slots, a, b), delta_bytes, reference.lora_delta(x, slots, a, b))
+        run("delta", label, meta, {**DELTA, **delta_seg}, (x, slots, a, b), delta_bytes,
+            reference.lora_delta(x, slots, a, b))
     for case in F.expert_cases:
         name, *dims = case.split(":")
         tokens, adapters, rank, experts, top_k, d_in, d_out = (int(v) for v in dims)
@@ -453,7 +479,7 @@ def main(argv):
 def _case_label(row: dict) -> str:
     if "case" in row:
         return f"{row['case']}\n{row['rows']} rows r{row['rank']}"
-    return f"T={row['tokens']} a={row['adapters']}\nr{row['rank']}"
+    return f"T={row['tokens']} a={row['adapters']}\nr{row['rank']}{' seg' if row.get('segments') else ''}"
 
 
 def plot(rows: list[dict], path: str) -> None:

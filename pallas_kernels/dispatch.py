@@ -139,15 +139,16 @@ def _blocks(backend: LoraBackend, x: jax.Array, out_widths, max_rank: int) -> Bl
 
 
 def _kernel_apply(backend, ys, x, slots, experts, pairs, *, num_experts, slot_ranks, a_rank_major, blocks,
-                  rows_grouped=False):
-    """ys[i] (flat [M, N_i]) + delta of pair i, through the TPU or GPU kernels. rows_grouped: see
-    expert_lora_delta (the GPU kernels then leave the rows in place; the TPU kernels sort them anyway)."""
+                  rows_grouped=False, row_runs=None):
+    """ys[i] (flat [M, N_i]) + delta of pair i, through the TPU or GPU kernels. rows_grouped, row_runs: see
+    expert_lora_delta and add_lora_fused (the GPU kernels then leave the rows in place; the TPU kernels sort
+    them anyway)."""
     ranks = [_pool_rank(b, experts is not None) for _, b in pairs]
     _check_blocks(backend, blocks)
     if backend in _GPU_BACKENDS:
         return _gpu_apply(backend, ys, x, slots, experts, pairs, ranks, num_experts=num_experts,
                           slot_ranks=slot_ranks, a_rank_major=a_rank_major, blocks=blocks,
-                          rows_grouped=rows_grouped)
+                          rows_grouped=rows_grouped, row_runs=row_runs)
     if blocks is None:
         blocks = _blocks(backend, x, [y.shape[1] for y in ys], max(ranks))
     rb = blocks.rank_block
@@ -181,7 +182,7 @@ def gpu_supports(x: jax.Array, pairs, widths) -> bool:
 
 
 def _gpu_apply(backend, ys, x, slots, experts, pairs, ranks, *, num_experts, slot_ranks, a_rank_major, blocks,
-               rows_grouped):
+               rows_grouped, row_runs):
     """Through the Mosaic GPU kernels: pages of the pool rank padded to 16 (the wgmma K step) in rank blocks of
     16, so `slot_ranks` tells each slot's rank rows: the kernels skip empty slots, mask the rest, and with
     GpuBlocks.rank_buckets read only the rows a slot's rank needs."""
@@ -201,7 +202,7 @@ def _gpu_apply(backend, ys, x, slots, experts, pairs, ranks, *, num_experts, slo
     interpret = plgpu.InterpretGPUParams() if backend is LoraBackend.GPU_INTERPRET else None
     return gpu_ops.lora_apply(tuple(ys), x, keys, active, tuple(a_rows), tuple(b_rows), tuple(tables),
                               num_experts=num_experts, interpret=interpret, blocks=blocks,
-                              rows_grouped=rows_grouped)
+                              rows_grouped=rows_grouped, row_runs=row_runs)
 
 
 def _reference_deltas(x, slots, experts, pairs, a_rank_major):
@@ -228,15 +229,17 @@ def _out_shape(lora_b: jax.Array, expert: bool) -> tuple[int, ...]:
 
 
 def lora_delta(x: jax.Array, slots: jax.Array, lora_a: jax.Array, lora_b: jax.Array, *, slot_ranks=None,
-               a_rank_major: bool = False, backend=None, blocks: Blocks | GpuBlocks | None = None) -> jax.Array:
-    """[N, *out] float32 delta of a dense projection, one slot per token (reference.lora_delta)."""
+               a_rank_major: bool = False, backend=None, blocks: Blocks | GpuBlocks | None = None,
+               row_runs: int | None = None) -> jax.Array:
+    """[N, *out] float32 delta of a dense projection, one slot per token (reference.lora_delta); row_runs: see
+    add_lora_fused."""
     chosen = select_backend(backend, rows=x.shape[0], dtype=x.dtype, rank=_pool_rank(lora_b, False))
     if chosen is LoraBackend.REFERENCE:
         return reference.lora_delta(x, slots, lora_a, lora_b, a_rank_major=a_rank_major)
     out = _out_shape(lora_b, False)
     zeros = jnp.zeros((x.shape[0], math.prod(out)), jnp.float32)
     (delta,) = _kernel_apply(chosen, (zeros,), x, slots, None, ((lora_a, lora_b),), num_experts=1,
-                             slot_ranks=slot_ranks, a_rank_major=a_rank_major, blocks=blocks)
+                             slot_ranks=slot_ranks, a_rank_major=a_rank_major, blocks=blocks, row_runs=row_runs)
     return delta.reshape(x.shape[0], *out)
 
 
@@ -295,11 +298,15 @@ def paged_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array | None, 
 
 def add_lora_fused(ys: tuple[jax.Array, ...], x: jax.Array, slots: jax.Array, pairs, *, experts=None,
                    slot_ranks=None, a_rank_major: bool = False, backend=None,
-                   blocks: Blocks | GpuBlocks | None = None) -> tuple[jax.Array, ...]:
+                   blocks: Blocks | GpuBlocks | None = None, row_runs: int | None = None) -> tuple[jax.Array, ...]:
     """ys[i] + delta of pairs[i] = (A_i, B_i) for targets that share the input x, in one launch on TPU.
 
     ys[i]: [M, *out_i] in any float dtype (the result has it); pairs: pool pages as in `lora_delta` (or
     `expert_lora_delta` when `experts` [M] is given); slot_ranks: None, one [S] array, or one per pair.
+    row_runs: the caller guarantees that the rows with work form at most this many runs of one slot (or
+    (slot, expert)) each, a slot possibly in several runs: a step's tokens, where each sequence's tokens are
+    one run, so its sequence count bounds them. The GPU kernels then take the rows in place (no sort, no
+    gather of x, none of the delta back); the reference and the TPU kernels ignore it.
     """
     expert = experts is not None
     chosen = select_backend(backend, rows=x.shape[0], dtype=x.dtype,
@@ -310,7 +317,7 @@ def add_lora_fused(ys: tuple[jax.Array, ...], x: jax.Array, slots: jax.Array, pa
     flat = tuple(y.reshape(y.shape[0], -1) for y in ys)
     res = _kernel_apply(chosen, flat, x, slots, experts, tuple(pairs),
                         num_experts=pairs[0][0].shape[1] if expert else 1, slot_ranks=slot_ranks,
-                        a_rank_major=a_rank_major, blocks=blocks)
+                        a_rank_major=a_rank_major, blocks=blocks, row_runs=row_runs)
     return tuple(r.reshape(y.shape) for r, y in zip(res, ys))
 
 

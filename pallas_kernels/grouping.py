@@ -8,7 +8,10 @@ G = min(rows, keys), enough for any input; entries past `num_groups` are unused 
 Rows that arrive grouped (`presorted=True`: the rows of each active key are one contiguous run, as the MoE layer
 delivers (token, expert) rows sorted by (expert, slot)) are not sorted: the "sorted order" is the rows' own
 order (order and inverse are the identity), groups are the runs in row order, and inactive rows may sit
-between them. Then the GPU kernels need no gather of x and none of the delta back.
+between them. Then the GPU kernels need no gather of x and none of the delta back. Rows in runs
+(`presorted=True, max_groups=n`: a key's rows may form several runs, as the tokens of a step's sequences do,
+each sequence's tokens one run of its adapter slot) are taken the same way: each run is a group, and
+`max_groups` bounds how many there are.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ class Grouping:
     num_groups: jax.Array  # [] int32 groups in use (entries [0, num_groups) of the group arrays)
 
 
-def group_rows(keys: jax.Array, active: jax.Array, *, num_keys: int, presorted: bool = False) -> Grouping:
+def group_rows(keys: jax.Array, active: jax.Array, *, num_keys: int, presorted: bool = False,
+               max_groups: int | None = None) -> Grouping:
     """Sort rows by key (unless `presorted`) and describe the groups.
 
     Args:
@@ -41,9 +45,13 @@ def group_rows(keys: jax.Array, active: jax.Array, *, num_keys: int, presorted: 
       presorted: the caller guarantees that each active key's rows form one contiguous run (inactive rows may
         lie anywhere); the rows keep their order. A key split over several runs would give more groups than
         the static bound holds, and rows past it would be dropped.
+      max_groups: with `presorted`, a key's rows may form several runs, at most this many in all (each run a
+        group; the static bound is then min(rows, max_groups) instead of min(rows, num_keys)).
     """
     m = keys.shape[0]
-    g = min(m, num_keys)
+    if max_groups is not None and not presorted:
+        raise ValueError("max_groups bounds the runs of rows taken in place: it needs presorted=True")
+    g = min(m, num_keys if max_groups is None else max_groups)
     if g < 1:
         raise ValueError(f"group_rows needs rows >= 1 and num_keys >= 1, got rows={m}, num_keys={num_keys}")
     k = _sort_keys(keys, active, num_keys)

@@ -214,6 +214,7 @@ def test_lora_kernels_benchmark_smoke_run(tmp_path):
                    env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600, capture_output=True)
     rows = json.loads((tmp_path / "smoke.json").read_text())["rows"]
     assert {r["op"] for r in rows} == {"shrink", "delta", "expert delta", "qkv delta"}
+    assert {r["segments"] for r in rows if r["op"] == "delta"} == {False, True}  # tokens in segments too
     assert all(r["rel_err"] < 1e-2 for r in rows)  # one-hot and ragged_dot round s to bf16: 1.6e-3
     assert max(r["rel_err"] for r in rows if r["variant"] in ("reference-rm", "dispatch")) < 1e-5
 

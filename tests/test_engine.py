@@ -202,3 +202,18 @@ def test_step_batch_packing_fast_path_equals_array_path():
     assert b1.cache_slots[1] == 6 * page
     np.testing.assert_array_equal(b1.logits_indices[:2], [0, 2])
     np.testing.assert_array_equal(b1.decode.block_tables[:3, :3], [[5, 3, 8], [6, 0, 0], [2, 0, 0]])
+
+
+def test_step_batch_bounds_its_sequences_by_its_decode_rows():
+    """StepBatch.max_sequences (the decode block's rows) bounds the token runs the GPU LoRA kernels take in place
+    (one run per sequence): a batch with more sequences than its policy's rows is refused, not built."""
+    import pytest
+
+    from infinilora_jax.models.batch import RowSpec, ShapePolicy, build_step_batch
+
+    policy = ShapePolicy(page_size=4, num_pages=16, max_rows=2, max_prefill_rows=3, max_pages=4, max_tokens=16)
+    rows = [RowSpec([1, 2], 0, 1, [1]), RowSpec([3, 4], 0, 2, [2]), RowSpec([5], 2, 1, [3])]
+    batch, _ = build_step_batch(rows[:2], 4, 16, policy)
+    assert batch.max_sequences == 2
+    with pytest.raises(ValueError, match="3 rows exceed the 2 sequences"):
+        build_step_batch(rows, 4, 16, policy)

@@ -218,6 +218,41 @@ def test_expert_delta_on_rows_grouped_in_place(rng, m):
     assert rel_err(got, dispatch.expert_lora_delta(x, slots, experts, a, b, backend=GPU)) < 1e-6
 
 
+def token_runs(rng, m, num_slots):
+    """Slots of m tokens in runs, as a step's sequences lay them out (each sequence's tokens one run of its slot):
+    runs of 1-40 tokens, every slot in several runs, slot 0 (no adapter, or padding) between. (slots, runs)."""
+    lengths = []
+    while sum(lengths) < m:
+        lengths.append(int(rng.integers(1, 41)))
+    lengths[-1] -= sum(lengths) - m
+    run_slots = np.arange(len(lengths)) % num_slots  # each slot in several runs, none adjacent to its own
+    slots = np.repeat(run_slots, lengths).astype(np.int32)
+    return jnp.asarray(slots), int(np.sum(run_slots > 0))
+
+
+@pytest.mark.parametrize("m,runs_form", [(72, True), (130, False), (300, False)])  # run units, both grouping paths
+def test_dense_rows_in_runs_taken_in_place(rng, m, runs_form):
+    """Tokens in runs (a step's sequences: one slot may have several runs) with row_runs: the kernels take them
+    in place (no sort, no gather of x) and give the reference's delta; fused targets into NaN-poisoned y keep
+    slot-0 rows' NaN. A row_runs bound is rejected where the rows would be sorted anyway (grouping needs it
+    in place)."""
+    num_slots, d_in, out = 5, 128, 192
+    a, b = make_pages(rng, [0, 32, 8, 16, 32], d_in, out)
+    blocks = RUNS if runs_form else None
+    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
+    slots, runs = token_runs(rng, m, num_slots)
+    call = lambda x: dispatch.lora_delta(x, slots, a, b, backend=GPU, blocks=blocks, row_runs=runs)  # noqa: E731
+    got = call(x)
+    assert rel_err(got, reference.lora_delta(x, slots, a, b)) < 1e-5
+    np.testing.assert_array_equal(np.asarray(got)[np.asarray(slots) == 0], 0)
+    glue = glue_ops(jax.make_jaxpr(call)(x))
+    assert "sort" not in {name for name, _ in glue}
+    # no gather of x's rows or of the delta's: both stay in place
+    assert not [shape for name, shape in glue if name == "gather" and shape[-1:] in ((d_in,), (out,))]
+    with pytest.raises(ValueError, match="presorted"):
+        group_rows(slots, slots > 0, num_keys=num_slots, max_groups=runs)
+
+
 @pytest.mark.parametrize("rank", [8, 16, 64, 128])
 def test_every_rank(rng, rank):
     """Rank 8 is zero-padded to 16 (the wgmma K step of 16-bit operands); up to 128."""
@@ -325,7 +360,7 @@ def test_float32_falls_back_to_reference(rng):
                                          ("prefill", 4096, 64), ("per_row", 37, 32), ("expand_tiles", 512, 32),
                                          ("expand_tiles", 1500, 128), ("window", 37, 8), ("window", 512, 32),
                                          ("window", 256, 128), ("window_long", 1500, 16), ("runs", 37, 16),
-                                         ("runs", 512, 32)])
+                                         ("runs", 512, 32), ("in_place", 1500, 16)])
 @pytest.mark.parametrize("expert", [False, True])
 def test_kernels_lower_for_cuda(variant, m, r, expert):
     """Pallas -> Mosaic GPU lowering on CPU, down to Mosaic GPU's dialect lowering (`lower_mgpu_dialect`, which
@@ -333,7 +368,8 @@ def test_kernels_lower_for_cuda(variant, m, r, expert):
     H = 4096, bf16; T = 37 and 1500 (not multiples of 8: the H200 run failed there, "dimension 0 must have size
     smaller or a multiple of its tiling 8"), ranks 8 / 16 (shrink rows staged as 32 float32 columns) and 64;
     decode splits D_in (ksplit 4), prefill does not; the expand's pipelined tiles (all of a target's per CTA, up
-    to the SMEM that rank 128 leaves). Two Mosaic GPU kernels per target (shrink, expand)."""
+    to the SMEM that rank 128 leaves); rows taken in place (row_runs). Two Mosaic GPU kernels per target (shrink,
+    expand)."""
     num_slots, num_experts, h = 64, (8 if expert else None), 4096
     lead = (num_slots,) if not expert else (num_slots, num_experts)
     sds = jax.ShapeDtypeStruct
@@ -345,6 +381,8 @@ def test_kernels_lower_for_cuda(variant, m, r, expert):
               "window_long": GpuBlocks(window_unit_rows=4, stages=6),
               "runs": GpuBlocks(run_rows=1 << 20, stages=6)}.get(variant)
     kw = {"backend": dispatch.LoraBackend.GPU, "blocks": blocks}
+    if variant == "in_place":  # every key's rows in one run at most
+        kw["row_runs"] = num_slots * (num_experts or 1)
     if expert:
         step = lambda y, x, s, e, a, b: dispatch.add_expert_lora(y, x, s, e, a, b, **kw)
         args = (y, x, slots, experts, a, b)
@@ -354,8 +392,8 @@ def test_kernels_lower_for_cuda(variant, m, r, expert):
     text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 2
     assert gpu_ops.pick_ksplit(m, h, blocks or GpuBlocks()) == (1 if m > 512 else 4)
-    # the per-row variant sorts nothing (the grouped and run variants argsort the rows' keys)
-    assert ("stablehlo.sort" in text) is (variant != "per_row")
+    # the per-row and in-place variants sort nothing (the grouped and run variants argsort the rows' keys)
+    assert ("stablehlo.sort" in text) is (variant not in ("per_row", "in_place"))
 
 
 def test_unaligned_rows_hit_the_mosaic_gpu_tiling_check_on_cpu():

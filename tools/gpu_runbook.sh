@@ -87,6 +87,9 @@
 #   lora_window   (1 GPU, ~5 min) benchmarks/lora_kernels.py at decode shapes (dense, per expert, fused q/k/v),
 #                 profiled: the window-major expand (window_expand.py) against the unit-major one and the
 #                 reference. CASES / EXPERT_CASES / QKV_CASES / VARIANTS override, TAG names the output.
+#   lora_segments (1 GPU, ~3 min) benchmarks/lora_kernels.py on GPU.md's peer shapes (shrink and delta), tokens
+#                 in random order and in segments (`:seg`, SGMV's setting and a step's sequences): the kernels
+#                 sorting the tokens against taking them in place (gpu-segments-rm, row_runs). CASES, TAG.
 #   prefill_lora  (1 GPU, ~3 min) benchmarks/prefill_lora.py: whole-model prefill (Qwen3 widths, 2 layers,
 #                 2,048-row chunks) with the platform's LoRA dispatch (the Mosaic GPU kernels on the rank-major
 #                 pool) against the reference (twelfth session: 11.3 against 19.1 ms per prompt, 1.69x).
@@ -213,6 +216,13 @@ case "${1:-}" in
       --variants ${VARIANTS:-reference-rm,gpu-kernel-rm,gpu-window-rm,gpu-grouped-rm,gpu-window-grouped-rm,gpu-fused,gpu-fused-window} \
       --out "$OUT/lora_window${TAG:-}" > "$OUT/lora_window${TAG:-}.log" 2>&1
     echo "lora_window rc=$?"; grep -E "ceilings| us  floor" "$OUT/lora_window${TAG:-}.log" ;;
+  lora_segments)
+    timeout ${TIMEOUT:-300} python3 -u benchmarks/lora_kernels.py \
+      --cases ${CASES:-64:32:16,256:64:16,256:64:64,4096:64:64,4096:64:16,64:32:16:seg,256:64:16:seg,256:64:64:seg,4096:64:64:seg,4096:64:16:seg} \
+      --expert_cases= --qkv_cases= --iters 10 --repeats 3 --profile \
+      --variants gather+einsum,gpu-kernel-rm,gpu-segments-rm,reference-rm \
+      --out "$OUT/lora_segments${TAG:-}" > "$OUT/lora_segments${TAG:-}.log" 2>&1
+    echo "lora_segments rc=$?"; grep -E "ceilings| us  floor|WRONG" "$OUT/lora_segments${TAG:-}.log" ;;
   lora_kernels_expert)
     timeout 560 python3 -u benchmarks/lora_kernels.py --cases 64:32:8,256:64:128 --expert_cases \
       mixtral-gate_up:1024:32:64:8:2:4096:28672,mixtral-down:1024:32:64:8:2:14336:4096,qwen3-down:1024:32:32:128:8:768:2048 \

@@ -38,6 +38,13 @@ class StepBatch:
     def num_tokens(self) -> int:
         return self.tokens.shape[0]
 
+    @property
+    def max_sequences(self) -> int:
+        """Static bound on the sequences in the step: the decode block's rows (ShapePolicy.decode_rows holds one
+        row per sequence the step may have; build_step_batch checks it). Each sequence's tokens are one
+        contiguous run of its adapter slot, so this bounds the runs the LoRA kernels take in place."""
+        return self.decode.index.shape[0]
+
 
 @dataclasses.dataclass
 class RowSpec:
@@ -202,6 +209,9 @@ def build_step_batch(rows: list[RowSpec], page_size: int, num_pages: int,
             tables[i, : len(pages)] = pages
         return QueryBlock(index, tables)
 
+    if len(rows) > policy.decode_rows(n_pad):  # StepBatch.max_sequences must bound the rows' token runs
+        raise ValueError(f"{len(rows)} rows exceed the {policy.decode_rows(n_pad)} sequences of a {n_pad}-token "
+                         f"step ({policy})")
     decode = block(decode_rows, policy.decode_rows(n_pad), 1)
     prefill = block(tiles, policy.prefill_tiles(n_pad) if tiles or prefill else 0, tile)
     m_pad = n_pad if any(r.logits == "all" for r in rows) else policy.decode_rows(n_pad)

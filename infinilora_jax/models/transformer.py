@@ -54,18 +54,19 @@ def _lora_ranks(pool_slot, target: str):
 
 
 def _with_loras(ys: tuple[jax.Array, ...], x: jax.Array, slots: jax.Array, pool_slot,
-                targets: tuple[str, ...]) -> tuple[jax.Array, ...]:
+                targets: tuple[str, ...], row_runs: int) -> tuple[jax.Array, ...]:
     """ys[i] + the LoRA delta of targets[i] (none where the pool does not carry it), for targets that share the
     input x (q/k/v, gate/up): one dispatcher call, so the kernels group the rows once, the TPU kernels add every
     output in one launch, and each slot's page rank lets them skip the padding above it. The sum is float32,
-    rounded once per output (reference.add_delta)."""
+    rounded once per output (reference.add_delta). row_runs: the step's sequence bound (StepBatch.max_sequences):
+    each sequence's tokens are one run of its slot, so the GPU kernels take the tokens in place."""
     pairs = [_lora_pair(pool_slot, t) for t in targets]
     live = [i for i, pair in enumerate(pairs) if pair is not None]
     if not live:
         return tuple(ys)
     out = list(ys)
     fused = add_lora_fused(tuple(ys[i] for i in live), x, slots, tuple(pairs[i] for i in live), a_rank_major=True,
-                           slot_ranks=tuple(_lora_ranks(pool_slot, targets[i]) for i in live))
+                           slot_ranks=tuple(_lora_ranks(pool_slot, targets[i]) for i in live), row_runs=row_runs)
     for i, y in zip(live, fused):
         out[i] = y
     return tuple(out)
@@ -104,7 +105,7 @@ class Attention(nnx.Module):
         n, hd = x.shape[0], cfg.head_dim
         slots = batch.adapter_slots
         q, k, v = _with_loras(tuple(matmul(x, _local(w), "nh,ho->no") for w in (self.wq, self.wk, self.wv)), x,
-                              slots, lora_slot, ("q", "k", "v"))
+                              slots, lora_slot, ("q", "k", "v"), batch.max_sequences)
         q, k, v = (a.reshape(n, -1, hd) for a in (q, k, v))
         if cfg.qk_norm:
             q = rms_norm(q, _local(self.q_norm), cfg.rms_norm_eps)
@@ -112,7 +113,8 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         kv = attention.write_kv(self.backend, kv, k, v, cache_slots)
         attn = attention.paged_attention(self.backend, q, kv, batch, cfg.sliding_window).reshape(n, -1)
-        (out,) = _with_loras((matmul(attn, _local(self.wo), "no,oh->nh"),), attn, slots, lora_slot, ("o",))
+        (out,) = _with_loras((matmul(attn, _local(self.wo), "no,oh->nh"),), attn, slots, lora_slot, ("o",),
+                             batch.max_sequences)
         return jax.lax.psum(out, TP), kv
 
 
@@ -122,11 +124,12 @@ class DenseMLP(nnx.Module):
         self.w_gate_up = params("mlp.w_gate_up", (h, 2, i), (None, None, "mlp"))
         self.w_down = params("mlp.w_down", (i, h), ("mlp", None))
 
-    def __call__(self, x, slots, lora_slot):
+    def __call__(self, x, slots, lora_slot, row_runs: int):
         gate_up = matmul(x, _local(self.w_gate_up), "nh,hgi->ngi")
-        gate, up = _with_loras((gate_up[:, 0], gate_up[:, 1]), x, slots, lora_slot, ("gate", "up"))
+        gate, up = _with_loras((gate_up[:, 0], gate_up[:, 1]), x, slots, lora_slot, ("gate", "up"), row_runs)
         act = jax.nn.silu(gate) * up
-        (out,) = _with_loras((matmul(act, _local(self.w_down), "ni,ih->nh"),), act, slots, lora_slot, ("down",))
+        (out,) = _with_loras((matmul(act, _local(self.w_down), "ni,ih->nh"),), act, slots, lora_slot, ("down",),
+                             row_runs)
         return jax.lax.psum(out, TP)
 
 
@@ -173,11 +176,11 @@ class DecoderLayer(nnx.Module):
         if self.mlp is None:
             mlp_out = self.moe(h, slots, lora_slot)
         elif self.moe is None:
-            mlp_out = self.mlp(h, slots, lora_slot)
+            mlp_out = self.mlp(h, slots, lora_slot, batch.max_sequences)
         else:  # this slot's kind differs between stages: each stage takes its own branch
             is_moe = jnp.asarray(self.kinds)[jax.lax.axis_index(PP)]
             mlp_out = jax.lax.cond(is_moe, lambda a: self.moe(a, slots, lora_slot),
-                                   lambda a: self.mlp(a, slots, lora_slot), h)
+                                   lambda a: self.mlp(a, slots, lora_slot, batch.max_sequences), h)
         return x + mlp_out, kv
 
 

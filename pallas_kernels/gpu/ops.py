@@ -10,7 +10,8 @@
             rows use) instead of one CTA per (unit, column tile).
     prefill (SGMV-like: long runs per adapter): one CTA per (unit, D_in), units of up to 64 rows per group.
 Both sort rows by (slot, expert) once (a gather of x; per-row units keep the rows in place, and rows that arrive
-grouped, `rows_grouped=True`, as the MoE layer sorts them by (expert, slot), are not moved), run one shrink and
+grouped, `rows_grouped=True`, as the MoE layer sorts them by (expert, slot), or in runs, `row_runs=n`, as a
+step's tokens come, each sequence's one run of its slot, are not moved), run one shrink and
 one expand launch for all the targets sharing x (fused q/k/v, gate/up: each CTA takes one target's unit), and add
 the delta into y in float32 (one rounding) at the rows' original positions; rows with no work (slot 0, padding
 experts, rank-0 targets) keep y bit-identical. Each page is read once per 64-row chunk of its group (once per
@@ -71,12 +72,14 @@ def pick_ksplit(rows: int, d_in: int, blocks: GpuBlocks) -> int:
     return k
 
 
-@functools.partial(jax.jit, static_argnames=("num_experts", "ksplit", "interpret", "blocks", "rows_grouped"))
+@functools.partial(jax.jit, static_argnames=("num_experts", "ksplit", "interpret", "blocks", "rows_grouped",
+                                             "row_runs"))
 def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active: jax.Array,
                a_rows: tuple[jax.Array, ...], b_rows: tuple[jax.Array, ...], tables: tuple[PageTable, ...], *,
                num_experts: int, ksplit: int | None = None, interpret=None,
                b_tables: tuple[PageTable | None, ...] | None = None,
-               blocks: GpuBlocks | None = None, rows_grouped: bool = False) -> tuple[jax.Array, ...]:
+               blocks: GpuBlocks | None = None, rows_grouped: bool = False,
+               row_runs: int | None = None) -> tuple[jax.Array, ...]:
     """ys[i] + delta_i (float32 sum, one rounding) for LoRA targets i sharing the input x.
 
     Args:
@@ -91,6 +94,9 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
       blocks: the tunable settings (None: the device's block table entry, device_blocks).
       rows_grouped: the rows of each active key are one contiguous run (grouping.group_rows' `presorted`): the
         kernels read x and write the delta in place, with no sort and no gathers.
+      row_runs: the rows with work come as at most this many runs of one key each, a key possibly in several
+        runs (a step's tokens: each sequence's tokens are one run of its slot, so the sequence count bounds the
+        runs): taken in place as with rows_grouped. A bound below the true count drops the rows past it.
     """
     m = x.shape[0]
     blocks = device_blocks(x.dtype, interpret) if blocks is None else blocks
@@ -101,13 +107,14 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
     num_keys = tables[0].num_slots * num_experts
     runs = m <= blocks.run_rows  # run units (runs.py), shared by the shrink and the window-major expand
     per_row = not runs and m <= blocks.per_row_rows  # one unit per row (units.per_row_units)
-    in_place = per_row or rows_grouped  # rows keep their order: no gather of x, none of the delta back
+    # rows keep their order: no gather of x, none of the delta back
+    in_place = per_row or rows_grouped or row_runs is not None
     # the kernels' row order: rows sorted by key (runs: by a sort alone; else with the group facts), or as given
     grouping = order = inverse = None
     if runs and not in_place:
         order, inverse = sort_by_key(keys, active, num_keys=num_keys)
     elif not (runs or per_row):
-        grouping = group_rows(keys, active, num_keys=num_keys, presorted=rows_grouped)
+        grouping = group_rows(keys, active, num_keys=num_keys, presorted=in_place, max_groups=row_runs)
         order, inverse = grouping.order, grouping.inverse
     x_rows = pad_rows(x if in_place else x[order], mx)
     run_keys, run_active = (keys, active) if in_place else (keys[order], active[order])
@@ -159,20 +166,22 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
     return tuple(out)
 
 
-@functools.partial(jax.jit, static_argnames=("num_experts", "ksplit", "interpret", "blocks"))
+@functools.partial(jax.jit, static_argnames=("num_experts", "ksplit", "interpret", "blocks", "row_runs"))
 def lora_shrink(x: jax.Array, keys: jax.Array, active: jax.Array, a_rows: jax.Array, table: PageTable, *,
                 num_experts: int, ksplit: int | None = None, interpret=None,
-                blocks: GpuBlocks | None = None) -> jax.Array:
-    """[M, R] float32 shrink alone (x @ A[page]^T per row; 0 for rows with no work): for benchmarks."""
+                blocks: GpuBlocks | None = None, row_runs: int | None = None) -> jax.Array:
+    """[M, R] float32 shrink alone (x @ A[page]^T per row; 0 for rows with no work) on grouped units: for
+    benchmarks. row_runs: as lora_apply's (the rows stay in place)."""
     m = x.shape[0]
     blocks = device_blocks(x.dtype, interpret) if blocks is None else blocks
     ksplit = pick_ksplit(m, x.shape[1], blocks) if ksplit is None else ksplit
-    grouping = group_rows(keys, active, num_keys=table.num_slots * num_experts)
-    x_sorted = pad_rows(x[grouping.order], padded_rows(m))
+    grouping = group_rows(keys, active, num_keys=table.num_slots * num_experts, presorted=row_runs is not None,
+                          max_groups=row_runs)
+    x_sorted = pad_rows(x if row_runs is not None else x[grouping.order], padded_rows(m))
     rank = table.max_blocks * table.rank_block
     buckets = rank_buckets(rank, blocks.rank_buckets)
     units = build_units(grouping, table, num_experts=num_experts, buckets=buckets)
     s = shrink(x_sorted, (a_rows,), (units,), ranks=(rank,), ksplit=ksplit, stages=blocks.stages,
                buckets=(buckets,), interpret=interpret)[0].sum(0)[:m, :rank]
     s = jnp.where(jnp.arange(rank)[None, :] < units.row_rank[:, None], s, 0.0)
-    return s[grouping.inverse]
+    return s if row_runs is not None else s[grouping.inverse]
