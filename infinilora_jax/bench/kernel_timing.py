@@ -23,9 +23,14 @@ from infinilora_jax.bench import device_trace
 
 
 def identity(x, *args):
-    """The timing loop's own cost (the feedback write into x): time it and subtract it from each call."""
+    """The timing loop's own cost (the feedback write into x): time it and subtract it from each call.
+
+    It returns one element of x, not x: returning x itself kept x alive through the optimization barrier, and
+    on the H200 XLA then copied all of x before each feedback write (18 us per call at 4,096 x 4,096 bf16,
+    against ~2.5 us of loop cost inside a real call's profile: twentieth session), so every figure it was
+    subtracted from came out low by about the time to copy x."""
     del args
-    return x
+    return x.reshape(-1)[:1] * 1
 
 
 def timing_loop(fn, iters: int):
