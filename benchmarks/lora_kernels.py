@@ -21,12 +21,11 @@ assignments at a model's widths, sorted by expert as the MoE layer feeds them) i
             gpu-kernel-rm, gpu-per-row-rm, gpu-grouped-rm (rows taken in place: the case's rows come sorted by
             (expert, slot), as the MoE layer sorts them),
             gpu-window-rm / gpu-window-grouped-rm and gpu-unit-rm / gpu-unit-grouped-rm (the same two with every
-            unit on the window-major expand, or none, whatever the device's entry says), gpu-hybrid<n>-rm /
-            gpu-hybrid<n>-grouped-rm (units of up to n rows on windows, longer ones unit-major: n = 4, 8),
+            unit on the window-major expand, or none, whatever the device's entry says),
             gpu-runs-rm (run units on the case's rows in place)
   qkv delta (three targets sharing x, Qwen3 attention widths; A rank-major): reference, gpu-fused (one
             add_lora_fused call: one shrink and one expand launch), gpu-fused-per-row (the same on per-row
-            units), gpu-fused-window / gpu-fused-hybrid<n> (the window-major expand), gpu-fused-runs (run
+            units), gpu-fused-window (the window-major expand), gpu-fused-runs (run
             units), gpu-separate (three add_lora calls)
 Each variant runs in one jitted, unrolled loop; `us` is its device time per call (kernel time in a profiler
 trace, less the loop's own), which is what it costs inside a step; the wall time per call is kept beside it.
@@ -197,12 +196,9 @@ def expert_delta_reference_rank_major(x, slots, experts, a, b):
     return jnp.einsum("mr,mro->mo", s, b[slots, experts].astype(jnp.float32))
 
 
-HYBRID_UNIT_ROWS = (4, 8)  # the gpu-hybrid<n> variants: units of up to n rows on windows, longer unit-major
-
 # variants that take A as [S, (E,) R, D_in]
 RANK_MAJOR = {"gpu-kernel-rm", "gpu-per-row-rm", "gpu-grouped-rm", "gpu-window-rm", "gpu-window-grouped-rm",
-              "gpu-unit-rm", "gpu-unit-grouped-rm", "gpu-runs-rm", "gpu-segments-rm", "reference-rm",
-              *(f"gpu-hybrid{n}{g}-rm" for n in HYBRID_UNIT_ROWS for g in ("", "-grouped"))}
+              "gpu-unit-rm", "gpu-unit-grouped-rm", "gpu-runs-rm", "gpu-segments-rm", "reference-rm"}
 
 
 def expert_delta_gpu_rank_major(x, slots, experts, a, b, rows_grouped=False, blocks_of=None):
@@ -226,12 +222,7 @@ per_row_blocks = forced_blocks(per_row_rows=1 << 30)  # every call on per-row un
 window_blocks = forced_blocks(window_unit_rows=1 << 30)  # every unit on the window-major expand
 run_blocks = forced_blocks(run_rows=1 << 30)  # every call on run units (runs.py)
 grouped_blocks = forced_blocks()  # grouped units, the entry's expand
-
-
-def unit_rows_blocks(n: int):
-    """blocks_of with grouped units of up to n rows on the window-major expand, longer ones unit-major in the same
-    launch; 0: the unit-major expand alone, whatever the device's entry says."""
-    return forced_blocks(window_unit_rows=n)
+unit_blocks = forced_blocks(window_unit_rows=0)  # grouped units on the unit-major expand, whatever the entry says
 
 
 harness = kernel_timing.identity
@@ -247,10 +238,8 @@ if jax.default_backend() == "gpu":  # Mosaic GPU kernels: Hopper only
     DELTA["gpu-kernel-rm"] = delta_gpu_rank_major
     DELTA["gpu-per-row-rm"] = functools.partial(delta_gpu_rank_major, blocks_of=per_row_blocks)
     DELTA["gpu-window-rm"] = functools.partial(delta_gpu_rank_major, blocks_of=window_blocks)
-    DELTA["gpu-unit-rm"] = functools.partial(delta_gpu_rank_major, blocks_of=unit_rows_blocks(0))
+    DELTA["gpu-unit-rm"] = functools.partial(delta_gpu_rank_major, blocks_of=unit_blocks)
     DELTA["gpu-runs-rm"] = functools.partial(delta_gpu_rank_major, blocks_of=run_blocks)
-    for n in HYBRID_UNIT_ROWS:
-        DELTA[f"gpu-hybrid{n}-rm"] = functools.partial(delta_gpu_rank_major, blocks_of=unit_rows_blocks(n))
 EXPERT_DELTA = {"reference": reference.expert_lora_delta, "reference-rm": expert_delta_reference_rank_major,
                 "dispatch": dispatch.expert_lora_delta, "ragged_dot": expert_delta_ragged}
 if jax.default_backend() == "gpu":
@@ -260,8 +249,7 @@ if jax.default_backend() == "gpu":
                                                        blocks_of=grouped_blocks)
     EXPERT_DELTA["gpu-runs-rm"] = functools.partial(expert_delta_gpu_rank_major, rows_grouped=True,
                                                     blocks_of=run_blocks)
-    for name, blocks_of in [("window", window_blocks), ("unit", unit_rows_blocks(0)),
-                            *((f"hybrid{n}", unit_rows_blocks(n)) for n in HYBRID_UNIT_ROWS)]:
+    for name, blocks_of in [("window", window_blocks), ("unit", unit_blocks)]:
         EXPERT_DELTA[f"gpu-{name}-rm"] = functools.partial(expert_delta_gpu_rank_major, blocks_of=blocks_of)
         EXPERT_DELTA[f"gpu-{name}-grouped-rm"] = functools.partial(expert_delta_gpu_rank_major, rows_grouped=True,
                                                                    blocks_of=blocks_of)
@@ -304,8 +292,6 @@ if jax.default_backend() == "gpu":
     QKV_DELTA["gpu-fused-per-row"] = functools.partial(qkv_gpu_fused, blocks_of=per_row_blocks)
     QKV_DELTA["gpu-fused-window"] = functools.partial(qkv_gpu_fused, blocks_of=window_blocks)
     QKV_DELTA["gpu-fused-runs"] = functools.partial(qkv_gpu_fused, blocks_of=run_blocks)
-    for n in HYBRID_UNIT_ROWS:
-        QKV_DELTA[f"gpu-fused-hybrid{n}"] = functools.partial(qkv_gpu_fused, blocks_of=unit_rows_blocks(n))
 
 
 def timed(fn, *args, profile: bool = False) -> dict:

@@ -359,7 +359,7 @@ def test_float32_falls_back_to_reference(rng):
 @pytest.mark.parametrize("variant,m,r", [("decode", 37, 8), ("decode", 256, 64), ("prefill", 1500, 16),
                                          ("prefill", 4096, 64), ("per_row", 37, 32), ("expand_tiles", 512, 32),
                                          ("expand_tiles", 1500, 128), ("window", 37, 8), ("window", 512, 32),
-                                         ("window", 256, 128), ("window_long", 1500, 16), ("runs", 37, 16),
+                                         ("window", 256, 128), ("runs", 37, 16),
                                          ("runs", 512, 32), ("in_place", 1500, 16)])
 @pytest.mark.parametrize("expert", [False, True])
 def test_kernels_lower_for_cuda(variant, m, r, expert):
@@ -378,7 +378,6 @@ def test_kernels_lower_for_cuda(variant, m, r, expert):
     slots, experts = sds((m,), jnp.int32), sds((m,), jnp.int32)
     blocks = {"per_row": PER_ROW, "expand_tiles": GpuBlocks(expand_tiles=0, stages=6),
               "window": GpuBlocks(window_unit_rows=1 << 20, stages=6),
-              "window_long": GpuBlocks(window_unit_rows=4, stages=6),
               "runs": GpuBlocks(run_rows=1 << 20, stages=6)}.get(variant)
     kw = {"backend": dispatch.LoraBackend.GPU, "blocks": blocks}
     if variant == "in_place":  # every key's rows in one run at most
@@ -561,43 +560,35 @@ def test_fused_targets_share_one_launch_with_their_own_ranks(rng, buckets):
 WINDOW = GpuBlocks(window_unit_rows=1 << 20, window_cols=64)
 
 
-def window_pairs_model(units, mx, unit_rows):
-    """What window_pairs must give, by a loop: per 8-row window, its short-unit rows' units in row order; which
-    rows belong to long units; the long units."""
+def window_pairs_model(units, mx):
+    """What window_pairs must give, by a loop: per 8-row window, its rows' units in row order."""
     owner = np.full(mx, -1)
-    count = int(units.count[0])
-    long_units = []
-    for u in range(count):
+    for u in range(int(units.count[0])):
         r0, n = int(units.row0[u]), int(units.size[u])
         assert np.all(owner[r0:r0 + n] == -1), "units overlap"
         owner[r0:r0 + n] = u
-        if n > unit_rows:
-            long_units.append(u)
-    is_long = np.isin(owner, long_units)
     pairs = []
     for w in range(mx // 8):
         seen = []
         for j in range(8):
             u = owner[w * 8 + j]
-            if u >= 0 and not is_long[w * 8 + j] and (not seen or seen[-1] != u):
+            if u >= 0 and (not seen or seen[-1] != u):
                 seen.append(u)
         pairs.append(seen)
-    return owner, pairs, is_long, long_units
+    return owner, pairs
 
 
-@pytest.mark.parametrize("unit_rows", [1 << 20, 4])
 @pytest.mark.parametrize("case", ["sorted", "grouped_in_place", "per_row"])
-def test_window_pairs_give_each_window_its_rows_pages(rng, case, unit_rows):
-    """Per 8-row window: its short-unit rows' units in row order (count, B page of each), which rows each pair
-    owns, which rows the window stores (all but long units' rows), and the long units (more than unit_rows rows)
-    listed apart, for units listed in row order (sorted rows), out of row order (rows grouped in place by
-    (expert, slot), units listed by key) and one per row (rows with no work have size 0)."""
+def test_window_pairs_give_each_window_its_rows_pages(rng, case):
+    """Per 8-row window: its rows' units in row order (count, B page of each) and which rows each pair owns, for
+    units listed in row order (sorted rows), out of row order (rows grouped in place by (expert, slot), units
+    listed by key) and one per row (rows with no work have size 0)."""
     from pallas_kernels.gpu.window_expand import window_pairs
     m, num_slots, num_experts = 83, 4, 5
     slots = rng.integers(0, num_slots, size=m)
     experts = rng.integers(0, num_experts + 1, size=m)
     slots[10:40], experts[10:40] = 2, 3  # 30 rows of one page: four windows
-    slots[45:51], experts[45:51] = 1, 4  # 6 rows: long at unit_rows 4, inside one window or across two
+    slots[45:51], experts[45:51] = 1, 4  # 6 rows, inside one window or across two
     if case == "grouped_in_place":
         order = np.argsort(experts * num_slots + slots, kind="stable")
         slots, experts = slots[order], experts[order]
@@ -612,10 +603,9 @@ def test_window_pairs_give_each_window_its_rows_pages(rng, case, unit_rows):
         grouping = group_rows(keys, active, num_keys=num_slots * num_experts, presorted=case != "sorted")
         units = build_units(grouping, table, num_experts=num_experts)
     mx = 88
-    got = window_pairs(units, mx, unit_rows)
-    owner, pairs, is_long, long_units = window_pairs_model(units, mx, unit_rows)
+    got = window_pairs(units, mx)
+    owner, pairs = window_pairs_model(units, mx)
     assert max(len(p) for p in pairs) > 1  # windows with rows of several pages
-    assert bool(long_units) is (unit_rows == 4 and case != "per_row")
     np.testing.assert_array_equal(got.count, [len(p) for p in pairs])
     for w, p in enumerate(pairs):
         np.testing.assert_array_equal(np.asarray(got.page)[w * 8:w * 8 + len(p)],
@@ -623,10 +613,6 @@ def test_window_pairs_give_each_window_its_rows_pages(rng, case, unit_rows):
         for i in range(8):
             rows = [j for j in range(8) if i < len(p) and owner[w * 8 + j] == p[i]]
             np.testing.assert_array_equal(np.flatnonzero(np.asarray(got.owner[w, i])), rows)
-        assert int(got.store[w]) == sum(1 << j for j in range(8) if not is_long[w * 8 + j])
-    listed = [(int(r), int(n), int(pg)) for r, n, pg in zip(got.long_row0, got.long_size, got.long_page) if n]
-    assert listed == [(int(units.row0[u]), int(units.size[u]), int(units.b_page_row[u])) for u in
-                      sorted(long_units)]
 
 
 @pytest.mark.parametrize("m", [1, 17, 72, 130])
@@ -684,40 +670,11 @@ def test_window_expand_fused_targets_into_poisoned_y(rng):
         assert np.mean(g[live] != u[live]) < 1e-2  # a rare rounding step, not a different result
 
 
-@pytest.mark.parametrize("unit_rows", [4, 8])
-def test_window_expand_with_long_units_in_the_same_launch(rng, unit_rows):
-    """Units longer than window_unit_rows take the unit-major path in the window kernel's launch: a 40-row group
-    (one unit across five windows), 6- and 9-row groups (long at 4, long or short at 8, sharing windows with
-    short groups and with each other), per expert with padding experts, rows grouped in place; and two fused
-    targets of other widths and ranks (rows sorted by the kernels). The reference's delta, zero on rows with no work."""
-    m, num_slots, num_experts, d_in = 130, 4, 5, 64
-    slots = rng.integers(0, num_slots, size=m)
-    experts = rng.integers(0, num_experts + 1, size=m)
-    slots[:40], experts[:40] = 2, 3
-    slots[60:66], experts[60:66] = 1, 1
-    slots[70:79], experts[70:79] = 3, 2
-    order = np.argsort(experts * num_slots + slots, kind="stable")
-    x = jnp.asarray(rng.normal(size=(m, d_in)), BF)
-    slots, experts = jnp.asarray(slots[order], jnp.int32), jnp.asarray(experts[order], jnp.int32)
-    a, b = make_pages(rng, [0, 16, 16, 8], d_in, 128, experts=num_experts)
-    idle = np.asarray((slots == 0) | (experts == num_experts))
-    blocks = GpuBlocks(window_unit_rows=unit_rows, window_cols=64)
-    got = dispatch.expert_lora_delta(x, slots, experts, a, b, backend=GPU, blocks=blocks, rows_grouped=True)
-    assert rel_err(got, reference.expert_lora_delta(x, slots, experts, a, b)) < 1e-5
-    assert np.all(np.asarray(got)[idle] == 0)
-    pairs = [(jnp.swapaxes(pa, -1, -2), pb) for pa, pb in
-             (make_pages(rng, [0, 32, 16, 32], d_in, w, experts=num_experts) for w in (192, 64))]
-    zeros = tuple(jnp.zeros((m, w), jnp.float32) for w in (192, 64))
-    fused = dispatch.add_lora_fused(zeros, x, slots, pairs, experts=experts, a_rank_major=True, backend=GPU,
-                                    blocks=blocks)
-    for g, (pa, pb) in zip(fused, pairs):
-        assert rel_err(g, reference.expert_lora_delta(x, slots, experts, pa, pb, a_rank_major=True)) < 1e-5
-
-
-@pytest.mark.parametrize("unit_rows,window", [(0, False), (4, True)])
+@pytest.mark.parametrize("unit_rows,window", [(0, False), (64, True)])
 def test_window_expand_switch_and_its_override(rng, monkeypatch, unit_rows, window):
-    """window_unit_rows 0 keeps the unit-major expand, any other value takes the window-major one;
-    $INFINILORA_GPU_WINDOW_UNIT_ROWS overrides the table's value and rejects what is not a row count."""
+    """window_unit_rows 0 keeps the unit-major expand, 64 (or more) takes the window-major one for every unit,
+    values in between (the removed mixed launch) are refused; $INFINILORA_GPU_WINDOW_UNIT_ROWS overrides the
+    table's value and rejects what is not a row count."""
     num_experts, d_in, out, m = 4, 64, 128, 32
     a, b = make_pages(rng, [0, 16], d_in, out, experts=num_experts)
     x = jnp.zeros((m, d_in), BF)
@@ -729,6 +686,9 @@ def test_window_expand_switch_and_its_override(rng, monkeypatch, unit_rows, wind
     assert gpu_ops.device_blocks(BF, plgpu.InterpretGPUParams()).window_unit_rows == unit_rows
     monkeypatch.setenv(gpu_ops.WINDOW_UNIT_ROWS_ENV_VAR, "many")
     with pytest.raises(ValueError, match="INFINILORA_GPU_WINDOW_UNIT_ROWS='many'"):
+        gpu_ops.device_blocks(BF, plgpu.InterpretGPUParams())
+    monkeypatch.setenv(gpu_ops.WINDOW_UNIT_ROWS_ENV_VAR, "4")
+    with pytest.raises(ValueError, match="mixed launch was removed"):
         gpu_ops.device_blocks(BF, plgpu.InterpretGPUParams())
 
 
@@ -758,7 +718,7 @@ def runs_model(keys, work, mx):
 def test_run_units_are_each_windows_runs_of_one_page(rng, case):
     """Run units straight from the rows' keys: per 8-row window its runs in row order (a run ends at a row with
     no work, another key or the window's end), each run's first row, rows, A and B page rows and rank bucket;
-    the window pairs over the same runs (count, B page, owned rows; every row stored); row_rank per row, 0 for
+    the window pairs over the same runs (count, B page, owned rows); row_rank per row, 0 for
     rows with no work (slot 0, padding experts, a rank-0 slot). 83 rows padded to 88."""
     from pallas_kernels.gpu.runs import run_units
     m, mx, num_slots = 83, 88, 5
@@ -784,8 +744,7 @@ def test_run_units_are_each_windows_runs_of_one_page(rng, case):
     assert max(len(r) for r in windows) > 2 and any(len(r) == 1 and r[0][1] == 8 for r in windows)
     np.testing.assert_array_equal(units.row_rank, nb * 16)
     np.testing.assert_array_equal(pairs.count, [len(r) for r in windows])
-    np.testing.assert_array_equal(pairs.store, 255)
-    assert pairs.long_row0.shape == (0,) and int(units.count[0]) == mx
+    assert int(units.count[0]) == mx
     for w, runs in enumerate(windows):
         for i in range(8):
             u = w * 8 + i

@@ -16,8 +16,11 @@
 # (the window-major expand, every unit on windows), lora_step with it. Done in the nineteenth: PHASES=window
 # tune_gpu_blocks (the mixed launch lost everywhere: window_unit_rows 0 kept), lora_window with run units
 # (TAG=_runs, _runs_sorted), lora_step RUN_ROWS=2048 at LAYERS=4 and 8 (device time -7%, wall step mixed),
-# PHASES=runs tune_gpu_blocks. Next on one GPU: lora_ab (the same-process step comparison of reference and
-# kernels with run units that the dispatcher's 1,024-row floor waits for); expert_gemm, flag_parity. Fifteenth
+# PHASES=runs tune_gpu_blocks. Done in the twentieth: lora_ab at 4 and 8 layers (kernels -6% / +5%: decode
+# stays on the reference; LAYERS=16 did not finish compiling in 420 s), lora_segments (tokens in place: the
+# shrink beats GPU.md's SGLang figure on all four shapes) with the fixed timing harness, prefill_lora (2.08x),
+# PHASES=window tune_gpu_blocks (the mixed launch lost again: removed). Next on one GPU: expert_gemm,
+# flag_parity; a fused add of the delta into y for the expand (30 us of a 97 us prefill delta). Fifteenth
 # session: cond_host_wait (conditionals do not block the caller), async_scheduling CMDBUF=off and
 # UPDATE_MODE=SKIP_TEMP STAGING=via_device at 8 layers (no gain: the step is device-bound), layer_loop,
 # host_memory_kinds, step_program_ops, lora_step with command buffers kept on under the profiler (the forward
@@ -165,7 +168,7 @@
 #                 the per-rank dispatch phase found them winning: BACKENDS="reference auto"
 #                 MIN_ROWS=16:2048,32:256,64:256,128:256 (INFINILORA_GPU_KERNEL_MIN_ROWS for `auto`; with
 #                 64 requests the expert calls have 512 rows, the dense ones 64: experts on the kernels).
-#                 WINDOW_UNIT_ROWS=<rows> puts units of up to that many rows on the window-major expand
+#                 WINDOW_UNIT_ROWS=64 puts every unit on the window-major expand
 #                 (INFINILORA_GPU_WINDOW_UNIT_ROWS); RUN_ROWS=<rows> calls of up to that many rows on run
 #                 units (INFINILORA_GPU_RUN_ROWS, pallas_kernels/gpu/runs.py; they come first: the H200 entry's
 #                 512, so WINDOW_UNIT_ROWS reaches only larger calls unless RUN_ROWS=0); TAG names the outputs.

@@ -14,9 +14,8 @@ problem costs ~5 s, mostly compiling):
              stages and expand_cols;
   expand     expand_tiles (column tiles per expand CTA, pipelined `stages` deep: 1, 2, 4 or all of a target's)
              on the decode and the prefill problems;
-  window     window_unit_rows (units of up to 0 / 4 / 8 / 64 rows on the window-major expand, longer ones
-             unit-major in the same launch) on the decode and prefill problems and two with few adapters (long
-             groups: where windows lose);
+  window     window_unit_rows (0: the unit-major expand, 64: every unit on the window-major expand) on the
+             decode and prefill problems and two with few adapters (long groups: where windows lose);
   runs       run_rows (calls of up to 0 / 512 / 2048 rows on run units, runs.py: no grouping, a page read once
              per run in an 8-row window) on the decode problems, the one-adapter Mixtral decode and the
              2,048-row prefill problems (long runs: where run units lose);
@@ -107,8 +106,9 @@ DECODE = [Shape("dense r16", 64, 32, 16, 4096, 4096), Shape("dense r64", 256, 64
           Shape("mixtral gate_up", 128, 32, 64, 4096, 28672, 8, 2)]
 CROSSOVER_ROWS = (128, 256, 512, 1024, 2048)
 EXPAND_TILES = (1, 2, 4, 0)  # expand column tiles per CTA (0: all of a target's)
-# window_unit_rows: none on windows, units of up to 4 / 8 rows, every unit (units hold at most 64 rows)
-WINDOW_UNIT_ROWS = (0, 4, 8, 64)
+# window_unit_rows: no unit on windows, every unit (units hold at most 64 rows). Units of up to 4 / 8 rows on
+# windows and the rest unit-major in one launch lost to both on every problem (H200, sessions 19 and 20).
+WINDOW_UNIT_ROWS = (0, 64)
 # Few adapters make long groups (rows per page), where windows lose: Mixtral decode with one adapter (16 rows
 # per page), Qwen3 prefill with four (16); with the decode and prefill problems (1-2 rows per page at decode,
 # 2-64 at prefill)
@@ -275,7 +275,7 @@ def tune(dtype, entry: GpuBlocks, phases, rng, timer: Timer, tiny: bool) -> dict
         shapes = TINY_WINDOW if tiny else decode_shapes + PREFILL + FEW_ADAPTERS
         problems = [make_problem(rng, s, dtype) for s in shapes]
         cands = [dataclasses.replace(entry, window_unit_rows=n, run_rows=0)  # grouped units (run units come first)
-                 for n in ((0, 4) if tiny else WINDOW_UNIT_ROWS)]
+                 for n in WINDOW_UNIT_ROWS]
         fields["window_unit_rows"] = best(cands, problems, timer, "window").window_unit_rows
         entry = dataclasses.replace(entry, **fields)
     if "runs" in phases:

@@ -17,6 +17,7 @@ import re
 import jax.numpy as jnp
 
 from pallas_kernels import block_table_file
+from pallas_kernels.gpu.units import UNIT_ROWS
 
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "tuned_blocks.json")
 INTERPRET = "interpret"
@@ -45,11 +46,13 @@ class GpuBlocks:
     # Calls of up to this many rows use one work unit per row (units.per_row_units: no sort, no gathers; each
     # row reads its own page), larger calls group rows by page. 0: never. Off until an H200 run says what it buys.
     per_row_rows: int = 0
-    # Units of up to this many rows take the window-major expand (window_expand.py: per 8-row window one CTA
-    # streams the B blocks of its rows' pages, d^T = B^T s^T), longer units the unit-major path in the same
-    # launch (a page is read once per 8-row window its unit touches). 0: the unit-major expand alone. H200,
-    # eighteenth session, every unit on windows: Qwen3 experts at 1.3-2.3 rows per page 1.4-1.8x faster,
-    # Mixtral decode 1.4x; Mixtral at 8 rows per page and dense prefill (16-32 rows per page) 1.3-1.8x slower.
+    # At least UNIT_ROWS (64, a unit's most rows): every unit takes the window-major expand (window_expand.py:
+    # per 8-row window one CTA streams the B blocks of its rows' pages, d^T = B^T s^T; a page is read once per
+    # 8-row window its unit touches); 0: the unit-major expand. Values in between (short units on windows,
+    # long ones unit-major in the same launch) lost to both pure forms on the H200 and were removed (twentieth
+    # session). H200, eighteenth session, every unit on windows: Qwen3 experts at 1.3-2.3 rows per page 1.4-1.8x
+    # faster, Mixtral decode 1.4x; Mixtral at 8 rows per page and dense prefill (16-32 rows per page) 1.3-1.8x
+    # slower.
     window_unit_rows: int = 0
     window_cols: int = 256  # window-major expand: output columns per CTA (its wgmma M)
     # Calls of up to this many rows take run units (runs.py: one unit per run of rows with one page inside an
@@ -86,6 +89,9 @@ class GpuBlocks:
             problems.append(f"expand_tiles {self.expand_tiles} must be >= 0 (0: every tile of a target)")
         if min(self.decode_rows, self.kernel_min_rows, self.per_row_rows, self.window_unit_rows, self.run_rows) < 0:
             problems.append("row counts must be >= 0")
+        if 0 < self.window_unit_rows < UNIT_ROWS:
+            problems.append(f"window_unit_rows {self.window_unit_rows}: 0 (unit-major expand) or >= {UNIT_ROWS} "
+                            f"(every unit on windows); the mixed launch was removed")
         if problems:
             raise ValueError("GpuBlocks: " + "; ".join(problems))
 

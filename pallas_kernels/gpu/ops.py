@@ -5,9 +5,9 @@
             up to blocks.run_rows rows, run units (runs.py: one unit per run of one page in an 8-row window,
             shared with the window-major expand as its pairs; no group facts); else up to blocks.per_row_rows
             rows, one unit per row in the rows' own order (no sort, no gathers).
-            With blocks.window_unit_rows, units of up to that many rows (few rows per page) take the
-            window-major expand (window_expand.py: one CTA per 8 rows and column tile streams the pages those
-            rows use) instead of one CTA per (unit, column tile).
+            With blocks.window_unit_rows (0, or at least 64: every unit), the units take the window-major
+            expand (window_expand.py: one CTA per 8 rows and column tile streams the pages those rows use)
+            instead of one CTA per (unit, column tile).
     prefill (SGMV-like: long runs per adapter): one CTA per (unit, D_in), units of up to 64 rows per group.
 Both sort rows by (slot, expert) once (a gather of x; per-row units keep the rows in place, and rows that arrive
 grouped, `rows_grouped=True`, as the MoE layer sorts them by (expert, slot), or in runs, `row_runs=n`, as a
@@ -35,13 +35,13 @@ from pallas_kernels.gpu.expand import expand, split_hi_lo
 from pallas_kernels.gpu.runs import run_units
 from pallas_kernels.gpu.shrink import BK, shrink
 from pallas_kernels.gpu.units import build_units, per_row_units, rank_buckets
-from pallas_kernels.gpu.window_expand import long_bound, pair_rows, window_expand, window_pairs
+from pallas_kernels.gpu.window_expand import pair_rows, window_expand, window_pairs
 from pallas_kernels.grouping import group_rows, sort_by_key
 from pallas_kernels.layout import PageTable
 
-# Replace the block table's window_unit_rows (units of up to this many rows take the window-major expand; 0:
-# none) and run_rows (calls of up to this many rows take run units; 0: none) for an experiment. Read when a
-# program is traced: set them before the process starts.
+# Replace the block table's window_unit_rows (0: the unit-major expand; at least 64: every unit on the
+# window-major expand) and run_rows (calls of up to this many rows take run units; 0: none) for an experiment.
+# Read when a program is traced: set them before the process starts.
 WINDOW_UNIT_ROWS_ENV_VAR = "INFINILORA_GPU_WINDOW_UNIT_ROWS"
 RUN_ROWS_ENV_VAR = "INFINILORA_GPU_RUN_ROWS"
 _ROW_OVERRIDES = ((WINDOW_UNIT_ROWS_ENV_VAR, "window_unit_rows", "a unit's rows"),
@@ -140,17 +140,11 @@ def lora_apply(ys: tuple[jax.Array, ...], x: jax.Array, keys: jax.Array, active:
         s = s.sum(0)[:m, :rank]
         # Rows of no unit were never written; columns past a page's rank may hold a neighbouring page's rows.
         masked.append(pad_rows(jnp.where(jnp.arange(rank)[None, :] < u.row_rank[:, None], s, 0.0), mx))
-    if runs or blocks.window_unit_rows:  # window-major expand (for units of up to window_unit_rows rows)
-        pairs = (tuple(run_pairs) if runs
-                 else tuple(window_pairs(u, mx, blocks.window_unit_rows) for u in units))
+    if runs or blocks.window_unit_rows:  # the window-major expand
+        pairs = tuple(run_pairs) if runs else tuple(window_pairs(u, mx) for u in units)
         per_pair = [pair_rows(s, p, b.dtype) for s, p, b in zip(masked, pairs, b_rows)]
-        # s by row (both parts) only for long units' CTAs: none when no unit can be long (never with runs)
-        per_row = ([split_hi_lo(s, b.dtype) for s, b in zip(masked, b_rows)]
-                   if not runs and long_bound(mx, blocks.window_unit_rows) else [])
-        deltas = window_expand(tuple(h for h, _ in per_pair), tuple(lo for _, lo in per_pair),
-                               tuple(h for h, _ in per_row), tuple(lo for _, lo in per_row), tuple(b_rows), pairs,
-                               cols=blocks.window_cols, unit_cols=blocks.expand_cols, stages=blocks.stages,
-                               interpret=interpret)
+        deltas = window_expand(tuple(h for h, _ in per_pair), tuple(lo for _, lo in per_pair), tuple(b_rows), pairs,
+                               cols=blocks.window_cols, stages=blocks.stages, interpret=interpret)
     else:
         parts = [split_hi_lo(s, b.dtype) for s, b in zip(masked, b_rows)]
         deltas = expand(tuple(h for h, _ in parts), tuple(lo for _, lo in parts), tuple(b_rows), units,

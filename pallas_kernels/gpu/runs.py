@@ -20,7 +20,7 @@ A page is read once per run, so once per 8-row window its rows touch: the form f
 serve one or two rows. Long runs of one page (prefill, few adapters) read it 8x more often than 64-row units do.
 
     units  Units with one entry per (window w, run i) at w * 8 + i (size 0: no such run); count = Mx
-    pairs  WindowPairs over the same runs; every row stored (no long units)
+    pairs  WindowPairs over the same runs
 """
 
 from __future__ import annotations
@@ -64,8 +64,5 @@ def run_units(keys: jax.Array, active: jax.Array, table: PageTable, *, num_exper
                   page_row=at_start(by_window(page_row, 0)).reshape(-1), b_page_row=b_page,
                   count=jnp.full((1,), mx, jnp.int32), row_rank=(nb * table.rank_block).astype(jnp.int32),
                   bucket=jnp.where(used, bucket, 0).astype(jnp.int32))
-    empty = jnp.zeros((0,), jnp.int32)
-    pairs = WindowPairs(count=jnp.sum(first, axis=1, dtype=jnp.int32), page=b_page, owner=owner,
-                        store=jnp.full((nw,), (1 << WINDOW) - 1, jnp.int32), long_row0=empty, long_size=empty,
-                        long_page=empty)
+    pairs = WindowPairs(count=jnp.sum(first, axis=1, dtype=jnp.int32), page=b_page, owner=owner)
     return units, pairs

@@ -1,5 +1,5 @@
 """LoRA expand on Hopper (Mosaic GPU), window-major: per 8-row window of sorted rows, the delta of every page
-that window's short units use, accumulated in one CTA; long units take the unit-major path in the same launch.
+that window's units use, accumulated in one CTA.
 
 Why: at decode most work units hold one row. The unit-major expand (expand.py) gives each (unit, column tile) a
 CTA that multiplies a 64-row window of s (wgmma's smallest M) by one 8 KB block of B and stages a 64-row float32
@@ -12,18 +12,17 @@ d^T and letting XLA transpose it in the add cost up to 11 us more per call on th
 stride; eighteenth session.)
 
 A page is read once per window its unit's rows touch, so a unit of n rows costs ~n / 8 + 1 reads of its page
-(once in the unit-major path). Units of more than `unit_rows` rows ("long") therefore keep the unit-major path
-(expand.unit_tile: 64-row window, one column tile per CTA), in the same launch: their CTAs follow the windows'.
-Windows do not store rows of long units (their tiles hold zeros there): a window's store mask says which rows
-it writes (all 8 in one TMA store, else one store per row).
+(once in the unit-major path): the form for units of few rows. Mixing the two in one launch (units of more than
+4 or 8 rows unit-major, the rest on windows) lost to one of the pure forms on every problem the tuner timed on
+the H200 (nineteenth and twentieth sessions), and was removed.
 
-    pairs      (window w, i < count[w]): the i-th page among the pages of window w's short-unit rows, in row
-               order; its B arena row `page[w * 8 + i]`. A window holds at most 8 pairs (each owns a row).
+    pairs      (window w, i < count[w]): the i-th page among the pages of window w's rows, in row order; its B
+               arena row `page[w * 8 + i]`. A window holds at most 8 pairs (each owns a row).
     s_hi, s_lo [Mx / 8 * 8 * 8, R] 16-bit: per pair its window's 8 rows of s, rows of other pairs (and rows of
                no work) zeroed, in two 16-bit parts (expand.split_hi_lo: s carried to ~16 mantissa bits)
-    r_hi, r_lo [Mx, R] 16-bit: s by row (the long units' 64-row windows), both parts
     B          [P, N]  B arena (rank rows, scaling folded in)
-    d          [Mx, N] float32; rows of no work in windows with no pair are left unwritten
+    d          [Mx, N] float32; a window with a pair stores all 8 rows (zeros on rows of no work); rows of
+               windows with no pair are left unwritten
 
 Pages are read at the pool's full rank (no rank buckets): columns of s past a page's rank are zero, so the rows
 read past it contribute nothing.
@@ -40,8 +39,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.gpu.common import check_operands, check_tma_array, compiler_params
-from pallas_kernels.gpu.expand import SMEM_BYTES, column_tile, split_hi_lo, unit_tile
-from pallas_kernels.gpu.units import ALIGN, UNIT_ROWS, Units
+from pallas_kernels.gpu.expand import SMEM_BYTES, column_tile, split_hi_lo
+from pallas_kernels.gpu.units import ALIGN, Units
 
 WINDOW = 8  # rows per window: the smallest wgmma N; a multiple of the 8-row TMA tile, so windows need no padding
 
@@ -49,28 +48,13 @@ WINDOW = 8  # rows per window: the smallest wgmma N; a multiple of the 8-row TMA
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class WindowPairs:
-    count: jax.Array  # [Mx / 8] int32 pages met by each window's short-unit rows (0..8)
+    count: jax.Array  # [Mx / 8] int32 pages met by each window's rows (0..8)
     page: jax.Array  # [Mx / 8 * 8] int32 B arena row of pair (w, i) at w * 8 + i (0 for i >= count[w])
     owner: jax.Array  # [Mx / 8, 8, 8] bool: row j of window w belongs to pair i (owner[w, i, j])
-    store: jax.Array  # [Mx / 8] int32 bit j set: the window stores its row j (every row not of a long unit)
-    long_row0: jax.Array  # [L] int32 first sorted row of each long unit (L: long_bound; unused entries: 0)
-    long_size: jax.Array  # [L] int32 its rows (0 for unused entries)
-    long_page: jax.Array  # [L] int32 its B arena row
 
 
-def long_bound(mx: int, unit_rows: int, units_bound: int | None = None) -> int:
-    """Most long units (more than unit_rows rows each) mx rows can hold, and no more than there are units; 0
-    when no unit is that long. Each slot is a column of CTAs in the launch: the H200 ran the mixed launch with
-    the rows' bound alone (819 slots at 4,096 rows, against ~100 units) slower than either pure form
-    (nineteenth session), one suspect being those mostly empty CTAs."""
-    if unit_rows >= UNIT_ROWS:
-        return 0
-    return mx // (unit_rows + 1) if units_bound is None else min(mx // (unit_rows + 1), units_bound)
-
-
-def window_pairs(units: Units, mx: int, unit_rows: int) -> WindowPairs:
-    """The (window, page) pairs of one target's short units (at most unit_rows rows) over a sorted-row buffer of
-    mx rows (a multiple of 8), and its long units, listed apart.
+def window_pairs(units: Units, mx: int) -> WindowPairs:
+    """The (window, page) pairs of one target's units over a sorted-row buffer of mx rows (a multiple of 8).
 
     Units cover disjoint runs of rows but need not be listed in row order (the MoE layer's in-place rows list
     groups by key, not by position), so each row finds its unit as the last unit start at or before it."""
@@ -79,26 +63,17 @@ def window_pairs(units: Units, mx: int, unit_rows: int) -> WindowPairs:
     bound = units.bound
     rows = jnp.arange(mx, dtype=jnp.int32)
     live = (jnp.arange(bound) < units.count[0]) & (units.size > 0)
-    long = live & (units.size > unit_rows)
     unit_at = jnp.full((mx,), -1, jnp.int32).at[jnp.where(live, units.row0, mx)].set(
         jnp.arange(bound, dtype=jnp.int32), mode="drop")
     last_start = jax.lax.cummax(jnp.where(unit_at >= 0, rows, -1))
     unit = unit_at[jnp.maximum(last_start, 0)]
     safe = jnp.maximum(unit, 0)
-    covered = (last_start >= 0) & (rows < units.row0[safe] + units.size[safe])
-    in_long = (covered & long[safe]).reshape(-1, WINDOW)
-    covered = (covered & ~long[safe]).reshape(-1, WINDOW)  # rows of short units
+    covered = ((last_start >= 0) & (rows < units.row0[safe] + units.size[safe])).reshape(-1, WINDOW)
     unit = unit.reshape(-1, WINDOW)
-    first, owner = window_runs(unit, covered)  # a pair: a run of one short unit's rows in a window
+    first, owner = window_runs(unit, covered)  # a pair: a run of one unit's rows in a window
     count = jnp.sum(first, axis=1, dtype=jnp.int32)
     page = at_run_start(first, owner, units.b_page_row[jnp.maximum(unit, 0)]).reshape(-1)
-    store = jnp.sum(jnp.where(in_long, 0, 1 << jnp.arange(WINDOW, dtype=jnp.int32)), axis=1, dtype=jnp.int32)
-    n_long = long_bound(mx, unit_rows, bound)
-    which = jnp.nonzero(long, size=n_long, fill_value=bound)[0] if n_long else jnp.zeros((0,), jnp.int32)
-    ok = which < bound
-    pick = lambda a: jnp.where(ok, a[jnp.minimum(which, bound - 1)], 0).astype(jnp.int32)  # noqa: E731
-    return WindowPairs(count=count, page=page, owner=owner, store=store, long_row0=pick(units.row0),
-                       long_size=pick(units.size), long_page=pick(units.b_page_row))
+    return WindowPairs(count=count, page=page, owner=owner)
 
 
 def window_runs(ids: jax.Array, counted: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -135,60 +110,47 @@ def pipeline_depth(stages: int, rank: int, cols: int, itemsize: int) -> int:
     return max(1, min(stages, WINDOW, fit))
 
 
-@functools.partial(jax.jit, static_argnames=("cols", "unit_cols", "stages", "interpret"))
-def window_expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], r_hi: tuple[jax.Array, ...],
-                  r_lo: tuple[jax.Array, ...], b_rows: tuple[jax.Array, ...], pairs: tuple[WindowPairs, ...], *,
-                  cols: int = 256, unit_cols: int = 128, stages: int = 4, interpret=None) -> tuple[jax.Array, ...]:
+@functools.partial(jax.jit, static_argnames=("cols", "stages", "interpret"))
+def window_expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], b_rows: tuple[jax.Array, ...],
+                  pairs: tuple[WindowPairs, ...], *, cols: int = 256, stages: int = 4,
+                  interpret=None) -> tuple[jax.Array, ...]:
     """Per target t, d [Mx, N_t] float32; see the module docstring. All targets run in one launch: a 1-D grid of,
     target after target, windows x that target's column tiles (`cols` columns, narrower where N_t is not a
-    multiple), then its long units x their column tiles (`unit_cols`). r_hi / r_lo: empty when no unit can be
-    long (pairs' long-unit bound 0)."""
+    multiple)."""
     num_targets = len(b_rows)
-    n_long = pairs[0].long_row0.shape[0] if pairs else 0
-    rows_needed = num_targets if n_long else 0  # s by row only feeds the long units' CTAs
-    if not len(s_hi) == len(s_lo) == len(pairs) == num_targets >= 1 or not len(r_hi) == len(r_lo) == rows_needed:
-        raise ValueError(f"per target one set of pair rows, B arena and WindowPairs, and s by row when units can "
-                         f"be long ({n_long} long-unit slots): {len(s_hi)} / {len(s_lo)} pair parts, "
-                         f"{len(r_hi)} / {len(r_lo)} row parts, {num_targets} arenas, {len(pairs)} pair sets")
+    if not len(s_hi) == len(s_lo) == len(pairs) == num_targets >= 1:
+        raise ValueError(f"per target one set of pair rows, B arena and WindowPairs: {len(s_hi)} / {len(s_lo)} "
+                         f"pair parts, {num_targets} arenas, {len(pairs)} pair sets")
     nw = pairs[0].count.shape[0]
     mx = nw * WINDOW
-    plans = []  # per target: (rank, window tile columns, window tiles, pipeline depth, unit tile columns, tiles)
-    for t, (hi, lo, b, p) in enumerate(zip(s_hi, s_lo, b_rows, pairs)):
-        rows = (r_hi[t], r_lo[t]) if n_long else ()
-        check_operands("window_expand", hi, lo, *rows, b)
+    plans = []  # per target: (rank, tile columns, tiles, pipeline depth)
+    for hi, lo, b, p in zip(s_hi, s_lo, b_rows, pairs):
+        check_operands("window_expand", hi, lo, b)
         rank = hi.shape[1]
         if lo.shape != hi.shape or hi.shape[0] != nw * WINDOW * WINDOW or p.count.shape[0] != nw:
             raise ValueError(f"pair rows {hi.shape} / {lo.shape} must both be [{nw * WINDOW * WINDOW}, R] for "
                              f"{nw} windows (every target's)")
-        if any(r.shape != (mx, rank) for r in rows) or p.long_row0.shape[0] != n_long:
-            raise ValueError(f"row parts {[r.shape for r in rows]} must be [{mx}, {rank}], and every target "
-                             f"needs the same long-unit bound")
-        if any(a.dtype != b.dtype for a in (hi, lo, *rows)):
+        if any(a.dtype != b.dtype for a in (hi, lo)):
             raise ValueError(f"s parts must be in B's dtype {b.dtype}")
         if rank % 16 or not 16 <= rank <= 256:
             raise ValueError(f"rank {rank} must be a multiple of 16 in [16, 256] (wgmma K of 16-bit operands)")
-        bn, bu = column_tile(b.shape[1], cols), column_tile(b.shape[1], unit_cols)
-        if not bn or not bu:
+        bn = column_tile(b.shape[1], cols)
+        if not bn:
             raise ValueError(f"output width {b.shape[1]} must be a multiple of 64")
         check_tma_array("window_expand", "s pair rows", hi.shape, hi.dtype, rank)
-        for r in rows:
-            check_tma_array("window_expand", "s rows", r.shape, r.dtype, rank)
-        check_tma_array("window_expand", "B arena", b.shape, b.dtype, min(bn, bu))
-        plans.append((rank, bn, b.shape[1] // bn, pipeline_depth(stages, rank, bn, jnp.dtype(b.dtype).itemsize),
-                      bu, b.shape[1] // bu))
-    first_cta = [0]  # target t: windows' CTAs from first_cta[2t], long units' from first_cta[2t + 1]
-    for _, _, n_tiles, _, _, n_unit_tiles in plans:
+        check_tma_array("window_expand", "B arena", b.shape, b.dtype, bn)
+        plans.append((rank, bn, b.shape[1] // bn, pipeline_depth(stages, rank, bn, jnp.dtype(b.dtype).itemsize)))
+    first_cta = [0]  # target t's CTAs: [first_cta[t], first_cta[t + 1])
+    for _, _, n_tiles, _ in plans:
         first_cta.append(first_cta[-1] + nw * n_tiles)
-        first_cta.append(first_cta[-1] + n_long * n_unit_tiles)
-    names = ("count", "page", "store", "long_row0", "long_size", "long_page", "hi", "lo",
-             *(("r_hi", "r_lo") if n_long else ()), "b", "o")
+    names = ("count", "page", "hi", "lo", "b", "o")
 
     def body(*refs):
         ref = {name: refs[i * num_targets:(i + 1) * num_targets] for i, name in enumerate(names)}
         cta = jax.lax.axis_index("cta")
 
         def windows(t, w, g):
-            rank, bn, _, depth, _, _ = plans[t]
+            rank, bn, _, depth = plans[t]
 
             def s_block(i):
                 return pl.multiple_of((w * WINDOW + i) * WINDOW, ALIGN), 0
@@ -208,44 +170,23 @@ def window_expand(s_hi: tuple[jax.Array, ...], s_lo: tuple[jax.Array, ...], r_hi
                 return acc_ref[...]
 
             acc = pl.run_scoped(acc_scope, plgpu.ACC((bn, WINDOW)))
-            row0, mask = pl.multiple_of(w * WINDOW, ALIGN), ref["store"][t][w]
+            row0 = pl.multiple_of(w * WINDOW, ALIGN)
 
             # the tile transposed in registers (WGMMA -> WGMMA_TRANSPOSED: one shuffle per 2 x 2) into delta rows
             @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((WINDOW, bn), jnp.float32))
             def _store(o_smem):
                 o_smem.T[...] = plgpu.layout_cast(acc, plgpu.Layout.WGMMA_TRANSPOSED)
                 plgpu.commit_smem()
-                out = ref["o"][t]
-
-                @pl.when(mask == (1 << WINDOW) - 1)
-                def _all():
-                    plgpu.copy_smem_to_gmem(o_smem, out.at[pl.ds(row0, WINDOW), pl.ds(g * bn, bn)])
-
-                for j in range(WINDOW):  # rows beside a long unit's: one row at a time, never the long unit's
-                    @pl.when((mask != (1 << WINDOW) - 1) & ((mask >> j) & 1 == 1))
-                    def _row(j=j):
-                        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(j, 1)], out.at[pl.ds(row0 + j, 1), pl.ds(g * bn, bn)])
+                plgpu.copy_smem_to_gmem(o_smem, ref["o"][t].at[pl.ds(row0, WINDOW), pl.ds(g * bn, bn)])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-        def long_unit(t, v, g):
-            rank, _, _, _, bu, _ = plans[t]
-            unit_tile(ref["r_hi"][t], ref["r_lo"][t], ref["b"][t], ref["o"][t], row0=ref["long_row0"][t][v],
-                      size=ref["long_size"][t][v], page=ref["long_page"][t][v], g=g, bn=bu,
-                      width=rank, mx=mx)
-
         for t in range(num_targets):  # static paths; SMEM is shared between them (one runs per CTA)
-            lo, mid, hi = first_cta[2 * t], first_cta[2 * t + 1], first_cta[2 * t + 2]
+            lo, hi = first_cta[t], first_cta[t + 1]
             local = cta - lo
             w, g = local % nw, local // nw  # w is in range for every CTA, so the count load is safe anywhere
-            pl.when((cta >= lo) & (cta < mid) & (ref["count"][t][w] > 0))(functools.partial(windows, t, w, g))
-            if n_long:
-                local = cta - mid
-                v, g = local % n_long, local // n_long
-                pl.when((cta >= mid) & (cta < hi) & (ref["long_size"][t][v] > 0))(
-                    functools.partial(long_unit, t, v, g))
+            pl.when((cta >= lo) & (cta < hi) & (ref["count"][t][w] > 0))(functools.partial(windows, t, w, g))
 
     kernel = plgpu.kernel(
         body, out_type=tuple(jax.ShapeDtypeStruct((mx, b.shape[1]), jnp.float32) for b in b_rows),
         grid=(first_cta[-1],), grid_names=("cta",), compiler_params=compiler_params(), interpret=interpret)
-    fields = ("count", "page", "store", "long_row0", "long_size", "long_page")
-    return tuple(kernel(*(getattr(p, f) for f in fields for p in pairs), *s_hi, *s_lo, *r_hi, *r_lo, *b_rows))
+    return tuple(kernel(*(p.count for p in pairs), *(p.page for p in pairs), *s_hi, *s_lo, *b_rows))
