@@ -263,12 +263,12 @@ def expert_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array, lora_a
 
 def paged_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array | None, a_rows: jax.Array,
                      b_rows: jax.Array, table: PageTable, *, num_experts: int = 1, b_table: PageTable | None = None,
-                     backend=None, blocks: Blocks | GpuBlocks | None = None) -> jax.Array:
+                     backend=None, blocks: Blocks | GpuBlocks | None = None, row_runs: int | None = None) -> jax.Array:
     """[M, D_out] float32 delta with pages in row arenas addressed by a PageTable (reference.paged_lora_delta):
     the form the disaggregated LoRA server keeps its pages in (arenas are whole-array views of role buffers).
     The kernels read the arenas directly. `b_table` (B pages placed at other rows than A's, same strides and
     block counts): the GPU kernels take it; the TPU kernels address A and B with one table, so there it runs on
-    the reference."""
+    the reference. row_runs: as add_lora_fused's (the GPU kernels take the rows in place)."""
     width = table.max_blocks * table.rank_block
     chosen = select_backend(backend, rows=x.shape[0], dtype=x.dtype, rank=width)
     # the GPU kernels read arena rows in 8-row SMEM tiles (layout.py rank blocks are multiples of 8)
@@ -288,7 +288,7 @@ def paged_lora_delta(x: jax.Array, slots: jax.Array, experts: jax.Array | None, 
         interpret = plgpu.InterpretGPUParams() if chosen is LoraBackend.GPU_INTERPRET else None
         (delta,) = gpu_ops.lora_apply((zeros,), x, keys, active, (a_rows,), (b_rows,), (table,),
                                       num_experts=num_experts, interpret=interpret, b_tables=(b_table,),
-                                      blocks=blocks)
+                                      blocks=blocks, row_runs=row_runs)
         return delta
     interpret = pltpu.InterpretParams() if chosen is LoraBackend.TPU_INTERPRET else False
     (delta,) = lora_apply((zeros,), x, keys, active, (a_rows,), (b_rows,), (table,), num_experts=num_experts,

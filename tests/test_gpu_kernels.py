@@ -304,6 +304,26 @@ def test_packed_arena_through_paged_delta(rng, buckets):
     assert rel_err(got, want) < 1e-5
 
 
+def test_paged_delta_on_instances_tokens_in_place(rng):
+    """The disaggregated LoRA server's dense rows: two instances' tokens end to end, each in runs of its sequences
+    (a slot in runs of both), through paged_lora_delta with row_runs = their runs exactly (a short bound would
+    drop rows), B's pages apart from A's: the reference's delta, nothing sorted."""
+    d_in, out, ranks = 64, 128, [0, 16, 32, 16]
+    table = PageTable.packed(ranks, 1, 16, 32)
+    b_table = dataclasses.replace(table, start=table.start + 5)
+    rows = total_blocks(table, 1) * 16 + 5 * 16 + 32  # B's pages 5 blocks on, and a page of slack
+    a_rows = jnp.asarray(rng.normal(size=(rows, d_in)) / np.sqrt(d_in), BF)
+    b_rows = jnp.asarray(rng.normal(size=(rows, out)), BF)
+    (first, runs1), (second, runs2) = token_runs(rng, 150, len(ranks)), token_runs(rng, 150, len(ranks))
+    slots = jnp.concatenate([first, second])
+    x = jnp.asarray(rng.normal(size=(300, d_in)), BF)
+    call = lambda x: dispatch.paged_lora_delta(x, slots, None, a_rows, b_rows, table, b_table=b_table,  # noqa: E731
+                                               backend=GPU, row_runs=runs1 + runs2)
+    want = reference.paged_lora_delta(x, slots, None, a_rows, b_rows, table, 1, b_table)
+    assert rel_err(call(x), want) < 1e-5
+    assert "sort" not in {name for name, _ in glue_ops(jax.make_jaxpr(call)(x))}
+
+
 @pytest.mark.parametrize("runs", [False, True])
 def test_b_pages_placed_apart_from_a_pages(rng, runs):
     """The disaggregated LoRA server may place a target's B pages at other arena rows than its A pages (a second

@@ -73,15 +73,17 @@ class DisaggModel:
 
     # ---- LoRA role ----
 
-    def _deltas(self, blocks, j: int, targets, rows, slots, experts=None) -> dict:
-        """{target: [R, D_out] float32} for the rows, from the pages of LoRA layer slot j."""
+    def _deltas(self, blocks, j: int, targets, rows, slots, experts=None, row_runs=None) -> dict:
+        """{target: [R, D_out] float32} for the rows, from the pages of LoRA layer slot j. row_runs: a bound on
+        the rows' runs of one key (dispatch.add_lora_fused), None when there is none."""
         out = {}
         for t in targets:
             tp = self.pool.layers[j][t]
             a = self.pool.arena(blocks[tp.a.buffer], tp.a)
             b = self.pool.arena(blocks[tp.b.buffer], tp.b)
             table_a, table_b = self.pool.tables(tp)
-            out[t] = paged_lora_delta(rows, slots, experts, a, b, table_a, num_experts=tp.experts, b_table=table_b)
+            out[t] = paged_lora_delta(rows, slots, experts, a, b, table_a, num_experts=tp.experts, b_table=table_b,
+                                      row_runs=row_runs)
         return out
 
     def _round_trip(self, blocks, branch, stage, j, targets, push, slots_of, base_work, *base_args):
@@ -94,8 +96,8 @@ class DisaggModel:
         got = to_lora(push, stage, dp)
 
         def lora(got):
-            rows, slots, experts = slots_of(got)
-            deltas = self._deltas(blocks, j, targets, rows, slots, experts)
+            rows, slots, experts, runs = slots_of(got)
+            deltas = self._deltas(blocks, j, targets, rows, slots, experts, runs)
             return {t: d.reshape(dp, -1, d.shape[-1]) for t, d in deltas.items()}
 
         base_out, deltas = split(branch, base_work, base_args, lora, (got,), idle=dp > 1)
@@ -136,7 +138,10 @@ class DisaggModel:
         cache_slots = jnp.where(is_base_device(), batch.cache_slots, no_slot)
         slots = batch.adapter_slots
         flat_slots = all_slots.reshape(-1)  # [dp * N]: the stacking order of to_lora
-        dense_rows = lambda got: (got.reshape(-1, got.shape[-1]), flat_slots, None)
+        # every instance's tokens end to end, each sequence's one run of its slot: at most dp x the sequence
+        # bound of runs, so the GPU kernels take them in place
+        dense_runs = self.layout.dp * batch.max_sequences
+        dense_rows = lambda got: (got.reshape(-1, got.shape[-1]), flat_slots, None, dense_runs)
 
         for layer in range(cfg.num_layers):
             stage, j = divmod(layer, self.lora_layers)
@@ -257,7 +262,8 @@ class DisaggModel:
             down0 = on(is_base_device(), lambda r, gs: down_proj(self._expert_act(gate_up_proj(r, gs), {}), gs),
                        rows, group_sizes)
         else:
-            expert_rows = lambda got: (got[0].reshape(-1, got[0].shape[-1]), got[2].reshape(-1), got[1].reshape(-1))
+            expert_rows = lambda got: (got[0].reshape(-1, got[0].shape[-1]), got[2].reshape(-1), got[1].reshape(-1),
+                                       None)
             gate_up, d = rt(("expert_gate_up",), (rows, row_experts, row_slots), expert_rows, gate_up_proj, rows,
                             group_sizes)
             act = self._expert_act(gate_up, d)
