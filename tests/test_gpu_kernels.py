@@ -324,6 +324,22 @@ def test_paged_delta_on_instances_tokens_in_place(rng):
     assert "sort" not in {name for name, _ in glue_ops(jax.make_jaxpr(call)(x))}
 
 
+def test_paged_expert_delta_on_instances_rows_in_place(rng):
+    """The LoRA server's expert rows: two instances' (token, expert) rows end to end, each sorted by (expert,
+    slot) as disagg/model.py sorts them before the push (so a page has at most two runs), through
+    paged_lora_delta with row_runs = 2 x slots x experts: the reference's delta, nothing sorted."""
+    parts = [expert_case(rng, 90, [0, 16, 16, 8], 64, 20, rows_grouped=True) for _ in range(2)]
+    a, b, _, _, _, num_experts = parts[0]
+    x, slots, experts = (jnp.concatenate([part[i] for part in parts]) for i in (2, 3, 4))
+    table = PageTable.padded(4, num_experts, 16, 16, jnp.asarray([0, 16, 16, 8], jnp.int32))
+    a_rows, b_rows = a_rows_from_pool(a, 16), b_rows_from_pool(b, 2, 16)
+    call = lambda x: dispatch.paged_lora_delta(x, slots, experts, a_rows, b_rows, table,  # noqa: E731
+                                               num_experts=num_experts, backend=GPU, row_runs=2 * 4 * num_experts)
+    want = reference.expert_lora_delta(x, slots, experts, a, b)
+    assert rel_err(call(x), want) < 1e-5
+    assert "sort" not in {name for name, _ in glue_ops(jax.make_jaxpr(call)(x))}
+
+
 @pytest.mark.parametrize("runs", [False, True])
 def test_b_pages_placed_apart_from_a_pages(rng, runs):
     """The disaggregated LoRA server may place a target's B pages at other arena rows than its A pages (a second

@@ -253,17 +253,23 @@ class DisaggModel:
         capacity = packed.send_e.shape[1]
         recv_x, recv_e, recv_s = (jax.lax.all_to_all(a, EP, 0, 0) if ep > 1 else a for a in packed[:3])
         rows, row_experts, row_slots = recv_x.reshape(-1, hidden), recv_e.reshape(-1), recv_s.reshape(-1)
-        order, group_sizes = sort_rows(row_experts, num_local)
+        expert_lora = any(t in targets for t in ("expert_gate_up", "expert_down"))
+        # with expert LoRA, rows sorted by (expert, slot) (the expert GEMM's groups unchanged): each instance's
+        # rows of one (slot, expert) page are one run, so the LoRA server's kernels take the dp instances' rows
+        # in place (at most dp x slots x local experts runs)
+        order, group_sizes = (sort_rows(row_experts, num_local, row_slots, self.pool.num_slots) if expert_lora
+                              else sort_rows(row_experts, num_local))
         rows, row_experts, row_slots = rows[order], row_experts[order], row_slots[order]
 
         gate_up_proj = lambda r, gs: expert_gate_up(r, gs, w_gate_up)
         down_proj = lambda a, gs: expert_down(a, gs, w_down)
-        if not any(t in targets for t in ("expert_gate_up", "expert_down")):  # no exchange: one branch
+        if not expert_lora:  # no exchange: one branch
             down0 = on(is_base_device(), lambda r, gs: down_proj(self._expert_act(gate_up_proj(r, gs), {}), gs),
                        rows, group_sizes)
         else:
+            runs = self.layout.dp * self.pool.num_slots * num_local
             expert_rows = lambda got: (got[0].reshape(-1, got[0].shape[-1]), got[2].reshape(-1), got[1].reshape(-1),
-                                       None)
+                                       runs)
             gate_up, d = rt(("expert_gate_up",), (rows, row_experts, row_slots), expert_rows, gate_up_proj, rows,
                             group_sizes)
             act = self._expert_act(gate_up, d)
