@@ -135,13 +135,15 @@ def _shrink_gpu_rows(x, slots, a_rows, rank, row_runs=None):
     return gpu_ops.lora_shrink(x, slots, slots > 0, a_rows, table, num_experts=1, row_runs=row_runs)[:, :rank]
 
 
-def shrink_gpu_kernel_rank_major(x, slots, a, b):
+def shrink_gpu_kernel_rank_major(x, slots, a, b, row_runs=None):
     """As gpu-kernel, with A stored rank-major (the arena is a free view, padded only below rank 16: pages are
     whole 16-row rank blocks; a plain reshape of rank-8 pages put two slots in one page, rel err 1.2 on the
-    H200 in the seventeenth session): the kernels' own cost."""
+    H200 in the seventeenth session): the kernels' own cost. row_runs: tokens in at most that many runs, taken
+    in place."""
     del b
     rank = a.shape[-2]
-    return _shrink_gpu_rows(x, slots, a_rows_from_pool(a, padded_rank(rank, 16), rank_major=True), rank)
+    return _shrink_gpu_rows(x, slots, a_rows_from_pool(a, padded_rank(rank, 16), rank_major=True), rank,
+                            row_runs=row_runs)
 
 
 def delta_gpu_kernel(x, slots, a, b):
@@ -159,14 +161,7 @@ def segment_variants(adapters: int) -> tuple[dict, dict]:
     """(shrink, delta) variants of a `:seg` case: the kernels on the tokens in place, row_runs = adapters."""
     if jax.default_backend() != "gpu":
         return {}, {}
-
-    def shrink(x, slots, a, b):
-        del b
-        rank = a.shape[-2]
-        a_rows = a_rows_from_pool(a, padded_rank(rank, 16), rank_major=True)
-        return _shrink_gpu_rows(x, slots, a_rows, rank, row_runs=adapters)
-
-    return ({"gpu-segments-rm": shrink},
+    return ({"gpu-segments-rm": functools.partial(shrink_gpu_kernel_rank_major, row_runs=adapters)},
             {"gpu-segments-rm": functools.partial(delta_gpu_rank_major, row_runs=adapters)})
 
 

@@ -152,6 +152,9 @@ def build_step_batch(rows: list[RowSpec], page_size: int, num_pages: int,
         n_pad = policy.tokens(n)
     elif n_pad < n:
         raise ValueError(f"n_pad={n_pad} is below the {n} tokens of these rows")
+    max_sequences = policy.decode_rows(n_pad)  # also the decode block's rows: StepBatch.max_sequences
+    if len(rows) > max_sequences:  # it must bound the rows' token runs (the LoRA kernels take them in place)
+        raise ValueError(f"{len(rows)} rows exceed the {max_sequences} sequences of a {n_pad}-token step ({policy})")
     tokens = np.zeros(n_pad, np.int32)
     positions = np.zeros(n_pad, np.int32)
     slots = np.zeros(n_pad, np.int32)
@@ -209,12 +212,9 @@ def build_step_batch(rows: list[RowSpec], page_size: int, num_pages: int,
             tables[i, : len(pages)] = pages
         return QueryBlock(index, tables)
 
-    if len(rows) > policy.decode_rows(n_pad):  # StepBatch.max_sequences must bound the rows' token runs
-        raise ValueError(f"{len(rows)} rows exceed the {policy.decode_rows(n_pad)} sequences of a {n_pad}-token "
-                         f"step ({policy})")
-    decode = block(decode_rows, policy.decode_rows(n_pad), 1)
+    decode = block(decode_rows, max_sequences, 1)
     prefill = block(tiles, policy.prefill_tiles(n_pad) if tiles or prefill else 0, tile)
-    m_pad = n_pad if any(r.logits == "all" for r in rows) else policy.decode_rows(n_pad)
+    m_pad = n_pad if any(r.logits == "all" for r in rows) else max_sequences
     if len(logits) > m_pad:
         raise ValueError(f"{len(logits)} logits rows exceed {m_pad} ({policy})")
     logits_indices = np.zeros(m_pad, np.int32)
